@@ -1,0 +1,146 @@
+"""Graph convolutions in ViG's dense layout: features (B, C, N, 1) in, (B, C_out, N, 1) out.
+
+Parameter names and shapes are those of the published ViG models (``gconv.nn...``), so their
+checkpoints load unchanged. Every ``forward(x, graph, y=None)`` takes the graph in one of the forms
+of `gcn_lib.graph` / `gcn_lib.sparse`:
+
+* neighbour indices (B, N, k), int64 - every operator;
+* boolean mask (B, N, N) - ``mr`` and ``gin``;
+* edge list (2, E) of global ids - ``mr``.
+
+``y`` (B, C, M, 1) optionally supplies the neighbour features (pyramid ViG's reduced key set);
+indices then point into y.
+
+Operators (x_i centre, x_j neighbour, S(i) the neighbours of i):
+
+* ``mr``   max-relative:  h_i = nn([x_i, max_{j in S(i)} (x_j - x_i)])  with channels interleaved
+* ``edge`` EdgeConv:      h_i = max_{j in S(i)} nn([x_i, x_j - x_i])
+* ``sage`` GraphSAGE:     h_i = nn2([x_i, max_{j in S(i)} nn1(x_j)])
+* ``gin``  GIN:           h_i = nn((1 + eps) x_i + sum_{j in S(i)} x_j)
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .aggregate import gather_neighbours, max_relative_dense, max_relative_gather, max_relative_scatter
+from .nn import BasicConv, interleave_channels
+
+CONVS: tuple[str, ...] = ("mr", "edge", "sage", "gin")
+
+
+def graph_form(graph: torch.Tensor) -> str:
+    """Name the form of a graph tensor: ``'knn'`` (B, N, k) ints, ``'mask'`` (B, N, N) bool, ``'edges'`` (2, E) ints."""
+    if graph.dim() == 3 and graph.dtype == torch.bool:
+        return "mask"
+    if graph.dim() == 3 and not graph.dtype.is_floating_point:
+        return "knn"
+    if graph.dim() == 2 and graph.shape[0] == 2 and not graph.dtype.is_floating_point:
+        return "edges"
+    raise ValueError(
+        "graph must be neighbour indices (B, N, k), a bool mask (B, N, N) or an edge list (2, E); "
+        f"got {graph.dtype} {tuple(graph.shape)}"
+    )
+
+
+def _unsupported(conv: str, form: str, accepted: str) -> ValueError:
+    return ValueError(f"conv={conv!r} does not take a graph given as {form!r}; it accepts {accepted}")
+
+
+def _centres(x: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, C, N, 1) -> (B, C, N, k) view repeating each centre's features."""
+    return x.expand(-1, -1, -1, k)
+
+
+class MRConv2d(nn.Module):
+    """Max-relative graph convolution (ViG): (B, C, N, 1) -> (B, C_out, N, 1)."""
+
+    def __init__(self, in_channels: int, out_channels: int, act: str | None = "relu",
+                 norm: str | None = None, bias: bool = True) -> None:
+        super().__init__()
+        self.nn = BasicConv([in_channels * 2, out_channels], act, norm, bias)
+
+    def aggregate(self, x: torch.Tensor, graph: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The relative features m (B, C, N, 1) for any graph form."""
+        form = graph_form(graph)
+        if form == "knn":
+            return max_relative_gather(x, graph, y)
+        if y is not None:
+            raise ValueError("a separate key set y is only supported with neighbour indices (B, N, k)")
+        if form == "mask":
+            return max_relative_dense(x, graph)
+        return max_relative_scatter(x, graph)
+
+    def forward(self, x: torch.Tensor, graph: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.nn(interleave_channels(x, self.aggregate(x, graph, y)))
+
+
+class EdgeConv2d(nn.Module):
+    """EdgeConv (DGCNN): (B, C, N, 1) -> (B, C_out, N, 1); neighbour indices only."""
+
+    def __init__(self, in_channels: int, out_channels: int, act: str | None = "relu",
+                 norm: str | None = None, bias: bool = True) -> None:
+        super().__init__()
+        self.nn = BasicConv([in_channels * 2, out_channels], act, norm, bias)
+
+    def forward(self, x: torch.Tensor, graph: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        form = graph_form(graph)
+        if form != "knn":
+            raise _unsupported("edge", form, "neighbour indices (B, N, k)")
+        x_j = gather_neighbours(x if y is None else y, graph)
+        x_i = _centres(x, graph.shape[-1])
+        return self.nn(torch.cat([x_i, x_j - x_i], dim=1)).amax(dim=-1, keepdim=True)
+
+
+class GraphSAGE(nn.Module):
+    """GraphSAGE with max pooling: (B, C, N, 1) -> (B, C_out, N, 1); neighbour indices only."""
+
+    def __init__(self, in_channels: int, out_channels: int, act: str | None = "relu",
+                 norm: str | None = None, bias: bool = True) -> None:
+        super().__init__()
+        self.nn1 = BasicConv([in_channels, in_channels], act, norm, bias)
+        self.nn2 = BasicConv([in_channels * 2, out_channels], act, norm, bias)
+
+    def forward(self, x: torch.Tensor, graph: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        form = graph_form(graph)
+        if form != "knn":
+            raise _unsupported("sage", form, "neighbour indices (B, N, k)")
+        x_j = self.nn1(gather_neighbours(x if y is None else y, graph)).amax(dim=-1, keepdim=True)
+        return self.nn2(torch.cat([x, x_j], dim=1))
+
+
+class GINConv2d(nn.Module):
+    """GIN with a learnable eps: (B, C, N, 1) -> (B, C_out, N, 1); neighbour indices or a mask."""
+
+    def __init__(self, in_channels: int, out_channels: int, act: str | None = "relu",
+                 norm: str | None = None, bias: bool = True) -> None:
+        super().__init__()
+        self.nn = BasicConv([in_channels, out_channels], act, norm, bias)
+        self.eps = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, graph: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        form = graph_form(graph)
+        if form == "knn":
+            x_sum = gather_neighbours(x if y is None else y, graph).sum(dim=-1, keepdim=True)
+        elif form == "mask" and y is None:
+            b, c, n, _ = x.shape
+            x_sum = torch.bmm(x.reshape(b, c, n), graph.transpose(1, 2).to(x.dtype)).unsqueeze(-1)
+        else:
+            raise _unsupported("gin", form, "neighbour indices (B, N, k) or a bool mask (B, N, N) without y")
+        return self.nn((1 + self.eps) * x + x_sum)
+
+
+_CONV_CLASSES: dict[str, type[nn.Module]] = {
+    "mr": MRConv2d,
+    "edge": EdgeConv2d,
+    "sage": GraphSAGE,
+    "gin": GINConv2d,
+}
+
+
+def graph_conv(conv: str, in_channels: int, out_channels: int, act: str | None = "relu",
+               norm: str | None = None, bias: bool = True) -> nn.Module:
+    """Build the graph convolution named ``conv`` (one of `CONVS`)."""
+    if conv not in _CONV_CLASSES:
+        raise ValueError(f"conv={conv!r} is not supported; accepted values: {', '.join(CONVS)}")
+    return _CONV_CLASSES[conv](in_channels, out_channels, act, norm, bias)

@@ -1,0 +1,92 @@
+"""The dynamic graph convolution: build a graph from the current features, then convolve over it."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .conv import graph_conv
+from .graph import check_threshold, dense_knn, reduced_keys, threshold_mask
+
+GRAPHS: tuple[str, ...] = ("knn", "threshold")
+
+
+class DynConv2d(nn.Module):
+    """Dynamic graph convolution on a feature map: (B, C, H, W) -> (B, C_out, H, W).
+
+    The graph is rebuilt at every call from the detached input (no gradient reaches graph
+    construction; gradients flow through the aggregation), as in the published ViG and SViG.
+
+    Args:
+        in_channels, out_channels: C and C_out.
+        kernel_size: k of the kNN graph.
+        dilation: dilation d of the kNN graph.
+        conv: graph convolution, one of ``mr``, ``edge``, ``sage``, ``gin``.
+        act, norm, bias: of the convolution's 1x1 conv block.
+        graph: ``'knn'`` (dense dilated kNN) or ``'threshold'`` (similarity threshold, SViG).
+        stochastic, epsilon: stochastic kNN in training mode (see `gcn_lib.graph.dense_knn`).
+        r: pyramid reduction: neighbours are taken from the map average-pooled by r (kNN only).
+        threshold: t of the threshold graph (below 1; t <= 0 gives the complete graph).
+
+    The learnable parameters live in ``gconv`` (``gconv.nn.0`` conv, ``gconv.nn.1`` norm), the
+    published layout.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 9,
+        dilation: int = 1,
+        conv: str = "mr",
+        act: str | None = "relu",
+        norm: str | None = None,
+        bias: bool = True,
+        graph: str = "knn",
+        stochastic: bool = False,
+        epsilon: float = 0.0,
+        r: int = 1,
+        threshold: float | None = None,
+    ) -> None:
+        super().__init__()
+        if graph not in GRAPHS:
+            raise ValueError(f"graph={graph!r} is not supported; accepted values: {', '.join(GRAPHS)}")
+        if graph == "threshold":
+            if threshold is None:
+                raise ValueError("graph='threshold' needs a threshold t")
+            check_threshold(threshold)
+            if r != 1:
+                raise ValueError(f"r={r}: the threshold graph has no reduced key set; use r=1")
+        if kernel_size < 1 or dilation < 1 or r < 1:
+            raise ValueError(f"kernel_size, dilation and r must be >= 1, got {kernel_size}, {dilation}, {r}")
+        self.gconv = graph_conv(conv, in_channels, out_channels, act, norm, bias)
+        self.conv = conv
+        self.graph = graph
+        self.k = kernel_size
+        self.dilation = dilation
+        self.stochastic = stochastic
+        self.epsilon = epsilon
+        self.r = r
+        self.threshold = threshold
+
+    def build_graph(self, x: torch.Tensor, y: torch.Tensor | None = None,
+                    relative_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """The graph for (B, C, H, W) features: indices (B, N, k) for kNN, a mask (B, N, N) for threshold."""
+        if self.graph == "threshold":
+            return threshold_mask(x, self.threshold)
+        return dense_knn(x, self.k, self.dilation, y=y, relative_pos=relative_pos,
+                         stochastic=self.stochastic and self.training, epsilon=self.epsilon)
+
+    def forward(self, x: torch.Tensor, relative_pos: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"x must have shape (B, C, H, W), got {tuple(x.shape)}")
+        b, c, h, w = x.shape
+        y = reduced_keys(x, self.r)
+        graph = self.build_graph(x, y, relative_pos)
+        nodes = x.reshape(b, c, -1, 1)
+        keys = None if y is None else y.reshape(b, c, -1, 1)
+        return self.gconv(nodes, graph, keys).reshape(b, -1, h, w)
+
+    def extra_repr(self) -> str:
+        if self.graph == "threshold":
+            return f"conv={self.conv}, graph=threshold, t={self.threshold}"
+        return f"conv={self.conv}, graph=knn, k={self.k}, dilation={self.dilation}, r={self.r}"
