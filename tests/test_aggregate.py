@@ -1,0 +1,124 @@
+"""The three max-relative forms agree exactly; gradients are right; graphs carry no gradient."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gcn_lib import (DynConv2d, dense_knn, knn_to_edge_index, knn_to_mask, mask_to_edge_index, max_relative_dense,
+                     max_relative_gather, max_relative_scatter, threshold_mask)
+
+
+def _random_mask(b: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """A random graph whose per-node degree varies from 0 to n."""
+    density = torch.rand(b, n, 1, generator=gen)
+    return torch.rand(b, n, n, generator=gen) < density
+
+
+def _brute_max_relative(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    b, c, n, _ = x.shape
+    out = torch.zeros_like(x)
+    for bb in range(b):
+        for i in range(n):
+            js = mask[bb, i].nonzero().flatten().tolist()
+            for ch in range(c):
+                if js:
+                    out[bb, ch, i, 0] = max(float(x[bb, ch, j, 0] - x[bb, ch, i, 0]) for j in js)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_three_forms_agree_on_random_graphs(seed, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    b, c, n = 3, 5, 11
+    x = torch.randn(b, c, n, 1, generator=gen).to(dtype)
+    mask = _random_mask(b, n, gen)
+    dense = max_relative_dense(x, mask)
+    scatter = max_relative_scatter(x, mask_to_edge_index(mask))
+    torch.testing.assert_close(dense, scatter, rtol=0, atol=0)
+    if dtype == torch.float64:
+        torch.testing.assert_close(dense, _brute_max_relative(x, mask), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("k", [1, 4, 9])
+def test_gather_agrees_with_mask_and_edges(seed, k):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 6, 16, 1, generator=gen, dtype=torch.float64)
+    idx = torch.stack([torch.stack([torch.randperm(16, generator=gen)[:k] for _ in range(16)]) for _ in range(2)])
+    gathered = max_relative_gather(x, idx)
+    torch.testing.assert_close(gathered, max_relative_dense(x, knn_to_mask(idx)), rtol=0, atol=0)
+    torch.testing.assert_close(gathered, max_relative_scatter(x, knn_to_edge_index(idx)), rtol=0, atol=0)
+
+
+def test_gather_with_separate_keys():
+    x = torch.randn(2, 3, 6, 1, dtype=torch.float64)
+    y = torch.randn(2, 3, 4, 1, dtype=torch.float64)
+    idx = torch.tensor([[[0, 3], [1, 1], [2, 0], [3, 2], [0, 1], [2, 3]]] * 2)
+    expected = torch.stack([y[:, :, idx[0, i], 0].amax(-1) for i in range(6)], dim=-1).unsqueeze(-1) - x
+    torch.testing.assert_close(max_relative_gather(x, idx, y), expected, rtol=0, atol=0)
+
+
+def test_empty_graph_aggregates_to_zero_without_nan():
+    x = torch.full((2, 4, 9, 1), 3.0, dtype=torch.float64, requires_grad=True)
+    mask = threshold_mask(x.reshape(2, 4, 3, 3), 0.5)
+    assert not mask.any()
+    dense = max_relative_dense(x, mask)
+    scatter = max_relative_scatter(x, mask_to_edge_index(mask))
+    assert torch.equal(dense, torch.zeros_like(dense)) and torch.equal(scatter, torch.zeros_like(scatter))
+    dense.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_threshold_graph_equals_complete_knn_at_non_positive_t():
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    complete = dense_knn(x, 9)
+    nodes = x.reshape(2, 4, 9, 1)
+    torch.testing.assert_close(max_relative_dense(nodes, threshold_mask(x, 0.0)), max_relative_gather(nodes, complete))
+
+
+def _distinct_input(b: int, c: int, n: int, seed: int) -> torch.Tensor:
+    """Well-spread values so that no max is tied (gradcheck needs a differentiable point)."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randperm(b * c * n, generator=gen).double() / 7).reshape(b, c, n, 1).requires_grad_()
+
+
+@pytest.mark.parametrize("form", ["gather", "dense", "scatter"])
+def test_gradcheck_float64(form):
+    x = _distinct_input(2, 3, 7, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    mask = _random_mask(2, 7, gen)
+    idx = torch.stack([torch.stack([torch.randperm(7, generator=gen)[:3] for _ in range(7)]) for _ in range(2)])
+    fn = {
+        "gather": lambda t: max_relative_gather(t, idx),
+        "dense": lambda t: max_relative_dense(t, mask),
+        "scatter": lambda t: max_relative_scatter(t, mask_to_edge_index(mask)),
+    }[form]
+    assert torch.autograd.gradcheck(fn, (x,))
+
+
+@pytest.mark.parametrize("graph,kwargs", [("knn", {"kernel_size": 4, "dilation": 2}), ("threshold", {"threshold": 0.7})])
+def test_gradient_does_not_reach_graph_construction(graph, kwargs):
+    """The gradient equals that of the same convolution over a constant, precomputed graph."""
+    torch.manual_seed(0)
+    conv = DynConv2d(8, 16, graph=graph, norm="batch", act="gelu", **kwargs).double().eval()
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64, requires_grad=True)
+    conv(x).square().sum().backward()
+    grad_dynamic = x.grad.clone()
+
+    fixed = conv.build_graph(x.detach())
+    x.grad = None
+    conv.gconv(x.reshape(2, 8, 16, 1), fixed).square().sum().backward()
+    torch.testing.assert_close(grad_dynamic, x.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fn,args,match", [
+    (max_relative_gather, (torch.randn(2, 3, 4), torch.zeros(2, 4, 1, dtype=torch.long)), r"\(B, C, N, 1\)"),
+    (max_relative_gather, (torch.randn(2, 3, 4, 1), torch.zeros(3, 4, 1, dtype=torch.long)), "neighbours"),
+    (max_relative_dense, (torch.randn(2, 3, 4, 1), torch.ones(2, 4, 4)), "bool"),
+    (max_relative_dense, (torch.randn(2, 3, 4, 1), torch.ones(2, 4, 5, dtype=torch.bool)), "shape"),
+    (max_relative_scatter, (torch.randn(2, 3, 4, 1), torch.tensor([[0], [8]])), "outside"),
+])
+def test_aggregation_rejects_bad_shapes(fn, args, match):
+    with pytest.raises(ValueError, match=match):
+        fn(*args)

@@ -1,0 +1,167 @@
+"""Graph convolution modules: published layout, per-operator math against loops, graph forms, errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gcn_lib import (CONVS, BasicConv, DynConv2d, act_layer, dense_knn, graph_conv, interleave_channels, knn_to_edge_index,
+                     knn_to_mask, norm_layer)
+
+
+def _knn_graph(b: int, n: int, k: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(n)]) for _ in range(b)])
+
+
+def _column(x: torch.Tensor, b: int, i: int) -> torch.Tensor:
+    """Features of node i of image b as a (1, C, 1, 1) map."""
+    return x[b:b + 1, :, i:i + 1, :]
+
+
+def _brute_conv(conv: torch.nn.Module, name: str, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Apply each operator's formula node by node."""
+    b, c, n, _ = x.shape
+    rows = []
+    for bb in range(b):
+        cols = []
+        for i in range(n):
+            x_i = _column(x, bb, i)
+            x_js = [_column(x, bb, j) for j in idx[bb, i].tolist()]
+            if name == "mr":
+                m = torch.stack([x_j - x_i for x_j in x_js]).amax(0)
+                cols.append(conv.nn(interleave_channels(x_i, m)))
+            elif name == "edge":
+                cols.append(torch.stack([conv.nn(torch.cat([x_i, x_j - x_i], 1)) for x_j in x_js]).amax(0))
+            elif name == "sage":
+                pooled = torch.stack([conv.nn1(x_j) for x_j in x_js]).amax(0)
+                cols.append(conv.nn2(torch.cat([x_i, pooled], 1)))
+            else:
+                cols.append(conv.nn((1 + conv.eps) * x_i + sum(x_js)))
+        rows.append(torch.cat(cols, dim=2))
+    return torch.cat(rows, dim=0)
+
+
+@pytest.mark.parametrize("name", CONVS)
+def test_conv_matches_formula(name):
+    torch.manual_seed(0)
+    conv = graph_conv(name, 8, 12, act="gelu", norm="batch").double().eval()
+    if name == "gin":
+        conv.eps.data.fill_(0.25)
+    for module in conv.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(2, 8, 6, 1, dtype=torch.float64)
+    idx = _knn_graph(2, 6, 3)
+    out = conv(x, idx)
+    assert out.shape == (2, 12, 6, 1)
+    torch.testing.assert_close(out, _brute_conv(conv, name, x, idx))
+
+
+@pytest.mark.parametrize("name,forms", [("mr", ["mask", "edges"]), ("gin", ["mask"])])
+def test_graph_forms_agree(name, forms):
+    torch.manual_seed(1)
+    conv = graph_conv(name, 8, 8, norm="batch").double().eval()
+    x = torch.randn(2, 8, 10, 1, dtype=torch.float64)
+    idx = _knn_graph(2, 10, 4)
+    expected = conv(x, idx)
+    graphs = {"mask": knn_to_mask(idx), "edges": knn_to_edge_index(idx)}
+    for form in forms:
+        torch.testing.assert_close(conv(x, graphs[form]), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,graph", [
+    ("edge", "mask"), ("sage", "mask"), ("gin", "edges"), ("edge", "edges"),
+])
+def test_unsupported_graph_form_is_a_clear_error(name, graph):
+    conv = graph_conv(name, 4, 4)
+    idx = _knn_graph(1, 5, 2)
+    g = knn_to_mask(idx) if graph == "mask" else knn_to_edge_index(idx)
+    with pytest.raises(ValueError, match=f"conv='{name}' does not take"):
+        conv(torch.randn(1, 4, 5, 1), g)
+
+
+def test_graph_must_be_a_graph():
+    with pytest.raises(ValueError, match="graph must be"):
+        graph_conv("mr", 4, 4)(torch.randn(1, 4, 5, 1), torch.randn(1, 5, 2))
+
+
+def test_mr_interleaves_channels():
+    x = torch.arange(3.0).view(1, 3, 1, 1)
+    m = 10 + torch.arange(3.0).view(1, 3, 1, 1)
+    assert interleave_channels(x, m).flatten().tolist() == [0.0, 10.0, 1.0, 11.0, 2.0, 12.0]
+
+
+def test_published_parameter_layout():
+    conv = DynConv2d(192, 384, act="gelu", norm="batch")
+    shapes = {k: tuple(v.shape) for k, v in conv.state_dict().items()}
+    assert shapes == {
+        "gconv.nn.0.weight": (384, 96, 1, 1),
+        "gconv.nn.0.bias": (384,),
+        "gconv.nn.1.weight": (384,),
+        "gconv.nn.1.bias": (384,),
+        "gconv.nn.1.running_mean": (384,),
+        "gconv.nn.1.running_var": (384,),
+        "gconv.nn.1.num_batches_tracked": (),
+    }
+
+
+@pytest.mark.parametrize("graph,kwargs", [
+    ("knn", {"kernel_size": 4, "dilation": 2}),
+    ("knn", {"kernel_size": 3, "r": 2}),
+    ("threshold", {"threshold": 0.8}),
+    ("threshold", {"threshold": 0.0}),
+])
+@pytest.mark.parametrize("conv", ["mr", "gin"])
+def test_dynamic_conv_shapes(graph, kwargs, conv):
+    layer = DynConv2d(8, 16, conv=conv, graph=graph, norm="batch", **kwargs)
+    out = layer(torch.randn(2, 8, 4, 4))
+    assert out.shape == (2, 16, 4, 4)
+
+
+def test_dynamic_conv_matches_explicit_graph():
+    torch.manual_seed(2)
+    layer = DynConv2d(8, 16, kernel_size=3, dilation=2, act="gelu", norm="batch").double().eval()
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    expected = layer.gconv(x.reshape(2, 8, 16, 1), dense_knn(x, 3, 2)).reshape(2, 16, 4, 4)
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"conv": "gat"}, "conv='gat' is not supported"),
+    ({"act": "swish2"}, "act='swish2' is not supported"),
+    ({"norm": "layer"}, "norm='layer' is not supported"),
+    ({"graph": "radius"}, "graph='radius' is not supported"),
+    ({"graph": "threshold"}, "needs a threshold"),
+    ({"graph": "threshold", "threshold": 1.0}, "below 1"),
+    ({"graph": "threshold", "threshold": 0.5, "r": 2}, "reduced key set"),
+    ({"kernel_size": 0}, "must be >= 1"),
+])
+def test_dynamic_conv_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DynConv2d(8, 8, **kwargs)
+
+
+def test_dynamic_conv_rejects_wrong_rank():
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        DynConv2d(8, 8)(torch.randn(2, 8, 16))
+
+
+def test_dynamic_conv_k_larger_than_nodes():
+    with pytest.raises(ValueError, match="exceeds the number of nodes"):
+        DynConv2d(8, 8, kernel_size=9)(torch.randn(1, 8, 2, 2))
+
+
+@pytest.mark.parametrize("name", ["relu", "gelu", "leakyrelu", "prelu", "hswish", "GELU"])
+def test_act_layer_builds(name):
+    assert isinstance(act_layer(name), torch.nn.Module)
+
+
+def test_norm_layer_and_basic_conv():
+    assert isinstance(norm_layer("batch", 8), torch.nn.BatchNorm2d)
+    assert isinstance(norm_layer("instance", 8), torch.nn.InstanceNorm2d)
+    block = BasicConv([8, 16], act="relu", norm="batch", drop=0.1)
+    assert [type(m).__name__ for m in block] == ["Conv2d", "BatchNorm2d", "ReLU", "Dropout2d"]
+    assert block[0].groups == 4 and torch.count_nonzero(block[0].bias) == 0
+    with pytest.raises(ValueError, match="divisible by groups"):
+        BasicConv([6, 8])
