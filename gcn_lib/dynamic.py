@@ -4,8 +4,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import kernels
 from .conv import graph_conv
 from .graph import check_threshold, dense_knn, reduced_keys, threshold_mask
+from .nn import interleave_channels
 
 GRAPHS: tuple[str, ...] = ("knn", "threshold")
 
@@ -26,6 +28,8 @@ class DynConv2d(nn.Module):
         stochastic, epsilon: stochastic kNN in training mode (see `gcn_lib.graph.dense_knn`).
         r: pyramid reduction: neighbours are taken from the map average-pooled by r (kNN only).
         threshold: t of the threshold graph (below 1; t <= 0 gives the complete graph).
+        kernel: for ``graph='threshold'`` with ``conv='mr'``, aggregate with the fused Triton kernel
+            (`gcn_lib.kernels`) whenever it can run (CUDA float tensors); False forces the torch path.
 
     The learnable parameters live in ``gconv`` (``gconv.nn.0`` conv, ``gconv.nn.1`` norm), the
     published layout.
@@ -46,6 +50,7 @@ class DynConv2d(nn.Module):
         epsilon: float = 0.0,
         r: int = 1,
         threshold: float | None = None,
+        kernel: bool = True,
     ) -> None:
         super().__init__()
         if graph not in GRAPHS:
@@ -67,6 +72,11 @@ class DynConv2d(nn.Module):
         self.epsilon = epsilon
         self.r = r
         self.threshold = threshold
+        self.kernel = kernel
+
+    def uses_kernel(self, x: torch.Tensor) -> bool:
+        """Whether a forward pass on ``x`` takes the fused threshold kernel."""
+        return self.graph == "threshold" and self.conv == "mr" and self.kernel and kernels.available(x)
 
     def build_graph(self, x: torch.Tensor, y: torch.Tensor | None = None,
                     relative_pos: torch.Tensor | None = None) -> torch.Tensor:
@@ -80,6 +90,10 @@ class DynConv2d(nn.Module):
         if x.dim() != 4:
             raise ValueError(f"x must have shape (B, C, H, W), got {tuple(x.shape)}")
         b, c, h, w = x.shape
+        if self.uses_kernel(x):
+            nodes = x.reshape(b, c, -1, 1)
+            relative = kernels.threshold_max_relative(nodes, self.threshold)
+            return self.gconv.nn(interleave_channels(nodes, relative)).reshape(b, -1, h, w)
         y = reduced_keys(x, self.r)
         graph = self.build_graph(x, y, relative_pos)
         nodes = x.reshape(b, c, -1, 1)

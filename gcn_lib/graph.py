@@ -136,6 +136,24 @@ def check_threshold(t: float) -> None:
 
 
 @torch.no_grad()
+def similarity_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Similarities of the threshold graph and their per-image statistics.
+
+    Args:
+        x: (B, C, H, W) or (B, C, N, 1) features.
+
+    Returns:
+        sim (B, N, N) = -d(i, j) between L2-normalised nodes (float32 for half inputs), and the
+        per-image mean (B, 1, 1) and unbiased standard deviation (B, 1, 1) over all N * N pairs.
+    """
+    nodes = normalized_nodes(x)
+    b = nodes.shape[0]
+    sim = -pairwise_sq_distance(nodes)
+    flat = sim.reshape(b, -1)
+    return sim, flat.mean(dim=1).view(b, 1, 1), flat.std(dim=1).view(b, 1, 1)
+
+
+@torch.no_grad()
 def threshold_mask(x: torch.Tensor, t: float) -> torch.Tensor:
     """Similarity-threshold graph (SViG) as a boolean mask.
 
@@ -152,14 +170,9 @@ def threshold_mask(x: torch.Tensor, t: float) -> torch.Tensor:
         mask (B, N, N), bool: ``mask[b, i, j]`` iff j is a neighbour of centre i.
     """
     check_threshold(t)
-    nodes = normalized_nodes(x)
-    b, n, _ = nodes.shape
     if t <= 0:
+        b, n, _ = as_node_features(x).shape
         return torch.ones(b, n, n, dtype=torch.bool, device=x.device)
-    sim = -pairwise_sq_distance(nodes)
-    flat = sim.reshape(b, -1)
-    mean = flat.mean(dim=1).view(b, 1, 1)
-    std = flat.std(dim=1).view(b, 1, 1)
-    z = (sim - mean) / std
+    sim, mean, std = similarity_stats(x)
     # A zero spread gives 0/0 = NaN, and NaN > q is false: no edge, as specified.
-    return z > threshold_quantile(t)
+    return (sim - mean) / std > threshold_quantile(t)

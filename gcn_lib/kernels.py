@@ -1,0 +1,169 @@
+"""Fused Triton kernel for max-relative aggregation over the similarity-threshold graph (GPU path).
+
+The published SViG code builds an edge list with ``nonzero()`` (a host synchronisation) and runs
+scatter/gather kernels over a (C, E) message tensor. Here one kernel does, per image, block of
+centre nodes and block of channels:
+
+    for every key block j:   edge(i, j) = (s(i, j) - mean_b) / std_b > q      (or true for t <= 0)
+                             best(i, c) = max(best(i, c), max_{j: edge} x(c, j))
+    m(c, i) = best(i, c) - x(c, i)   if i has any neighbour, else 0
+
+reading the (B, N, N) similarity matrix and the features once, never materialising the
+(B, C, N, N) tensor, a mask or an edge list, with no host synchronisation. The similarity and its
+per-image statistics come from `gcn_lib.graph.similarity_stats`, the same tensors the torch
+oracle `threshold_mask` thresholds with the same float operations, so both see the same graph.
+The backward pass routes each output gradient to the saved arg-max neighbour and subtracts it at
+the centre.
+
+Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is first imported) runs the kernel
+on CPU tensors when called directly, which is how the tests check its logic without a GPU;
+`gcn_lib.DynConv2d` dispatches to it on CUDA tensors only.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .graph import check_threshold, similarity_stats, threshold_quantile
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with the CUDA builds of torch
+    triton = None
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreted() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether `gcn_lib.DynConv2d` aggregates ``x`` with the kernel: Triton present and a CUDA
+    float32 / float16 / bfloat16 tensor."""
+    return triton is not None and x.is_cuda and x.dtype in _KERNEL_DTYPES
+
+
+def runnable(x: torch.Tensor) -> bool:
+    """Whether the kernel can run on ``x`` at all: `available`, or a CPU float tensor under the interpreter."""
+    if triton is None or x.dtype not in _KERNEL_DTYPES:
+        return False
+    return x.is_cuda or (interpreted() and x.device.type == "cpu")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _threshold_max_kernel(
+        x_ptr, sim_ptr, mean_ptr, std_ptr, out_ptr, arg_ptr,
+        q, num_nodes, num_channels,
+        COMPLETE: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+        offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        valid_i = offs_i < num_nodes
+        valid_c = offs_c < num_channels
+        x_base = x_ptr + b * num_channels * num_nodes
+        sim_base = sim_ptr + b * num_nodes * num_nodes
+        mean = tl.load(mean_ptr + b)
+        std = tl.load(std_ptr + b)
+
+        best = tl.full((BLOCK_I, BLOCK_C), float("-inf"), tl.float32)
+        best_j = tl.full((BLOCK_I, BLOCK_C), -1, tl.int32)
+        for j0 in range(0, num_nodes, BLOCK_J):
+            offs_j = j0 + tl.arange(0, BLOCK_J)
+            valid_j = offs_j < num_nodes
+            if COMPLETE:
+                edge = valid_i[:, None] & valid_j[None, :]
+            else:
+                s = tl.load(sim_base + offs_i[:, None] * num_nodes + offs_j[None, :],
+                            mask=valid_i[:, None] & valid_j[None, :], other=0.0)
+                edge = (tl.math.div_rn(s - mean, std) > q) & valid_j[None, :]
+            keys = tl.load(x_base + offs_c[:, None] * num_nodes + offs_j[None, :],
+                           mask=valid_c[:, None] & valid_j[None, :], other=0.0).to(tl.float32)
+            cand = tl.where(edge[:, None, :], keys[None, :, :], float("-inf"))
+            tile_max = tl.max(cand, axis=2)
+            tile_arg = tl.argmax(cand, axis=2).to(tl.int32) + j0
+            better = tile_max > best
+            best = tl.where(better, tile_max, best)
+            best_j = tl.where(better, tile_arg, best_j)
+
+        out_offs = offs_c[None, :] * num_nodes + offs_i[:, None]
+        io_mask = valid_i[:, None] & valid_c[None, :]
+        centre = tl.load(x_base + out_offs, mask=io_mask, other=0.0).to(tl.float32)
+        result = tl.where(best_j >= 0, best - centre, 0.0)
+        out_base = b * num_channels * num_nodes
+        tl.store(out_ptr + out_base + out_offs, result, mask=io_mask)
+        tl.store(arg_ptr + out_base + out_offs, best_j, mask=io_mask)
+
+
+def _launch(x: torch.Tensor, sim: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, q: float,
+            complete: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, C, N) contiguous; sim (B, N, N) float32 -> m (B, C, N) in x's dtype, arg-max (B, C, N) int32.
+
+    The kernel writes float32 and torch rounds to x's dtype (to nearest even, as the oracle's
+    half-precision subtraction does; Triton's interpreter would truncate).
+    """
+    b, c, n = x.shape
+    out = torch.empty((b, c, n), dtype=torch.float32, device=x.device)
+    arg = torch.empty((b, c, n), dtype=torch.int32, device=x.device)
+    block_i, block_c, block_j = 16, 32, 32
+    grid = (b, triton.cdiv(n, block_i), triton.cdiv(c, block_c))
+    _threshold_max_kernel[grid](
+        x, sim, mean, std, out, arg, q, n, c,
+        COMPLETE=complete, BLOCK_I=block_i, BLOCK_C=block_c, BLOCK_J=block_j,
+    )
+    return out.to(x.dtype), arg
+
+
+class _ThresholdMaxRelative(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sim: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                q: float, complete: bool) -> torch.Tensor:
+        out, arg = _launch(x, sim, mean, std, q, complete)
+        ctx.save_for_backward(arg)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (arg,) = ctx.saved_tensors
+        has_neighbour = arg >= 0
+        routed = torch.where(has_neighbour, grad_out, torch.zeros_like(grad_out))
+        grad_x = (-routed).scatter_add(2, arg.clamp_min(0).long(), routed)
+        return grad_x, None, None, None, None, None
+
+
+def threshold_max_relative(x: torch.Tensor, t: float, graph_features: torch.Tensor | None = None) -> torch.Tensor:
+    """Max-relative aggregation over the threshold graph with the fused kernel.
+
+    Args:
+        x: (B, C, N, 1) features to aggregate (float32, float16 or bfloat16).
+        t: threshold below 1; t <= 0 is the complete graph.
+        graph_features: (B, C', H, W) or (B, C', N, 1) features the graph is built from; default x.
+
+    Returns:
+        m (B, C, N, 1) = max over the neighbours j of i of (x_j - x_i); 0 where i has none.
+    """
+    check_threshold(t)
+    if not runnable(x):
+        raise ValueError(f"the fused kernel needs Triton and a CUDA float tensor, got {x.dtype} on {x.device}")
+    if x.dim() != 4 or x.shape[-1] != 1:
+        raise ValueError(f"x must have shape (B, C, N, 1), got {tuple(x.shape)}")
+    b, c, n, _ = x.shape
+    complete = t <= 0
+    if complete:
+        sim = torch.empty(b, 1, 1, dtype=torch.float32, device=x.device)
+        mean = std = torch.zeros(b, dtype=torch.float32, device=x.device)
+        q = 0.0
+    else:
+        sim, mean, std = similarity_stats(x if graph_features is None else graph_features)
+        if sim.shape[1] != n:
+            raise ValueError(f"graph_features have {sim.shape[1]} nodes, x has {n}")
+        sim, mean, std = sim.float().contiguous(), mean.float().reshape(b), std.float().reshape(b)
+        q = threshold_quantile(t)
+    out = _ThresholdMaxRelative.apply(x.reshape(b, c, n).contiguous(), sim, mean, std, q, complete)
+    return out.reshape(b, c, n, 1)
