@@ -75,7 +75,7 @@ def knn_schedule(num_knn: int, depth: int, num_nodes: int) -> list[tuple[int, in
     """
     if num_knn < 1:
         raise ValueError(f"num_knn must be >= 1, got {num_knn}")
-    published = [int(k) for k in torch.linspace(num_knn, 2 * num_knn, depth).tolist()]
+    published = [int(k) for k in torch.linspace(num_knn, 2 * num_knn, depth, device="cpu").tolist()]
     ks = [min(k, num_nodes) for k in published]
     max_dilation = num_nodes // max(ks)
     dilations = [min(i // 4 + 1, max_dilation) for i in range(depth)]
@@ -204,7 +204,7 @@ class VisionGNN(nn.Module):
 
         self.stem = Stem(in_chans, channels, act)
         self.pos_embed = nn.Parameter(torch.zeros(1, channels, *self.grid_size))
-        drop_paths = torch.linspace(0, drop_path_rate, depth).tolist()
+        drop_paths = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         if start_thresh is None:
             num_nodes = self.grid_size[0] * self.grid_size[1]
             graphs = [dict(kernel_size=k, dilation=d) for k, d in knn_schedule(num_knn, depth, num_nodes)]
