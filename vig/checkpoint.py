@@ -20,6 +20,7 @@ import logging
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,7 +90,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not os.path.isfile(name):
         raise CheckpointError(f"{name}: no such checkpoint file")
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
+        with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             checkpoint = torch.load(name, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         refused = _refused_global(str(error))
@@ -98,9 +100,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                 f"{name}: refused to load: unpickling it would call {refused}, which is not plain data "
                 "(a file that can run code is never loaded)"
             ) from None
-        rejected = re.search(r"WeightsUnpickler error: ([^\n]+)", str(error))
+        rejected = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(error))
         if rejected:
-            raise CheckpointError(f"{name}: refused to load: {rejected.group(1).strip()[:200]}") from None
+            raise CheckpointError(
+                f"{name}: not a PyTorch checkpoint that loads safely (weights-only unpickler: "
+                f"{rejected.group(1).strip()[:200]}); only torch.save files of tensors and plain data are loaded"
+            ) from None
         raise CheckpointError(f"{name}: not a readable PyTorch checkpoint ({_one_line(error)[:200]})") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, TypeError,
             AttributeError, KeyError, IndexError) as error:
