@@ -30,6 +30,13 @@ LAST_NAME = "last.pth.tar"
 BEST_NAME = "model_best.pth.tar"
 
 
+def _default_file_mode() -> int:
+    """Permissions an ordinary new file gets under the current umask (temporary files start at 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Write `path` through `write(handle)` into a temporary sibling file, then rename it into place."""
     handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
@@ -38,6 +45,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(handle.name, _default_file_mode())
         os.replace(handle.name, path)
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
@@ -69,8 +77,9 @@ def prepare_output_dir(output: str, experiment: str) -> Path:
 
 
 def write_args_yaml(folder: Path, args: dict[str, Any]) -> None:
-    """args.yaml: every resolved flag, loadable again with `-c`."""
-    text = yaml.safe_dump(args, default_flow_style=False, sort_keys=True)
+    """args.yaml: every resolved flag (not -c itself nor the launcher's --local-rank), loadable with `-c`."""
+    kept = {key: value for key, value in args.items() if key not in ("config", "local_rank")}
+    text = yaml.safe_dump(kept, default_flow_style=False, sort_keys=True)
     atomic_write(folder / "args.yaml", lambda handle: handle.write(text.encode("utf-8")))
 
 
