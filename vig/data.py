@@ -221,7 +221,7 @@ def build_loader(dataset: Dataset, sampler: Sampler[int], batch_size: int, worke
     if is_training and len(sampler) < batch_size:
         raise UsageError(f"the training shard of each process has {len(sampler)} images, fewer than "
                          f"--batch-size {batch_size}; lower the batch size or add data")
+    # workers are started per epoch, so their seeds follow the per-epoch seed of the main process
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=device.type == "cuda", drop_last=is_training,
-                      persistent_workers=workers > 0)
+                      pin_memory=device.type == "cuda", drop_last=is_training)
 

@@ -52,10 +52,20 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
         raise
 
 
-def atomic_copy(source: Path, target: Path) -> None:
-    """Copy `source` to `target` atomically."""
-    with open(source, "rb") as src:
-        atomic_write(target, lambda dst: shutil.copyfileobj(src, dst))
+def atomic_duplicate(source: Path, target: Path) -> None:
+    """Make `target` a hard link to `source` (a copy where links are not supported), atomically.
+
+    Later epochs replace `source` by a new file, so the duplicate keeps this epoch's content.
+    """
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    temporary.unlink(missing_ok=True)
+    try:
+        os.link(source, temporary)
+    except OSError:
+        with open(source, "rb") as src:
+            atomic_write(target, lambda dst: shutil.copyfileobj(src, dst))
+        return
+    os.replace(temporary, target)
 
 
 def run_folder_name(model_name: str, img_size: int) -> str:
@@ -133,13 +143,13 @@ class CheckpointSaver:
         self.history = [item for item in self.history if item[0] != epoch]
         worst = self.history[-1][1] if len(self.history) >= self.max_history else None
         if worst is None or metric > worst:
-            atomic_copy(last, self.folder / f"checkpoint-{epoch}.pth.tar")
+            atomic_duplicate(last, self.folder / f"checkpoint-{epoch}.pth.tar")
             self.history.append((epoch, metric))
             self.history.sort(key=lambda item: item[1], reverse=True)
             for old_epoch, _ in self.history[self.max_history:]:
                 (self.folder / f"checkpoint-{old_epoch}.pth.tar").unlink(missing_ok=True)
             self.history = self.history[: self.max_history]
         if self.best is None or metric > self.best[1]:
-            atomic_copy(last, self.folder / BEST_NAME)
+            atomic_duplicate(last, self.folder / BEST_NAME)
             self.best = (epoch, metric)
         return self.best

@@ -10,6 +10,7 @@ import argparse
 import copy
 import difflib
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +55,15 @@ def create_model_from_args(args: argparse.Namespace, num_classes: int) -> nn.Mod
     if args.img_size is not None and "img_size" not in kwargs:
         try:
             return timm.create_model(args.model, img_size=args.img_size, **kwargs)
+        except ValueError as err:
+            raise UsageError(f"model {args.model}: {err}") from None
         except TypeError as err:
             if "img_size" not in str(err):
                 raise UsageError(f"model {args.model}: {err}") from None
             _LOGGER.info("%s takes no img_size argument; building it at its default size", args.model)
     try:
         return timm.create_model(args.model, **kwargs)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:  # constructors reject bad arguments with these
         raise UsageError(f"model {args.model}: {err}") from None
 
 
@@ -77,7 +80,8 @@ def log_model_size(model: nn.Module, input_size: tuple[int, int, int]) -> None:
     params = sum(p.numel() for p in model.parameters())
     probe = copy.deepcopy(model).cpu().float().eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="No handlers found", category=UserWarning)
             macs = profile_macs(probe, torch.zeros(1, *input_size))
         _LOGGER.info("model: %.3f M parameters, %.4f G MACs at %s", params / 1e6, macs / 1e9, "x".join(
             str(s) for s in input_size[1:]))
@@ -254,6 +258,7 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> None:
 
     num_updates = start_epoch * len(train_loader)
     for epoch in range(start_epoch, num_epochs):
+        random_seed(args.seed + epoch, ctx.rank)  # a resumed run repeats the uninterrupted run's randomness
         sampler.set_epoch(epoch)
         stats = train_one_epoch(epoch, model, train_loader, optimizer, loss_fn, ctx, precision, num_updates,
                                 scheduler=scheduler, mixup=mixup, model_ema=model_ema, clip_grad=args.clip_grad,
