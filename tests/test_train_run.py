@@ -105,9 +105,9 @@ def _expected_eval(data: Path, argv: list[str]) -> tuple[float, int]:
 
 @pytest.mark.parametrize(
     "extra",
-    [[], ["--model-ema"], ["--start-thresh", "0.9", "--dec", "0.01"],
-     ["--start-thresh", "0.9", "--dec", "0.01", "--model-ema", "--tta"]],
-    ids=["knn", "knn-ema", "threshold", "threshold-ema-tta"],
+    [[], ["--model-ema", "--tta"], ["--start-thresh", "0.9", "--dec", "0.01"],
+     ["--start-thresh", "0.9", "--dec", "0.01", "--model-ema"]],
+    ids=["knn", "knn-ema-tta", "threshold", "threshold-ema"],
 )
 def test_evaluate_shared_fixture(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str]) -> None:
     checkpoint = shared_file(FIXTURE_CHECKPOINT)
