@@ -1,0 +1,52 @@
+"""Train or evaluate ViG / SViG (or any timm) models; see README.md and `python train.py --help`.
+
+Runs as `python train.py`, under `torchrun` and under `python -m torch.distributed.launch`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any, Sequence
+
+from vig.cli import parse_args
+from vig.errors import UsageError
+from vig.training import run
+
+
+def _setup_logging() -> None:
+    primary = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(level=logging.INFO if primary else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def _print_result(result: dict[str, Any]) -> None:
+    """A readable table, then the result as one JSON object on the last line of standard output."""
+    rows = [("model", result["model"]), ("checkpoint", result["checkpoint"] + (" (EMA)" if result["ema"] else "")),
+            ("graph", result["graph"]), ("flip TTA", "on" if result["tta"] else "off"),
+            ("images", str(result["count"])), ("loss", f"{result['loss']:.4f}"),
+            ("top-1 %", f"{result['top1']:.2f}"), ("top-5 %", f"{result['top5']:.2f}")]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name.ljust(width)}  {value}")
+    print(json.dumps(result), flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit status (2 for a user mistake)."""
+    _setup_logging()
+    try:
+        args = parse_args(argv)
+        result = run(args)
+    except UsageError as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {err}", file=sys.stderr)
+        return 2
+    if result is not None:
+        _print_result(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Command-line flags of train.py, the `-c config.yaml` defaults, and validation of user input.
+
+Flag names and meanings follow timm's published training script, plus the ViG/SViG additions
+(`--pretrain_path`, `--start-thresh`, `--dec`, `--repeated-aug`, `--tta`). Every user mistake found
+here raises `UsageError` with a one-line message.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from vig.errors import UsageError
+
+SYNTHETIC_DATASET = "synthetic"
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    """ArgumentParser that raises UsageError instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def _parse_model_kwargs(items: Sequence[str]) -> dict[str, Any]:
+    """Turn ["k=v", ...] into a dict; values are Python literals when they parse as one, else strings."""
+    kwargs: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--model-kwargs expects key=value pairs, got {item!r}")
+        try:
+            kwargs[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            kwargs[key] = raw
+    return kwargs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """All flags of train.py with their defaults."""
+    parser = _RaisingParser(
+        prog="train.py",
+        description="Train or evaluate ViG / SViG (or any timm) models, on one device or distributed.",
+    )
+    parser.add_argument("-c", "--config", default="", metavar="FILE",
+                        help="YAML file whose keys (flag names, - or _) set defaults; flags given win")
+    parser.add_argument("data_dir", nargs="?", default=None, metavar="DIR",
+                        help="dataset root (omit for the embedded synthetic demo set)")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default="",
+                      help="'' = ImageFolder under DIR; torch/cifar10, torch/cifar100; synthetic (embedded demo)")
+    data.add_argument("--dataset-download", action="store_true", help="download torch/* datasets into DIR")
+    data.add_argument("--train-split", default="train", help="training split folder / name")
+    data.add_argument("--val-split", default="val", help="validation split ('val' falls back to 'validation')")
+    data.add_argument("--num-classes", type=int, default=None,
+                      help="classifier outputs (default: number of classes in the data)")
+    data.add_argument("--img-size", type=int, default=None, help="input image size (default: the model's)")
+    data.add_argument("--crop-pct", type=float, default=None, help="centre-crop fraction for validation")
+    data.add_argument("--mean", type=float, nargs=3, default=None, metavar="M", help="normalisation mean")
+    data.add_argument("--std", type=float, nargs=3, default=None, metavar="S", help="normalisation std")
+    data.add_argument("--interpolation", default="", help="resize interpolation (bilinear, bicubic, ...)")
+    data.add_argument("-j", "--workers", type=int, default=4, help="data loading processes per training process")
+    data.add_argument("-b", "--batch-size", type=int, default=128, help="batch size per process")
+    data.add_argument("--repeated-aug", action="store_true",
+                      help="repeated augmentation: each image 3 times per epoch, copies on different ranks")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="vig_ti_224_gelu", help="timm model name")
+    model.add_argument("--model-kwargs", nargs="*", default=[], metavar="K=V",
+                       help="extra keyword arguments for timm.create_model")
+    model.add_argument("--initial-checkpoint", "--pretrain_path", "--pretrain-path", dest="initial_checkpoint",
+                       default="", metavar="PATH", help="weights to start from (required with --evaluate)")
+    model.add_argument("--resume", default="", metavar="PATH|auto",
+                       help="resume training from a checkpoint; 'auto' = last.pth.tar of the experiment if any")
+    model.add_argument("--no-resume-opt", action="store_true",
+                       help="on resume, restore weights and epoch but not optimizer / scheduler / scaler")
+    model.add_argument("--start-epoch", type=int, default=None, help="override the starting epoch")
+    model.add_argument("--drop", type=float, default=0.0, help="dropout rate")
+    model.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate")
+    model.add_argument("--start-thresh", type=float, default=None,
+                       help="SViG: similarity threshold of the first block, in (0, 1); omit for kNN ViG")
+    model.add_argument("--dec", type=float, default=None, help="SViG: threshold decrement per block (>= 0)")
+    model.add_argument("--channels-last", action="store_true", help="channels-last memory layout")
+    model.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                       help="torch.compile the model (default backend: inductor)")
+    model.add_argument("--sync-bn", action="store_true", help="synchronised BatchNorm across processes")
+    model.add_argument("--model-ema", action="store_true",
+                       help="keep an EMA of the weights (training); evaluate the EMA weights (--evaluate)")
+    model.add_argument("--model-ema-decay", type=float, default=0.9998, help="EMA decay")
+
+    optim = parser.add_argument_group("optimizer")
+    optim.add_argument("--opt", default="adamw", help="timm optimizer name")
+    optim.add_argument("--opt-eps", type=float, default=None, help="optimizer epsilon")
+    optim.add_argument("--opt-betas", type=float, nargs="+", default=None, help="optimizer betas")
+    optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    optim.add_argument("--weight-decay", type=float, default=0.05,
+                       help="weight decay (not applied to norms, biases, position embeddings)")
+    optim.add_argument("--clip-grad", type=float, default=None, help="gradient clipping threshold")
+    optim.add_argument("--clip-mode", default="norm", choices=("norm", "value", "agc"), help="gradient clipping mode")
+    optim.add_argument("--lr", type=float, default=1e-3, help="learning rate (absolute, not scaled by batch)")
+
+    sched = parser.add_argument_group("schedule")
+    sched.add_argument("--sched", default="cosine", help="timm scheduler name")
+    sched.add_argument("--epochs", type=int, default=300, help="training epochs")
+    sched.add_argument("--warmup-epochs", type=int, default=5, help="linear warm-up epochs")
+    sched.add_argument("--warmup-lr", type=float, default=1e-5, help="learning rate at the start of warm-up")
+    sched.add_argument("--min-lr", type=float, default=0.0, help="floor of the cosine / poly schedule")
+    sched.add_argument("--cooldown-epochs", type=int, default=0, help="epochs at min-lr after the schedule")
+    sched.add_argument("--decay-epochs", type=float, default=90, help="step schedule: epochs between decays")
+    sched.add_argument("--decay-rate", type=float, default=0.1, help="step schedule: decay factor")
+
+    aug = parser.add_argument_group("augmentation and regularisation")
+    aug.add_argument("--aa", default=None, help="AutoAugment / RandAugment policy, e.g. rand-m9-mstd0.5-inc1")
+    aug.add_argument("--color-jitter", type=float, default=0.4, help="colour jitter strength")
+    aug.add_argument("--reprob", type=float, default=0.0, help="random erasing probability")
+    aug.add_argument("--remode", default="pixel", help="random erasing mode")
+    aug.add_argument("--recount", type=int, default=1, help="random erasing count")
+    aug.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (active if > 0)")
+    aug.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (active if > 0)")
+    aug.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixup or cutmix per batch")
+    aug.add_argument("--mixup-switch-prob", type=float, default=0.5, help="probability of cutmix when both on")
+    aug.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    aug.add_argument("--tta", action="store_true", help="flip test-time augmentation in validation")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 where supported, else float16)")
+    run.add_argument("--amp-dtype", default=None, choices=("bfloat16", "float16"), help="force the AMP dtype")
+    run.add_argument("--seed", type=int, default=42, help="random seed (offset by rank)")
+    run.add_argument("--log-interval", type=int, default=50, help="batches between log lines")
+    run.add_argument("--checkpoint-hist", type=int, default=10, help="number of best epoch checkpoints kept")
+    run.add_argument("--output", default="", metavar="DIR", help="output root (default ./output/train)")
+    run.add_argument("--experiment", default="", help="run folder name under --output (default: dated)")
+    run.add_argument("--evaluate", action="store_true", help="only evaluate --pretrain_path on the val split")
+    run.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
+                     help="set by torch.distributed.launch; LOCAL_RANK in the environment wins")
+    return parser
+
+
+def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    """Read a YAML config and map its keys (dashes or underscores) onto parser destinations."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            loaded = yaml.safe_load(handle)
+    except OSError as err:
+        raise UsageError(f"cannot read config {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise UsageError(f"config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise UsageError(f"config {path} must be a mapping of flag names to values")
+    known = {action.dest for action in parser._actions}
+    defaults = {}
+    for key, value in loaded.items():
+        dest = str(key).replace("-", "_")
+        if dest not in known or dest in ("help", "config"):
+            raise UsageError(f"config {path}: unknown key {key!r}")
+        defaults[dest] = value
+    return defaults
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse flags (after applying `-c config.yaml` defaults) and validate them."""
+    parser = build_parser()
+    config_parser = _RaisingParser(add_help=False)
+    config_parser.add_argument("-c", "--config", default="")
+    known, _ = config_parser.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**_config_defaults(parser, known.config))
+    args = parser.parse_args(argv)
+    if isinstance(args.model_kwargs, dict):
+        model_kwargs = dict(args.model_kwargs)
+    else:
+        model_kwargs = _parse_model_kwargs(args.model_kwargs)
+    args.model_kwargs = model_kwargs
+    validate_args(args)
+    return args
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise UsageError(message)
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Reject values that cannot work; filesystem checks of data and output happen where they are used."""
+    _require(args.batch_size > 0, f"--batch-size must be positive, got {args.batch_size}")
+    _require(args.workers >= 0, f"--workers must be >= 0, got {args.workers}")
+    _require(args.epochs > 0, f"--epochs must be positive, got {args.epochs}")
+    _require(args.lr > 0, f"--lr must be positive, got {args.lr}")
+    _require(args.log_interval > 0, f"--log-interval must be positive, got {args.log_interval}")
+    _require(args.checkpoint_hist > 0, f"--checkpoint-hist must be positive, got {args.checkpoint_hist}")
+    _require(args.num_classes is None or args.num_classes > 0,
+             f"--num-classes must be positive, got {args.num_classes}")
+    _require(args.img_size is None or args.img_size > 0, f"--img-size must be positive, got {args.img_size}")
+    _require(args.crop_pct is None or 0 < args.crop_pct <= 1, f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+    _require(args.start_epoch is None or args.start_epoch >= 0,
+             f"--start-epoch must be >= 0, got {args.start_epoch}")
+    _require(0 <= args.smoothing < 1, f"--smoothing must be in [0, 1), got {args.smoothing}")
+    _require(0 <= args.reprob <= 1, f"--reprob must be in [0, 1], got {args.reprob}")
+    _require(args.mixup >= 0 and args.cutmix >= 0, "--mixup and --cutmix must be >= 0")
+    _require(0 < args.model_ema_decay < 1, f"--model-ema-decay must be in (0, 1), got {args.model_ema_decay}")
+    for name in ("drop", "drop_path"):
+        value = getattr(args, name)
+        _require(value is None or 0 <= value < 1, f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
+    if args.start_thresh is not None:
+        _require(math.isfinite(args.start_thresh) and 0 < args.start_thresh < 1,
+                 f"--start-thresh must be in (0, 1), got {args.start_thresh}")
+    if args.dec is not None:
+        _require(args.start_thresh is not None, "--dec needs --start-thresh (it is the SViG threshold decrement)")
+        _require(math.isfinite(args.dec) and args.dec >= 0, f"--dec must be >= 0, got {args.dec}")
+    if (args.mixup > 0 or args.cutmix > 0) and not args.evaluate:
+        _require(args.batch_size % 2 == 0, f"mixup / cutmix need an even --batch-size, got {args.batch_size}")
+    if args.evaluate:
+        _require(bool(args.initial_checkpoint), "--evaluate needs --pretrain_path CHECKPOINT")
+    for flag, path in (("--pretrain_path", args.initial_checkpoint),
+                       ("--resume", "" if args.resume == "auto" else args.resume)):
+        if path:
+            _require(Path(path).is_file(), f"{flag}: no such file {path}")
+            _require(os.access(path, os.R_OK), f"{flag}: cannot read {path}")
+    if args.dataset.startswith("torch/"):
+        _require(args.dataset in ("torch/cifar10", "torch/cifar100"),
+                 f"--dataset {args.dataset!r} is not supported (torch/cifar10, torch/cifar100)")
+    else:
+        _require(args.dataset in ("", SYNTHETIC_DATASET),
+                 f"--dataset {args.dataset!r} is not supported ('' = ImageFolder, torch/cifar10, "
+                 f"torch/cifar100, {SYNTHETIC_DATASET})")

@@ -1,0 +1,227 @@
+"""Datasets, transforms, samplers and loaders for training and validation.
+
+Sources: an ImageFolder tree (timm `create_dataset`), torchvision CIFAR-10/100, or the embedded
+synthetic pattern set (no download; used when no data folder is given). Training batches are sharded
+per epoch over ranks (timm `RepeatAugSampler` with `--repeated-aug`); validation visits every image
+exactly once across ranks, without the padding of a DistributedSampler.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import create_dataset, create_transform, resolve_data_config
+from timm.data.distributed_sampler import RepeatAugSampler
+from timm.data.readers.img_extensions import get_img_extensions
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from vig.cli import SYNTHETIC_DATASET
+from vig.distributed import DistributedContext
+from vig.errors import UsageError
+
+_LOGGER = logging.getLogger(__name__)
+
+REPEATED_AUG_REPEATS = 3
+SPLIT_FALLBACKS = {"val": ("val", "validation"), "validation": ("validation", "val")}
+
+
+class SyntheticPatterns(Dataset):
+    """Procedurally generated, learnable image set: four texture classes in random colours.
+
+    Image i of a split is a deterministic function of (seed, split, i): class i % 4 is horizontal
+    stripes, vertical stripes, a checkerboard or concentric rings, at a random frequency and phase,
+    in two random contrasting colours, plus pixel noise. Items are (PIL RGB image of
+    image_size x image_size, or its transform, label).
+    """
+
+    classes = ("horizontal", "vertical", "checker", "rings")
+
+    def __init__(self, split: str, num_samples: int, image_size: int = 64, seed: int = 0,
+                 transform: Callable[[Image.Image], Any] | None = None) -> None:
+        self.split_id = 0 if split == "train" else 1
+        self.num_samples = num_samples
+        self.image_size = image_size
+        self.seed = seed
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def render(self, index: int) -> tuple[Image.Image, int]:
+        """The untransformed image and label of item `index`."""
+        rng = np.random.default_rng([self.seed, self.split_id, index])
+        label = index % len(self.classes)
+        size = self.image_size
+        coords = (np.arange(size) + 0.5) / size
+        yy, xx = np.meshgrid(coords, coords, indexing="ij")
+        cycles = rng.uniform(2.5, 5.0)
+        phase = rng.uniform(0, 2 * np.pi)
+        if label == 0:
+            wave = np.sin(2 * np.pi * cycles * yy + phase)
+        elif label == 1:
+            wave = np.sin(2 * np.pi * cycles * xx + phase)
+        elif label == 2:
+            wave = np.sin(2 * np.pi * cycles * xx + phase) * np.sin(2 * np.pi * cycles * yy + phase)
+        else:
+            centre = rng.uniform(0.3, 0.7, size=2)
+            radius = np.hypot(yy - centre[0], xx - centre[1])
+            wave = np.sin(2 * np.pi * cycles * radius + phase)
+        weight = (wave > 0).astype(np.float64)[..., None]
+        colour_a = rng.uniform(0.0, 1.0, size=3)
+        colour_b = np.clip(1.0 - colour_a + rng.uniform(-0.2, 0.2, size=3), 0.0, 1.0)
+        pixels = weight * colour_a + (1 - weight) * colour_b + rng.normal(0.0, 0.08, size=(size, size, 3))
+        image = Image.fromarray((np.clip(pixels, 0.0, 1.0) * 255).astype(np.uint8), mode="RGB")
+        return image, label
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image, label = self.render(index)
+        return (self.transform(image) if self.transform is not None else image), label
+
+
+SYNTHETIC_SIZES = {"train": 768, "val": 256}
+
+
+class ShardedEvalSampler(Sampler[int]):
+    """Indices rank, rank + world_size, ... of a dataset: every index on exactly one rank, no padding."""
+
+    def __init__(self, num_samples: int, world_size: int, rank: int) -> None:
+        self.num_samples = num_samples
+        self.world_size = world_size
+        self.rank = rank
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.num_samples, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.num_samples, self.world_size))
+
+
+def dataset_kind(args: argparse.Namespace) -> str:
+    """'synthetic', 'folder' or the torch/* name, from --dataset and whether a data folder was given."""
+    if args.dataset == SYNTHETIC_DATASET or (args.dataset == "" and args.data_dir is None):
+        return SYNTHETIC_DATASET
+    return args.dataset or "folder"
+
+
+def _image_count_hint(folder: Path) -> bool:
+    """True if some class sub-folder of `folder` holds at least one image file."""
+    extensions = tuple(get_img_extensions())
+    for _, _, files in os.walk(folder):
+        if any(name.lower().endswith(extensions) for name in files):
+            return True
+    return False
+
+
+def find_split_folder(root: str, split: str) -> Path:
+    """root/split, with 'val' falling back to 'validation'; UsageError when missing or without images."""
+    root_path = Path(root)
+    if not root_path.is_dir():
+        raise UsageError(f"data folder {root} does not exist")
+    candidates = SPLIT_FALLBACKS.get(split, (split,))
+    for name in candidates:
+        folder = root_path / name
+        if folder.is_dir():
+            if not _image_count_hint(folder):
+                raise UsageError(f"no images under {folder} (expected {folder}/<class>/<image>)")
+            return folder
+    tried = ", ".join(f"{name}/" for name in candidates)
+    raise UsageError(f"no '{split}' split under {root} (looked for {tried})")
+
+
+def _folder_classes(dataset: Dataset) -> dict[str, int]:
+    return dict(dataset.reader.class_to_idx)
+
+
+def build_dataset(args: argparse.Namespace, split: str, is_training: bool,
+                  class_map: dict[str, int] | None = None) -> tuple[Dataset, list[str]]:
+    """One split of the selected source, without transform, and its class names (index order)."""
+    kind = dataset_kind(args)
+    if kind == SYNTHETIC_DATASET:
+        key = "train" if is_training else "val"
+        dataset = SyntheticPatterns(key, SYNTHETIC_SIZES[key], seed=0)
+        return dataset, list(SyntheticPatterns.classes)
+    if kind == "folder":
+        folder = find_split_folder(args.data_dir, split)
+        dataset = create_dataset("", root=str(folder), split=split, search_split=False,
+                                 is_training=is_training, class_map=class_map or "")
+        if class_map:
+            own = {entry.name for entry in folder.iterdir() if entry.is_dir()}
+            unknown = sorted(own - set(class_map))
+            if unknown:
+                raise UsageError(f"classes in {folder} missing from the training split: {', '.join(unknown[:5])}")
+        classes = _folder_classes(dataset)
+        return dataset, sorted(classes, key=classes.get)
+    root = args.data_dir or "data"
+    try:
+        dataset = create_dataset(kind, root=root, split=split, is_training=is_training,
+                                 download=args.dataset_download)
+    except RuntimeError as err:
+        raise UsageError(f"{kind} not found under {root}: {err} (add --dataset-download)") from None
+    return dataset, list(dataset.classes)
+
+
+@dataclass
+class DataConfig:
+    """Resolved preprocessing: input_size (C, H, W), interpolation, mean, std, crop_pct."""
+
+    input_size: tuple[int, int, int]
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_pct: float
+
+
+def resolve_preprocessing(args: argparse.Namespace, model: torch.nn.Module) -> DataConfig:
+    """Flags where given, else the model's pretrained config (timm `resolve_data_config`)."""
+    overrides: dict[str, Any] = {}
+    if args.img_size is not None:
+        overrides["img_size"] = args.img_size
+    if args.interpolation:
+        overrides["interpolation"] = args.interpolation
+    for key in ("mean", "std", "crop_pct"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    config = resolve_data_config(args=overrides, model=model)
+    return DataConfig(input_size=tuple(config["input_size"]), interpolation=config["interpolation"],
+                      mean=tuple(config["mean"]), std=tuple(config["std"]), crop_pct=config["crop_pct"])
+
+
+def train_transform(args: argparse.Namespace, config: DataConfig) -> Callable:
+    """Random-resized crop, flip, colour jitter / AutoAugment, normalise, random erasing (timm)."""
+    return create_transform(
+        config.input_size, is_training=True, color_jitter=args.color_jitter, auto_augment=args.aa,
+        interpolation=config.interpolation, mean=config.mean, std=config.std,
+        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
+
+
+def eval_transform(config: DataConfig) -> Callable:
+    """Resize to size / crop_pct, centre crop, normalise (timm)."""
+    return create_transform(config.input_size, is_training=False, interpolation=config.interpolation,
+                            mean=config.mean, std=config.std, crop_pct=config.crop_pct)
+
+
+def train_sampler(dataset: Dataset, ctx: DistributedContext, repeated_aug: bool, seed: int) -> Sampler[int]:
+    """Per-epoch shuffled shard of this rank (call `set_epoch`); repeated augmentation spreads copies over ranks."""
+    if repeated_aug:
+        return RepeatAugSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                num_repeats=REPEATED_AUG_REPEATS)
+    return DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed)
+
+
+def build_loader(dataset: Dataset, sampler: Sampler[int], batch_size: int, workers: int,
+                 is_training: bool, device: torch.device) -> DataLoader:
+    """DataLoader over this rank's shard; training drops the last incomplete batch."""
+    if is_training and len(sampler) < batch_size:
+        raise UsageError(f"the training shard of each process has {len(sampler)} images, fewer than "
+                         f"--batch-size {batch_size}; lower the batch size or add data")
+    # workers are started per epoch, so their seeds follow the per-epoch seed of the main process
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=device.type == "cuda", drop_last=is_training)
+

@@ -1,0 +1,155 @@
+"""Run output folder: args.yaml, summary.csv and checkpoints with a best-k history.
+
+Layout (timm's checkpoint saver): `last.pth.tar` every epoch, `model_best.pth.tar` for the best
+metric, `checkpoint-<epoch>.pth.tar` for the best `max_history` epochs. Every file is written
+atomically (temporary file in the same folder, flush + fsync, os.replace), so a crash never leaves
+a truncated checkpoint behind. Only the primary rank should call the writers.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import re
+import shutil
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+import torch
+import yaml
+
+from vig.errors import UsageError
+
+_LOGGER = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)\.pth\.tar$")
+LAST_NAME = "last.pth.tar"
+BEST_NAME = "model_best.pth.tar"
+
+
+def _default_file_mode() -> int:
+    """Permissions an ordinary new file gets under the current umask (temporary files start at 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write `path` through `write(handle)` into a temporary sibling file, then rename it into place."""
+    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    try:
+        with handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(handle.name, _default_file_mode())
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
+def atomic_duplicate(source: Path, target: Path) -> None:
+    """Make `target` a hard link to `source` (a copy where links are not supported), atomically.
+
+    Later epochs replace `source` by a new file, so the duplicate keeps this epoch's content.
+    """
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    temporary.unlink(missing_ok=True)
+    try:
+        os.link(source, temporary)
+    except OSError:
+        with open(source, "rb") as src:
+            atomic_write(target, lambda dst: shutil.copyfileobj(src, dst))
+        return
+    os.replace(temporary, target)
+
+
+def run_folder_name(model_name: str, img_size: int) -> str:
+    """Dated run name as timm writes it: YYYYmmdd-HHMMSS-<model>-<img size>."""
+    safe_model = re.sub(r"[^\w\-.]", "_", model_name)
+    return f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{safe_model}-{img_size}"
+
+
+def prepare_output_dir(output: str, experiment: str) -> Path:
+    """Create output/experiment (reusing it if present) and check that files can be written there."""
+    folder = Path(output or "output/train") / experiment
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe", delete=True)
+        probe.close()
+    except OSError as err:
+        raise UsageError(f"cannot write to output folder {folder}: {err.strerror or err}") from None
+    return folder
+
+
+def write_args_yaml(folder: Path, args: dict[str, Any]) -> None:
+    """args.yaml: every resolved flag (not -c itself nor the launcher's --local-rank), loadable with `-c`."""
+    kept = {key: value for key, value in args.items() if key not in ("config", "local_rank")}
+    text = yaml.safe_dump(kept, default_flow_style=False, sort_keys=True)
+    atomic_write(folder / "args.yaml", lambda handle: handle.write(text.encode("utf-8")))
+
+
+def append_summary(folder: Path, row: dict[str, Any]) -> None:
+    """Add one epoch row to summary.csv (rewritten atomically; a resumed epoch replaces its old row)."""
+    path = folder / "summary.csv"
+    rows: list[dict[str, Any]] = []
+    if path.exists():
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = [old for old in csv.DictReader(handle) if int(old["epoch"]) < int(row["epoch"])]
+    rows.append(row)
+    fieldnames = list(row)
+    for old in rows:
+        fieldnames += [key for key in old if key not in fieldnames]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fieldnames)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda handle: handle.write(buffer.getvalue().encode("utf-8")))
+
+
+class CheckpointSaver:
+    """Saves last / best / best-k epoch checkpoints of one run folder (higher metric is better)."""
+
+    def __init__(self, folder: Path, max_history: int) -> None:
+        self.folder = folder
+        self.max_history = max_history
+        self.history: list[tuple[int, float]] = []  # (epoch, metric), best first
+        self.best: tuple[int, float] | None = None
+        self._restore()
+
+    def _restore(self) -> None:
+        """Rebuild history and best from checkpoints already in the folder (resumed runs)."""
+        for path in self.folder.iterdir():
+            match = CHECKPOINT_PATTERN.match(path.name)
+            if match:
+                metric = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("metric")
+                if metric is not None:
+                    self.history.append((int(match.group(1)), float(metric)))
+        self.history.sort(key=lambda item: item[1], reverse=True)
+        best_path = self.folder / BEST_NAME
+        if best_path.exists():
+            state = torch.load(best_path, map_location="cpu", weights_only=True, mmap=True)
+            if state.get("metric") is not None:
+                self.best = (int(state["epoch"]), float(state["metric"]))
+
+    def save(self, state: dict[str, Any], epoch: int, metric: float) -> tuple[int, float]:
+        """Write last.pth.tar, and checkpoint-<epoch> / model_best when `metric` earns it; returns the best."""
+        last = self.folder / LAST_NAME
+        atomic_write(last, lambda handle: torch.save(state, handle))
+        self.history = [item for item in self.history if item[0] != epoch]
+        worst = self.history[-1][1] if len(self.history) >= self.max_history else None
+        if worst is None or metric > worst:
+            atomic_duplicate(last, self.folder / f"checkpoint-{epoch}.pth.tar")
+            self.history.append((epoch, metric))
+            self.history.sort(key=lambda item: item[1], reverse=True)
+            for old_epoch, _ in self.history[self.max_history:]:
+                (self.folder / f"checkpoint-{old_epoch}.pth.tar").unlink(missing_ok=True)
+            self.history = self.history[: self.max_history]
+        if self.best is None or metric > self.best[1]:
+            atomic_duplicate(last, self.folder / BEST_NAME)
+            self.best = (epoch, metric)
+        return self.best

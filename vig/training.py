@@ -1,0 +1,309 @@
+"""Training and evaluation runs: build data, model, optimiser and schedule from parsed flags, then loop.
+
+`run(args)` is what train.py calls. It sets up the process group (see vig.distributed), trains
+with per-epoch validation and checkpointing, or with `--evaluate` measures a checkpoint on the
+validation split and returns the result (primary rank only).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import difflib
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.optim._param_groups import param_groups_weight_decay
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, distribute_bn, random_seed
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torchprofile import profile_macs
+
+from vig.checkpoint import CheckpointError, load_checkpoint
+from vig.data import (ShardedEvalSampler, build_dataset, build_loader, dataset_kind, eval_transform,
+                      resolve_preprocessing, train_sampler, train_transform)
+from vig.distributed import (DistributedContext, all_gather_objects, broadcast_object, init_distributed,
+                             shutdown_distributed)
+from vig.engine import resolve_precision, train_one_epoch, unwrap_model, validate
+from vig.errors import UsageError
+from vig.saver import CheckpointSaver, LAST_NAME, append_summary, prepare_output_dir, run_folder_name, write_args_yaml
+
+_LOGGER = logging.getLogger(__name__)
+
+
+def create_model_from_args(args: argparse.Namespace, num_classes: int) -> nn.Module:
+    """timm.create_model with the flags' classes, dropout, SViG thresholds, image size and --model-kwargs."""
+    if not timm.is_model(args.model):
+        close = difflib.get_close_matches(args.model, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UsageError(f"unknown model {args.model!r}{hint}")
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_rate": args.drop}
+    if args.drop_path is not None:
+        kwargs["drop_path_rate"] = args.drop_path
+    if args.start_thresh is not None:
+        kwargs["start_thresh"] = args.start_thresh
+        if args.dec is not None:
+            kwargs["dec"] = args.dec
+    kwargs.update(args.model_kwargs)
+    if args.img_size is not None and "img_size" not in kwargs:
+        try:
+            return timm.create_model(args.model, img_size=args.img_size, **kwargs)
+        except ValueError as err:
+            raise UsageError(f"model {args.model}: {err}") from None
+        except TypeError as err:
+            if "img_size" not in str(err):
+                raise UsageError(f"model {args.model}: {err}") from None
+            _LOGGER.info("%s takes no img_size argument; building it at its default size", args.model)
+    try:
+        return timm.create_model(args.model, **kwargs)
+    except (TypeError, ValueError) as err:  # constructors reject bad arguments with these
+        raise UsageError(f"model {args.model}: {err}") from None
+
+
+def _load_weights(model: nn.Module, path: str, use_ema: bool) -> None:
+    try:
+        load_checkpoint(model, path, use_ema=use_ema)
+    except CheckpointError as err:
+        raise UsageError(str(err)) from None
+    _LOGGER.info("loaded %sweights from %s", "EMA " if use_ema else "", path)
+
+
+def log_model_size(model: nn.Module, input_size: tuple[int, int, int]) -> None:
+    """Log parameter count and MACs of one (1, C, H, W) input (torchprofile), on a CPU copy in eval mode."""
+    params = sum(p.numel() for p in model.parameters())
+    probe = copy.deepcopy(model).cpu().float().eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="No handlers found", category=UserWarning)
+            macs = profile_macs(probe, torch.zeros(1, *input_size))
+        _LOGGER.info("model: %.3f M parameters, %.4f G MACs at %s", params / 1e6, macs / 1e9, "x".join(
+            str(s) for s in input_size[1:]))
+    except Exception as err:  # torchprofile traces the model; report rather than fail the run
+        _LOGGER.warning("model: %.3f M parameters; MACs not counted (%s: %s)", params / 1e6,
+                        type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+
+
+def _num_classes(args: argparse.Namespace, classes: list[str]) -> int:
+    if args.num_classes is None:
+        return len(classes)
+    if args.num_classes < len(classes):
+        raise UsageError(f"--num-classes {args.num_classes} is smaller than the {len(classes)} classes in the data")
+    return args.num_classes
+
+
+def _graph_description(args: argparse.Namespace) -> str:
+    if args.start_thresh is None:
+        return "kNN"
+    return f"threshold start {args.start_thresh} dec {args.dec if args.dec is not None else 'default'}"
+
+
+def evaluate(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any] | None:
+    """Evaluate --pretrain_path on the validation split; the result dict on the primary rank, else None."""
+    val_set, classes = build_dataset(args, args.val_split, is_training=False)
+    model = create_model_from_args(args, _num_classes(args, classes))
+    _load_weights(model, args.initial_checkpoint, use_ema=args.model_ema)
+    config = resolve_preprocessing(args, model)
+    val_set.transform = eval_transform(config)
+    model.to(ctx.device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    precision = resolve_precision(args.amp, args.amp_dtype, ctx.device)
+    loader = build_loader(val_set, ShardedEvalSampler(len(val_set), ctx.world_size, ctx.rank), args.batch_size,
+                          args.workers, is_training=False, device=ctx.device)
+    stats = validate(model, loader, ctx, precision, tta=args.tta, channels_last=args.channels_last,
+                     log_interval=args.log_interval)
+    if not ctx.is_primary:
+        return None
+    return {"model": args.model, "checkpoint": args.initial_checkpoint, "ema": args.model_ema,
+            "graph": _graph_description(args), "start_thresh": args.start_thresh, "dec": args.dec,
+            "tta": args.tta, "top1": stats.top1, "top5": stats.top5, "loss": stats.loss, "count": stats.count}
+
+
+def _optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    """timm optimizer; no weight decay on 1-d parameters (norms, biases), position embeddings, no_weight_decay()."""
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    skip |= {name for name, _ in model.named_parameters() if "pos_embed" in name.rsplit(".", 1)[-1]}
+    groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=sorted(skip))
+    extra: dict[str, Any] = {}
+    if args.opt_eps is not None:
+        extra["eps"] = args.opt_eps
+    if args.opt_betas is not None:
+        extra["betas"] = tuple(args.opt_betas)
+    return create_optimizer_v2(groups, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                               momentum=args.momentum, **extra)
+
+
+def _loss_and_mixup(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, Mixup | None]:
+    if args.mixup > 0 or args.cutmix > 0:
+        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+                      switch_prob=args.mixup_switch_prob, mode="batch", label_smoothing=args.smoothing,
+                      num_classes=num_classes)
+        return SoftTargetCrossEntropy(), mixup
+    if args.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing), None
+    return nn.CrossEntropyLoss(), None
+
+
+def _output_folder(args: argparse.Namespace, ctx: DistributedContext, img_size: int) -> Path:
+    """Primary rank creates output/experiment (dated name without --experiment) and shares it, or the error."""
+    folder: str | None = None
+    error: str | None = None
+    if ctx.is_primary:
+        try:
+            folder = str(prepare_output_dir(args.output, args.experiment or run_folder_name(args.model, img_size)))
+        except UsageError as err:
+            error = str(err)
+    folder, error = broadcast_object((folder, error), ctx)
+    if error is not None:
+        raise UsageError(error)
+    return Path(folder)
+
+
+def _resume_path(args: argparse.Namespace, folder: Path) -> str:
+    if args.resume != "auto":
+        return args.resume
+    last = folder / LAST_NAME
+    if last.is_file():
+        return str(last)
+    _LOGGER.info("--resume auto: no %s yet, starting fresh", last)
+    return ""
+
+
+def _read_training_checkpoint(path: str) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unpickling / format failure is a bad file from the user's side
+        raise UsageError(f"--resume: cannot read {path} as a training checkpoint ({type(err).__name__})") from None
+    if not isinstance(state, dict) or "state_dict" not in state or "epoch" not in state:
+        raise UsageError(f"--resume: {path} is not a training checkpoint (no state_dict / epoch)")
+    return state
+
+
+def train(args: argparse.Namespace, ctx: DistributedContext) -> None:
+    """Full training run with per-epoch validation, summary.csv and checkpoints in output/experiment."""
+    train_set, classes = build_dataset(args, args.train_split, is_training=True)
+    class_map = {name: index for index, name in enumerate(classes)} if dataset_kind(args) == "folder" else None
+    val_set, _ = build_dataset(args, args.val_split, is_training=False, class_map=class_map)
+    num_classes = _num_classes(args, classes)
+    model = create_model_from_args(args, num_classes)
+    if args.initial_checkpoint:
+        _load_weights(model, args.initial_checkpoint, use_ema=False)
+    config = resolve_preprocessing(args, model)
+    train_set.transform = train_transform(args, config)
+    val_set.transform = eval_transform(config)
+    folder = _output_folder(args, ctx, config.input_size[-1])
+
+    if ctx.is_primary:
+        log_model_size(model, config.input_size)
+    if args.sync_bn and ctx.distributed:
+        if ctx.device.type != "cuda":
+            raise UsageError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU implementation)")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(ctx.device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = _optimizer(args, model)
+    precision = resolve_precision(args.amp, args.amp_dtype, ctx.device)
+    model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+
+    sampler = train_sampler(train_set, ctx, args.repeated_aug, args.seed)
+    train_loader = build_loader(train_set, sampler, args.batch_size, args.workers, True, ctx.device)
+    val_loader = build_loader(val_set, ShardedEvalSampler(len(val_set), ctx.world_size, ctx.rank),
+                              args.batch_size, args.workers, False, ctx.device)
+    scheduler, num_epochs = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+        decay_rate=args.decay_rate, cooldown_epochs=args.cooldown_epochs, min_lr=args.min_lr,
+        warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, updates_per_epoch=len(train_loader))
+
+    start_epoch = 0
+    resume = _resume_path(args, folder) if args.resume else ""
+    if resume:
+        state = _read_training_checkpoint(resume)
+        model.load_state_dict(state["state_dict"])
+        if model_ema is not None and state.get("state_dict_ema") is not None:
+            model_ema.module.load_state_dict(state["state_dict_ema"])
+        if not args.no_resume_opt:
+            if "optimizer" in state:
+                optimizer.load_state_dict(state["optimizer"])
+            if state.get("scheduler") is not None:
+                scheduler.load_state_dict(state["scheduler"])
+            if precision.scaler is not None and state.get(precision.scaler.state_dict_key) is not None:
+                precision.scaler.load_state_dict(state[precision.scaler.state_dict_key])
+        start_epoch = int(state["epoch"]) + 1
+        _LOGGER.info("resumed from %s (epoch %d)", resume, state["epoch"])
+    if args.start_epoch is not None:
+        start_epoch = args.start_epoch
+    if start_epoch > 0:
+        scheduler.step(start_epoch)
+
+    if ctx.distributed:
+        model = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+    if args.torchcompile:
+        model = torch.compile(model, backend=args.torchcompile)
+    loss_fn, mixup = _loss_and_mixup(args, num_classes)
+    loss_fn = loss_fn.to(ctx.device)
+    saver = CheckpointSaver(folder, args.checkpoint_hist) if ctx.is_primary else None
+    if ctx.is_primary:
+        write_args_yaml(folder, vars(args))
+        _LOGGER.info("output: %s; %d training / %d validation images, %d classes, %d process(es), "
+                     "%d epochs from epoch %d", folder, len(train_set), len(val_set), num_classes,
+                     ctx.world_size, num_epochs, start_epoch)
+
+    num_updates = start_epoch * len(train_loader)
+    for epoch in range(start_epoch, num_epochs):
+        random_seed(args.seed + epoch, ctx.rank)  # a resumed run repeats the uninterrupted run's randomness
+        sampler.set_epoch(epoch)
+        stats = train_one_epoch(epoch, model, train_loader, optimizer, loss_fn, ctx, precision, num_updates,
+                                scheduler=scheduler, mixup=mixup, model_ema=model_ema, clip_grad=args.clip_grad,
+                                clip_mode=args.clip_mode, channels_last=args.channels_last,
+                                log_interval=args.log_interval)
+        num_updates = stats.num_updates
+        shard_images = all_gather_objects(len(sampler), ctx)
+        if ctx.distributed:
+            distribute_bn(model, ctx.world_size, reduce=True)
+        eval_stats = validate(model, val_loader, ctx, precision, tta=args.tta, channels_last=args.channels_last,
+                              log_interval=args.log_interval)
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": stats.loss, "eval_loss": eval_stats.loss,
+                               "eval_top1": eval_stats.top1, "eval_top5": eval_stats.top5, "lr": stats.lr}
+        metric = eval_stats.top1
+        if model_ema is not None:
+            ema_stats = validate(model_ema.module, val_loader, ctx, precision, tta=args.tta,
+                                 channels_last=args.channels_last, log_interval=args.log_interval, title="eval EMA")
+            row.update(ema_eval_loss=ema_stats.loss, ema_eval_top1=ema_stats.top1, ema_eval_top5=ema_stats.top5)
+            metric = ema_stats.top1
+        scheduler.step(epoch + 1, metric)
+        if saver is not None:
+            _LOGGER.info("epoch %d: train loss %.4f over %d images (per process %s), %.1f img/s; "
+                         "validation %d images: loss %.4f top1 %.2f top5 %.2f%s", epoch, stats.loss, stats.images,
+                         shard_images, stats.images_per_second, eval_stats.count, eval_stats.loss,
+                         eval_stats.top1, eval_stats.top5,
+                         f"; EMA top1 {row['ema_eval_top1']:.2f}" if model_ema is not None else "")
+            append_summary(folder, row)
+            state = {"epoch": epoch, "arch": args.model, "state_dict": unwrap_model(model).state_dict(),
+                     "state_dict_ema": model_ema.module.state_dict() if model_ema is not None else None,
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "args": vars(args), "metric": metric, "version": 2}
+            if precision.scaler is not None:
+                state[precision.scaler.state_dict_key] = precision.scaler.state_dict()
+            best_epoch, best_metric = saver.save(state, epoch, metric)
+            _LOGGER.info("best top1 %.2f at epoch %d", best_metric, best_epoch)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Train, or evaluate with --evaluate (returns the result dict on the primary rank)."""
+    ctx = init_distributed(args.local_rank)
+    try:
+        random_seed(args.seed, ctx.rank)
+        if args.evaluate:
+            return evaluate(args, ctx)
+        train(args, ctx)
+        return None
+    finally:
+        shutdown_distributed()
