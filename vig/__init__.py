@@ -1,0 +1,2 @@
+"""ViG / SViG toolkit: models registered with timm and the training pieces around them."""
+from . import models

@@ -1,0 +1,2 @@
+"""Models registered with timm on import."""
+from . import cifar_gat
