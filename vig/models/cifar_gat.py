@@ -1,0 +1,268 @@
+"""CIFAR-10 CNN + graph-attention model, registered with timm as ``cnn_gat_cifar``.
+
+A small CNN turns a (B, 3, 32, 32) image into a (B, D, 16, 16) map (D = ``embed_dim``):
+3x3 convs 3 -> 32 -> 64 -> D (the third at stride 2), each with BatchNorm and ReLU, then a 3x3
+conv D -> D with BatchNorm and no activation. Every map position becomes a node of its image's
+graph, with its D features and, when ``use_xy``, its (y, x) position scaled to [0, 1]
+(node features (B * H * W, D + 2)). Edges (built once per forward, shared by all graph layers):
+
+- the directed 4-neighbour grid of the map (`gcn_lib.grid_edges`);
+- when ``knn > 0``, each node's ``knn`` nearest other nodes of the same image by cosine distance
+  of the CNN features (`gcn_lib.sparse_knn`, no gradient);
+- in training only, DropEdge with probability ``edge_drop`` (`gcn_lib.drop_edge`).
+
+No self loops are added (``add_self_loops=False`` for GAT, GATv2 and GCN; SAGE keeps its own
+root weight). The graph part is: a first graph layer with ``heads`` heads of width ``hidden``,
+concatenated, + ReLU; a projection block (graph layer to ``hidden``, BatchNorm, ReLU, dropout);
+``num_blocks - 1`` residual blocks (graph layer, BatchNorm, ReLU, dropout, residual add); a global
+mean over each image's nodes; an MLP head hidden -> 128 -> ReLU -> dropout -> classes.
+
+Choices where the design text is silent:
+
+- The kNN graph compares the CNN features only, not the (y, x) coordinates. Grid and kNN edges
+  are merged as a set: an edge that is both a grid and a kNN edge is kept once.
+- GCN and SAGE have no attention heads; their first layer is one layer of width
+  ``heads * hidden``, the concatenated width of the attention variants, so all four types share
+  every other shape. ``attn_drop`` and ``negative_slope`` only act on GAT / GATv2.
+- Attention dropout is applied in the first (multi-head) layer only; the later layers have one
+  head and no attention dropout. ``drop`` is the dropout of the projection and residual blocks and
+  of the MLP head. timm's ``drop_rate`` (the ``--drop`` flag) is accepted as another name for it.
+- CNN convs have no bias (BatchNorm follows) and Kaiming-normal (fan_out, ReLU) initial weights;
+  the graph and linear layers keep their library initialisation.
+- The graph size follows the CNN map, so other input sizes give (H / 2) x (W / 2) grids.
+
+Unlike the published script, the CNN is an ordinary part of the model: ``eval()`` reaches its
+BatchNorm layers, the state dict (checkpoints) holds it and an EMA copy averages it.
+
+`predict_flip_tta` gives the flip test-time augmentation: the mean of the *logits* of an image
+batch and of its horizontal mirror.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+from torch_geometric.nn import GATConv, GATv2Conv, GCNConv, SAGEConv
+from torch_geometric.utils import coalesce
+
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from gcn_lib import drop_edge, grid_edges, sparse_knn, to_pyg
+
+__all__ = ["CnnGatCifar", "GRAPH_LAYERS", "cnn_gat_cifar", "predict_flip_tta"]
+
+GRAPH_LAYERS = ("gat", "gatv2", "gcn", "sage")
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+HEAD_WIDTH = 128
+
+
+def _graph_layer(conv: str, in_channels: int, out_channels: int, heads: int = 1, attn_drop: float = 0.0,
+                 negative_slope: float = 0.2) -> nn.Module:
+    """One torch_geometric layer without added self loops: (M, in) nodes -> (M, heads * out)."""
+    if conv == "gat":
+        return GATConv(in_channels, out_channels, heads=heads, concat=True, negative_slope=negative_slope,
+                       dropout=attn_drop, add_self_loops=False)
+    if conv == "gatv2":
+        return GATv2Conv(in_channels, out_channels, heads=heads, concat=True, negative_slope=negative_slope,
+                         dropout=attn_drop, add_self_loops=False)
+    if conv == "gcn":
+        return GCNConv(in_channels, out_channels * heads, add_self_loops=False)
+    if conv == "sage":
+        return SAGEConv(in_channels, out_channels * heads)
+    raise ValueError(f"conv must be one of {', '.join(GRAPH_LAYERS)}; got {conv!r}")
+
+
+def _conv_bn(in_channels: int, out_channels: int, stride: int, relu: bool) -> nn.Sequential:
+    """3x3 conv (padding 1, no bias) + BatchNorm2d (+ ReLU): (B, in, H, W) -> (B, out, H / stride, W / stride)."""
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+                               nn.BatchNorm2d(out_channels)]
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class GraphBlock(nn.Module):
+    """Graph layer, BatchNorm1d, ReLU, dropout, plus the input when ``residual``: (M, C_in) -> (M, C_out)."""
+
+    def __init__(self, layer: nn.Module, channels: int, drop: float, residual: bool) -> None:
+        super().__init__()
+        self.conv = layer
+        self.norm = nn.BatchNorm1d(channels)
+        self.act = nn.ReLU(inplace=True)
+        self.drop = nn.Dropout(drop)
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        out = self.drop(self.act(self.norm(self.conv(x, edge_index))))
+        return x + out if self.residual else out
+
+
+def _check_range(name: str, value: float, low: float, high: float | None = None) -> None:
+    """ValueError unless low <= value (< high when given)."""
+    if value < low or (high is not None and value >= high):
+        bound = f"[{low}, {high})" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+
+
+class CnnGatCifar(nn.Module):
+    """CNN front end + graph layers over its 16x16 map: images (B, C_in, 32, 32) -> logits (B, num_classes).
+
+    Args:
+        num_classes: output classes.
+        in_chans: image channels.
+        conv: graph layer type, one of ``gat``, ``gatv2``, ``gcn``, ``sage``.
+        embed_dim: CNN output channels D (node features before the (y, x) columns).
+        hidden: width of the projection and residual blocks; per-head width of the first layer.
+        heads: attention heads of the first layer (concatenated).
+        num_blocks: 1 projection block + ``num_blocks - 1`` residual blocks.
+        knn: feature-space kNN edges per node added to the grid (0: grid only).
+        edge_drop: DropEdge probability in training.
+        drop: dropout of the graph blocks and the MLP head.
+        attn_drop: dropout of the attention coefficients of the first GAT / GATv2 layer.
+        negative_slope: LeakyReLU slope inside GAT / GATv2 attention.
+        use_xy: append each node's (y, x) in [0, 1] to its features.
+        drop_rate: timm's name for ``drop``; overrides it when given.
+    """
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 3, conv: str = "gat", embed_dim: int = 128,
+                 hidden: int = 256, heads: int = 8, num_blocks: int = 3, knn: int = 0, edge_drop: float = 0.0,
+                 drop: float = 0.0, attn_drop: float = 0.0, negative_slope: float = 0.2, use_xy: bool = True,
+                 drop_rate: float | None = None) -> None:
+        super().__init__()
+        if conv not in GRAPH_LAYERS:
+            raise ValueError(f"conv must be one of {', '.join(GRAPH_LAYERS)}; got {conv!r}")
+        for name, value in (("num_classes", num_classes), ("in_chans", in_chans), ("embed_dim", embed_dim),
+                            ("hidden", hidden), ("heads", heads), ("num_blocks", num_blocks)):
+            if int(value) != value or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}")
+        if int(knn) != knn or knn < 0:
+            raise ValueError(f"knn must be a non-negative integer, got {knn}")
+        if drop_rate is not None:
+            drop = drop_rate
+        for name, value in (("edge_drop", edge_drop), ("drop", drop), ("attn_drop", attn_drop)):
+            _check_range(name, value, 0.0, 1.0)
+        _check_range("negative_slope", negative_slope, 0.0)
+
+        self.num_classes = num_classes
+        self.conv_type = conv
+        self.embed_dim = embed_dim
+        self.hidden = hidden
+        self.knn = knn
+        self.edge_drop = edge_drop
+        self.use_xy = use_xy
+        self.drop_rate = drop
+
+        self.stem = nn.Sequential(
+            _conv_bn(in_chans, 32, 1, relu=True),
+            _conv_bn(32, 64, 1, relu=True),
+            _conv_bn(64, embed_dim, 2, relu=True),
+            _conv_bn(embed_dim, embed_dim, 1, relu=False),
+        )
+        node_dim = embed_dim + (2 if use_xy else 0)
+        self.input_layer = _graph_layer(conv, node_dim, hidden, heads=heads, attn_drop=attn_drop,
+                                        negative_slope=negative_slope)
+        self.input_act = nn.ReLU(inplace=True)
+        blocks = [GraphBlock(_graph_layer(conv, heads * hidden, hidden, negative_slope=negative_slope),
+                             hidden, drop, residual=False)]
+        blocks += [GraphBlock(_graph_layer(conv, hidden, hidden, negative_slope=negative_slope),
+                              hidden, drop, residual=True) for _ in range(num_blocks - 1)]
+        self.blocks = nn.ModuleList(blocks)
+        self.head = self._make_head(num_classes)
+        self._init_cnn()
+
+    def _make_head(self, num_classes: int) -> nn.Sequential:
+        return nn.Sequential(OrderedDict([
+            ("fc1", nn.Linear(self.hidden, HEAD_WIDTH)),
+            ("act", nn.ReLU(inplace=True)),
+            ("drop", nn.Dropout(self.drop_rate)),
+            ("fc2", nn.Linear(HEAD_WIDTH, num_classes)),
+        ]))
+
+    def _init_cnn(self) -> None:
+        for module in self.stem.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def get_classifier(self) -> nn.Module:
+        """The last linear layer (timm convention)."""
+        return self.head.fc2
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the MLP head with a fresh one for ``num_classes`` classes (timm convention)."""
+        if int(num_classes) != num_classes or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes}")
+        self.num_classes = num_classes
+        self.head = self._make_head(num_classes).to(self.head.fc1.weight.device)
+
+    def nodes(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """CNN map (B, D, H, W) -> node features (B * H * W, D [+ 2]), image-major, row-major positions."""
+        b, d, h, w = feature_map.shape
+        x = feature_map.permute(0, 2, 3, 1).reshape(b * h * w, d)
+        if not self.use_xy:
+            return x
+        ys, xs = torch.meshgrid(torch.arange(h, device=x.device, dtype=x.dtype),
+                                torch.arange(w, device=x.device, dtype=x.dtype), indexing="ij")
+        yx = torch.stack((ys / max(h - 1, 1), xs / max(w - 1, 1)), dim=-1).reshape(h * w, 2)
+        return torch.cat((x, yx.repeat(b, 1)), dim=1)
+
+    def edges(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """Graph of a CNN map (B, D, H, W): torch_geometric (source, target) edge list (2, E) over B * H * W nodes.
+
+        Grid edges, plus the feature-space kNN edges when ``knn > 0`` (duplicates merged), minus
+        DropEdge's random share in training. Each edge stays inside its image.
+        """
+        b, d, h, w = feature_map.shape
+        edge_index = grid_edges(h, w, neighbours=4, batch_size=b, device=feature_map.device)
+        if self.knn > 0:
+            features = feature_map.permute(0, 2, 3, 1).reshape(b * h * w, d)
+            batch = torch.arange(b, device=feature_map.device).repeat_interleave(h * w)
+            knn_edges = sparse_knn(features, self.knn, batch=batch, loop=False, cosine=True)
+            edge_index = coalesce(torch.cat((edge_index, knn_edges), dim=1), num_nodes=b * h * w)
+        edge_index = drop_edge(edge_index, self.edge_drop, training=self.training)
+        return to_pyg(edge_index)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C_in, H, W) -> per-image mean of the last block's node features (B, hidden)."""
+        feature_map = self.stem(x)
+        b, _, h, w = feature_map.shape
+        edge_index = self.edges(feature_map)
+        nodes = self.input_act(self.input_layer(self.nodes(feature_map), edge_index))
+        for block in self.blocks:
+            nodes = block(nodes, edge_index)
+        return nodes.view(b, h * w, -1).mean(dim=1)
+
+    def forward_head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled features (B, hidden) -> logits (B, num_classes)."""
+        return self.head(pooled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C_in, H, W) -> logits (B, num_classes)."""
+        return self.forward_head(self.forward_features(x))
+
+
+def predict_flip_tta(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Flip test-time augmentation: mean of the logits of (B, C, H, W) images and their horizontal mirrors -> (B, classes)."""
+    return 0.5 * (model(images) + model(images.flip(-1)))
+
+
+default_cfgs = generate_default_cfgs({
+    "cnn_gat_cifar": {
+        "num_classes": 10,
+        "input_size": (3, 32, 32),
+        "pool_size": None,
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "mean": CIFAR10_MEAN,
+        "std": CIFAR10_STD,
+        "first_conv": "stem.0.0",
+        "classifier": "head.fc2",
+    },
+})
+
+
+@register_model
+def cnn_gat_cifar(pretrained: bool = False, **kwargs) -> CnnGatCifar:
+    """CIFAR-10 CNN + GAT (embed 128, hidden 256, 8 heads, 3 blocks); keyword arguments as `CnnGatCifar`."""
+    return build_model_with_cfg(CnnGatCifar, "cnn_gat_cifar", pretrained, **kwargs)
