@@ -109,7 +109,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{name}: not a readable PyTorch checkpoint ({_one_line(error)[:200]})") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, TypeError,
             AttributeError, KeyError, IndexError) as error:
-        detail = _one_line(error)[:200] or type(error).__name__
+        detail = f"{type(error).__name__}: {_one_line(error)[:160]}"
         raise CheckpointError(f"{name}: not a readable PyTorch checkpoint, truncated or corrupt ({detail})") from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{name}: holds a {type(checkpoint).__name__}, not a checkpoint dict or state dict")

@@ -70,26 +70,25 @@ def knn_schedule(num_knn: int, depth: int, num_nodes: int) -> list[tuple[int, in
     """(k_i, dilation_i) of the dense dilated kNN graph in each of ``depth`` blocks.
 
     As published: k_i = int(linspace(k, 2k, depth)[i]), d_i = min(i // 4 + 1, N // max_i k_i).
-    With fewer nodes than that needs (small ``img_size``) k_i is capped at N and d_i at 1 or more,
-    and a warning is logged.
+    With few nodes (small ``img_size``) k_i is capped at N, so that k_i * d_i <= N always holds,
+    and a warning is logged whenever the cap changes the schedule.
     """
     if num_knn < 1:
         raise ValueError(f"num_knn must be >= 1, got {num_knn}")
     published = [int(k) for k in torch.linspace(num_knn, 2 * num_knn, depth, device="cpu").tolist()]
     ks = [min(k, num_nodes) for k in published]
     max_dilation = num_nodes // max(ks)
-    dilations = [min(i // 4 + 1, max_dilation) for i in range(depth)]
-    if ks != published or any(d < i // 4 + 1 for i, d in enumerate(dilations)):
-        _logger.warning(
-            "only %d graph nodes: kNN sizes capped to %s and dilations to %s (published schedule: k %s, dilation up to %d)",
-            num_nodes, ks, dilations, published, depth // 4 + (depth % 4 > 0),
-        )
+    uncapped = [i // 4 + 1 for i in range(depth)]
+    dilations = [min(d, max_dilation) for d in uncapped]
+    if ks != published or dilations != uncapped:
+        _logger.warning("%d graph nodes cap the kNN schedule: k %s -> %s, dilation %s -> %s",
+                        num_nodes, published, ks, uncapped, dilations)
     return list(zip(ks, dilations))
 
 
 def threshold_schedule(start_thresh: float, dec: float, depth: int) -> list[float]:
     """Similarity threshold t_i = start_thresh - i * dec of each block (SViG)."""
-    if not isinstance(start_thresh, (int, float)) or not start_thresh < 1 or math.isnan(start_thresh):
+    if not isinstance(start_thresh, (int, float)) or not start_thresh < 1:
         raise ValueError(f"start_thresh must be a number below 1, got {start_thresh!r}")
     if not isinstance(dec, (int, float)) or math.isnan(dec):
         raise ValueError(f"dec must be a number, got {dec!r}")
