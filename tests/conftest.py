@@ -8,3 +8,8 @@ import torch
 # then runs in Triton's CPU interpreter when a test calls it directly.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Under pytest-xdist every worker already occupies a core: one intra-op thread each avoids
+# oversubscribing the machine (several threads per worker made small CPU passes 5-30x slower).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)

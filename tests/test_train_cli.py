@@ -124,3 +124,21 @@ def test_process_exit_status_and_no_traceback(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: --start-thresh must be in (0, 1), got 2.0"]
     assert "Traceback" not in result.stderr
+
+
+def test_recipe_optimizer_decays_only_weights() -> None:
+    """AdamW of the recipe: weight decay on conv weights only, not on norms, biases or the position embedding."""
+    import timm
+
+    from vig.training import _optimizer
+
+    args = parse_args(shlex.split(TRAIN_RECIPE))
+    model = timm.create_model("vig_ti_224_gelu")
+    optimizer = _optimizer(args, model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    undecayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert "pos_embed" in undecayed and "stem.convs.1.weight" in undecayed and "prediction.4.bias" in undecayed
+    assert decayed == {n for n, p in model.named_parameters() if p.ndim > 1 and n != "pos_embed"}
+    assert {g["weight_decay"] for g in optimizer.param_groups} == {0.0, 0.05}
+    assert type(optimizer).__name__ == "AdamW" and optimizer.defaults["eps"] == 1e-8

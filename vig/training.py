@@ -10,7 +10,6 @@ import argparse
 import copy
 import difflib
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +18,10 @@ import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
-from timm.optim._param_groups import param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, distribute_bn, random_seed
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torchprofile import profile_macs
 
 from vig.checkpoint import CheckpointError, load_checkpoint
 from vig.data import (ShardedEvalSampler, build_dataset, build_loader, dataset_kind, eval_transform,
@@ -33,6 +30,7 @@ from vig.distributed import (DistributedContext, all_gather_objects, broadcast_o
                              shutdown_distributed)
 from vig.engine import resolve_precision, train_one_epoch, unwrap_model, validate
 from vig.errors import UsageError
+from vig.profile import count_macs, count_parameters
 from vig.saver import CheckpointSaver, LAST_NAME, append_summary, prepare_output_dir, run_folder_name, write_args_yaml
 
 _LOGGER = logging.getLogger(__name__)
@@ -77,12 +75,10 @@ def _load_weights(model: nn.Module, path: str, use_ema: bool) -> None:
 
 def log_model_size(model: nn.Module, input_size: tuple[int, int, int]) -> None:
     """Log parameter count and MACs of one (1, C, H, W) input (torchprofile), on a CPU copy in eval mode."""
-    params = sum(p.numel() for p in model.parameters())
-    probe = copy.deepcopy(model).cpu().float().eval()
+    params = count_parameters(model)
+    probe = copy.deepcopy(model).cpu().float()
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="No handlers found", category=UserWarning)
-            macs = profile_macs(probe, torch.zeros(1, *input_size))
+        macs = count_macs(probe, input_size[1], in_chans=input_size[0])
         _LOGGER.info("model: %.3f M parameters, %.4f G MACs at %s", params / 1e6, macs / 1e9, "x".join(
             str(s) for s in input_size[1:]))
     except Exception as err:  # torchprofile traces the model; report rather than fail the run
@@ -127,16 +123,14 @@ def evaluate(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any
 
 
 def _optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
-    """timm optimizer; no weight decay on 1-d parameters (norms, biases), position embeddings, no_weight_decay()."""
-    skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    skip |= {name for name, _ in model.named_parameters() if "pos_embed" in name.rsplit(".", 1)[-1]}
-    groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=sorted(skip))
+    """timm optimizer; no weight decay on 1-d parameters (norms, biases) and the model's no_weight_decay() set
+    (the position embedding of the ViG models)."""
     extra: dict[str, Any] = {}
     if args.opt_eps is not None:
         extra["eps"] = args.opt_eps
     if args.opt_betas is not None:
         extra["betas"] = tuple(args.opt_betas)
-    return create_optimizer_v2(groups, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+    return create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                momentum=args.momentum, **extra)
 
 

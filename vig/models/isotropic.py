@@ -238,6 +238,11 @@ class VisionGNN(nn.Module):
                     nn.init.zeros_(module.bias)
         nn.init.zeros_(self.pos_embed)
 
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Parameters timm's optimizer factory keeps out of weight decay (besides norms and biases)."""
+        return {"pos_embed"}
+
     def get_classifier(self) -> nn.Module:
         """The last layer of the head: Conv2d(1024, num_classes, 1), or Identity for num_classes=0."""
         return self.prediction[-1]
