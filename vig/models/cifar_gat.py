@@ -39,12 +39,13 @@ batch and of its horizontal mirror.
 """
 from __future__ import annotations
 
+import importlib
+import warnings
 from collections import OrderedDict
+from types import ModuleType
 
 import torch
 from torch import nn
-from torch_geometric.nn import GATConv, GATv2Conv, GCNConv, SAGEConv
-from torch_geometric.utils import coalesce
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
@@ -58,19 +59,28 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 HEAD_WIDTH = 128
 
 
+def _pyg(submodule: str) -> ModuleType:
+    """``torch_geometric.<submodule>``, imported on first use: ``import vig`` stays fast, and
+    torch_geometric's import-time FutureWarning about ``torch.jit.script`` stays off the CLIs' stderr."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+        return importlib.import_module(f"torch_geometric.{submodule}")
+
+
 def _graph_layer(conv: str, in_channels: int, out_channels: int, heads: int = 1, attn_drop: float = 0.0,
                  negative_slope: float = 0.2) -> nn.Module:
     """One torch_geometric layer without added self loops: (M, in) nodes -> (M, heads * out)."""
+    pyg_nn = _pyg("nn")
     if conv == "gat":
-        return GATConv(in_channels, out_channels, heads=heads, concat=True, negative_slope=negative_slope,
+        return pyg_nn.GATConv(in_channels, out_channels, heads=heads, concat=True, negative_slope=negative_slope,
                        dropout=attn_drop, add_self_loops=False)
     if conv == "gatv2":
-        return GATv2Conv(in_channels, out_channels, heads=heads, concat=True, negative_slope=negative_slope,
+        return pyg_nn.GATv2Conv(in_channels, out_channels, heads=heads, concat=True, negative_slope=negative_slope,
                          dropout=attn_drop, add_self_loops=False)
     if conv == "gcn":
-        return GCNConv(in_channels, out_channels * heads, add_self_loops=False)
+        return pyg_nn.GCNConv(in_channels, out_channels * heads, add_self_loops=False)
     if conv == "sage":
-        return SAGEConv(in_channels, out_channels * heads)
+        return pyg_nn.SAGEConv(in_channels, out_channels * heads)
     raise ValueError(f"conv must be one of {', '.join(GRAPH_LAYERS)}; got {conv!r}")
 
 
@@ -219,7 +229,7 @@ class CnnGatCifar(nn.Module):
             features = feature_map.permute(0, 2, 3, 1).reshape(b * h * w, d)
             batch = torch.arange(b, device=feature_map.device).repeat_interleave(h * w)
             knn_edges = sparse_knn(features, self.knn, batch=batch, loop=False, cosine=True)
-            edge_index = coalesce(torch.cat((edge_index, knn_edges), dim=1), num_nodes=b * h * w)
+            edge_index = _pyg("utils").coalesce(torch.cat((edge_index, knn_edges), dim=1), num_nodes=b * h * w)
         edge_index = drop_edge(edge_index, self.edge_drop, training=self.training)
         return to_pyg(edge_index)
 
