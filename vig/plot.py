@@ -179,8 +179,15 @@ def write_curves(summary_csv: Path, out_png: Path) -> None:
         logger.warning("could not draw %s from %s: %s", out_png, summary_csv, error)
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """Argument errors as one line on stderr (exit status 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vig.plot", description=__doc__.split("\n\n")[0])
+    parser = _OneLineErrors(prog="python -m vig.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("summaries", nargs="+", type=Path, metavar="SUMMARY_CSV",
                         help="summary.csv files; each run is named after its folder")
     parser.add_argument("--out", type=Path, required=True, help="PNG file to write")
