@@ -51,6 +51,15 @@ def test_read_summary_names_run_after_folder_and_keeps_ema(tmp_path: Path, ema: 
     assert "grad_norm" not in run.columns
 
 
+def test_read_summary_accepts_ema_prefix(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "summary.csv"
+    path.parent.mkdir()
+    path.write_text("epoch,train_loss,eval_loss,eval_top1,lr,ema_eval_top1,ema_eval_top5\n0,2,2,10,0.1,12,40\n")
+    run = read_summary(path)
+    assert run.columns["eval_top1_ema"] == [12.0]
+    assert "eval_top5_ema" not in run.columns
+
+
 def test_read_summary_reads_empty_cell_as_gap(tmp_path: Path) -> None:
     path = tmp_path / "run" / "summary.csv"
     path.parent.mkdir()

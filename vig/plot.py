@@ -5,8 +5,8 @@ three panels and overlays the runs, each named after the folder that holds its C
 calls :func:`write_curves` at the end of every epoch; it logs a warning instead of raising.
 
 A summary.csv has one row per epoch and at least the columns ``epoch, train_loss, eval_loss,
-eval_top1, lr``; a column named ``<column>_ema`` (e.g. ``eval_top1_ema``) is drawn as the EMA
-variant of ``<column>``. Other columns are ignored; empty cells are drawn as gaps.
+eval_top1, lr``; a column named ``<column>_ema`` (e.g. ``eval_top1_ema``), or ``ema_<column>``, is
+drawn as the EMA variant of ``<column>``. Other columns are ignored; empty cells are drawn as gaps.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("epoch", "train_loss", "eval_loss", "eval_top1", "lr")
 EMA_SUFFIX = "_ema"
+EMA_PREFIX = "ema_"
 CURVES_SIZE_PX: tuple[int, int] = (1500, 480)
 CURVES_DPI = 100
 
@@ -65,6 +66,17 @@ def _parse_cell(text: str, path: Path, line: int, column: str) -> float:
         raise ValueError(f"{path}:{line}: column {column!r} holds {text!r}, not a number") from None
 
 
+def _ema_key(column: str) -> str | None:
+    """'eval_top1_ema' or 'ema_eval_top1' -> 'eval_top1_ema' when eval_top1 is drawn, else None."""
+    if column.endswith(EMA_SUFFIX):
+        base = column[:-len(EMA_SUFFIX)]
+    elif column.startswith(EMA_PREFIX):
+        base = column[len(EMA_PREFIX):]
+    else:
+        return None
+    return base + EMA_SUFFIX if base in SERIES_STYLE else None
+
+
 def read_summary(path: Path, name: str | None = None) -> RunCurves:
     """Read a summary.csv; the run is named after its folder unless ``name`` is given.
 
@@ -80,12 +92,13 @@ def read_summary(path: Path, name: str | None = None) -> RunCurves:
         missing = [c for c in REQUIRED_COLUMNS if c not in header]
         if missing:
             raise ValueError(f"{path}: missing required column(s) {', '.join(missing)} (has: {', '.join(header) or 'nothing'})")
-        drawn = [c for c in header if c in REQUIRED_COLUMNS or (c.endswith(EMA_SUFFIX) and c[:-len(EMA_SUFFIX)] in SERIES_STYLE)]
-        columns: dict[str, list[float]] = {c: [] for c in drawn}
+        drawn = {c: c for c in REQUIRED_COLUMNS}
+        drawn.update({_ema_key(c): c for c in header if _ema_key(c)})
+        columns: dict[str, list[float]] = {key: [] for key in drawn}
         for line, row in enumerate(reader, start=2):
             row = {(k or "").strip(): v for k, v in row.items()}
-            for column in drawn:
-                columns[column].append(_parse_cell(row.get(column) or "", path, line, column))
+            for key, column in drawn.items():
+                columns[key].append(_parse_cell(row.get(column) or "", path, line, column))
     epochs = columns.pop("epoch")
     if not epochs:
         raise ValueError(f"{path}: no epochs recorded yet")
