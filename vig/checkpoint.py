@@ -1,0 +1,219 @@
+"""Safe reading of checkpoint files and strict loading of their weights into a model.
+
+Files come in the shapes the published ViG / SViG releases use:
+
+* a bare state dict ``{name: tensor}`` (ViG releases);
+* a dict written by timm's checkpoint saver, with ``state_dict`` and optionally ``state_dict_ema``,
+  ``optimizer``, ``args`` (an ``argparse.Namespace``), ``epoch``, ``metric``, ... (SViG releases);
+* a dict with the weights under ``model`` (and optionally ``model_ema``).
+
+Parameter names may carry the ``module.`` prefix that DistributedDataParallel adds.
+
+Files are unpickled with ``torch.load(weights_only=True)``: only tensors, plain containers and the
+few data-only types in `SAFE_GLOBALS` are rebuilt. A file whose unpickling would call anything
+else (and so could run code) is refused before anything runs.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pickle
+import re
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+_logger = logging.getLogger(__name__)
+
+# Plain data types that published checkpoints hold besides tensors: the training flags
+# (argparse.Namespace) and numpy scalars (metrics) with their dtypes. Nothing here runs code.
+_NUMPY_SCALAR = np._core.multiarray.scalar
+SAFE_GLOBALS: list[Any] = [
+    argparse.Namespace,
+    _NUMPY_SCALAR,
+    (_NUMPY_SCALAR, "numpy.core.multiarray.scalar"),
+    np.dtype,
+    np.dtypes.Float64DType,
+    np.dtypes.Float32DType,
+    np.dtypes.Int64DType,
+    np.dtypes.Int32DType,
+    np.dtypes.BoolDType,
+]
+
+_WEIGHT_KEYS: tuple[str, ...] = ("state_dict", "model")
+_EMA_KEYS: tuple[str, ...] = ("state_dict_ema", "model_ema")
+_DDP_PREFIX = "module."
+_LISTED_KEYS = 5
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read or does not fit the model; the message is one line naming the file."""
+
+
+@dataclass
+class LoadReport:
+    """What `load_checkpoint` did: which entry of the file it used and the keys it could not match.
+
+    With ``strict=True`` the three lists are always empty (a mismatch raises instead).
+    """
+
+    source: str
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mis_shaped: list[str] = field(default_factory=list)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _refused_global(message: str) -> str | None:
+    """The name of the global that the weights-only unpickler refused, if the message names one."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+    return found.group(1) if found else None
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Safely unpickle a checkpoint file onto the CPU and return its top-level dict.
+
+    Raises:
+        CheckpointError: the file is missing, truncated, not a PyTorch file, would need code to
+            be run to unpickle, or does not hold a dict.
+    """
+    name = os.fspath(path)
+    if not os.path.isfile(name):
+        raise CheckpointError(f"{name}: no such checkpoint file")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            checkpoint = torch.load(name, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        refused = _refused_global(str(error))
+        if refused is not None:
+            raise CheckpointError(
+                f"{name}: refused to load: unpickling it would call {refused}, which is not plain data "
+                "(a file that can run code is never loaded)"
+            ) from None
+        rejected = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(error))
+        if rejected:
+            raise CheckpointError(
+                f"{name}: not a PyTorch checkpoint that loads safely (weights-only unpickler: "
+                f"{rejected.group(1).strip()[:200]}); only torch.save files of tensors and plain data are loaded"
+            ) from None
+        raise CheckpointError(f"{name}: not a readable PyTorch checkpoint ({_one_line(error)[:200]})") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, TypeError,
+            AttributeError, KeyError, IndexError) as error:
+        detail = f"{type(error).__name__}: {_one_line(error)[:160]}"
+        raise CheckpointError(f"{name}: not a readable PyTorch checkpoint, truncated or corrupt ({detail})") from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{name}: holds a {type(checkpoint).__name__}, not a checkpoint dict or state dict")
+    if not checkpoint:
+        raise CheckpointError(f"{name}: holds an empty dict")
+    return checkpoint
+
+
+def _is_state_dict(candidate: Any) -> bool:
+    return isinstance(candidate, dict) and bool(candidate) and all(
+        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in candidate.items()
+    )
+
+
+def extract_state_dict(checkpoint: dict[str, Any], use_ema: bool = False,
+                       source: str = "checkpoint") -> tuple[dict[str, torch.Tensor], str]:
+    """Pick the weights out of a checkpoint dict and strip ``module.`` prefixes.
+
+    Args:
+        checkpoint: what `read_checkpoint` returned.
+        use_ema: take the exponential-moving-average weights (``state_dict_ema`` / ``model_ema``).
+        source: the file name, for error messages.
+
+    Returns:
+        (state dict, the entry it came from: ``'state_dict'``, ``'state_dict_ema'``, ``'model'``,
+        ``'model_ema'`` or ``'bare state dict'``).
+    """
+    wanted = _EMA_KEYS if use_ema else _WEIGHT_KEYS
+    entry = next((key for key in wanted if isinstance(checkpoint.get(key), dict)), None)
+    if entry is not None:
+        weights = checkpoint[entry]
+    elif not use_ema and _is_state_dict(checkpoint):
+        entry, weights = "bare state dict", checkpoint
+    else:
+        kind = "EMA weights" if use_ema else "weights"
+        raise CheckpointError(
+            f"{source}: no {kind} found (looked for {', '.join(wanted)}"
+            f"{'' if use_ema else ' or a bare state dict'}); top-level keys: {', '.join(map(str, list(checkpoint)[:8]))}"
+        )
+    if not _is_state_dict(weights):
+        raise CheckpointError(f"{source}: entry {entry!r} is not a state dict of named tensors")
+    stripped = {key[len(_DDP_PREFIX):] if key.startswith(_DDP_PREFIX) else key: value for key, value in weights.items()}
+    return stripped, entry
+
+
+def _listed(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_LISTED_KEYS])
+    more = len(keys) - _LISTED_KEYS
+    return f"{shown} (+{more} more)" if more > 0 else shown
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, use_ema: bool = False,
+                    strict: bool = True) -> LoadReport:
+    """Load the weights of a checkpoint file into ``model``.
+
+    Args:
+        model: the module to fill. If it has a method ``adapt_state_dict(state_dict) -> state_dict``
+            (the ViG models resize the position embedding there) it is applied first.
+        path: a bare state dict or a checkpoint dict (see the module docstring).
+        use_ema: load ``state_dict_ema`` (``--model-ema``) instead of ``state_dict``.
+        strict: with True (default) every key must be present in both and every shape must
+            agree. With False, tensors that do not fit are skipped with a logged warning
+            (fine-tuning with another class count).
+
+    Returns:
+        a `LoadReport`.
+
+    Raises:
+        CheckpointError: unreadable file, missing entry, or (strict) a key / shape mismatch; the
+            message names the file and the first offending keys.
+    """
+    name = os.fspath(path)
+    state_dict, entry = extract_state_dict(read_checkpoint(name), use_ema, name)
+    adapt = getattr(model, "adapt_state_dict", None)
+    if callable(adapt):
+        state_dict = adapt(state_dict)
+    own = model.state_dict()
+    missing = [key for key in own if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in own]
+    mis_shaped = [
+        f"{key} (file {tuple(state_dict[key].shape)}, model {tuple(own[key].shape)})"
+        for key in own if key in state_dict and state_dict[key].shape != own[key].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {_listed(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_listed(unexpected)}")
+    if mis_shaped:
+        problems.append(f"mis-shaped {_listed(mis_shaped)}")
+    if problems and strict:
+        raise CheckpointError(
+            f"{name}: {entry} does not fit {type(model).__name__} (wrong model size or class count?): "
+            + "; ".join(problems)
+        )
+    fitting = {key: value for key, value in state_dict.items() if key in own and value.shape == own[key].shape}
+    model.load_state_dict(fitting, strict=False)
+    if problems:
+        _logger.warning("%s: loaded %s non-strictly, skipped: %s", name, entry, "; ".join(problems))
+    else:
+        _logger.info("%s: loaded %s (%d tensors)", name, entry, len(fitting))
+    return LoadReport(
+        source=entry,
+        missing=missing,
+        unexpected=unexpected,
+        mis_shaped=[item.split(" ", 1)[0] for item in mis_shaped],
+    )

@@ -1,0 +1,442 @@
+"""Isotropic Vision GNN (ViG) and its similarity-threshold variant (SViG), registered with timm.
+
+One class, `VisionGNN`, builds every size; `SIZES` is the only size table. The module layout and
+parameter names are those of the published ViG code, so its checkpoints (and SViG's) load unchanged:
+``stem.convs.*``, ``pos_embed``, ``backbone.{i}.0`` (Grapher) / ``backbone.{i}.1`` (FFN),
+``prediction.{0,1,4}``. See ``../shared/DESIGN.md`` ("Isotropic ViG model").
+
+Registered names: ``vig_{ti,s,b}_224_gelu`` (dense dilated kNN graph) and ``svig_{ti,s,b}_224_gelu``
+(similarity-threshold graph, start 0.89, decrement 0.03). ``start_thresh`` / ``dec`` (or the
+published ``starting_threshold`` / ``decrement``) switch any of them to the threshold graph.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from torch import nn
+
+from gcn_lib import DynConv2d, act_layer
+
+_logger = logging.getLogger(__name__)
+
+HEAD_HIDDEN = 1024
+STEM_STRIDE = 16
+PUBLISHED_IMG_SIZE = 224
+SVIG_START_THRESH = 0.89
+SVIG_DEC = 0.03
+
+
+@dataclass(frozen=True)
+class IsotropicSize:
+    """Width C (channels of every block) and depth n (number of Grapher + FFN blocks)."""
+
+    channels: int
+    depth: int
+
+
+SIZES: dict[str, IsotropicSize] = {
+    "ti": IsotropicSize(channels=192, depth=12),
+    "s": IsotropicSize(channels=320, depth=16),
+    "b": IsotropicSize(channels=640, depth=16),
+}
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    height, width = (int(v) for v in size)
+    return height, width
+
+
+def stem_grid(img_size: int | Sequence[int]) -> tuple[int, int]:
+    """Feature-map size (H', W') the stem gives for an image (H, W): four stride-2 3x3 convs, padding 1."""
+    height, width = _pair(img_size)
+    if height < 1 or width < 1:
+        raise ValueError(f"img_size must be positive, got {img_size}")
+    for _ in range(4):
+        height, width = (height + 1) // 2, (width + 1) // 2
+    return height, width
+
+
+def knn_schedule(num_knn: int, depth: int, num_nodes: int) -> list[tuple[int, int]]:
+    """(k_i, dilation_i) of the dense dilated kNN graph in each of ``depth`` blocks.
+
+    As published: k_i = int(linspace(k, 2k, depth)[i]), d_i = min(i // 4 + 1, N // max_i k_i).
+    With few nodes (small ``img_size``) k_i is capped at N, so that k_i * d_i <= N always holds,
+    and a warning is logged whenever the cap changes the schedule.
+    """
+    if num_knn < 1:
+        raise ValueError(f"num_knn must be >= 1, got {num_knn}")
+    published = [int(k) for k in torch.linspace(num_knn, 2 * num_knn, depth, device="cpu").tolist()]
+    ks = [min(k, num_nodes) for k in published]
+    max_dilation = num_nodes // max(ks)
+    uncapped = [i // 4 + 1 for i in range(depth)]
+    dilations = [min(d, max_dilation) for d in uncapped]
+    if ks != published or dilations != uncapped:
+        _logger.warning("%d graph nodes cap the kNN schedule: k %s -> %s, dilation %s -> %s",
+                        num_nodes, published, ks, uncapped, dilations)
+    return list(zip(ks, dilations))
+
+
+def threshold_schedule(start_thresh: float, dec: float, depth: int) -> list[float]:
+    """Similarity threshold t_i = start_thresh - i * dec of each block (SViG)."""
+    if not isinstance(start_thresh, (int, float)) or not start_thresh < 1:
+        raise ValueError(f"start_thresh must be a number below 1, got {start_thresh!r}")
+    if not isinstance(dec, (int, float)) or math.isnan(dec):
+        raise ValueError(f"dec must be a number, got {dec!r}")
+    thresholds = [start_thresh - i * dec for i in range(depth)]
+    if max(thresholds) >= 1:
+        raise ValueError(f"start_thresh={start_thresh}, dec={dec} give a threshold >= 1 in block {thresholds.index(max(thresholds))}")
+    return thresholds
+
+
+def _conv_bn(in_channels: int, out_channels: int) -> nn.Sequential:
+    """1x1 conv with bias followed by BatchNorm: (B, C_in, H, W) -> (B, C_out, H, W)."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1), nn.BatchNorm2d(out_channels))
+
+
+def _drop_path(rate: float) -> nn.Module:
+    return DropPath(rate) if rate > 0 else nn.Identity()
+
+
+class Stem(nn.Module):
+    """Convolutional stem: (B, in_chans, H, W) -> (B, C, H/16, W/16) (sizes rounded up)."""
+
+    def __init__(self, in_chans: int, channels: int, act: str) -> None:
+        super().__init__()
+        widths = [in_chans, channels // 8, channels // 4, channels // 2, channels]
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.BatchNorm2d(c_out), act_layer(act)]
+        layers += [nn.Conv2d(channels, channels, 3, stride=1, padding=1), nn.BatchNorm2d(channels)]
+        self.convs = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convs(x)
+
+
+class Grapher(nn.Module):
+    """Graph block: fc1, dynamic max-relative graph conv C -> 2C, fc2, drop path, residual. (B, C, H, W) -> same."""
+
+    def __init__(self, channels: int, act: str, drop_path: float, kernel_size: int = 9, dilation: int = 1,
+                 threshold: float | None = None) -> None:
+        super().__init__()
+        graph = "knn" if threshold is None else "threshold"
+        self.fc1 = _conv_bn(channels, channels)
+        self.graph_conv = DynConv2d(channels, 2 * channels, kernel_size, dilation, conv="mr", act=act,
+                                    norm="batch", bias=True, graph=graph, threshold=threshold)
+        self.fc2 = _conv_bn(2 * channels, channels)
+        self.drop_path = _drop_path(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.fc2(self.graph_conv(self.fc1(x)))
+        return self.drop_path(x) + shortcut
+
+
+class FFN(nn.Module):
+    """Feed-forward block: 1x1 conv C -> 4C + BN, activation, 1x1 conv 4C -> C + BN, drop path, residual."""
+
+    def __init__(self, channels: int, act: str, drop_path: float, expansion: int = 4) -> None:
+        super().__init__()
+        self.fc1 = _conv_bn(channels, expansion * channels)
+        self.act = act_layer(act)
+        self.fc2 = _conv_bn(expansion * channels, channels)
+        self.drop_path = _drop_path(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.fc2(self.act(self.fc1(x)))
+        return self.drop_path(x) + shortcut
+
+
+class VisionGNN(nn.Module):
+    """Isotropic ViG: images (B, in_chans, H, W) -> logits (B, num_classes).
+
+    Args:
+        channels, depth: width C and number of blocks n (see `SIZES`).
+        num_classes: classifier outputs; 0 gives the pre-logits (B, 1024) from `forward`.
+        in_chans: image channels.
+        img_size: training / evaluation image size; fixes the position-embedding grid.
+        act: activation name (``gelu`` in the published models).
+        num_knn: k of the first block's kNN graph (doubles linearly to the last block).
+        drop_rate: dropout before the classifier.
+        drop_path_rate: stochastic depth of the last block (linear from 0).
+        start_thresh, dec: with ``start_thresh`` set, block i uses the similarity-threshold graph with
+            t_i = start_thresh - i * dec (SViG) instead of kNN.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        depth: int,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        img_size: int | Sequence[int] = PUBLISHED_IMG_SIZE,
+        act: str = "gelu",
+        num_knn: int = 9,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        start_thresh: float | None = None,
+        dec: float = SVIG_DEC,
+    ) -> None:
+        super().__init__()
+        if channels % 8 or channels < 8 or depth < 1:
+            raise ValueError(f"channels must be a positive multiple of 8 and depth >= 1, got {channels}, {depth}")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        self.num_classes = num_classes
+        self.num_features = channels
+        self.head_hidden_size = HEAD_HIDDEN
+        self.img_size = _pair(img_size)
+        self.grid_size = stem_grid(img_size)
+        self.start_thresh = start_thresh
+        self.dec = dec if start_thresh is not None else None
+
+        self.stem = Stem(in_chans, channels, act)
+        self.pos_embed = nn.Parameter(torch.zeros(1, channels, *self.grid_size))
+        drop_paths = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        if start_thresh is None:
+            num_nodes = self.grid_size[0] * self.grid_size[1]
+            graphs = [dict(kernel_size=k, dilation=d) for k, d in knn_schedule(num_knn, depth, num_nodes)]
+        else:
+            graphs = [dict(threshold=t) for t in threshold_schedule(start_thresh, dec, depth)]
+        self.backbone = nn.Sequential(*[
+            nn.Sequential(Grapher(channels, act, rate, **graph), FFN(channels, act, rate))
+            for rate, graph in zip(drop_paths, graphs)
+        ])
+        self.prediction = nn.Sequential(
+            nn.Conv2d(channels, HEAD_HIDDEN, 1),
+            nn.BatchNorm2d(HEAD_HIDDEN),
+            act_layer(act),
+            nn.Dropout(drop_rate),
+            self._classifier(num_classes),
+        )
+        self.feature_info = [
+            dict(num_chs=channels, reduction=STEM_STRIDE, module=f"backbone.{i}") for i in range(depth)
+        ]
+        self.reset_parameters()
+
+    @staticmethod
+    def _classifier(num_classes: int) -> nn.Module:
+        return nn.Conv2d(HEAD_HIDDEN, num_classes, 1) if num_classes > 0 else nn.Identity()
+
+    def reset_parameters(self) -> None:
+        """As published: every conv weight kaiming-normal, every conv bias zero; pos_embed zero."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.zeros_(self.pos_embed)
+
+    def get_classifier(self) -> nn.Module:
+        """The last layer of the head: Conv2d(1024, num_classes, 1), or Identity for num_classes=0."""
+        return self.prediction[-1]
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier by a freshly initialised one with ``num_classes`` outputs (0: none)."""
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        classifier = self._classifier(num_classes)
+        if isinstance(classifier, nn.Conv2d):
+            nn.init.kaiming_normal_(classifier.weight)
+            nn.init.zeros_(classifier.bias)
+        device = self.pos_embed.device
+        dtype = self.pos_embed.dtype
+        self.prediction[-1] = classifier.to(device=device, dtype=dtype)
+        self.num_classes = num_classes
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem plus position embedding: (B, in_chans, H, W) -> (B, C, H', W')."""
+        if x.dim() != 4:
+            raise ValueError(f"images must have shape (B, C, H, W), got {tuple(x.shape)}")
+        grid = stem_grid(tuple(x.shape[-2:]))
+        if grid != tuple(self.pos_embed.shape[-2:]):
+            raise ValueError(
+                f"{x.shape[-2]}x{x.shape[-1]} images give a {grid[0]}x{grid[1]} map, but the position embedding is "
+                f"{self.pos_embed.shape[-2]}x{self.pos_embed.shape[-1]} (img_size={self.img_size}); "
+                "create the model with the img_size you feed it"
+            )
+        return self.stem(x) + self.pos_embed
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> final feature map (B, C, H/16, W/16)."""
+        return self.backbone(self._embed(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Feature map (B, C, h, w) -> logits (B, num_classes), or (B, 1024) with ``pre_logits``."""
+        x = F.adaptive_avg_pool2d(x, 1)
+        x = self.prediction[:-1](x)
+        if not pre_logits:
+            x = self.prediction[-1](x)
+        return x.flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> logits (B, num_classes)."""
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Per-block feature maps (B, C, H/16, W/16) as timm's feature API asks for them.
+
+        Args:
+            indices: blocks to return: None all, an int the last n, a sequence those (negative from the end).
+            norm: must be False (the model has no final norm).
+            stop_early: skip the blocks after the last requested one.
+            output_fmt: ``'NCHW'`` only.
+            intermediates_only: return only the list, not (final map, list).
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt={output_fmt!r} is not supported; ViG features are 'NCHW'")
+        if norm:
+            raise ValueError("norm=True is not supported: ViG has no final norm layer")
+        take_indices, max_index = feature_take_indices(len(self.backbone), indices)
+        blocks = self.backbone[:max_index + 1] if stop_early else self.backbone
+        intermediates = []
+        x = self._embed(x)
+        for i, block in enumerate(blocks):
+            x = block(x)
+            if i in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last one in ``indices`` (and the classifier); returns the kept indices."""
+        take_indices, max_index = feature_take_indices(len(self.backbone), indices)
+        self.backbone = self.backbone[:max_index + 1]
+        self.feature_info = self.feature_info[:max_index + 1]
+        if prune_head:
+            self.reset_classifier(0)
+        return take_indices
+
+    def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Resize a checkpoint's ``pos_embed`` (1, C, h, w) bicubically to this model's grid; other keys unchanged."""
+        pos_embed = state_dict.get("pos_embed")
+        target = self.pos_embed.shape
+        if pos_embed is None or pos_embed.shape == target or pos_embed.dim() != 4 or pos_embed.shape[:2] != target[:2]:
+            return state_dict
+        _logger.info("resizing pos_embed %s -> %s (bicubic)", tuple(pos_embed.shape), tuple(target))
+        resized = F.interpolate(pos_embed.float(), size=tuple(target[-2:]), mode="bicubic", align_corners=False)
+        return {**state_dict, "pos_embed": resized.to(pos_embed.dtype)}
+
+    def extra_repr(self) -> str:
+        graph = "knn" if self.start_thresh is None else f"threshold start={self.start_thresh} dec={self.dec}"
+        return f"img_size={self.img_size}, grid={self.grid_size}, graph={graph}"
+
+
+_THRESHOLD_ALIASES: dict[str, str] = {"starting_threshold": "start_thresh", "decrement": "dec"}
+
+
+def _graph_kwargs(variant: str, kwargs: dict[str, Any], threshold_default: bool) -> None:
+    """Resolve the graph arguments in place: published aliases, SViG defaults, and dec without start_thresh."""
+    for alias, name in _THRESHOLD_ALIASES.items():
+        if alias in kwargs:
+            if kwargs.get(name) is not None:
+                raise ValueError(f"{variant}: give either {name} or {alias}, not both")
+            kwargs[name] = kwargs.pop(alias)
+    if kwargs.get("start_thresh") is None:
+        kwargs.pop("start_thresh", None)
+        if threshold_default:
+            kwargs["start_thresh"] = SVIG_START_THRESH
+        elif kwargs.get("dec") is not None:
+            raise ValueError(f"{variant}: dec={kwargs['dec']} needs start_thresh (the kNN graph has no threshold)")
+    if kwargs.get("dec") is None:
+        kwargs.pop("dec", None)
+
+
+def _create(variant: str, size: str, threshold_default: bool, pretrained: bool = False, **kwargs: Any) -> VisionGNN:
+    if pretrained:
+        raise ValueError(
+            f"{variant}: no download location is configured; create the model with pretrained=False and "
+            "load a published checkpoint with vig.load_checkpoint(model, path)"
+        )
+    _graph_kwargs(variant, kwargs, threshold_default)
+    dims = SIZES[size]
+    depth = dims.depth
+    return build_model_with_cfg(
+        VisionGNN,
+        variant,
+        pretrained,
+        feature_cfg=dict(out_indices=kwargs.pop("out_indices", depth), feature_cls="getter"),
+        channels=dims.channels,
+        depth=depth,
+        **kwargs,
+    )
+
+
+def _cfg(**overrides: Any) -> dict[str, Any]:
+    """Pretrained config as published: 224 px, crop 0.9, bicubic, mean = std = 0.5."""
+    return dict(
+        url="",
+        num_classes=1000,
+        input_size=(3, PUBLISHED_IMG_SIZE, PUBLISHED_IMG_SIZE),
+        pool_size=None,
+        crop_pct=0.9,
+        interpolation="bicubic",
+        fixed_input_size=True,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        first_conv="stem.convs.0",
+        classifier="prediction.4",
+        **overrides,
+    )
+
+
+default_cfgs = generate_default_cfgs({
+    f"{prefix}_{size}_224_gelu": _cfg() for prefix in ("vig", "svig") for size in SIZES
+})
+
+
+@register_model
+def vig_ti_224_gelu(pretrained: bool = False, **kwargs: Any) -> VisionGNN:
+    """ViG-Ti (C=192, 12 blocks), dense dilated kNN graph."""
+    return _create("vig_ti_224_gelu", "ti", False, pretrained, **kwargs)
+
+
+@register_model
+def vig_s_224_gelu(pretrained: bool = False, **kwargs: Any) -> VisionGNN:
+    """ViG-S (C=320, 16 blocks), dense dilated kNN graph."""
+    return _create("vig_s_224_gelu", "s", False, pretrained, **kwargs)
+
+
+@register_model
+def vig_b_224_gelu(pretrained: bool = False, **kwargs: Any) -> VisionGNN:
+    """ViG-B (C=640, 16 blocks), dense dilated kNN graph."""
+    return _create("vig_b_224_gelu", "b", False, pretrained, **kwargs)
+
+
+@register_model
+def svig_ti_224_gelu(pretrained: bool = False, **kwargs: Any) -> VisionGNN:
+    """SViG-Ti (C=192, 12 blocks), similarity-threshold graph (start 0.89, decrement 0.03)."""
+    return _create("svig_ti_224_gelu", "ti", True, pretrained, **kwargs)
+
+
+@register_model
+def svig_s_224_gelu(pretrained: bool = False, **kwargs: Any) -> VisionGNN:
+    """SViG-S (C=320, 16 blocks), similarity-threshold graph (start 0.89, decrement 0.03)."""
+    return _create("svig_s_224_gelu", "s", True, pretrained, **kwargs)
+
+
+@register_model
+def svig_b_224_gelu(pretrained: bool = False, **kwargs: Any) -> VisionGNN:
+    """SViG-B (C=640, 16 blocks), similarity-threshold graph (start 0.89, decrement 0.03)."""
+    return _create("svig_b_224_gelu", "b", True, pretrained, **kwargs)
