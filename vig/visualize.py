@@ -264,22 +264,27 @@ def draw_graphs(graphs: dict[str, list[BlockGraph]], shown: np.ndarray, node: tu
 
 
 def build_model(name: str, start_thresh: float | None, dec: float | None, checkpoint: Path | None) -> nn.Module:
-    """A registered vig model in eval mode, threshold graph when ``start_thresh`` is given."""
+    """A registered vig model in eval mode; ``start_thresh`` / ``dec`` are passed on when given."""
     import timm
 
     import vig
 
-    graph_args = {} if start_thresh is None else {"start_thresh": start_thresh}
-    if dec is not None:
-        graph_args["dec"] = dec
     if not timm.is_model(name):
-        raise ValueError(f"unknown model {name!r} (registered vig models: {', '.join(timm.list_models('vig_*'))})")
+        known = ", ".join(timm.list_models("*vig_*"))
+        raise ValueError(f"unknown model {name!r}" + (f" (registered: {known})" if known else ""))
+    graph_args = {key: value for key, value in (("start_thresh", start_thresh), ("dec", dec)) if value is not None}
     model = timm.create_model(name, pretrained=False, **graph_args)
     if checkpoint is not None:
-        if not Path(checkpoint).is_file():
-            raise ValueError(f"checkpoint not found: {checkpoint}")
         vig.load_checkpoint(model, checkpoint, use_ema=False, strict=True)
     return model.eval()
+
+
+def _graph_kind(model: nn.Module) -> str:
+    """'knn' or 'threshold': the graph rule of the model's blocks."""
+    kinds = {conv.graph for conv in graph_convs(model)}
+    if len(kinds) != 1:
+        raise ValueError(f"the model mixes graph rules {sorted(kinds)} across blocks")
+    return kinds.pop()
 
 
 def visualize(model_name: str, image_path: Path, out_png: Path, graph: str | None = None,
@@ -287,38 +292,42 @@ def visualize(model_name: str, image_path: Path, out_png: Path, graph: str | Non
               node: tuple[int, int] | None = None, blocks: Sequence[int] | None = None) -> Path:
     """Write the graph picture to ``out_png`` (see the module docstring); returns ``out_png``.
 
-    graph: 'knn', 'threshold' or 'both'; None follows the model ('threshold' iff start_thresh).
+    graph: None draws the model's own graph (threshold with ``start_thresh``, or for a model that
+    defaults to it); 'knn' the model built without threshold arguments; 'threshold' the model built
+    with them; 'both' the two side by side (same weights).
     """
     out_png = Path(out_png)
     if out_png.suffix.lower() != ".png":
         raise ValueError(f"output must be a .png file, got {out_png}")
     if not out_png.parent.is_dir():
         raise ValueError(f"output folder does not exist: {out_png.parent}")
-    if dec is not None and start_thresh is None:
-        raise ValueError("--dec needs --start-thresh")
-    graph = graph or ("knn" if start_thresh is None else "threshold")
-    if graph not in GRAPH_CHOICES:
+    if graph is not None and graph not in GRAPH_CHOICES:
         raise ValueError(f"graph must be one of {', '.join(GRAPH_CHOICES)}, got {graph!r}")
-    if graph != "knn" and start_thresh is None:
-        raise ValueError(f"graph {graph!r} needs --start-thresh (and usually --dec)")
+    if graph == "knn" and (start_thresh is not None or dec is not None):
+        raise ValueError("--start-thresh / --dec select the threshold graph; they cannot go with --graph knn")
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise ValueError(f"checkpoint not found: {checkpoint}")
     if not Path(image_path).is_file():
         raise ValueError(f"image not found: {image_path}")
-    kinds = ["knn", "threshold"] if graph == "both" else [graph]
+    # (graph rule expected or None for the model's own, threshold arguments) of each model to build
+    plans = {None: [(None, start_thresh, dec)], "knn": [("knn", None, None)],
+             "threshold": [("threshold", start_thresh, dec)],
+             "both": [("knn", None, None), ("threshold", start_thresh, dec)]}[graph]
     graphs: dict[str, list[BlockGraph]] = {}
     shown = None
-    for kind in kinds:
-        model = build_model(model_name, start_thresh if kind == "threshold" else None,
-                            dec if kind == "threshold" else None, checkpoint)
+    for expected, thresh, decrement in plans:
+        model = build_model(model_name, thresh, decrement, checkpoint)
+        kind = _graph_kind(model)
+        if expected == "threshold" and kind != "threshold":
+            raise ValueError(f"{model_name} builds the kNN graph without --start-thresh; give --start-thresh (and --dec)")
+        if expected == "knn" and kind != "knn":
+            raise ValueError(f"{model_name} always builds the threshold graph; for the kNN graph use its vig_* counterpart")
         image, shown = preprocess(model, image_path)
         chosen = list(blocks) if blocks else default_blocks(len(graph_convs(model)))
         graphs[kind] = capture_graphs(model, image, chosen)
     weights = f"checkpoint {Path(checkpoint).name}" if checkpoint else "random weights"
-    graph_rule = "" if start_thresh is None else f", start_thresh {start_thresh:g}" + ("" if dec is None else f", dec {dec:g}")
-    title = f"{model_name} ({weights}{graph_rule}) on {Path(image_path).name}"
-    figure = draw_graphs(graphs, shown, node, title)
-    figure.savefig(out_png, format="png", dpi=DPI)
+    title = f"{model_name} ({weights}) on {Path(image_path).name}"
+    draw_graphs(graphs, shown, node, title).savefig(out_png, format="png", dpi=DPI)
     return out_png
 
 
