@@ -150,7 +150,8 @@ def small_image(tmp_path: Path) -> Path:
 def test_cli_threshold_and_knn_side_by_side(tmp_path: Path, small_image: Path) -> None:
     out = tmp_path / "graph.png"
     assert main(["--model", "vig_ti_224_gelu", "--start-thresh", "0.9", "--dec", "0.01", "--graph", "both",
-                 "--image", str(small_image), "--node", "3,10", "--blocks", "0,11", "--out", str(out)]) == 0
+                 "--img-size", "64", "--image", str(small_image), "--node", "3,1", "--blocks", "0,11",
+                 "--out", str(out)]) == 0
     assert png_size(out) == graph_figure_size_px(2, ["knn", "threshold"]) == (640, 870)
 
 
@@ -165,7 +166,8 @@ def test_cli_as_module_default_knn(tmp_path: Path, small_image: Path) -> None:
 
 def test_cli_draws_threshold_models_own_graph(tmp_path: Path, small_image: Path) -> None:
     out = tmp_path / "graph.png"
-    assert main(["--model", "svig_ti_224_gelu", "--image", str(small_image), "--blocks", "2", "--out", str(out)]) == 0
+    assert main(["--model", "svig_ti_224_gelu", "--img-size", "64", "--image", str(small_image), "--blocks", "2",
+                 "--out", str(out)]) == 0
     assert png_size(out) == graph_figure_size_px(1, ["threshold"]) == (340, 570)
 
 
@@ -187,7 +189,8 @@ def test_cli_with_checkpoint(tmp_path: Path, small_image: Path) -> None:
     ({"--out": "no_folder/graph.png"}, "output folder does not exist"),
     ({"--out": "graph.jpg"}, "output must be a .png file"),
     ({"--model": "vig_nonexistent"}, "unknown model 'vig_nonexistent'"),
-    ({"--node": "14,0"}, "node 14,0 is off the 14x14 patch grid"),
+    ({"--node": "4,0", "--img-size": "64"}, "node 4,0 is off the 4x4 patch grid"),
+    ({"--img-size": "0"}, "img_size must be positive"),
     ({"--node": "x"}, "node must be 'Y,X'"),
     ({"--blocks": "12"}, "out of range"),
     ({"--graph": "threshold"}, "give --start-thresh"),
