@@ -180,6 +180,10 @@ def test_cli_with_checkpoint(tmp_path: Path, small_image: Path) -> None:
     assert main(["--model", "vig_ti_224_gelu", "--start-thresh", "0.9", "--dec", "0.005", "--checkpoint",
                  str(CHECKPOINT), "--image", str(small_image), "--blocks", "4", "--out", str(out)]) == 0
     assert png_size(out) == (340, 570)
+    mismatch = tmp_path / "mismatch.png"  # a ViG-Ti checkpoint does not fit ViG-S
+    assert main(["--model", "vig_s_224_gelu", "--img-size", "64", "--checkpoint", str(CHECKPOINT),
+                 "--image", str(small_image), "--out", str(mismatch)]) == 2
+    assert not mismatch.exists()
 
 
 @pytest.mark.parametrize("change, message", [

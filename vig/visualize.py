@@ -17,17 +17,20 @@ import io
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
+import timm
 import torch
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from PIL import Image, UnidentifiedImageError
+from timm.data import create_transform, resolve_data_config
 from torch import nn
 
 from gcn_lib import DynConv2d
+from vig.checkpoint import load_checkpoint
 
 GRAPH_CHOICES: tuple[str, ...] = ("knn", "threshold", "both")
 GRAPH_TITLES: dict[str, str] = {"knn": "kNN graph (ViG)", "threshold": "threshold graph (SViG)"}
@@ -110,7 +113,7 @@ def capture_graphs(model: nn.Module, image: torch.Tensor, blocks: Sequence[int])
         raise ValueError(f"block(s) {bad} out of range: the model has blocks 0..{len(convs) - 1}")
     captured: dict[int, BlockGraph] = {}
 
-    def recorder(block: int):
+    def recorder(block: int) -> Callable[[DynConv2d, tuple[Any, ...], dict[str, Any]], None]:
         def hook(conv: DynConv2d, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x = args[0]
             relative_pos = args[1] if len(args) > 1 else kwargs.get("relative_pos")
@@ -140,8 +143,6 @@ def preprocess(model: nn.Module, image_path: Path, img_size: int | None = None) 
     Returns the model input (1, 3, S, S) and the same pixels as the model sees them, un-normalised
     for display: float array (S, S, 3) in [0, 1].
     """
-    from timm.data import create_transform, resolve_data_config
-
     image_path = Path(image_path)
     if not image_path.is_file():
         raise ValueError(f"image not found: {image_path}")
@@ -268,10 +269,6 @@ def draw_graphs(graphs: dict[str, list[BlockGraph]], shown: np.ndarray, node: tu
 def build_model(name: str, start_thresh: float | None, dec: float | None, checkpoint: Path | None,
                 img_size: int | None = None) -> nn.Module:
     """A registered vig model in eval mode; ``start_thresh``, ``dec``, ``img_size`` are passed on when given."""
-    import timm
-
-    import vig
-
     if not timm.is_model(name):
         known = ", ".join(timm.list_models("*vig_*"))
         raise ValueError(f"unknown model {name!r}" + (f" (registered: {known})" if known else ""))
@@ -279,7 +276,7 @@ def build_model(name: str, start_thresh: float | None, dec: float | None, checkp
                if value is not None}
     model = timm.create_model(name, pretrained=False, **options)
     if checkpoint is not None:
-        vig.load_checkpoint(model, checkpoint, use_ema=False, strict=True)
+        load_checkpoint(model, checkpoint, use_ema=False, strict=True)
     return model.eval()
 
 
