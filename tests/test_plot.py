@@ -99,7 +99,10 @@ def test_write_curves_logs_instead_of_raising(tmp_path: Path, caplog: pytest.Log
     assert "summary file not found" in caplog.text
     write_curves(write_summary(tmp_path / "run", epochs=2, ema=False), out)
     assert png_size(out) == CURVES_SIZE_PX
-    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".png"] == ["curves.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "run"]  # no temporary file left
+    reference = tmp_path / "reference"
+    reference.touch()
+    assert out.stat().st_mode == reference.stat().st_mode  # the usual permissions, not a temp file's 0600
 
 
 @pytest.mark.parametrize("case", ["missing_csv", "missing_out_folder", "not_png"])

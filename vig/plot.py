@@ -16,13 +16,13 @@ import logging
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +31,9 @@ EMA_SUFFIX = "_ema"
 EMA_PREFIX = "ema_"
 CURVES_SIZE_PX: tuple[int, int] = (1500, 480)
 CURVES_DPI = 100
+LOG_SCALE_SPAN = 20.0  # a log-scale panel goes logarithmic only when its values span this factor
 
-# (title, y label, columns drawn, log-scale y) of each panel, left to right.
+# (title, y label, columns drawn, log-scale y when the values span LOG_SCALE_SPAN) of each panel, left to right.
 PANELS: tuple[tuple[str, str, tuple[str, ...], bool], ...] = (
     ("loss", "loss", ("train_loss", "eval_loss"), False),
     ("top-1 accuracy", "eval top-1", ("eval_top1",), False),
@@ -136,8 +137,10 @@ def draw_curves(runs: Sequence[RunCurves]) -> Figure:
                         continue
                     ax.plot(run.epochs, run.columns[key], linestyle=style, color=colour, marker=marker, markersize=3)
                     styles[label] = style
-        if log_y and all(v > 0 for run in runs for v in run.columns["lr"] if math.isfinite(v)):
+        values = [v for run in runs for column in series for v in run.columns[column] if math.isfinite(v)]
+        if log_y and values and min(values) > 0 and max(values) / min(values) >= LOG_SCALE_SPAN:
             ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
@@ -155,14 +158,12 @@ def draw_curves(runs: Sequence[RunCurves]) -> Figure:
 def _save_png(fig: Figure, out_png: Path) -> None:
     """Write the PNG through a temporary file so a reader never sees half a picture."""
     out_png = Path(out_png)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_png.name}.", suffix=".png", dir=out_png.parent)
-    os.close(fd)
+    tmp = out_png.with_name(f".{out_png.name}.{os.getpid()}.tmp")  # created with the usual permissions
     try:
         fig.savefig(tmp, format="png", dpi=CURVES_DPI)
         os.replace(tmp, out_png)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
 
 
 def check_output_path(out_png: Path) -> None:
