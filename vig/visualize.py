@@ -1,0 +1,384 @@
+"""Draw the graph a ViG / SViG model builds on an image: the neighbours of one patch per block.
+
+``python -m vig.visualize --model vig_ti_224_gelu --image cat.png --out graph.png`` runs the model
+once in eval mode on the image (through the model's own preprocessing), records the graph that
+each chosen block builds, and draws the neighbours of one centre patch on the image. With
+``--start-thresh T --dec D`` the model uses the similarity-threshold graph (SViG); ``--graph both``
+draws the kNN graph and the threshold graph of the same weights side by side (one row each).
+Threshold graphs also get a histogram of the node degrees of each block.
+
+Graphs are recorded by forward pre-hooks on the blocks' dynamic graph convolutions, which call the
+convolution's own ``build_graph`` on the features it receives; the model's forward is not copied.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import timm
+import torch
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch, Rectangle
+from PIL import Image, UnidentifiedImageError
+from timm.data import create_transform, resolve_data_config
+from torch import nn
+
+from gcn_lib import DynConv2d
+from vig.checkpoint import load_checkpoint
+
+GRAPH_CHOICES: tuple[str, ...] = ("knn", "threshold", "both")
+GRAPH_TITLES: dict[str, str] = {"knn": "kNN graph (ViG)", "threshold": "threshold graph (SViG)"}
+# Layout in pixels: one column per block, one image row per graph kind, a histogram row under
+# each threshold row; a band on the left names the rows and a header holds the title and legend.
+PANEL_PX = 300  # column width and image-row height
+IMAGE_PX = 240  # side of the square image inside its panel (the rest holds its title)
+HISTOGRAM_PX = 190  # height of a degree-histogram row
+HISTOGRAM_AXES_PX = (120, 55)  # histogram axes height and the room below it for the labels
+LEFT_PX = 40
+HEADER_PX = 80
+DPI = 100
+PALETTE_COLOURS = 256
+CENTRE_COLOUR = "red"
+NEIGHBOUR_COLOUR = "deepskyblue"
+
+
+@dataclass(frozen=True)
+class BlockGraph:
+    """The graph one block built for one image.
+
+    neighbours: bool (N, N); ``neighbours[i, j]`` is True when j is a neighbour of node i.
+    grid: (h, w) of the feature map, N = h * w. label: how the graph was built (k, dilation or t).
+    """
+
+    block: int
+    kind: str
+    neighbours: torch.Tensor
+    grid: tuple[int, int]
+    label: str
+
+    @property
+    def degrees(self) -> torch.Tensor:
+        """Neighbour count of every node (self loop included), shape (N,)."""
+        return self.neighbours.sum(dim=1)
+
+
+def graph_convs(model: nn.Module) -> list[DynConv2d]:
+    """The dynamic graph convolution of each block of ``model.backbone``, in block order."""
+    backbone = getattr(model, "backbone", None)
+    if backbone is None:
+        raise ValueError(f"{type(model).__name__} has no backbone of graph blocks")
+    convs = []
+    for index, block in enumerate(backbone):
+        found = [m for m in block.modules() if isinstance(m, DynConv2d)]
+        if len(found) != 1:
+            raise ValueError(f"block {index} holds {len(found)} dynamic graph convolutions, expected 1")
+        convs.append(found[0])
+    return convs
+
+
+def default_blocks(num_blocks: int) -> list[int]:
+    """First, middle and last block (e.g. 0, 5, 11 of 12)."""
+    return sorted({0, (num_blocks - 1) // 2, num_blocks - 1})
+
+
+def _describe(conv: DynConv2d) -> str:
+    if conv.graph == "threshold":
+        return f"t = {conv.threshold:.3g}"
+    return f"k = {conv.k}, dilation = {conv.dilation}"
+
+
+def _as_neighbour_mask(graph: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    """(N, N) bool mask from kNN indices (N, k) or a threshold mask (N, N)."""
+    if graph.dtype == torch.bool:
+        return graph
+    mask = torch.zeros(num_nodes, num_nodes, dtype=torch.bool)
+    mask.scatter_(1, graph.long(), True)
+    return mask
+
+
+@torch.no_grad()
+def capture_graphs(model: nn.Module, image: torch.Tensor, blocks: Sequence[int]) -> list[BlockGraph]:
+    """Run ``model`` once in eval mode on ``image`` (1, 3, H, W) and return the graphs of ``blocks``."""
+    if image.dim() != 4 or image.shape[0] != 1:
+        raise ValueError(f"image must have shape (1, 3, H, W), got {tuple(image.shape)}")
+    convs = graph_convs(model)
+    bad = [b for b in blocks if not 0 <= b < len(convs)]
+    if bad:
+        raise ValueError(f"block(s) {bad} out of range: the model has blocks 0..{len(convs) - 1}")
+    captured: dict[int, BlockGraph] = {}
+
+    def recorder(block: int) -> Callable[[DynConv2d, tuple[Any, ...], dict[str, Any]], None]:
+        def hook(conv: DynConv2d, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = args[0]
+            relative_pos = args[1] if len(args) > 1 else kwargs.get("relative_pos")
+            h, w = x.shape[-2:]
+            graph = conv.build_graph(x, relative_pos=relative_pos)[0].cpu()
+            captured[block] = BlockGraph(block, conv.graph, _as_neighbour_mask(graph, h * w), (h, w), _describe(conv))
+        return hook
+
+    for block in blocks:
+        if convs[block].r != 1:
+            raise ValueError(f"block {block} builds its graph on a reduced key set (r={convs[block].r}); not drawable")
+    handles = [convs[b].register_forward_pre_hook(recorder(b), with_kwargs=True) for b in blocks]
+    was_training = model.training
+    try:
+        model.eval()
+        model(image)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return [captured[b] for b in blocks]
+
+
+def preprocess(model: nn.Module, image_path: Path, img_size: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """The model's eval transform (at ``img_size`` when given) applied to the image file.
+
+    Returns the model input (1, 3, S, S) and the same pixels as the model sees them, un-normalised
+    for display: float array (S, S, 3) in [0, 1].
+    """
+    image_path = Path(image_path)
+    if not image_path.is_file():
+        raise ValueError(f"image not found: {image_path}")
+    try:
+        with Image.open(image_path) as file:
+            picture = file.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"cannot read image {image_path}: {error}") from None
+    config = resolve_data_config({} if img_size is None else {"img_size": img_size}, model=model)
+    tensor = create_transform(**config)(picture)
+    mean = torch.tensor(config["mean"]).view(3, 1, 1)
+    std = torch.tensor(config["std"]).view(3, 1, 1)
+    shown = (tensor * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+    return tensor.unsqueeze(0), shown
+
+
+def parse_node(text: str) -> tuple[int, int]:
+    """'Y,X' -> (Y, X), the row and column of a patch on the feature grid."""
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
+        raise ValueError(f"node must be 'Y,X' (two integers), got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def parse_blocks(text: str) -> list[int]:
+    """'0,5,11' -> [0, 5, 11] (order kept, repeats dropped)."""
+    parts = [p.strip() for p in text.split(",")]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise ValueError(f"blocks must be comma-separated block numbers like 0,5,11, got {text!r}")
+    return list(dict.fromkeys(int(p) for p in parts))
+
+
+def graph_figure_size_px(num_blocks: int, kinds: Sequence[str]) -> tuple[int, int]:
+    """(width, height) in pixels of the picture for ``num_blocks`` blocks and graph kinds."""
+    histogram_rows = sum(kind == "threshold" for kind in kinds)
+    return LEFT_PX + PANEL_PX * num_blocks, HEADER_PX + PANEL_PX * len(kinds) + HISTOGRAM_PX * histogram_rows
+
+
+def _draw_neighbours(ax: Any, shown: np.ndarray, graph: BlockGraph, node: tuple[int, int], title: str) -> None:
+    size_y, size_x = shown.shape[:2]
+    h, w = graph.grid
+    cell_y, cell_x = size_y / h, size_x / w
+    ax.imshow(shown, extent=(0, size_x, size_y, 0), interpolation="nearest")
+    for row in range(1, h):
+        ax.axhline(row * cell_y, color="white", linewidth=0.3, alpha=0.5)
+    for col in range(1, w):
+        ax.axvline(col * cell_x, color="white", linewidth=0.3, alpha=0.5)
+    centre = node[0] * w + node[1]
+    for j in torch.nonzero(graph.neighbours[centre]).flatten().tolist():
+        if j == centre:
+            continue
+        y, x = divmod(j, w)
+        ax.add_patch(Rectangle((x * cell_x, y * cell_y), cell_x, cell_y, facecolor=NEIGHBOUR_COLOUR,
+                               alpha=0.45, edgecolor=NEIGHBOUR_COLOUR, linewidth=1.0))
+    ax.add_patch(Rectangle((node[1] * cell_x, node[0] * cell_y), cell_x, cell_y, fill=False,
+                           edgecolor=CENTRE_COLOUR, linewidth=2.5))
+    ax.set_xlim(0, size_x)
+    ax.set_ylim(size_y, 0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize="medium")
+
+
+def _draw_degrees(ax: Any, graph: BlockGraph, node: tuple[int, int]) -> None:
+    degrees = graph.degrees.numpy()
+    num_nodes = degrees.size
+    ax.hist(degrees, bins=np.linspace(0, num_nodes, min(num_nodes, 28) + 1), color="0.55")
+    node_degree = int(degrees[node[0] * graph.grid[1] + node[1]])
+    ax.axvline(node_degree, color=CENTRE_COLOUR, linewidth=2)
+    ax.set_xlim(0, num_nodes)
+    ax.set_xlabel(f"degree (of {num_nodes} nodes); mean {degrees.mean():.1f}", fontsize="small")
+    ax.set_ylabel("nodes", fontsize="small")
+    ax.tick_params(labelsize="small")
+
+
+def draw_graphs(graphs: dict[str, list[BlockGraph]], shown: np.ndarray, node: tuple[int, int] | None,
+                title: str) -> Figure:
+    """Picture of the graphs: one row of image panels per graph kind, one column per block.
+
+    graphs: kind ('knn' or 'threshold') -> the captured blocks (same blocks for every kind).
+    shown: the model's view of the image (S, S, 3) in [0, 1]. node: (Y, X) on the feature grid;
+    None picks the centre patch. Threshold rows are followed by a row of degree histograms.
+    """
+    kinds = list(graphs)
+    blocks = [g.block for g in graphs[kinds[0]]]
+    h, w = graphs[kinds[0]][0].grid
+    if node is None:
+        node = (h // 2, w // 2)
+    if not (0 <= node[0] < h and 0 <= node[1] < w):
+        raise ValueError(f"node {node[0]},{node[1]} is off the {h}x{w} patch grid (Y in 0..{h - 1}, X in 0..{w - 1})")
+    width, height = graph_figure_size_px(len(blocks), kinds)
+    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+
+    def axes_at(left: float, top: float, box_width: float, box_height: float) -> Any:
+        """Axes placed by pixels measured from the figure's top-left corner."""
+        return fig.add_axes((left / width, 1 - (top + box_height) / height, box_width / width, box_height / height))
+
+    top = HEADER_PX
+    for kind in kinds:
+        for col, graph in enumerate(graphs[kind]):
+            left = LEFT_PX + col * PANEL_PX
+            centre_degree = int(graph.degrees[node[0] * w + node[1]])
+            panel_title = f"block {graph.block}: {graph.label}\ncentre degree {centre_degree} (self included)"
+            image_ax = axes_at(left + (PANEL_PX - IMAGE_PX) / 2, top + PANEL_PX - IMAGE_PX - 12, IMAGE_PX, IMAGE_PX)
+            _draw_neighbours(image_ax, shown, graph, node, panel_title)
+            if kind == "threshold":
+                axes_height, below = HISTOGRAM_AXES_PX
+                histogram_top = top + PANEL_PX + HISTOGRAM_PX - axes_height - below
+                _draw_degrees(axes_at(left + 55, histogram_top, PANEL_PX - 75, axes_height), graph, node)
+        row_height = PANEL_PX + (HISTOGRAM_PX if kind == "threshold" else 0)
+        fig.text(6 / width, 1 - (top + PANEL_PX / 2) / height, GRAPH_TITLES[kind], rotation=90,
+                 va="center", ha="left", fontsize="large")
+        top += row_height
+    handles = [Patch(facecolor="none", edgecolor=CENTRE_COLOUR, linewidth=2.5, label=f"centre patch ({node[0]},{node[1]})"),
+               Patch(facecolor=NEIGHBOUR_COLOUR, alpha=0.6, label="its neighbours")]
+    if "threshold" in kinds:
+        handles.append(Line2D([], [], color=CENTRE_COLOUR, linewidth=2, label="centre's degree (histogram)"))
+    fig.suptitle(title, y=1 - 12 / height, fontsize="medium")
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 1 - 36 / height), ncol=len(handles),
+               frameon=False, fontsize="medium")
+    return fig
+
+
+def build_model(name: str, start_thresh: float | None, dec: float | None, checkpoint: Path | None,
+                img_size: int | None = None) -> nn.Module:
+    """A registered vig model in eval mode; ``start_thresh``, ``dec``, ``img_size`` are passed on when given."""
+    if not timm.is_model(name):
+        known = ", ".join(timm.list_models("*vig_*"))
+        raise ValueError(f"unknown model {name!r}" + (f" (registered: {known})" if known else ""))
+    options = {key: value for key, value in (("start_thresh", start_thresh), ("dec", dec), ("img_size", img_size))
+               if value is not None}
+    model = timm.create_model(name, pretrained=False, **options)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint, use_ema=False, strict=True)
+    return model.eval()
+
+
+def _graph_kind(model: nn.Module) -> str:
+    """'knn' or 'threshold': the graph rule of the model's blocks."""
+    kinds = {conv.graph for conv in graph_convs(model)}
+    if len(kinds) != 1:
+        raise ValueError(f"the model mixes graph rules {sorted(kinds)} across blocks")
+    return kinds.pop()
+
+
+def visualize(model_name: str, image_path: Path, out_png: Path, graph: str | None = None,
+              start_thresh: float | None = None, dec: float | None = None, checkpoint: Path | None = None,
+              node: tuple[int, int] | None = None, blocks: Sequence[int] | None = None,
+              img_size: int | None = None) -> Path:
+    """Write the graph picture to ``out_png`` (see the module docstring); returns ``out_png``.
+
+    graph: None draws the model's own graph (threshold with ``start_thresh``, or for a model that
+    defaults to it); 'knn' the model built without threshold arguments; 'threshold' the model built
+    with them; 'both' the two side by side (same weights). img_size: the input size the model (and
+    its checkpoint) was made for, e.g. the ``--img-size`` of its training run; default the model's.
+    """
+    out_png = Path(out_png)
+    if out_png.suffix.lower() != ".png":
+        raise ValueError(f"output must be a .png file, got {out_png}")
+    if not out_png.parent.is_dir():
+        raise ValueError(f"output folder does not exist: {out_png.parent}")
+    if graph is not None and graph not in GRAPH_CHOICES:
+        raise ValueError(f"graph must be one of {', '.join(GRAPH_CHOICES)}, got {graph!r}")
+    if graph == "knn" and (start_thresh is not None or dec is not None):
+        raise ValueError("--start-thresh / --dec select the threshold graph; they cannot go with --graph knn")
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise ValueError(f"checkpoint not found: {checkpoint}")
+    if not Path(image_path).is_file():
+        raise ValueError(f"image not found: {image_path}")
+    if img_size is not None and img_size < 1:
+        raise ValueError(f"img_size must be positive, got {img_size}")
+    # (graph rule expected or None for the model's own, threshold arguments) of each model to build
+    plans = {None: [(None, start_thresh, dec)], "knn": [("knn", None, None)],
+             "threshold": [("threshold", start_thresh, dec)],
+             "both": [("knn", None, None), ("threshold", start_thresh, dec)]}[graph]
+    graphs: dict[str, list[BlockGraph]] = {}
+    shown = None
+    for expected, thresh, decrement in plans:
+        model = build_model(model_name, thresh, decrement, checkpoint, img_size)
+        kind = _graph_kind(model)
+        if expected == "threshold" and kind != "threshold":
+            raise ValueError(f"{model_name} builds the kNN graph without --start-thresh; give --start-thresh (and --dec)")
+        if expected == "knn" and kind != "knn":
+            raise ValueError(f"{model_name} always builds the threshold graph; for the kNN graph use its vig_* counterpart")
+        image, shown = preprocess(model, image_path, img_size)
+        chosen = list(blocks) if blocks else default_blocks(len(graph_convs(model)))
+        graphs[kind] = capture_graphs(model, image, chosen)
+    weights = f"checkpoint {Path(checkpoint).name}" if checkpoint else "random weights"
+    title = f"{model_name} ({weights}) on {Path(image_path).name}"
+    save_palette_png(draw_graphs(graphs, shown, node, title), out_png)
+    return out_png
+
+
+def save_palette_png(fig: Figure, out_png: Path) -> None:
+    """Save as a 256-colour PNG: a third of the size of the full-colour file, no visible difference."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    buffer.seek(0)
+    with Image.open(buffer) as rendered:
+        rendered.convert("RGB").quantize(PALETTE_COLOURS, method=Image.Quantize.MEDIANCUT).save(out_png, optimize=True)
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    """Argument errors as one line on stderr (exit status 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _OneLineErrors(prog="python -m vig.visualize", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="registered model name, e.g. vig_ti_224_gelu")
+    parser.add_argument("--start-thresh", type=float, default=None, help="threshold graph (SViG): t of block 0")
+    parser.add_argument("--dec", type=float, default=None, help="threshold graph: t decreases by this per block")
+    parser.add_argument("--graph", choices=GRAPH_CHOICES, default=None,
+                        help="graph(s) to draw; default: the model's own (threshold iff --start-thresh); "
+                             "'both' draws kNN and threshold side by side")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="weights to load (default: random weights)")
+    parser.add_argument("--img-size", type=int, default=None,
+                        help="input size the model was trained at (train.py --img-size); default: the model's")
+    parser.add_argument("--image", type=Path, required=True, help="image file")
+    parser.add_argument("--node", default=None, metavar="Y,X", help="centre patch on the feature grid (default: middle)")
+    parser.add_argument("--blocks", default=None, metavar="I,J,...", help="blocks to draw (default: first, middle, last)")
+    parser.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    args = parser.parse_args(argv)
+    try:
+        node = None if args.node is None else parse_node(args.node)
+        blocks = None if args.blocks is None else parse_blocks(args.blocks)
+        visualize(args.model, args.image, args.out, args.graph, args.start_thresh, args.dec, args.checkpoint,
+                  node, blocks, args.img_size)
+    except (ValueError, OSError, RuntimeError) as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
