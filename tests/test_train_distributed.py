@@ -42,7 +42,7 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _check_run_folder(folder: Path) -> None:
-    for name in ("args.yaml", "summary.csv", "last.pth.tar", "model_best.pth.tar"):
+    for name in ("args.yaml", "summary.csv", "curves.png", "last.pth.tar", "model_best.pth.tar"):
         assert (folder / name).is_file(), name
     assert sorted(p.name for p in folder.glob("checkpoint-*.pth.tar")) == ["checkpoint-0.pth.tar",
                                                                          "checkpoint-1.pth.tar"]

@@ -39,7 +39,7 @@ def test_readme_main_job_trains_above_chance_and_evaluates(tmp_path: Path) -> No
     training = run_train(steps[0], cwd=tmp_path, timeout=600)
     assert training.returncode == 0, training.stderr[-3000:]
     experiment = tmp_path / "output" / "demo"
-    for name in ("args.yaml", "summary.csv", "last.pth.tar", "model_best.pth.tar"):
+    for name in ("args.yaml", "summary.csv", "curves.png", "last.pth.tar", "model_best.pth.tar"):
         assert (experiment / name).is_file(), name
     evaluation = run_train(steps[1], cwd=tmp_path, timeout=300)
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]

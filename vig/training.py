@@ -30,6 +30,7 @@ from vig.distributed import (DistributedContext, all_gather_objects, broadcast_o
                              shutdown_distributed)
 from vig.engine import resolve_precision, train_one_epoch, unwrap_model, validate
 from vig.errors import UsageError
+from vig.plot import write_curves
 from vig.profile import count_macs, count_parameters
 from vig.saver import CheckpointSaver, LAST_NAME, append_summary, prepare_output_dir, run_folder_name, write_args_yaml
 
@@ -288,6 +289,7 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> None:
                 state[precision.scaler.state_dict_key] = precision.scaler.state_dict()
             best_epoch, best_metric = saver.save(state, epoch, metric)
             _LOGGER.info("best top1 %.2f at epoch %d", best_metric, best_epoch)
+            write_curves(folder / "summary.csv", folder / "curves.png")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
