@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
 from pathlib import Path
 
@@ -13,26 +12,17 @@ import torch
 from torch.testing import assert_close
 
 import vig
+from tests.shared_files import shared_path
 from vig.checkpoint import CheckpointError, extract_state_dict
 from vig.models import VisionGNN
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
-def shared_fixture(name: str) -> Path:
-    """Path of a file in ../shared/fixtures; skip without it, fail without it in CI."""
-    path = SHARED / "fixtures" / name
-    if not path.is_file():
-        message = f"{path} is absent (the shared development fixtures are not in a user's clone)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 @pytest.fixture(scope="module")
 def published() -> Path:
-    return shared_fixture("svig_ti_checkpoint.pth.tar")
+    return shared_path("fixtures", "svig_ti_checkpoint.pth.tar")
 
 
 def _small(num_classes: int = 10, seed: int = 0) -> VisionGNN:

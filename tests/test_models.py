@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import pytest
@@ -11,33 +10,24 @@ import torch
 from torch.testing import assert_close
 
 import vig
+from tests.shared_files import shared_path
 from vig.models import SIZES, VisionGNN
 from vig.models.isotropic import knn_schedule
 from vig.profile import count_macs, count_parameters
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 NAMES = [f"{prefix}_{size}_224_gelu" for prefix in ("vig", "svig") for size in ("ti", "s", "b")]
 
 
-def shared_fixture(name: str) -> Path:
-    """Path of a file in ../shared/fixtures; skip without it, fail without it in CI."""
-    path = SHARED / "fixtures" / name
-    if not path.is_file():
-        message = f"{path} is absent (the shared development fixtures are not in a user's clone)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 @pytest.fixture(scope="module")
 def reference() -> dict:
-    return torch.load(shared_fixture("vig_ti_reference_outputs.pt"), weights_only=True)
+    return torch.load(shared_path("fixtures", "vig_ti_reference_outputs.pt"), weights_only=True)
 
 
 @pytest.fixture(scope="module")
 def checkpoint_path() -> Path:
-    return shared_fixture("svig_ti_checkpoint.pth.tar")
+    return shared_path("fixtures", "svig_ti_checkpoint.pth.tar")
 
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -1,7 +1,6 @@
 """vig.visualize: graph capture by hooks, the picture's layout, and the CLI on real vig models."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +13,11 @@ from PIL import Image
 from torch import nn
 
 from gcn_lib import DynConv2d, dense_knn, knn_to_mask, threshold_mask
+from tests.shared_files import shared_path
 from vig.visualize import (BlockGraph, capture_graphs, default_blocks, draw_graphs, graph_figure_size_px, main,
                            parse_blocks, parse_node)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = REPO_ROOT.parent / "shared"
-CHECKPOINT = SHARED / "fixtures" / "svig_ti_checkpoint.pth.tar"
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -172,16 +170,13 @@ def test_cli_draws_threshold_models_own_graph(tmp_path: Path, small_image: Path)
 
 
 def test_cli_with_checkpoint(tmp_path: Path, small_image: Path) -> None:
-    if not CHECKPOINT.is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{CHECKPOINT} is missing in CI")
-        pytest.skip(f"{CHECKPOINT} not found (../shared is not part of a user's clone)")
+    checkpoint = shared_path("fixtures", "svig_ti_checkpoint.pth.tar")
     out = tmp_path / "graph.png"
     assert main(["--model", "vig_ti_224_gelu", "--start-thresh", "0.9", "--dec", "0.005", "--checkpoint",
-                 str(CHECKPOINT), "--image", str(small_image), "--blocks", "4", "--out", str(out)]) == 0
+                 str(checkpoint), "--image", str(small_image), "--blocks", "4", "--out", str(out)]) == 0
     assert png_size(out) == (340, 570)
     mismatch = tmp_path / "mismatch.png"  # a ViG-Ti checkpoint does not fit ViG-S
-    assert main(["--model", "vig_s_224_gelu", "--img-size", "64", "--checkpoint", str(CHECKPOINT),
+    assert main(["--model", "vig_s_224_gelu", "--img-size", "64", "--checkpoint", str(checkpoint),
                  "--image", str(small_image), "--out", str(mismatch)]) == 2
     assert not mismatch.exists()
 
