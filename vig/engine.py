@@ -174,10 +174,12 @@ def train_one_epoch(
         with precision.autocast():
             loss = loss_fn(model(images), targets)
         local_non_finite = torch.tensor(0.0 if bool(torch.isfinite(loss.detach())) else 1.0, dtype=torch.float64)
-        if all_reduce_sum(local_non_finite, ctx).item() > 0:
+        bad = all_reduce_sum(local_non_finite, ctx).item()  # ranks whose loss is not finite
+        if bad > 0:
             if not skip_nonfinite:
-                raise RunError(f"non-finite training loss at epoch {epoch}, step {step} of {len(loader)} "
-                               f"(this rank: {loss.item()}); the checkpoints keep the last finished epoch "
+                where = f" (on {int(bad)} of {ctx.world_size} ranks)" if ctx.distributed else ""
+                raise RunError(f"non-finite training loss at epoch {epoch}, step {step} of {len(loader)}{where}; "
+                               "the checkpoints keep the last finished epoch "
                                "(lower --lr, use --clip-grad, or pass --skip-nonfinite)")
             skipped_steps += 1
             if ctx.is_primary:
