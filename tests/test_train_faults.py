@@ -14,7 +14,7 @@ import sys
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
 import pytest
 import timm
@@ -45,9 +45,14 @@ def _one_error_line(status: int, expected_status: int, capsys: pytest.CaptureFix
 
 
 @pytest.fixture(autouse=True)
-def _no_mac_count(monkeypatch: pytest.MonkeyPatch) -> None:
-    """In-process runs here skip the MAC count (a model trace that other tests cover), to stay fast."""
+def _fast_in_process_runs(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """In-process runs here skip the MAC count (a model trace that other tests cover) and use one thread
+    (with `pytest -n 2` on two cores, more threads per worker only make them wait for each other)."""
     monkeypatch.setattr(vig.training, "log_model_size", lambda model, input_size: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
