@@ -265,6 +265,15 @@ def test_torchrun_restarts_a_sigkilled_worker_and_every_epoch_is_logged_once(tmp
     assert torch.load(run_folder / "last.pth.tar", weights_only=True)["epoch"] == 1
 
 
+def test_bugs_keep_their_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(args: object) -> None:
+        raise ZeroDivisionError("a bug, not a user mistake")
+
+    monkeypatch.setattr(train, "run", broken)
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        train.main(["--epochs", "1"])
+
+
 def test_resume_auto_needs_a_fixed_experiment(capsys: pytest.CaptureFixture[str]) -> None:
     line = _one_error_line(train.main(["--resume", "auto"]), 2, capsys)
     assert "--resume auto needs --experiment" in line

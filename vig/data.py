@@ -153,8 +153,9 @@ def require_same_classes(args: argparse.Namespace, train_classes: list[str], val
         val_where = find_split_folder(args.data_dir, args.val_split)
     else:
         train_where, val_where = f"split {args.train_split!r}", f"split {args.val_split!r}"
-    only_train = [name for name in train_classes if name not in set(val_classes)]
-    only_val = [name for name in val_classes if name not in set(train_classes)]
+    train_names, val_names = set(train_classes), set(val_classes)
+    only_train = [name for name in train_classes if name not in val_names]
+    only_val = [name for name in val_classes if name not in train_names]
     differences = []
     if only_train:
         differences.append(f"only in training: {', '.join(only_train[:5])}{' ...' if len(only_train) > 5 else ''}")
