@@ -11,7 +11,7 @@ import sys
 from typing import Any, Sequence
 
 from vig.cli import parse_args
-from vig.errors import UsageError
+from vig.errors import RunError, UsageError
 from vig.training import run
 
 
@@ -34,15 +34,23 @@ def _print_result(result: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the process exit status (2 for a user mistake)."""
+    """Entry point; returns the process exit status (2 for a user mistake, 1 for a run stopped by its data,
+    numerics or storage)."""
     _setup_logging()
+    rank = int(os.environ.get("RANK", "0"))
     try:
         args = parse_args(argv)
         result = run(args)
     except UsageError as err:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if rank == 0:
             print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunError as err:
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        elif err.rank_local:
+            print(f"error: rank {rank}: {err}", file=sys.stderr, flush=True)
+        return 1
     if result is not None:
         _print_result(result)
     return 0

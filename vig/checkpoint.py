@@ -183,6 +183,13 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, use_ema: bool = F
     """
     name = os.fspath(path)
     state_dict, entry = extract_state_dict(read_checkpoint(name), use_ema, name)
+    return load_state_dict_into(model, state_dict, name, entry, strict)
+
+
+def load_state_dict_into(model: nn.Module, state_dict: dict[str, torch.Tensor], name: str, entry: str,
+                         strict: bool = True) -> LoadReport:
+    """Load an extracted state dict into ``model`` as `load_checkpoint` does; ``name`` / ``entry`` (the file
+    and the entry the weights came from) appear in the messages."""
     adapt = getattr(model, "adapt_state_dict", None)
     if callable(adapt):
         state_dict = adapt(state_dict)

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("-b", "--batch-size", type=int, default=128, help="batch size per process")
     data.add_argument("--repeated-aug", action="store_true",
                       help="repeated augmentation: each image 3 times per epoch, copies on different ranks")
+    data.add_argument("--skip-corrupt", action="store_true",
+                      help="replace an image file that does not decode by the next readable one and count it "
+                           "(default: stop, naming the file)")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="vig_ti_224_gelu", help="timm model name")
@@ -77,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--initial-checkpoint", "--pretrain_path", "--pretrain-path", dest="initial_checkpoint",
                        default="", metavar="PATH", help="weights to start from (required with --evaluate)")
     model.add_argument("--resume", default="", metavar="PATH|auto",
-                       help="resume training from a checkpoint; 'auto' = last.pth.tar of the experiment if any")
+                       help="resume training from a checkpoint; 'auto' = last.pth.tar of the experiment if any, "
+                            "else start fresh (for torchrun --max-restarts)")
     model.add_argument("--no-resume-opt", action="store_true",
                        help="on resume, restore weights and epoch but not optimizer / scheduler / scaler")
     model.add_argument("--start-epoch", type=int, default=None, help="override the starting epoch")
@@ -131,7 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 where supported, else float16)")
     run.add_argument("--amp-dtype", default=None, choices=("bfloat16", "float16"), help="force the AMP dtype")
-    run.add_argument("--seed", type=int, default=42, help="random seed (offset by rank)")
+    run.add_argument("--seed", type=int, default=42,
+                     help="random seed; each epoch and rank reseeds from (seed, epoch, rank)")
+    run.add_argument("--skip-nonfinite", action="store_true",
+                     help="skip a training step whose loss is NaN / infinite and count it (default: stop)")
     run.add_argument("--log-interval", type=int, default=50, help="batches between log lines")
     run.add_argument("--checkpoint-hist", type=int, default=10, help="number of best epoch checkpoints kept")
     run.add_argument("--output", default="", metavar="DIR", help="output root (default ./output/train)")
@@ -219,6 +226,8 @@ def validate_args(args: argparse.Namespace) -> None:
         _require(args.batch_size % 2 == 0, f"mixup / cutmix need an even --batch-size, got {args.batch_size}")
     if args.evaluate:
         _require(bool(args.initial_checkpoint), "--evaluate needs --pretrain_path CHECKPOINT")
+    _require(args.resume != "auto" or bool(args.experiment),
+             "--resume auto needs --experiment NAME (a fixed run folder in which to look for last.pth.tar)")
     for flag, path in (("--pretrain_path", args.initial_checkpoint),
                        ("--resume", "" if args.resume == "auto" else args.resume)):
         if path:

@@ -3,12 +3,15 @@
 Sources: an ImageFolder tree (timm `create_dataset`), torchvision CIFAR-10/100, or the embedded
 synthetic pattern set (no download; used when no data folder is given). Training batches are sharded
 per epoch over ranks (timm `RepeatAugSampler` with `--repeated-aug`); validation visits every image
-exactly once across ranks, without the padding of a DistributedSampler.
+exactly once across ranks, without the padding of a DistributedSampler. ImageFolder images are fully
+decoded when read: a corrupt file stops the run naming the file, or with `--skip-corrupt` is
+replaced by the next readable image and counted.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from vig.cli import SYNTHETIC_DATASET
 from vig.distributed import DistributedContext
-from vig.errors import UsageError
+from vig.errors import CorruptImageError, UsageError
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -120,27 +123,105 @@ def _image_count_hint(folder: Path) -> bool:
 
 
 def find_split_folder(root: str, split: str) -> Path:
-    """root/split, with 'val' falling back to 'validation'; UsageError when missing or without images."""
+    """root/split, with 'val' falling back to 'validation'; UsageError naming the folder and the expected
+    layout root/<split>/<class>/<image> when it is missing, empty or holds images without class folders."""
     root_path = Path(root)
+    layout = f"expected layout: {root_path / split}/<class>/<image>"
     if not root_path.is_dir():
-        raise UsageError(f"data folder {root} does not exist")
+        raise UsageError(f"data folder {root} does not exist ({layout})")
     candidates = SPLIT_FALLBACKS.get(split, (split,))
     for name in candidates:
         folder = root_path / name
         if folder.is_dir():
             if not _image_count_hint(folder):
                 raise UsageError(f"no images under {folder} (expected {folder}/<class>/<image>)")
+            extensions = tuple(get_img_extensions())
+            if any(entry.is_file() and entry.name.lower().endswith(extensions) for entry in os.scandir(folder)):
+                raise UsageError(f"images lie directly in {folder}; put them in one sub-folder per class "
+                                 f"(expected {folder}/<class>/<image>)")
             return folder
-    tried = ", ".join(f"{name}/" for name in candidates)
-    raise UsageError(f"no '{split}' split under {root} (looked for {tried})")
+    tried = ", ".join(f"{root_path / name}/" for name in candidates)
+    raise UsageError(f"no '{split}' split under {root}: looked for {tried} ({layout})")
+
+
+def require_same_classes(args: argparse.Namespace, train_classes: list[str], val_classes: list[str]) -> None:
+    """UsageError (one line) when the training and validation splits do not hold the same class names."""
+    if train_classes == val_classes:
+        return
+    if dataset_kind(args) == "folder":
+        train_where = find_split_folder(args.data_dir, args.train_split)
+        val_where = find_split_folder(args.data_dir, args.val_split)
+    else:
+        train_where, val_where = f"split {args.train_split!r}", f"split {args.val_split!r}"
+    train_names, val_names = set(train_classes), set(val_classes)
+    only_train = [name for name in train_classes if name not in val_names]
+    only_val = [name for name in val_classes if name not in train_names]
+    differences = []
+    if only_train:
+        differences.append(f"only in training: {', '.join(only_train[:5])}{' ...' if len(only_train) > 5 else ''}")
+    if only_val:
+        differences.append(f"only in validation: {', '.join(only_val[:5])}{' ...' if len(only_val) > 5 else ''}")
+    raise UsageError(f"class lists differ between {train_where} ({len(train_classes)} classes) and {val_where} "
+                     f"({len(val_classes)} classes): {'; '.join(differences) or 'same names, other order'}")
+
+
+# what PIL raises for a file that is not a decodable image (truncated, garbage, unreadable)
+_UNDECODABLE = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+class CheckedImageFolder(Dataset):
+    """The images of an ImageFolder split (timm reader), fully decoded when read, corrupt files named.
+
+    Items are (transform(PIL RGB image) or the image, class index). A file that does not decode raises
+    `CorruptImageError` naming it; with `skip_corrupt` it is replaced by the next readable image of the
+    split (batch shapes stay fixed) and counted. The count is shared with DataLoader workers; read it
+    with `take_corrupt_count`.
+    """
+
+    def __init__(self, reader: Any, skip_corrupt: bool, transform: Callable[[Image.Image], Any] | None = None) -> None:
+        self.reader = reader
+        self.skip_corrupt = skip_corrupt
+        self.transform = transform
+        self._corrupt_count = multiprocessing.Value("q", 0)
+
+    def __len__(self) -> int:
+        return len(self.reader.samples)
+
+    def take_corrupt_count(self) -> int:
+        """Corrupt files met (in this process and its loader workers) since the last call; resets to 0."""
+        with self._corrupt_count.get_lock():
+            count, self._corrupt_count.value = self._corrupt_count.value, 0
+        return count
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        for offset in range(len(self)):
+            path, target = self.reader.samples[(index + offset) % len(self)]
+            try:
+                with Image.open(path) as opened:
+                    image = opened.convert("RGB")
+            except _UNDECODABLE as err:
+                reason = " ".join(str(err).split()) or type(err).__name__
+                if not self.skip_corrupt:
+                    raise CorruptImageError(f"corrupt image {path}: {reason} "
+                                            "(remove or replace it, or pass --skip-corrupt)") from None
+                with self._corrupt_count.get_lock():
+                    self._corrupt_count.value += 1
+                _LOGGER.warning("skipping corrupt image %s: %s", path, reason)
+                continue
+            return (self.transform(image) if self.transform is not None else image), target
+        raise CorruptImageError(f"no image under {self.reader.root} could be decoded")
+
+
+def take_corrupt_count(dataset: Dataset) -> int:
+    """Corrupt files skipped by `dataset` since the last call (0 for sources that are not image files)."""
+    return dataset.take_corrupt_count() if isinstance(dataset, CheckedImageFolder) else 0
 
 
 def _folder_classes(dataset: Dataset) -> dict[str, int]:
     return dict(dataset.reader.class_to_idx)
 
 
-def build_dataset(args: argparse.Namespace, split: str, is_training: bool,
-                  class_map: dict[str, int] | None = None) -> tuple[Dataset, list[str]]:
+def build_dataset(args: argparse.Namespace, split: str, is_training: bool) -> tuple[Dataset, list[str]]:
     """One split of the selected source, without transform, and its class names (index order)."""
     kind = dataset_kind(args)
     if kind == SYNTHETIC_DATASET:
@@ -149,15 +230,9 @@ def build_dataset(args: argparse.Namespace, split: str, is_training: bool,
         return dataset, list(SyntheticPatterns.classes)
     if kind == "folder":
         folder = find_split_folder(args.data_dir, split)
-        dataset = create_dataset("", root=str(folder), split=split, search_split=False,
-                                 is_training=is_training, class_map=class_map or "")
-        if class_map:
-            own = {entry.name for entry in folder.iterdir() if entry.is_dir()}
-            unknown = sorted(own - set(class_map))
-            if unknown:
-                raise UsageError(f"classes in {folder} missing from the training split: {', '.join(unknown[:5])}")
+        dataset = create_dataset("", root=str(folder), split=split, search_split=False, is_training=is_training)
         classes = _folder_classes(dataset)
-        return dataset, sorted(classes, key=classes.get)
+        return CheckedImageFolder(dataset.reader, args.skip_corrupt), sorted(classes, key=classes.get)
     root = args.data_dir or "data"
     try:
         dataset = create_dataset(kind, root=root, split=split, is_training=is_training,

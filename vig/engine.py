@@ -1,7 +1,8 @@
 """Training and validation loops, mixed precision, and per-epoch progress display.
 
 Loss and accuracy sums are reduced over ranks, so every rank returns the global figures;
-only the primary rank displays progress.
+only the primary rank displays progress. Whether a training loss is finite is decided over all
+ranks at every step, so every rank stops (or skips the step) together.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from vig.distributed import DistributedContext, all_reduce_sum
+from vig.errors import RunError
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -114,13 +116,15 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 @dataclass
 class TrainStats:
-    """Epoch figures over all ranks: mean loss per image, images seen, updates so far, last lr, images/s."""
+    """Epoch figures over all ranks: mean loss per image, images seen, updates so far, last lr, images/s,
+    and the steps skipped for a non-finite loss (`skip_nonfinite`)."""
 
     loss: float
     images: int
     num_updates: int
     lr: float
     images_per_second: float
+    skipped_steps: int = 0
 
 
 def _to_device(images: torch.Tensor, targets: torch.Tensor, device: torch.device,
@@ -147,16 +151,21 @@ def train_one_epoch(
     clip_mode: str = "norm",
     channels_last: bool = False,
     log_interval: int = 50,
+    skip_nonfinite: bool = False,
 ) -> TrainStats:
     """One pass over this rank's shard. Images (B, 3, H, W), targets (B,) class indices.
 
     `num_updates` counts optimizer steps before this epoch (drives the per-update schedule and EMA warm-up).
+    A loss that is NaN or infinite on any rank raises `RunError` naming epoch and step before anything
+    is updated; with `skip_nonfinite` the step is skipped instead (no update, no EMA / schedule step)
+    and counted in `TrainStats.skipped_steps`.
     """
     model.train()
     unwrapped = unwrap_model(model)
     progress = EpochProgress(f"train {epoch}", len(loader), ctx.is_primary, log_interval)
     loss_sum = torch.zeros((), dtype=torch.float64)
     images_seen = 0
+    skipped_steps = 0
     start = time.perf_counter()
     for step, (images, targets) in enumerate(loader, start=1):
         images, targets = _to_device(images, targets, ctx.device, channels_last)
@@ -164,8 +173,19 @@ def train_one_epoch(
             images, targets = mixup(images, targets)
         with precision.autocast():
             loss = loss_fn(model(images), targets)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {step}")
+        local_non_finite = torch.tensor(0.0 if bool(torch.isfinite(loss.detach())) else 1.0, dtype=torch.float64)
+        bad = all_reduce_sum(local_non_finite, ctx).item()  # ranks whose loss is not finite
+        if bad > 0:
+            if not skip_nonfinite:
+                where = f" (on {int(bad)} of {ctx.world_size} ranks)" if ctx.distributed else ""
+                raise RunError(f"non-finite training loss at epoch {epoch}, step {step} of {len(loader)}{where}; "
+                               "the checkpoints keep the last finished epoch "
+                               "(lower --lr, use --clip-grad, or pass --skip-nonfinite)")
+            skipped_steps += 1
+            if ctx.is_primary:
+                _LOGGER.warning("epoch %d, step %d: non-finite loss, step skipped (%d this epoch)",
+                                epoch, step, skipped_steps)
+            continue
         optimizer.zero_grad(set_to_none=True)
         if precision.scaler is not None:
             precision.scaler(loss, optimizer, clip_grad=clip_grad, clip_mode=clip_mode,
@@ -191,7 +211,8 @@ def train_one_epoch(
     totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(images_seen), dtype=torch.float64)]), ctx)
     total_images = int(totals[1].item())
     return TrainStats(loss=float(totals[0] / max(total_images, 1)), images=total_images, num_updates=num_updates,
-                      lr=optimizer.param_groups[0]["lr"], images_per_second=total_images / max(elapsed, 1e-9))
+                      lr=optimizer.param_groups[0]["lr"], images_per_second=total_images / max(elapsed, 1e-9),
+                      skipped_steps=skipped_steps)
 
 
 @dataclass

@@ -2,8 +2,10 @@
 
 Layout (timm's checkpoint saver): `last.pth.tar` every epoch, `model_best.pth.tar` for the best
 metric, `checkpoint-<epoch>.pth.tar` for the best `max_history` epochs. Every file is written
-atomically (temporary file in the same folder, flush + fsync, os.replace), so a crash never leaves
-a truncated checkpoint behind. Only the primary rank should call the writers.
+atomically (temporary file in the same folder, flush + fsync, os.replace, fsync of the folder), so a
+process killed at any instant leaves the previous complete file in place, and a full disk stops the
+run with one line (`RunError`) instead of a truncated file. Weights that are not finite are never
+written. Only the primary rank should call the writers.
 """
 from __future__ import annotations
 
@@ -21,13 +23,16 @@ from typing import Any, BinaryIO, Callable
 import torch
 import yaml
 
-from vig.errors import UsageError
+from vig.errors import RunError, UsageError
 
 _LOGGER = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)\.pth\.tar$")
 LAST_NAME = "last.pth.tar"
 BEST_NAME = "model_best.pth.tar"
+# temporary files of atomic_write / atomic_duplicate that a killed process left behind
+STALE_TEMPORARY_PATTERN = re.compile(
+    r"^\.(last\.pth\.tar|model_best\.pth\.tar|checkpoint-\d+\.pth\.tar|summary\.csv|args\.yaml)\..+\.tmp$")
 
 
 def _default_file_mode() -> int:
@@ -37,9 +42,30 @@ def _default_file_mode() -> int:
     return 0o666 & ~umask
 
 
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder so that a rename in it survives a power cut (not supported everywhere: then skipped)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError as err:
+        _LOGGER.debug("fsync of folder %s not supported: %s", folder, err)
+    finally:
+        os.close(descriptor)
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write `path` through `write(handle)` into a temporary sibling file, then rename it into place."""
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    """Write `path` through `write(handle)` into a temporary sibling file, then rename it into place.
+
+    Raises:
+        RunError: the file system refused (full disk, quota, permissions); `path` is unchanged.
+    """
+    try:
+        handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    except OSError as err:
+        raise RunError(f"cannot write {path}: {err.strerror or err}") from None
     try:
         with handle:
             write(handle)
@@ -47,9 +73,13 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
             os.fsync(handle.fileno())
         os.chmod(handle.name, _default_file_mode())
         os.replace(handle.name, path)
+    except OSError as err:
+        Path(handle.name).unlink(missing_ok=True)
+        raise RunError(f"cannot write {path}: {err.strerror or err}; the previous {path.name} is unchanged") from None
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
         raise
+    _sync_folder(path.parent)
 
 
 def atomic_duplicate(source: Path, target: Path) -> None:
@@ -66,6 +96,13 @@ def atomic_duplicate(source: Path, target: Path) -> None:
             atomic_write(target, lambda dst: shutil.copyfileobj(src, dst))
         return
     os.replace(temporary, target)
+    _sync_folder(target.parent)
+
+
+def non_finite_entries(state_dict: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of a state dict that hold NaN or infinity."""
+    return [name for name, value in state_dict.items()
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
 
 
 def run_folder_name(model_name: str, img_size: int) -> str:
@@ -119,26 +156,55 @@ class CheckpointSaver:
         self.max_history = max_history
         self.history: list[tuple[int, float]] = []  # (epoch, metric), best first
         self.best: tuple[int, float] | None = None
+        self._remove_stale_temporaries()
         self._restore()
+
+    def _remove_stale_temporaries(self) -> None:
+        """Delete half-written temporary files of a process that was killed while writing."""
+        for path in self.folder.iterdir():
+            if STALE_TEMPORARY_PATTERN.match(path.name):
+                _LOGGER.warning("removing %s, left behind by an interrupted write", path)
+                path.unlink(missing_ok=True)
+
+    @staticmethod
+    def _epoch_and_metric(path: Path) -> tuple[int, float] | None:
+        """(epoch, metric) of a checkpoint in the folder; None (with a warning) when it cannot be read."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return int(state["epoch"]), float(state["metric"])
+        except Exception as err:  # a foreign or damaged file in the run folder: leave it alone, do not count it
+            _LOGGER.warning("ignoring %s in the checkpoint history: unreadable (%s)", path, type(err).__name__)
+            return None
 
     def _restore(self) -> None:
         """Rebuild history and best from checkpoints already in the folder (resumed runs)."""
         for path in self.folder.iterdir():
             match = CHECKPOINT_PATTERN.match(path.name)
             if match:
-                metric = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("metric")
-                if metric is not None:
-                    self.history.append((int(match.group(1)), float(metric)))
+                found = self._epoch_and_metric(path)
+                if found is not None:
+                    self.history.append((int(match.group(1)), found[1]))
         self.history.sort(key=lambda item: item[1], reverse=True)
         best_path = self.folder / BEST_NAME
         if best_path.exists():
-            state = torch.load(best_path, map_location="cpu", weights_only=True, mmap=True)
-            if state.get("metric") is not None:
-                self.best = (int(state["epoch"]), float(state["metric"]))
+            self.best = self._epoch_and_metric(best_path)
 
     def save(self, state: dict[str, Any], epoch: int, metric: float) -> tuple[int, float]:
-        """Write last.pth.tar, and checkpoint-<epoch> / model_best when `metric` earns it; returns the best."""
+        """Write last.pth.tar, and checkpoint-<epoch> / model_best when `metric` earns it; returns the best.
+
+        The new file is complete (renamed into place) before any older history file is pruned.
+
+        Raises:
+            RunError: the weights (`state_dict` / `state_dict_ema`) are not finite (nothing is written),
+                or the disk refused the write (the previous files are unchanged).
+        """
         last = self.folder / LAST_NAME
+        broken = [f"{key}.{name}" for key in ("state_dict", "state_dict_ema") if state.get(key) is not None
+                  for name in non_finite_entries(state[key])]
+        if broken:
+            raise RunError(f"epoch {epoch}: weights are not finite ({', '.join(broken[:3])}"
+                           f"{f' and {len(broken) - 3} more' if len(broken) > 3 else ''}); nothing written, "
+                           f"{last} keeps the previous epoch")
         atomic_write(last, lambda handle: torch.save(state, handle))
         self.history = [item for item in self.history if item[0] != epoch]
         worst = self.history[-1][1] if len(self.history) >= self.max_history else None

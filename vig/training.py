@@ -3,6 +3,11 @@
 `run(args)` is what train.py calls. It sets up the process group (see vig.distributed), trains
 with per-epoch validation and checkpointing, or with `--evaluate` measures a checkpoint on the
 validation split and returns the result (primary rank only).
+
+Fault tolerance: `--resume auto` continues from the run folder's last.pth.tar (torchrun
+--max-restarts); each epoch reseeds every random generator from (seed, epoch, rank), so a run resumed
+from the checkpoint of epoch k repeats the uninterrupted run bit for bit; a damaged, foreign or
+code-carrying checkpoint, a corrupt image and a non-finite loss end the run with one line.
 """
 from __future__ import annotations
 
@@ -10,24 +15,26 @@ import argparse
 import copy
 import difflib
 import logging
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import timm
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3, distribute_bn, random_seed
+from timm.utils import ModelEmaV3, distribute_bn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from vig.checkpoint import CheckpointError, load_checkpoint
-from vig.data import (ShardedEvalSampler, build_dataset, build_loader, dataset_kind, eval_transform,
-                      resolve_preprocessing, train_sampler, train_transform)
-from vig.distributed import (DistributedContext, all_gather_objects, broadcast_object, init_distributed,
-                             shutdown_distributed)
+from vig.checkpoint import CheckpointError, load_checkpoint, load_state_dict_into, read_checkpoint
+from vig.data import (ShardedEvalSampler, build_dataset, build_loader, eval_transform, require_same_classes,
+                      resolve_preprocessing, take_corrupt_count, train_sampler, train_transform)
+from vig.distributed import (DistributedContext, all_gather_objects, all_reduce_sum, broadcast_object,
+                             init_distributed, shutdown_distributed)
 from vig.engine import resolve_precision, train_one_epoch, unwrap_model, validate
 from vig.errors import UsageError
 from vig.plot import write_curves
@@ -35,6 +42,18 @@ from vig.profile import count_macs, count_parameters
 from vig.saver import CheckpointSaver, LAST_NAME, append_summary, prepare_output_dir, run_folder_name, write_args_yaml
 
 _LOGGER = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int, *streams: int) -> None:
+    """Seed Python's, numpy's and torch's (CPU and every CUDA device) global generators from (seed, *streams).
+
+    The streams (e.g. epoch and rank) are mixed by numpy's SeedSequence, so that no two
+    (seed, epoch, rank) triples share a generator state.
+    """
+    value = int(np.random.SeedSequence([seed, *streams]).generate_state(1)[0])
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
 
 
 def create_model_from_args(args: argparse.Namespace, num_classes: int) -> nn.Module:
@@ -161,31 +180,64 @@ def _output_folder(args: argparse.Namespace, ctx: DistributedContext, img_size: 
     return Path(folder)
 
 
-def _resume_path(args: argparse.Namespace, folder: Path) -> str:
+def _resume_path(args: argparse.Namespace, folder: Path, ctx: DistributedContext) -> str:
+    """The checkpoint to resume from ('' for a fresh start); with 'auto', rank 0 decides for every rank."""
     if args.resume != "auto":
         return args.resume
     last = folder / LAST_NAME
-    if last.is_file():
-        return str(last)
-    _LOGGER.info("--resume auto: no %s yet, starting fresh", last)
-    return ""
+    found = str(last) if ctx.is_primary and last.is_file() else ""
+    found = broadcast_object(found, ctx)
+    if not found:
+        _LOGGER.info("--resume auto: no %s yet, starting fresh", last)
+    return found
 
 
-def _read_training_checkpoint(path: str) -> dict[str, Any]:
+def _read_training_checkpoint(path: str, model_name: str) -> dict[str, Any]:
+    """The dict of a checkpoint written by this trainer; UsageError (one line naming the file) otherwise."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unpickling / format failure is a bad file from the user's side
-        raise UsageError(f"--resume: cannot read {path} as a training checkpoint ({type(err).__name__})") from None
-    if not isinstance(state, dict) or "state_dict" not in state or "epoch" not in state:
-        raise UsageError(f"--resume: {path} is not a training checkpoint (no state_dict / epoch)")
+        state = read_checkpoint(path)
+    except CheckpointError as err:
+        raise UsageError(f"--resume: {err}") from None
+    if not isinstance(state.get("state_dict"), dict) or not isinstance(state.get("epoch"), int):
+        raise UsageError(f"--resume: {path} is not a training checkpoint of train.py (no state_dict / epoch); "
+                         "use --initial-checkpoint to start from its weights")
+    if state.get("arch") not in (None, model_name):
+        raise UsageError(f"--resume: {path} was written for model {state['arch']}, not {model_name}")
     return state
+
+
+def _restore_training_state(path: str, state: dict[str, Any], model: nn.Module, model_ema: ModelEmaV3 | None,
+                            optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+                            weights_only: bool) -> None:
+    """Load weights (strict), EMA and, unless `weights_only`, optimizer / scheduler / scaler from `state`."""
+    try:
+        load_state_dict_into(model, state["state_dict"], path, "state_dict")
+        if model_ema is not None and isinstance(state.get("state_dict_ema"), dict):
+            load_state_dict_into(model_ema.module, state["state_dict_ema"], path, "state_dict_ema")
+        elif model_ema is not None:
+            _LOGGER.info("--resume: %s has no EMA weights; the EMA starts from the resumed weights", path)
+            model_ema.module.load_state_dict(model.state_dict())
+    except CheckpointError as err:
+        raise UsageError(f"--resume: {err}") from None
+    if weights_only:
+        return
+    try:
+        if "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"--resume: {path}: optimizer state does not fit this run's --opt and parameter groups "
+                         f"({' '.join(str(err).split())[:160]}); add --no-resume-opt to load weights only") from None
+    if state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get(scaler.state_dict_key) is not None:
+        scaler.load_state_dict(state[scaler.state_dict_key])
 
 
 def train(args: argparse.Namespace, ctx: DistributedContext) -> None:
     """Full training run with per-epoch validation, summary.csv and checkpoints in output/experiment."""
     train_set, classes = build_dataset(args, args.train_split, is_training=True)
-    class_map = {name: index for index, name in enumerate(classes)} if dataset_kind(args) == "folder" else None
-    val_set, _ = build_dataset(args, args.val_split, is_training=False, class_map=class_map)
+    val_set, val_classes = build_dataset(args, args.val_split, is_training=False)
+    require_same_classes(args, classes, val_classes)
     num_classes = _num_classes(args, classes)
     model = create_model_from_args(args, num_classes)
     if args.initial_checkpoint:
@@ -218,20 +270,16 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> None:
         warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, updates_per_epoch=len(train_loader))
 
     start_epoch = 0
-    resume = _resume_path(args, folder) if args.resume else ""
+    resume = _resume_path(args, folder, ctx) if args.resume else ""
     if resume:
-        state = _read_training_checkpoint(resume)
-        model.load_state_dict(state["state_dict"])
-        if model_ema is not None and state.get("state_dict_ema") is not None:
-            model_ema.module.load_state_dict(state["state_dict_ema"])
-        if not args.no_resume_opt:
-            if "optimizer" in state:
-                optimizer.load_state_dict(state["optimizer"])
-            if state.get("scheduler") is not None:
-                scheduler.load_state_dict(state["scheduler"])
-            if precision.scaler is not None and state.get(precision.scaler.state_dict_key) is not None:
-                precision.scaler.load_state_dict(state[precision.scaler.state_dict_key])
-        start_epoch = int(state["epoch"]) + 1
+        state = _read_training_checkpoint(resume, args.model)
+        _restore_training_state(resume, state, model, model_ema, optimizer, scheduler, precision.scaler,
+                                weights_only=args.no_resume_opt)
+        start_epoch = state["epoch"] + 1
+        saved_seed = state.get("args", {}).get("seed") if isinstance(state.get("args"), dict) else None
+        if saved_seed not in (None, args.seed):
+            _LOGGER.warning("--resume: %s was trained with --seed %s, this run uses %s: it will not repeat the "
+                            "uninterrupted run", resume, saved_seed, args.seed)
         _LOGGER.info("resumed from %s (epoch %d)", resume, state["epoch"])
     if args.start_epoch is not None:
         start_epoch = args.start_epoch
@@ -253,12 +301,14 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> None:
 
     num_updates = start_epoch * len(train_loader)
     for epoch in range(start_epoch, num_epochs):
-        random_seed(args.seed + epoch, ctx.rank)  # a resumed run repeats the uninterrupted run's randomness
+        # every generator (augmentation, mixup, drop-path, loader workers) and the sampler start each epoch
+        # from (seed, epoch, rank) alone, so a resumed run repeats the uninterrupted run's randomness
+        seed_everything(args.seed, epoch, ctx.rank)
         sampler.set_epoch(epoch)
         stats = train_one_epoch(epoch, model, train_loader, optimizer, loss_fn, ctx, precision, num_updates,
                                 scheduler=scheduler, mixup=mixup, model_ema=model_ema, clip_grad=args.clip_grad,
                                 clip_mode=args.clip_mode, channels_last=args.channels_last,
-                                log_interval=args.log_interval)
+                                log_interval=args.log_interval, skip_nonfinite=args.skip_nonfinite)
         num_updates = stats.num_updates
         shard_images = all_gather_objects(len(sampler), ctx)
         if ctx.distributed:
@@ -274,7 +324,15 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> None:
             row.update(ema_eval_loss=ema_stats.loss, ema_eval_top1=ema_stats.top1, ema_eval_top5=ema_stats.top5)
             metric = ema_stats.top1
         scheduler.step(epoch + 1, metric)
+        corrupt = all_reduce_sum(torch.tensor([take_corrupt_count(train_set), take_corrupt_count(val_set)],
+                                              dtype=torch.float64), ctx)
         if saver is not None:
+            if stats.skipped_steps:
+                _LOGGER.warning("epoch %d: skipped %d of %d steps for a non-finite loss (--skip-nonfinite)",
+                                epoch, stats.skipped_steps, len(train_loader))
+            if corrupt.sum() > 0:
+                _LOGGER.warning("epoch %d: skipped %d corrupt training and %d corrupt validation image reads "
+                                "(--skip-corrupt)", epoch, int(corrupt[0]), int(corrupt[1]))
             _LOGGER.info("epoch %d: train loss %.4f over %d images (per process %s), %.1f img/s; "
                          "validation %d images: loss %.4f top1 %.2f top5 %.2f%s", epoch, stats.loss, stats.images,
                          shard_images, stats.images_per_second, eval_stats.count, eval_stats.loss,
@@ -296,7 +354,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     """Train, or evaluate with --evaluate (returns the result dict on the primary rank)."""
     ctx = init_distributed(args.local_rank)
     try:
-        random_seed(args.seed, ctx.rank)
+        seed_everything(args.seed, ctx.rank)
         if args.evaluate:
             return evaluate(args, ctx)
         train(args, ctx)
