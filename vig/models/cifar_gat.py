@@ -39,17 +39,22 @@ test-time augmentation: the mean of the *logits* of an image batch and of its ho
 """
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 
 import torch
 from torch import nn
-from torch_geometric.nn import GATConv, GATv2Conv, GCNConv, SAGEConv
-from torch_geometric.utils import coalesce
-
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from gcn_lib import drop_edge, grid_edges, sparse_knn, to_pyg
 from vig.tta import predict_flip_tta
+
+with warnings.catch_warnings():
+    # torch_geometric 2.8 calls the deprecated torch.jit.script at import; `import vig` must stay
+    # silent (the CLIs promise a single error line on stderr)
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+    from torch_geometric.nn import GATConv, GATv2Conv, GCNConv, SAGEConv
+    from torch_geometric.utils import coalesce
 
 __all__ = ["CnnGatCifar", "GRAPH_LAYERS", "cnn_gat_cifar", "predict_flip_tta"]
 
