@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import create_dataset, create_transform, resolve_data_config
-from timm.data.transforms import MaybeToTensor
-from timm.data.transforms_factory import transforms_imagenet_train
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.data.readers.img_extensions import get_img_extensions
+from timm.data.transforms import MaybeToTensor
+from timm.data.transforms_factory import transforms_imagenet_train
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import transforms
 
