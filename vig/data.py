@@ -23,7 +23,10 @@ from PIL import Image
 from timm.data import create_dataset, create_transform, resolve_data_config
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.data.readers.img_extensions import get_img_extensions
+from timm.data.transforms import MaybeToTensor
+from timm.data.transforms_factory import transforms_imagenet_train
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision import transforms
 
 from vig.cli import SYNTHETIC_DATASET
 from vig.distributed import DistributedContext
@@ -32,6 +35,8 @@ from vig.errors import CorruptImageError, UsageError
 _LOGGER = logging.getLogger(__name__)
 
 REPEATED_AUG_REPEATS = 3
+CIFAR_SIZE = 32
+CIFAR_CROP_PADDING = 4
 SPLIT_FALLBACKS = {"val": ("val", "validation"), "validation": ("validation", "val")}
 
 
@@ -239,6 +244,9 @@ def build_dataset(args: argparse.Namespace, split: str, is_training: bool) -> tu
                                  download=args.dataset_download)
     except RuntimeError as err:
         raise UsageError(f"{kind} not found under {root}: {err} (add --dataset-download)") from None
+    except OSError as err:  # failed download (no network: URLError) or unwritable root
+        reason = getattr(err, "reason", None) or err.strerror or err
+        raise UsageError(f"cannot download {kind} into {root}: {reason}") from None
     return dataset, list(dataset.classes)
 
 
@@ -268,18 +276,44 @@ def resolve_preprocessing(args: argparse.Namespace, model: torch.nn.Module) -> D
                       mean=tuple(config["mean"]), std=tuple(config["std"]), crop_pct=config["crop_pct"])
 
 
+def is_cifar_input(config: DataConfig) -> bool:
+    """True when the model input is CIFAR-sized (32 x 32): such runs use the CIFAR transforms below."""
+    return tuple(config.input_size[1:]) == (CIFAR_SIZE, CIFAR_SIZE)
+
+
 def train_transform(args: argparse.Namespace, config: DataConfig) -> Callable:
-    """Random-resized crop, flip, colour jitter / AutoAugment, normalise, random erasing (timm)."""
-    return create_transform(
-        config.input_size, is_training=True, color_jitter=args.color_jitter, auto_augment=args.aa,
-        interpolation=config.interpolation, mean=config.mean, std=config.std,
-        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
+    """Training transform of a PIL image -> normalised (C, H, W) tensor.
+
+    ImageNet-style inputs: random-resized crop, flip, colour jitter / AutoAugment, normalise,
+    random erasing (timm `create_transform`). CIFAR-sized inputs (32 x 32): random 32 x 32 crop of
+    the image padded by 4 pixels and a horizontal flip instead of the resized crop, then the same
+    timm stages (colour jitter or `--aa`, normalise, `--reprob` random erasing).
+    """
+    if not is_cifar_input(config):
+        return create_transform(
+            config.input_size, is_training=True, color_jitter=args.color_jitter, auto_augment=args.aa,
+            interpolation=config.interpolation, mean=config.mean, std=config.std,
+            re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
+    _, augment, finish = transforms_imagenet_train(
+        CIFAR_SIZE, color_jitter=args.color_jitter, auto_augment=args.aa, interpolation=config.interpolation,
+        mean=config.mean, std=config.std, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+        separate=True)
+    crop_and_flip = [transforms.RandomCrop(CIFAR_SIZE, padding=CIFAR_CROP_PADDING),
+                     transforms.RandomHorizontalFlip()]
+    return transforms.Compose(crop_and_flip + list(augment.transforms) + list(finish.transforms))
 
 
 def eval_transform(config: DataConfig) -> Callable:
-    """Resize to size / crop_pct, centre crop, normalise (timm)."""
-    return create_transform(config.input_size, is_training=False, interpolation=config.interpolation,
-                            mean=config.mean, std=config.std, crop_pct=config.crop_pct)
+    """Evaluation transform of a PIL image -> normalised (C, H, W) tensor.
+
+    ImageNet-style inputs: resize to size / crop_pct, centre crop, normalise (timm). CIFAR-sized
+    inputs: the plain 32 x 32 image, normalised (the centre crop only acts on images of another size).
+    """
+    if not is_cifar_input(config):
+        return create_transform(config.input_size, is_training=False, interpolation=config.interpolation,
+                                mean=config.mean, std=config.std, crop_pct=config.crop_pct)
+    return transforms.Compose([transforms.CenterCrop(CIFAR_SIZE), MaybeToTensor(),
+                               transforms.Normalize(mean=torch.tensor(config.mean), std=torch.tensor(config.std))])
 
 
 def train_sampler(dataset: Dataset, ctx: DistributedContext, repeated_aug: bool, seed: int) -> Sampler[int]:

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from vig.distributed import DistributedContext, all_reduce_sum
 from vig.errors import RunError
+from vig.tta import predict_flip_tta
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -238,7 +239,8 @@ def validate(
 ) -> EvalStats:
     """Cross-entropy and top-k accuracy of `model` on every image of the loader's split (each exactly once).
 
-    With `tta`, logits (B, classes) are the mean of the image's and its horizontal flip's logits.
+    With `tta`, logits (B, classes) are the mean of the image's and its horizontal flip's logits
+    (`vig.tta.predict_flip_tta`).
     """
     model.eval()
     progress = EpochProgress(title, len(loader), ctx.is_primary, log_interval)
@@ -246,9 +248,7 @@ def validate(
     for step, (images, targets) in enumerate(loader, start=1):
         images, targets = _to_device(images, targets, ctx.device, channels_last)
         with precision.autocast():
-            logits = model(images)
-            if tta:
-                logits = (logits + model(images.flip(3))) / 2
+            logits = predict_flip_tta(model, images) if tta else model(images)
         logits = logits.float()
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices

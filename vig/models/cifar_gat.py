@@ -34,8 +34,8 @@ Choices where the design text is silent:
 Unlike the published script, the CNN is an ordinary part of the model: ``eval()`` reaches its
 BatchNorm layers, the state dict (checkpoints) holds it and an EMA copy averages it.
 
-`predict_flip_tta` gives the flip test-time augmentation: the mean of the *logits* of an image
-batch and of its horizontal mirror.
+`predict_flip_tta` (defined in `vig.tta`, shared with the trainer's ``--tta``) gives the flip
+test-time augmentation: the mean of the *logits* of an image batch and of its horizontal mirror.
 """
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ from torch import nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from gcn_lib import drop_edge, grid_edges, sparse_knn, to_pyg
+from vig.tta import predict_flip_tta
 
 __all__ = ["CnnGatCifar", "GRAPH_LAYERS", "cnn_gat_cifar", "predict_flip_tta"]
 
@@ -72,11 +73,11 @@ def _graph_layer(conv: str, in_channels: int, out_channels: int, heads: int = 1,
     """One torch_geometric layer without added self loops: (M, in) nodes -> (M, heads * out)."""
     pyg_nn = _pyg("nn")
     if conv == "gat":
-        return pyg_nn.GATConv(in_channels, out_channels, heads=heads, concat=True, negative_slope=negative_slope,
-                       dropout=attn_drop, add_self_loops=False)
+        return pyg_nn.GATConv(in_channels, out_channels, heads=heads, concat=True,
+                              negative_slope=negative_slope, dropout=attn_drop, add_self_loops=False)
     if conv == "gatv2":
-        return pyg_nn.GATv2Conv(in_channels, out_channels, heads=heads, concat=True, negative_slope=negative_slope,
-                         dropout=attn_drop, add_self_loops=False)
+        return pyg_nn.GATv2Conv(in_channels, out_channels, heads=heads, concat=True,
+                                negative_slope=negative_slope, dropout=attn_drop, add_self_loops=False)
     if conv == "gcn":
         return pyg_nn.GCNConv(in_channels, out_channels * heads, add_self_loops=False)
     if conv == "sage":
@@ -250,11 +251,6 @@ class CnnGatCifar(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C_in, H, W) -> logits (B, num_classes)."""
         return self.forward_head(self.forward_features(x))
-
-
-def predict_flip_tta(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Flip test-time augmentation: mean of the logits of (B, C, H, W) images and their horizontal mirrors -> (B, classes)."""
-    return 0.5 * (model(images) + model(images.flip(-1)))
 
 
 default_cfgs = generate_default_cfgs({
