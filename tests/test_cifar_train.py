@@ -23,7 +23,8 @@ from torchvision import transforms
 import train
 import vig  # noqa: F401  (registers the models with timm)
 import vig.models.cifar_gat
-from tests.train_helpers import SHARED, last_json_line, shared_file
+from tests.shared_files import shared_path
+from tests.train_helpers import last_json_line
 from vig.cli import parse_args
 from vig.data import build_dataset, eval_transform, resolve_preprocessing, train_transform
 from vig.distributed import DistributedContext
@@ -33,7 +34,6 @@ from vig.tta import predict_flip_tta
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-CIFAR_SUBSET = SHARED / "data" / "cifar10-subset"
 TINY_MODEL_KWARGS = ["--model-kwargs", "embed_dim=16", "hidden=16", "heads=2", "num_blocks=2"]
 
 
@@ -162,7 +162,7 @@ def test_failed_download_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest
 
 def _tiny_cifar_folder(root: Path, per_class_train: int, per_class_test: int, classes: int = 4) -> Path:
     """root/{train,test}/<class>/ with the first images of the shared CIFAR-10 subset (real 32 x 32 images)."""
-    source = shared_file(CIFAR_SUBSET)
+    source = shared_path("data", "cifar10-subset")
     names = sorted(entry.name for entry in (source / "train").iterdir() if entry.is_dir())[:classes]
     for split, count in (("train", per_class_train), ("test", per_class_test)):
         for name in names:

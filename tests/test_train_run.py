@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 import train
 import vig
-from tests.train_helpers import (FIXTURE_CHECKPOINT, REPO_ROOT, last_json_line, make_image_folder, run_train,
-                                 shared_file)
+from tests.shared_files import shared_path
+from tests.train_helpers import REPO_ROOT, last_json_line, make_image_folder, run_train
 from vig.cli import parse_args
 from vig.data import build_dataset, eval_transform, resolve_preprocessing
 
@@ -110,7 +110,7 @@ def _expected_eval(data: Path, argv: list[str]) -> tuple[float, int]:
     ids=["knn", "knn-ema-tta", "threshold", "threshold-ema"],
 )
 def test_evaluate_shared_fixture(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str]) -> None:
-    checkpoint = shared_file(FIXTURE_CHECKPOINT)
+    checkpoint = shared_path("fixtures", "svig_ti_checkpoint.pth.tar")
     data = make_image_folder(tmp_path, {"val": {"n01": 3, "n02": 2}}, size=40)
     argv = [str(data), "--model", "vig_ti_224_gelu", "-j", "0", "-b", "2", "--num-classes", "1000",
             "--pretrain_path", str(checkpoint), "--evaluate", *extra]
@@ -124,7 +124,7 @@ def test_evaluate_shared_fixture(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_evaluate_ema_and_plain_weights_differ(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    checkpoint = shared_file(FIXTURE_CHECKPOINT)
+    checkpoint = shared_path("fixtures", "svig_ti_checkpoint.pth.tar")
     data = make_image_folder(tmp_path, {"validation": {"n01": 2}}, size=40)
     argv = [str(data), "--model", "vig_ti_224_gelu", "-j", "0", "--num-classes", "1000",
             "--pretrain_path", str(checkpoint), "--evaluate"]

@@ -8,22 +8,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = REPO_ROOT.parent / "shared"
-FIXTURE_CHECKPOINT = SHARED / "fixtures" / "svig_ti_checkpoint.pth.tar"
-
-
-def shared_file(path: Path) -> Path:
-    """`path` under ../shared; skip when absent (a user's clone), fail when CI == 'true'."""
-    if not path.exists():
-        message = f"{path} not found: ../shared (development fixtures) is not next to this clone"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 def make_image_folder(root: Path, split_sizes: dict[str, dict[str, int]], size: int = 24, seed: int = 0) -> Path:

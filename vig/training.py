@@ -115,8 +115,10 @@ def _num_classes(args: argparse.Namespace, classes: list[str]) -> int:
 
 
 def _graph_description(args: argparse.Namespace) -> str:
+    if not args.model.startswith(("vig_", "svig_")):
+        return "model's own"
     if args.start_thresh is None:
-        return "kNN"
+        return "kNN" if args.model.startswith("vig_") else "threshold (model defaults)"
     return f"threshold start {args.start_thresh} dec {args.dec if args.dec is not None else 'default'}"
 
 
