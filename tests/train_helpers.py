@@ -1,4 +1,4 @@
-"""Shared pieces of the trainer tests: tiny ImageFolder trees, the shared fixtures, running train.py."""
+"""Shared pieces of the trainer tests: tiny ImageFolder trees and running train.py."""
 from __future__ import annotations
 
 import json
