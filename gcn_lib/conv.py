@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .aggregate import gather_neighbours, max_relative_gather, max_relative_scatter
+from .aggregate import gather_neighbours, max_relative_dense, max_relative_gather, max_relative_scatter
 from .nn import BasicConv, interleave_channels
 from .sparse import mask_to_edge_index
 
@@ -69,6 +69,9 @@ class MRConv2d(nn.Module):
         if y is not None:
             raise ValueError("a separate key set y is only supported with neighbour indices (B, N, k)")
         if form == "mask":
+            if torch.compiler.is_compiling():
+                # The edge list has a data-dependent size (a host sync); the dense form compiles whole.
+                return max_relative_dense(x, graph)
             # Same values as max_relative_dense (tested), 10-50x faster on CPU for sparse masks.
             graph = mask_to_edge_index(graph)
         return max_relative_scatter(x, graph)

@@ -165,3 +165,23 @@ def test_norm_layer_and_basic_conv():
     assert block[0].groups == 4 and torch.count_nonzero(block[0].bias) == 0
     with pytest.raises(ValueError, match="divisible by groups"):
         BasicConv([6, 8])
+
+
+@pytest.mark.parametrize("graph,kwargs", [
+    ("knn", {"kernel_size": 4, "dilation": 2}),
+    ("knn", {"kernel_size": 3, "r": 2}),
+    ("threshold", {"threshold": 0.5}),
+])
+def test_dynamic_conv_compiles_as_one_graph(graph, kwargs):
+    """No host synchronisation and no graph break: fullgraph compile, same values and gradients as eager."""
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    layer = DynConv2d(8, 16, act="gelu", norm="batch", graph=graph, **kwargs).double()
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64, requires_grad=True)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    out = compiled(x)
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    expected = layer(x)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
