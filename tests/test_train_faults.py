@@ -379,6 +379,19 @@ def test_missing_split_names_the_folder_and_the_layout(tmp_path: Path, capsys: p
     assert f"images lie directly in {flat / 'train'}" in line and "<class>/<image>" in line
 
 
+@pytest.mark.parametrize("content", ["name,score\nx,1\n", "epoch,top1\nlast,1\n", "\x00\xff\xfe"])
+def test_foreign_summary_in_the_run_folder_fails_before_training(tmp_path: Path, folder_data: Path,
+                                                                 capsys: pytest.CaptureFixture[str],
+                                                                 content: str) -> None:
+    folder = tmp_path / "out" / "run"
+    folder.mkdir(parents=True)
+    (folder / "summary.csv").write_bytes(content.encode("latin-1"))
+    status = train.main([str(folder_data), *TINY, "--output", str(tmp_path / "out"), "--experiment", "run"])
+    line = _one_error_line(status, 2, capsys)
+    assert f"{folder / 'summary.csv'} is not a summary.csv of train.py" in line
+    assert sorted(path.name for path in folder.iterdir()) == ["summary.csv"]  # nothing trained or written
+
+
 # --- hostile checkpoints --------------------------------------------------------------------------------
 
 class _RunsCode:

@@ -120,7 +120,24 @@ def prepare_output_dir(output: str, experiment: str) -> Path:
         probe.close()
     except OSError as err:
         raise UsageError(f"cannot write to output folder {folder}: {err.strerror or err}") from None
+    read_summary(folder)
     return folder
+
+
+def read_summary(folder: Path) -> list[dict[str, str]]:
+    """The rows of folder/summary.csv ([] when absent); UsageError when the file is not train.py's summary."""
+    path = folder / "summary.csv"
+    if not path.exists():
+        return []
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        for row in rows:
+            int(row["epoch"])
+    except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError):
+        raise UsageError(f"{path} is not a summary.csv of train.py (it needs an integer 'epoch' column); "
+                         "move it away or choose another --experiment") from None
+    return rows
 
 
 def write_args_yaml(folder: Path, args: dict[str, Any]) -> None:
@@ -133,10 +150,7 @@ def write_args_yaml(folder: Path, args: dict[str, Any]) -> None:
 def append_summary(folder: Path, row: dict[str, Any]) -> None:
     """Add one epoch row to summary.csv (rewritten atomically; a resumed epoch replaces its old row)."""
     path = folder / "summary.csv"
-    rows: list[dict[str, Any]] = []
-    if path.exists():
-        with open(path, newline="", encoding="utf-8") as handle:
-            rows = [old for old in csv.DictReader(handle) if int(old["epoch"]) < int(row["epoch"])]
+    rows: list[dict[str, Any]] = [old for old in read_summary(folder) if int(old["epoch"]) < int(row["epoch"])]
     rows.append(row)
     fieldnames = list(row)
     for old in rows:
