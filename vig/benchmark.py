@@ -137,19 +137,21 @@ def benchmark_graph(args: argparse.Namespace, device: torch.device) -> list[dict
     dtype = getattr(torch, args.amp_dtype) if args.amp_dtype else torch.float32
     x = torch.randn(b, c, n, 1, device=device, dtype=dtype, requires_grad=True)
 
-    def dense() -> torch.Tensor:
-        return gcn_lib.max_relative_dense(x, gcn_lib.threshold_mask(x, t))
+    def dense(features: torch.Tensor) -> torch.Tensor:
+        return gcn_lib.max_relative_dense(features, gcn_lib.threshold_mask(features, t))
 
-    def scatter() -> torch.Tensor:
-        return gcn_lib.max_relative_scatter(x, gcn_lib.mask_to_edge_index(gcn_lib.threshold_mask(x, t)))
+    def scatter(features: torch.Tensor) -> torch.Tensor:
+        return gcn_lib.max_relative_scatter(features, gcn_lib.mask_to_edge_index(gcn_lib.threshold_mask(features, t)))
 
-    implementations = {"dense": dense, "scatter": scatter}
+    implementations: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"dense": dense, "scatter": scatter}
+    if args.torchcompile:
+        implementations["dense, torch.compile"] = torch.compile(dense, fullgraph=True)
     if gcn_lib.kernels.runnable(x):
-        implementations["kernel"] = lambda: gcn_lib.kernels.threshold_max_relative(x, t)
+        implementations["kernel"] = lambda features: gcn_lib.kernels.threshold_max_relative(features, t)
     rows = []
     for name, fn in implementations.items():
         def step(fn=fn) -> None:
-            fn().sum().backward()
+            fn(x).sum().backward()
         row = {"step": "graph-op fwd+bwd", "impl": name, "batch": b, "channels": c, "nodes": n, "t": t,
                "dtype": str(dtype).replace("torch.", ""), "device": str(device)}
         rows.append(_measure(row, step, device, args))
@@ -177,7 +179,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--infer-batch-size", type=int, default=256)
     parser.add_argument("--amp-dtype", choices=("bfloat16", "float16"), default=None)
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--torchcompile", action="store_true")
+    parser.add_argument("--torchcompile", action="store_true",
+                        help="torch.compile the model (graph mode: adds the compiled dense implementation)")
     parser.add_argument("--no-graph", action="store_true", help="replace the graph aggregation by zeros")
     parser.add_argument("--no-train", dest="train", action="store_false")
     parser.add_argument("--no-infer", dest="infer", action="store_false")
