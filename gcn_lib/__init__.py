@@ -5,7 +5,7 @@ from .conv import CONVS, EdgeConv2d, GINConv2d, GraphSAGE, MRConv2d, graph_conv,
 from .dynamic import GRAPHS, DynConv2d
 from .graph import (dense_knn, normalized_nodes, pairwise_sq_distance, reduced_keys, similarity_stats, threshold_mask,
                     threshold_quantile)
-from .nn import ACTIVATIONS, NORMS, BasicConv, act_layer, interleave_channels, norm_layer
+from .nn import ACTIVATIONS, NORMS, BasicConv, act_layer, init_convs_, interleave_channels, norm_layer
 from .pos_embed import relative_position_table, sincos_2d
 from .sparse import (drop_edge, edge_index_to_mask, grid_edges, knn_to_edge_index, knn_to_mask,
                      mask_to_edge_index, sparse_knn, to_pyg)
@@ -14,7 +14,7 @@ __all__ = [
     "ACTIVATIONS", "CONVS", "kernels", "GRAPHS", "NORMS",
     "BasicConv", "DynConv2d", "EdgeConv2d", "GINConv2d", "GraphSAGE", "MRConv2d",
     "act_layer", "dense_knn", "drop_edge", "edge_index_to_mask", "gather_neighbours", "graph_conv",
-    "graph_form", "grid_edges", "interleave_channels", "knn_to_edge_index", "knn_to_mask",
+    "graph_form", "grid_edges", "init_convs_", "interleave_channels", "knn_to_edge_index", "knn_to_mask",
     "mask_to_edge_index", "max_relative_dense", "max_relative_gather", "max_relative_scatter",
     "norm_layer", "normalized_nodes", "pairwise_sq_distance", "reduced_keys", "relative_position_table",
     "similarity_stats", "sincos_2d", "sparse_knn", "threshold_mask", "threshold_quantile", "to_pyg",

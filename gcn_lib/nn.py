@@ -84,13 +84,19 @@ class BasicConv(nn.Sequential):
 
     def reset_parameters(self) -> None:
         """Kaiming-normal conv weights, zero biases, unit / zero affine norm parameters."""
+        init_convs_(self)
         for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, (nn.BatchNorm2d, nn.InstanceNorm2d)) and module.affine:
+            if isinstance(module, (nn.BatchNorm2d, nn.InstanceNorm2d)) and module.affine:
                 nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+
+def init_convs_(root: nn.Module) -> None:
+    """The published ViG initialisation of every Conv2d under ``root``: kaiming-normal weight, zero bias."""
+    for module in root.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight)
+            if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
 

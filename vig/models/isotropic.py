@@ -23,7 +23,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from gcn_lib import DynConv2d, act_layer
+from gcn_lib import DynConv2d, act_layer, init_convs_
 
 _logger = logging.getLogger(__name__)
 
@@ -231,11 +231,7 @@ class VisionGNN(nn.Module):
 
     def reset_parameters(self) -> None:
         """As published: every conv weight kaiming-normal, every conv bias zero; pos_embed zero."""
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        init_convs_(self)
         nn.init.zeros_(self.pos_embed)
 
     @torch.jit.ignore
