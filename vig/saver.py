@@ -120,11 +120,11 @@ def prepare_output_dir(output: str, experiment: str) -> Path:
         probe.close()
     except OSError as err:
         raise UsageError(f"cannot write to output folder {folder}: {err.strerror or err}") from None
-    read_summary(folder)
+    summary_rows(folder)
     return folder
 
 
-def read_summary(folder: Path) -> list[dict[str, str]]:
+def summary_rows(folder: Path) -> list[dict[str, str]]:
     """The rows of folder/summary.csv ([] when absent); UsageError when the file is not train.py's summary."""
     path = folder / "summary.csv"
     if not path.exists():
@@ -150,7 +150,7 @@ def write_args_yaml(folder: Path, args: dict[str, Any]) -> None:
 def append_summary(folder: Path, row: dict[str, Any]) -> None:
     """Add one epoch row to summary.csv (rewritten atomically; a resumed epoch replaces its old row)."""
     path = folder / "summary.csv"
-    rows: list[dict[str, Any]] = [old for old in read_summary(folder) if int(old["epoch"]) < int(row["epoch"])]
+    rows: list[dict[str, Any]] = [old for old in summary_rows(folder) if int(old["epoch"]) < int(row["epoch"])]
     rows.append(row)
     fieldnames = list(row)
     for old in rows:
