@@ -86,11 +86,13 @@ def test_resume_continues_epochs_optimizer_scheduler_and_ema(tmp_path: Path) -> 
 
 
 def _expected_eval(data: Path, argv: list[str]) -> tuple[float, int]:
-    """Mean cross-entropy and top-1 hits computed directly with vig.load_checkpoint (float32)."""
+    """Mean cross-entropy and top-1 hits computed directly with vig.load_checkpoint (float32); thresholds
+    from the flags, else the ones the checkpoint's training flags record."""
     args = parse_args(argv)
+    recorded = vig.read_checkpoint(args.initial_checkpoint)["args"]
+    thresholds = (args.start_thresh, args.dec) if args.start_thresh else (recorded.start_thresh, recorded.dec)
     dataset, _ = build_dataset(args, "val", is_training=False)
-    model = timm.create_model("vig_ti_224_gelu", num_classes=1000,
-                              **({"start_thresh": args.start_thresh, "dec": args.dec} if args.start_thresh else {}))
+    model = timm.create_model("vig_ti_224_gelu", num_classes=1000, start_thresh=thresholds[0], dec=thresholds[1])
     vig.load_checkpoint(model, args.initial_checkpoint, use_ema=args.model_ema)
     model.eval()
     dataset.transform = eval_transform(resolve_preprocessing(args, model))
@@ -107,7 +109,7 @@ def _expected_eval(data: Path, argv: list[str]) -> tuple[float, int]:
     "extra",
     [[], ["--model-ema", "--tta"], ["--start-thresh", "0.9", "--dec", "0.01"],
      ["--start-thresh", "0.9", "--dec", "0.01", "--model-ema"]],
-    ids=["knn", "knn-ema-tta", "threshold", "threshold-ema"],
+    ids=["recorded-threshold", "recorded-threshold-ema-tta", "flag-threshold", "flag-threshold-ema"],
 )
 def test_evaluate_shared_fixture(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str]) -> None:
     checkpoint = shared_path("fixtures", "svig_ti_checkpoint.pth.tar")
@@ -121,6 +123,7 @@ def test_evaluate_shared_fixture(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert result["loss"] == pytest.approx(loss, rel=1e-4)
     assert result["top1"] == pytest.approx(100 * hits / 5)
     assert result["ema"] == ("--model-ema" in extra)
+    assert (result["start_thresh"], result["dec"]) == ((0.9, 0.01) if extra[:1] == ["--start-thresh"] else (0.89, 0.03))
 
 
 def test_evaluate_ema_and_plain_weights_differ(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

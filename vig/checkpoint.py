@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from timm.models import get_pretrained_cfg
 from torch import nn
 
 _logger = logging.getLogger(__name__)
@@ -224,3 +225,114 @@ def load_state_dict_into(model: nn.Module, state_dict: dict[str, torch.Tensor], 
         unexpected=unexpected,
         mis_shaped=[item.split(" ", 1)[0] for item in mis_shaped],
     )
+
+
+# --- construction settings recorded in checkpoints ---------------------------------------------------------
+
+SETTING_NAMES: tuple[str, ...] = ("model", "img_size", "num_classes", "start_thresh", "dec")
+# settings whose contradiction by a flag is an error (the weights cannot fit), not a warning
+_BINDING_SETTINGS = ("model", "num_classes")
+
+
+@dataclass
+class ModelSettings:
+    """How a model is built: registered name, input size, class count, SViG thresholds, extra kwargs.
+
+    ``None`` (or an empty ``model_kwargs``) means "not given" on a command line, or "not recorded" in a
+    checkpoint.
+    """
+
+    model: str | None = None
+    img_size: int | None = None
+    num_classes: int | None = None
+    start_thresh: float | None = None
+    dec: float | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def _recorded_args(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The training flags a checkpoint carries (``args`` as a dict or an ``argparse.Namespace``), else {}."""
+    args = checkpoint.get("args")
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    return dict(args) if isinstance(args, dict) else {}
+
+
+def classifier_outputs(model_name: str | None, state_dict: dict[str, torch.Tensor]) -> int | None:
+    """Class count of the classifier weights in ``state_dict``, found through the model's timm pretrained
+    config (its ``classifier`` entry names the module); None when that is unknown or absent."""
+    if not model_name:
+        return None
+    try:
+        config = get_pretrained_cfg(model_name)
+    except (RuntimeError, ValueError):
+        return None
+    classifier = getattr(config, "classifier", None) if config is not None else None
+    names = [classifier] if isinstance(classifier, str) else list(classifier or [])
+    for name in names:
+        weight = state_dict.get(f"{name}.weight")
+        if isinstance(weight, torch.Tensor) and weight.dim() >= 1:
+            return int(weight.shape[0])
+    return None
+
+
+def recorded_settings(checkpoint: dict[str, Any], state_dict: dict[str, torch.Tensor],
+                      model_name: str | None = None) -> ModelSettings:
+    """What ``checkpoint`` records of how its model was built (``model_name``: the model to assume when the
+    checkpoint does not name one, as for bare state dicts).
+
+    The flags of a train.py run (``args``: ``model`` or the top-level ``arch``, ``img_size``,
+    ``num_classes``, ``start_thresh``, ``dec``, ``model_kwargs``); a class count that the flags
+    leave open (taken from the data) is read off the classifier weights of ``state_dict``. A bare
+    state dict (published ViG releases) records nothing but that class count, once the model is known.
+    """
+    args = _recorded_args(checkpoint)
+
+    def number(key: str, kind: type) -> Any:
+        value = args.get(key)
+        return kind(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    model = checkpoint.get("arch") if isinstance(checkpoint.get("arch"), str) else args.get("model")
+    model = model if isinstance(model, str) and model else None
+    num_classes = number("num_classes", int)
+    if num_classes is None:
+        num_classes = classifier_outputs(model or model_name, state_dict)
+    kwargs = args.get("model_kwargs")
+    return ModelSettings(
+        model=model,
+        img_size=number("img_size", int),
+        num_classes=num_classes,
+        start_thresh=number("start_thresh", float),
+        dec=number("dec", float),
+        model_kwargs=dict(kwargs) if isinstance(kwargs, dict) else {},
+    )
+
+
+def merge_settings(given: ModelSettings, recorded: ModelSettings, source: str) -> ModelSettings:
+    """The settings to build a model for the weights of ``source``: each one from ``given`` (flags) where set,
+    else from ``recorded`` (the checkpoint, see `recorded_settings`).
+
+    A flag that contradicts the checkpoint: ``model`` and ``num_classes`` are errors (the weights
+    cannot fit another architecture or classifier); ``img_size``, ``start_thresh``, ``dec`` and each
+    ``model_kwargs`` key win with a logged warning (evaluating at another resolution or threshold is
+    a legitimate experiment). The class count of the checkpoint also applies when ``given`` has none.
+
+    Raises:
+        CheckpointError: ``model`` or ``num_classes`` contradicts the checkpoint (one line naming both).
+    """
+    merged = ModelSettings(model_kwargs=dict(recorded.model_kwargs))
+    for name in SETTING_NAMES:
+        flag, saved = getattr(given, name), getattr(recorded, name)
+        if flag is not None and saved is not None and flag != saved:
+            option = f"--{name.replace('_', '-')}"
+            if name in _BINDING_SETTINGS:
+                raise CheckpointError(f"{option} {flag} contradicts {source}, which holds a {name.replace('_', ' ')} "
+                                      f"of {saved}; drop {option} to use the checkpoint's")
+            _logger.warning("%s %s overrides %s of %s (trained with %s)", option, flag, name, source, saved)
+        setattr(merged, name, flag if flag is not None else saved)
+    for key, value in given.model_kwargs.items():
+        if key in recorded.model_kwargs and recorded.model_kwargs[key] != value:
+            _logger.warning("--model-kwargs %s=%r overrides %s of %s (trained with %r)", key, value, key, source,
+                            recorded.model_kwargs[key])
+        merged.model_kwargs[key] = value
+    return merged

@@ -18,6 +18,7 @@ import yaml
 from vig.errors import UsageError
 
 SYNTHETIC_DATASET = "synthetic"
+DEFAULT_MODEL = "vig_ti_224_gelu"
 
 
 class _RaisingParser(argparse.ArgumentParser):
@@ -74,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: stop, naming the file)")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="vig_ti_224_gelu", help="timm model name")
+    model.add_argument("--model", default=None,
+                       help=f"timm model name (default: the --pretrain_path checkpoint's, else {DEFAULT_MODEL})")
     model.add_argument("--model-kwargs", nargs="*", default=[], metavar="K=V",
                        help="extra keyword arguments for timm.create_model")
     model.add_argument("--initial-checkpoint", "--pretrain_path", "--pretrain-path", dest="initial_checkpoint",

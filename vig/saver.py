@@ -30,6 +30,11 @@ _LOGGER = logging.getLogger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)\.pth\.tar$")
 LAST_NAME = "last.pth.tar"
 BEST_NAME = "model_best.pth.tar"
+SUMMARY_NAME = "summary.csv"
+ARGS_NAME = "args.yaml"
+CURVES_NAME = "curves.png"
+# what an epoch of a run leaves in its folder (args.yaml alone is written before the first epoch)
+RESULT_NAMES = (SUMMARY_NAME, LAST_NAME, BEST_NAME, CURVES_NAME)
 # temporary files of atomic_write / atomic_duplicate that a killed process left behind
 STALE_TEMPORARY_PATTERN = re.compile(
     r"^\.(last\.pth\.tar|model_best\.pth\.tar|checkpoint-\d+\.pth\.tar|summary\.csv|args\.yaml)\..+\.tmp$")
@@ -124,9 +129,41 @@ def prepare_output_dir(output: str, experiment: str) -> Path:
     return folder
 
 
+def run_files(folder: Path) -> list[str]:
+    """Names of the files of a train.py run in ``folder``: results (see `RESULT_NAMES`), checkpoint-<epoch>
+    files and args.yaml, sorted."""
+    return sorted(entry.name for entry in folder.iterdir()
+                  if entry.name in (*RESULT_NAMES, ARGS_NAME) or CHECKPOINT_PATTERN.match(entry.name))
+
+
+def require_fresh_or_resumable(folder: Path, resume: str) -> None:
+    """Refuse to start a run in a folder that another run has written to, unless this run resumes.
+
+    Without --resume, any file of a run (args.yaml, summary.csv, checkpoints, curves.png) stops the
+    run before training: its model_best / checkpoint-<epoch> files would otherwise outlive the new
+    run's. With ``--resume auto`` the folder must hold last.pth.tar when it holds any result (a folder
+    with only args.yaml, left by a run that died in its first epoch, starts afresh). An explicit
+    ``--resume PATH`` continues that checkpoint's run here. Nothing is ever deleted.
+
+    Raises:
+        UsageError: one line naming the folder, what it holds, and the two ways out.
+    """
+    found = run_files(folder)
+    ways_out = (f"resume it (--resume auto, or --resume {folder / LAST_NAME}) or choose another --experiment "
+                "(or --output)")
+    if not resume and found:
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise UsageError(f"run folder {folder} already holds another run ({shown}); {ways_out}")
+    if resume == "auto" and not (folder / LAST_NAME).exists():
+        results = [name for name in found if name != ARGS_NAME]
+        if results:
+            raise UsageError(f"--resume auto: run folder {folder} holds results ({', '.join(results[:4])}) but no "
+                             f"{LAST_NAME} to resume from; choose another --experiment (or --output)")
+
+
 def summary_rows(folder: Path) -> list[dict[str, str]]:
     """The rows of folder/summary.csv ([] when absent); UsageError when the file is not train.py's summary."""
-    path = folder / "summary.csv"
+    path = folder / SUMMARY_NAME
     if not path.exists():
         return []
     try:
@@ -144,12 +181,12 @@ def write_args_yaml(folder: Path, args: dict[str, Any]) -> None:
     """args.yaml: every resolved flag (not -c itself nor the launcher's --local-rank), loadable with `-c`."""
     kept = {key: value for key, value in args.items() if key not in ("config", "local_rank")}
     text = yaml.safe_dump(kept, default_flow_style=False, sort_keys=True)
-    atomic_write(folder / "args.yaml", lambda handle: handle.write(text.encode("utf-8")))
+    atomic_write(folder / ARGS_NAME, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def append_summary(folder: Path, row: dict[str, Any]) -> None:
     """Add one epoch row to summary.csv (rewritten atomically; a resumed epoch replaces its old row)."""
-    path = folder / "summary.csv"
+    path = folder / SUMMARY_NAME
     rows: list[dict[str, Any]] = [old for old in summary_rows(folder) if int(old["epoch"]) < int(row["epoch"])]
     rows.append(row)
     fieldnames = list(row)

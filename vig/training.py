@@ -30,16 +30,19 @@ from timm.utils import ModelEmaV3, distribute_bn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from vig.checkpoint import CheckpointError, load_checkpoint, load_state_dict_into, read_checkpoint
+from vig.checkpoint import (CheckpointError, ModelSettings, extract_state_dict, load_state_dict_into, merge_settings,
+                            read_checkpoint, recorded_settings)
 from vig.data import (ShardedEvalSampler, build_dataset, build_loader, eval_transform, require_same_classes,
                       resolve_preprocessing, take_corrupt_count, train_sampler, train_transform)
 from vig.distributed import (DistributedContext, all_gather_objects, all_reduce_sum, broadcast_object,
                              init_distributed, shutdown_distributed)
 from vig.engine import resolve_precision, train_one_epoch, unwrap_model, validate
+from vig.cli import DEFAULT_MODEL
 from vig.errors import UsageError
 from vig.plot import write_curves
 from vig.profile import count_macs, count_parameters
-from vig.saver import CheckpointSaver, LAST_NAME, append_summary, prepare_output_dir, run_folder_name, write_args_yaml
+from vig.saver import (CURVES_NAME, LAST_NAME, SUMMARY_NAME, CheckpointSaver, append_summary, prepare_output_dir, require_fresh_or_resumable,
+                       run_folder_name, write_args_yaml)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -85,9 +88,45 @@ def create_model_from_args(args: argparse.Namespace, num_classes: int) -> nn.Mod
         raise UsageError(f"model {args.model}: {err}") from None
 
 
-def _load_weights(model: nn.Module, path: str, use_ema: bool) -> None:
+def apply_checkpoint_settings(args: argparse.Namespace, use_class_count: bool) -> dict[str, Any] | None:
+    """Read --initial-checkpoint and fill in the model settings the command line leaves open from it.
+
+    Model name, image size, SViG thresholds and --model-kwargs come from the checkpoint's recorded
+    flags unless given (see `vig.checkpoint.merge_settings` for which contradictions are errors and
+    which win with a warning); with ``use_class_count`` (evaluation) its class count too. Without a
+    checkpoint, or for a bare state dict without --model, the model is `DEFAULT_MODEL`.
+
+    Returns:
+        the checkpoint dict (read once, for `load_weights`), or None without --initial-checkpoint.
+    """
+    if not args.initial_checkpoint:
+        args.model = args.model or DEFAULT_MODEL
+        return None
+    path = args.initial_checkpoint
     try:
-        load_checkpoint(model, path, use_ema=use_ema)
+        checkpoint = read_checkpoint(path)
+        state_dict, _ = extract_state_dict(checkpoint, source=path)
+        recorded = recorded_settings(checkpoint, state_dict, model_name=args.model or DEFAULT_MODEL)
+        given = ModelSettings(model=args.model, img_size=args.img_size, num_classes=args.num_classes,
+                              start_thresh=args.start_thresh, dec=args.dec, model_kwargs=dict(args.model_kwargs))
+        if not use_class_count:
+            recorded.num_classes = None
+        merged = merge_settings(given, recorded, path)
+    except CheckpointError as err:
+        raise UsageError(str(err)) from None
+    args.model = merged.model or DEFAULT_MODEL
+    args.img_size, args.start_thresh, args.dec = merged.img_size, merged.start_thresh, merged.dec
+    args.model_kwargs = merged.model_kwargs
+    if use_class_count:
+        args.num_classes = merged.num_classes
+    return checkpoint
+
+
+def load_weights(model: nn.Module, checkpoint: dict[str, Any], path: str, use_ema: bool) -> None:
+    """Strictly load the (EMA) weights of an already read checkpoint into ``model``; one-line UsageError."""
+    try:
+        state_dict, entry = extract_state_dict(checkpoint, use_ema, path)
+        load_state_dict_into(model, state_dict, path, entry)
     except CheckpointError as err:
         raise UsageError(str(err)) from None
     _LOGGER.info("loaded %sweights from %s", "EMA " if use_ema else "", path)
@@ -114,19 +153,22 @@ def _num_classes(args: argparse.Namespace, classes: list[str]) -> int:
     return args.num_classes
 
 
-def _graph_description(args: argparse.Namespace) -> str:
-    if not args.model.startswith(("vig_", "svig_")):
-        return "model's own"
-    if args.start_thresh is None:
-        return "kNN" if args.model.startswith("vig_") else "threshold (model defaults)"
-    return f"threshold start {args.start_thresh} dec {args.dec if args.dec is not None else 'default'}"
+def graph_settings(model: nn.Module) -> tuple[str, float | None, float | None]:
+    """(description, start_thresh, dec) of the graph the built model uses: 'kNN', 'threshold start t dec d',
+    or "model's own" for models without the ViG threshold switch."""
+    if not hasattr(model, "start_thresh"):
+        return "model's own", None, None
+    if model.start_thresh is None:
+        return "kNN", None, None
+    return f"threshold start {model.start_thresh} dec {model.dec}", model.start_thresh, model.dec
 
 
 def evaluate(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any] | None:
     """Evaluate --pretrain_path on the validation split; the result dict on the primary rank, else None."""
+    checkpoint = apply_checkpoint_settings(args, use_class_count=True)
     val_set, classes = build_dataset(args, args.val_split, is_training=False)
     model = create_model_from_args(args, _num_classes(args, classes))
-    _load_weights(model, args.initial_checkpoint, use_ema=args.model_ema)
+    load_weights(model, checkpoint, args.initial_checkpoint, use_ema=args.model_ema)
     config = resolve_preprocessing(args, model)
     val_set.transform = eval_transform(config)
     model.to(ctx.device)
@@ -139,8 +181,10 @@ def evaluate(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any
                      log_interval=args.log_interval)
     if not ctx.is_primary:
         return None
+    graph, start_thresh, dec = graph_settings(model)
     return {"model": args.model, "checkpoint": args.initial_checkpoint, "ema": args.model_ema,
-            "graph": _graph_description(args), "start_thresh": args.start_thresh, "dec": args.dec,
+            "img_size": config.input_size[-1], "num_classes": _num_classes(args, classes),
+            "graph": graph, "start_thresh": start_thresh, "dec": dec,
             "tta": args.tta, "top1": stats.top1, "top5": stats.top5, "loss": stats.loss, "count": stats.count}
 
 
@@ -168,12 +212,18 @@ def _loss_and_mixup(args: argparse.Namespace, num_classes: int) -> tuple[nn.Modu
 
 
 def _output_folder(args: argparse.Namespace, ctx: DistributedContext, img_size: int) -> Path:
-    """Primary rank creates output/experiment (dated name without --experiment) and shares it, or the error."""
+    """Primary rank creates output/experiment (dated name without --experiment) and shares it, or the error.
+
+    A folder that already holds another run's files is refused unless the run resumes (see
+    `vig.saver.require_fresh_or_resumable`): two runs never mix their checkpoints and summaries.
+    """
     folder: str | None = None
     error: str | None = None
     if ctx.is_primary:
         try:
-            folder = str(prepare_output_dir(args.output, args.experiment or run_folder_name(args.model, img_size)))
+            path = prepare_output_dir(args.output, args.experiment or run_folder_name(args.model, img_size))
+            require_fresh_or_resumable(path, args.resume)
+            folder = str(path)
         except UsageError as err:
             error = str(err)
     folder, error = broadcast_object((folder, error), ctx)
@@ -237,13 +287,17 @@ def _restore_training_state(path: str, state: dict[str, Any], model: nn.Module, 
 
 def train(args: argparse.Namespace, ctx: DistributedContext) -> None:
     """Full training run with per-epoch validation, summary.csv and checkpoints in output/experiment."""
+    checkpoint = apply_checkpoint_settings(args, use_class_count=False)
+    if args.warmup_epochs >= args.epochs and ctx.is_primary:
+        _LOGGER.warning("--warmup-epochs %d >= --epochs %d: the learning rate never reaches --lr %g",
+                        args.warmup_epochs, args.epochs, args.lr)
     train_set, classes = build_dataset(args, args.train_split, is_training=True)
     val_set, val_classes = build_dataset(args, args.val_split, is_training=False)
     require_same_classes(args, classes, val_classes)
     num_classes = _num_classes(args, classes)
     model = create_model_from_args(args, num_classes)
-    if args.initial_checkpoint:
-        _load_weights(model, args.initial_checkpoint, use_ema=False)
+    if checkpoint is not None:
+        load_weights(model, checkpoint, args.initial_checkpoint, use_ema=False)
     config = resolve_preprocessing(args, model)
     train_set.transform = train_transform(args, config)
     val_set.transform = eval_transform(config)
@@ -335,10 +389,12 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> None:
             if corrupt.sum() > 0:
                 _LOGGER.warning("epoch %d: skipped %d corrupt training and %d corrupt validation image reads "
                                 "(--skip-corrupt)", epoch, int(corrupt[0]), int(corrupt[1]))
-            _LOGGER.info("epoch %d: train loss %.4f over %d images (per process %s), %.1f img/s; "
-                         "validation %d images: loss %.4f top1 %.2f top5 %.2f%s", epoch, stats.loss, stats.images,
-                         shard_images, stats.images_per_second, eval_stats.count, eval_stats.loss,
-                         eval_stats.top1, eval_stats.top5,
+            left_out = sum(shard_images) - stats.images - stats.skipped_steps * args.batch_size * ctx.world_size
+            _LOGGER.info("epoch %d: train loss %.4f = mean over the %d images trained in this epoch by %d process(es)%s, "
+                         "%.1f img/s; validation %d images: loss %.4f top1 %.2f top5 %.2f%s", epoch, stats.loss,
+                         stats.images, ctx.world_size,
+                         f" ({left_out} more in incomplete last batches, not trained)" if left_out > 0 else "",
+                         stats.images_per_second, eval_stats.count, eval_stats.loss, eval_stats.top1, eval_stats.top5,
                          f"; EMA top1 {row['ema_eval_top1']:.2f}" if model_ema is not None else "")
             append_summary(folder, row)
             state = {"epoch": epoch, "arch": args.model, "state_dict": unwrap_model(model).state_dict(),
@@ -349,7 +405,7 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> None:
                 state[precision.scaler.state_dict_key] = precision.scaler.state_dict()
             best_epoch, best_metric = saver.save(state, epoch, metric)
             _LOGGER.info("best top1 %.2f at epoch %d", best_metric, best_epoch)
-            write_curves(folder / "summary.csv", folder / "curves.png")
+            write_curves(folder / SUMMARY_NAME, folder / CURVES_NAME)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any] | None:

@@ -30,7 +30,8 @@ from timm.data import create_transform, resolve_data_config
 from torch import nn
 
 from gcn_lib import DynConv2d
-from vig.checkpoint import load_checkpoint
+from vig.checkpoint import (ModelSettings, extract_state_dict, load_state_dict_into, merge_settings,
+                            read_checkpoint, recorded_settings)
 
 GRAPH_CHOICES: tuple[str, ...] = ("knn", "threshold", "both")
 GRAPH_TITLES: dict[str, str] = {"knn": "kNN graph (ViG)", "threshold": "threshold graph (SViG)"}
@@ -266,17 +267,38 @@ def draw_graphs(graphs: dict[str, list[BlockGraph]], shown: np.ndarray, node: tu
     return fig
 
 
-def build_model(name: str, start_thresh: float | None, dec: float | None, checkpoint: Path | None,
-                img_size: int | None = None) -> nn.Module:
-    """A registered vig model in eval mode; ``start_thresh``, ``dec``, ``img_size`` are passed on when given."""
-    if not timm.is_model(name):
+def resolve_settings(given: ModelSettings, checkpoint: Path | None) -> tuple[ModelSettings, dict[str, torch.Tensor] | None]:
+    """The settings to build the model with, and the checkpoint's weights (None without a checkpoint).
+
+    Settings the flags leave open come from the checkpoint's recorded training flags (model, image
+    size, class count, thresholds, model kwargs; `vig.checkpoint.merge_settings`), so a checkpoint
+    of any class count or input size loads without repeating its training flags.
+    """
+    if checkpoint is None:
+        if given.model is None:
+            raise ValueError("--model is needed without --checkpoint")
+        return given, None
+    state = read_checkpoint(checkpoint)
+    weights, _ = extract_state_dict(state, source=str(checkpoint))
+    merged = merge_settings(given, recorded_settings(state, weights, model_name=given.model), str(checkpoint))
+    if merged.model is None:
+        raise ValueError(f"{checkpoint} does not name its model; give --model")
+    return merged, weights
+
+
+def build_model(settings: ModelSettings, weights: dict[str, torch.Tensor] | None = None,
+                source: str = "checkpoint") -> nn.Module:
+    """A registered vig model built with ``settings`` (fields left None take the model's defaults), with
+    ``weights`` (from ``source``) loaded strictly when given, in eval mode."""
+    name = settings.model
+    if name is None or not timm.is_model(name):
         known = ", ".join(timm.list_models("*vig_*"))
         raise ValueError(f"unknown model {name!r}" + (f" (registered: {known})" if known else ""))
-    options = {key: value for key, value in (("start_thresh", start_thresh), ("dec", dec), ("img_size", img_size))
-               if value is not None}
-    model = timm.create_model(name, pretrained=False, **options)
-    if checkpoint is not None:
-        load_checkpoint(model, checkpoint, use_ema=False, strict=True)
+    options = {key: getattr(settings, key) for key in ("start_thresh", "dec", "img_size", "num_classes")
+               if getattr(settings, key) is not None}
+    model = timm.create_model(name, pretrained=False, **{**settings.model_kwargs, **options})
+    if weights is not None:
+        load_state_dict_into(model, weights, source, "weights")
     return model.eval()
 
 
@@ -288,16 +310,18 @@ def _graph_kind(model: nn.Module) -> str:
     return kinds.pop()
 
 
-def visualize(model_name: str, image_path: Path, out_png: Path, graph: str | None = None,
+def visualize(model_name: str | None, image_path: Path, out_png: Path, graph: str | None = None,
               start_thresh: float | None = None, dec: float | None = None, checkpoint: Path | None = None,
               node: tuple[int, int] | None = None, blocks: Sequence[int] | None = None,
-              img_size: int | None = None) -> Path:
+              img_size: int | None = None, num_classes: int | None = None) -> Path:
     """Write the graph picture to ``out_png`` (see the module docstring); returns ``out_png``.
 
     graph: None draws the model's own graph (threshold with ``start_thresh``, or for a model that
     defaults to it); 'knn' the model built without threshold arguments; 'threshold' the model built
     with them; 'both' the two side by side (same weights). img_size: the input size the model (and
-    its checkpoint) was made for, e.g. the ``--img-size`` of its training run; default the model's.
+    its checkpoint) was made for; num_classes: its classifier outputs. Every setting left None (the
+    model name too) comes from the checkpoint's recorded training flags when it has them (see
+    `resolve_settings`), else from the model's defaults.
     """
     out_png = Path(out_png)
     if out_png.suffix.lower() != ".png":
@@ -314,20 +338,27 @@ def visualize(model_name: str, image_path: Path, out_png: Path, graph: str | Non
         raise ValueError(f"image not found: {image_path}")
     if img_size is not None and img_size < 1:
         raise ValueError(f"img_size must be positive, got {img_size}")
+    if num_classes is not None and num_classes < 1:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    settings, weights = resolve_settings(ModelSettings(model=model_name, img_size=img_size, num_classes=num_classes,
+                                                       start_thresh=start_thresh, dec=dec), checkpoint)
+    model_name = settings.model
     # (graph rule expected or None for the model's own, threshold arguments) of each model to build
-    plans = {None: [(None, start_thresh, dec)], "knn": [("knn", None, None)],
-             "threshold": [("threshold", start_thresh, dec)],
-             "both": [("knn", None, None), ("threshold", start_thresh, dec)]}[graph]
+    own = (settings.start_thresh, settings.dec)
+    plans = {None: [(None, *own)], "knn": [("knn", None, None)], "threshold": [("threshold", *own)],
+             "both": [("knn", None, None), ("threshold", *own)]}[graph]
     graphs: dict[str, list[BlockGraph]] = {}
     shown = None
     for expected, thresh, decrement in plans:
-        model = build_model(model_name, thresh, decrement, checkpoint, img_size)
+        plan = ModelSettings(model=model_name, img_size=settings.img_size, num_classes=settings.num_classes,
+                             start_thresh=thresh, dec=decrement, model_kwargs=settings.model_kwargs)
+        model = build_model(plan, weights, str(checkpoint))
         kind = _graph_kind(model)
         if expected == "threshold" and kind != "threshold":
             raise ValueError(f"{model_name} builds the kNN graph without --start-thresh; give --start-thresh (and --dec)")
         if expected == "knn" and kind != "knn":
             raise ValueError(f"{model_name} always builds the threshold graph; for the kNN graph use its vig_* counterpart")
-        image, shown = preprocess(model, image_path, img_size)
+        image, shown = preprocess(model, image_path, settings.img_size)
         chosen = list(blocks) if blocks else default_blocks(len(graph_convs(model)))
         graphs[kind] = capture_graphs(model, image, chosen)
     weights = f"checkpoint {Path(checkpoint).name}" if checkpoint else "random weights"
@@ -354,7 +385,8 @@ class _OneLineErrors(argparse.ArgumentParser):
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _OneLineErrors(prog="python -m vig.visualize", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="registered model name, e.g. vig_ti_224_gelu")
+    parser.add_argument("--model", default=None,
+                        help="registered model name, e.g. vig_ti_224_gelu (default: the checkpoint's)")
     parser.add_argument("--start-thresh", type=float, default=None, help="threshold graph (SViG): t of block 0")
     parser.add_argument("--dec", type=float, default=None, help="threshold graph: t decreases by this per block")
     parser.add_argument("--graph", choices=GRAPH_CHOICES, default=None,
@@ -362,7 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "'both' draws kNN and threshold side by side")
     parser.add_argument("--checkpoint", type=Path, default=None, help="weights to load (default: random weights)")
     parser.add_argument("--img-size", type=int, default=None,
-                        help="input size the model was trained at (train.py --img-size); default: the model's")
+                        help="input size (default: the checkpoint's training --img-size, else the model's)")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="classifier outputs (default: the checkpoint's, else the model's)")
     parser.add_argument("--image", type=Path, required=True, help="image file")
     parser.add_argument("--node", default=None, metavar="Y,X", help="centre patch on the feature grid (default: middle)")
     parser.add_argument("--blocks", default=None, metavar="I,J,...", help="blocks to draw (default: first, middle, last)")
@@ -372,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         node = None if args.node is None else parse_node(args.node)
         blocks = None if args.blocks is None else parse_blocks(args.blocks)
         visualize(args.model, args.image, args.out, args.graph, args.start_thresh, args.dec, args.checkpoint,
-                  node, blocks, args.img_size)
+                  node, blocks, args.img_size, args.num_classes)
     except (ValueError, OSError, RuntimeError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
