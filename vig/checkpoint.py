@@ -227,6 +227,21 @@ def load_state_dict_into(model: nn.Module, state_dict: dict[str, torch.Tensor], 
     )
 
 
+def checkpoint_filter_fn(state_dict: dict[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
+    """timm's ``pretrained_filter_fn`` for this project's models: what `load_checkpoint` does before loading.
+
+    Takes a bare state dict or a checkpoint dict (its ``state_dict`` / ``model`` entry is used, as
+    `load_checkpoint` does without ``use_ema``), strips ``module.`` prefixes, and applies the model's
+    ``adapt_state_dict`` when it has one (the ViG models resize ``pos_embed`` to their grid). So
+    ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path), img_size=...)``
+    and ``timm.models.load_checkpoint(model, path, filter_fn=checkpoint_filter_fn)`` load published
+    files at any input size.
+    """
+    weights, _ = extract_state_dict(state_dict, source="pretrained weights")
+    adapt = getattr(model, "adapt_state_dict", None)
+    return adapt(weights) if callable(adapt) else weights
+
+
 # --- construction settings recorded in checkpoints ---------------------------------------------------------
 
 SETTING_NAMES: tuple[str, ...] = ("model", "img_size", "num_classes", "start_thresh", "dec")

@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="SViG: similarity threshold of the first block, in (0, 1); omit for kNN ViG")
     model.add_argument("--dec", type=float, default=None, help="SViG: threshold decrement per block (>= 0)")
     model.add_argument("--channels-last", action="store_true", help="channels-last memory layout")
+    model.add_argument("--grad-checkpointing", action="store_true",
+                       help="recompute block activations in the backward pass (less memory, more compute)")
     model.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                        help="torch.compile the model (default backend: inductor)")
     model.add_argument("--sync-bn", action="store_true", help="synchronised BatchNorm across processes")

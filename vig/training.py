@@ -298,6 +298,8 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> None:
     model = create_model_from_args(args, num_classes)
     if checkpoint is not None:
         load_weights(model, checkpoint, args.initial_checkpoint, use_ema=False)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     config = resolve_preprocessing(args, model)
     train_set.transform = train_transform(args, config)
     val_set.transform = eval_transform(config)

@@ -43,13 +43,17 @@ import importlib
 import warnings
 from collections import OrderedDict
 from types import ModuleType
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from torch.utils.checkpoint import checkpoint
 
 from gcn_lib import drop_edge, grid_edges, sparse_knn, to_pyg
+from vig.checkpoint import checkpoint_filter_fn
 from vig.tta import predict_flip_tta
 
 __all__ = ["CnnGatCifar", "GRAPH_LAYERS", "cnn_gat_cifar", "predict_flip_tta"]
@@ -58,6 +62,7 @@ GRAPH_LAYERS = ("gat", "gatv2", "gcn", "sage")
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 HEAD_WIDTH = 128
+DEFAULT_BLOCKS = 3
 
 
 def _pyg(submodule: str) -> ModuleType:
@@ -121,7 +126,7 @@ class CnnGatCifar(nn.Module):
     """CNN front end + graph layers over its 16x16 map: images (B, C_in, 32, 32) -> logits (B, num_classes).
 
     Args:
-        num_classes: output classes.
+        num_classes: output classes; 0 gives the pre-logits (B, 128) of the MLP head from `forward`.
         in_chans: image channels.
         conv: graph layer type, one of ``gat``, ``gatv2``, ``gcn``, ``sage``.
         embed_dim: CNN output channels D (node features before the (y, x) columns).
@@ -138,16 +143,17 @@ class CnnGatCifar(nn.Module):
     """
 
     def __init__(self, num_classes: int = 10, in_chans: int = 3, conv: str = "gat", embed_dim: int = 128,
-                 hidden: int = 256, heads: int = 8, num_blocks: int = 3, knn: int = 0, edge_drop: float = 0.0,
+                 hidden: int = 256, heads: int = 8, num_blocks: int = DEFAULT_BLOCKS, knn: int = 0, edge_drop: float = 0.0,
                  drop: float = 0.0, attn_drop: float = 0.0, negative_slope: float = 0.2, use_xy: bool = True,
                  drop_rate: float | None = None) -> None:
         super().__init__()
         if conv not in GRAPH_LAYERS:
             raise ValueError(f"conv must be one of {', '.join(GRAPH_LAYERS)}; got {conv!r}")
-        for name, value in (("num_classes", num_classes), ("in_chans", in_chans), ("embed_dim", embed_dim),
+        for name, value in (("in_chans", in_chans), ("embed_dim", embed_dim),
                             ("hidden", hidden), ("heads", heads), ("num_blocks", num_blocks)):
             if int(value) != value or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
+        _check_classes(num_classes)
         if int(knn) != knn or knn < 0:
             raise ValueError(f"knn must be a non-negative integer, got {knn}")
         if drop_rate is not None:
@@ -164,6 +170,9 @@ class CnnGatCifar(nn.Module):
         self.edge_drop = edge_drop
         self.use_xy = use_xy
         self.drop_rate = drop
+        self.num_features = hidden
+        self.head_hidden_size = HEAD_WIDTH
+        self.grad_checkpointing = False
 
         self.stem = nn.Sequential(
             _conv_bn(in_chans, 32, 1, relu=True),
@@ -181,6 +190,10 @@ class CnnGatCifar(nn.Module):
                               hidden, drop, residual=True) for _ in range(num_blocks - 1)]
         self.blocks = nn.ModuleList(blocks)
         self.head = self._make_head(num_classes)
+        # stem map, then the node features after the input layer and after each block, as (B, C, H/2, W/2)
+        self.feature_info = [dict(num_chs=embed_dim, reduction=2, module="stem"),
+                             dict(num_chs=heads * hidden, reduction=2, module="input_layer")]
+        self.feature_info += [dict(num_chs=hidden, reduction=2, module=f"blocks.{i}") for i in range(num_blocks)]
         self._init_cnn()
 
     def _make_head(self, num_classes: int) -> nn.Sequential:
@@ -188,7 +201,7 @@ class CnnGatCifar(nn.Module):
             ("fc1", nn.Linear(self.hidden, HEAD_WIDTH)),
             ("act", nn.ReLU(inplace=True)),
             ("drop", nn.Dropout(self.drop_rate)),
-            ("fc2", nn.Linear(HEAD_WIDTH, num_classes)),
+            ("fc2", self._classifier(num_classes)),
         ]))
 
     def _init_cnn(self) -> None:
@@ -196,16 +209,39 @@ class CnnGatCifar(nn.Module):
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for layer-wise learning-rate decay (timm): the CNN stem, then the input graph layer
+        with the first block and each further block (``coarse`` is the same: there are no stages); the head
+        falls into the last group."""
+        return dict(stem=r"^stem", blocks=[(r"^input_layer", (0,)), (r"^blocks\.(\d+)", None)])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the CNN stem and each graph block in the backward pass instead of keeping their activations;
+        outputs and gradients are unchanged (BatchNorm running statistics see each batch twice in training)."""
+        self.grad_checkpointing = enable
+
     def get_classifier(self) -> nn.Module:
-        """The last linear layer (timm convention)."""
+        """The last linear layer (timm convention); Identity for num_classes=0."""
         return self.head.fc2
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace the MLP head with a fresh one for ``num_classes`` classes (timm convention)."""
-        if int(num_classes) != num_classes or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive integer, got {num_classes}")
+        """Replace the last layer of the MLP head by a fresh one with ``num_classes`` outputs (0: none, the
+        model then gives the pre-logits); the head's hidden layer keeps its weights, as in timm."""
+        _check_classes(num_classes)
         self.num_classes = num_classes
-        self.head = self._make_head(num_classes).to(self.head.fc1.weight.device)
+        weight = self.head.fc1.weight
+        self.head.fc2 = self._classifier(num_classes).to(device=weight.device, dtype=weight.dtype)
+
+    @staticmethod
+    def _classifier(num_classes: int) -> nn.Module:
+        return nn.Linear(HEAD_WIDTH, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _checkpointed(self, module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint(module, *inputs, use_reentrant=False)
+        return module(*inputs)
 
     def nodes(self, feature_map: torch.Tensor) -> torch.Tensor:
         """CNN map (B, D, H, W) -> node features (B * H * W, D [+ 2]), image-major, row-major positions."""
@@ -234,23 +270,70 @@ class CnnGatCifar(nn.Module):
         edge_index = drop_edge(edge_index, self.edge_drop, training=self.training)
         return to_pyg(edge_index)
 
+    def _stages(self, x: torch.Tensor, last: int) -> tuple[list[torch.Tensor], tuple[int, int]]:
+        """Node features of stages 0..``last`` (0: stem map as nodes, 1: input layer, 2 + i: block i), each
+        (B * H * W, C), and the map size (H, W); images (B, C_in, H0, W0)."""
+        feature_map = self._checkpointed(self.stem, x)
+        b, _, h, w = feature_map.shape
+        stages = [feature_map.permute(0, 2, 3, 1).reshape(b * h * w, -1)]
+        if last >= 1:
+            edge_index = self.edges(feature_map)
+            nodes = self.input_act(self.input_layer(self.nodes(feature_map), edge_index))
+            stages.append(nodes)
+            for block in self.blocks[:last - 1]:
+                nodes = self._checkpointed(block, nodes, edge_index)
+                stages.append(nodes)
+        return stages, (h, w)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C_in, H, W) -> per-image mean of the last block's node features (B, hidden)."""
-        feature_map = self.stem(x)
-        b, _, h, w = feature_map.shape
-        edge_index = self.edges(feature_map)
-        nodes = self.input_act(self.input_layer(self.nodes(feature_map), edge_index))
-        for block in self.blocks:
-            nodes = block(nodes, edge_index)
-        return nodes.view(b, h * w, -1).mean(dim=1)
+        stages, (h, w) = self._stages(x, len(self.feature_info) - 1)
+        return stages[-1].view(x.shape[0], h * w, -1).mean(dim=1)
 
-    def forward_head(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Pooled features (B, hidden) -> logits (B, num_classes)."""
-        return self.head(pooled)
+    def forward_head(self, pooled: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pooled features (B, hidden) -> logits (B, num_classes), or the MLP's hidden layer (B, 128) with
+        ``pre_logits``."""
+        return self.head[:-1](pooled) if pre_logits else self.head(pooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C_in, H, W) -> logits (B, num_classes)."""
         return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Feature maps (B, C, H/2, W/2) of the stages in `feature_info` (stem, input layer, each block),
+        as timm's feature API asks for them; the final output is the pooled (B, hidden) of `forward_features`.
+
+        Args:
+            indices: stages to return: None all, an int the last n, a sequence those (negative from the end).
+            norm: must be False (no final norm).
+            stop_early: skip the stages after the last requested one.
+            output_fmt: ``'NCHW'`` only.
+            intermediates_only: return only the list.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt={output_fmt!r} is not supported; features are 'NCHW'")
+        if norm:
+            raise ValueError("norm=True is not supported: the model has no final norm layer")
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        stages, (h, w) = self._stages(x, max_index if stop_early or intermediates_only else len(self.feature_info) - 1)
+        b = x.shape[0]
+        intermediates = [stages[i].view(b, h, w, -1).permute(0, 3, 1, 2) for i in take_indices]
+        if intermediates_only:
+            return intermediates
+        return stages[-1].view(b, h * w, -1).mean(dim=1), intermediates
+
+
+def _check_classes(num_classes: int) -> None:
+    if int(num_classes) != num_classes or num_classes < 0:
+        raise ValueError(f"num_classes must be a non-negative integer, got {num_classes}")
 
 
 default_cfgs = generate_default_cfgs({
@@ -271,4 +354,9 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def cnn_gat_cifar(pretrained: bool = False, **kwargs) -> CnnGatCifar:
     """CIFAR-10 CNN + GAT (embed 128, hidden 256, 8 heads, 3 blocks); keyword arguments as `CnnGatCifar`."""
-    return build_model_with_cfg(CnnGatCifar, "cnn_gat_cifar", pretrained, **kwargs)
+    if pretrained and not any(key in (kwargs.get("pretrained_cfg_overlay") or {}) for key in ("file", "state_dict")):
+        raise ValueError("cnn_gat_cifar: no published weights; pass pretrained_cfg_overlay=dict(file=PATH)")
+    stages = kwargs.get("num_blocks", DEFAULT_BLOCKS) + 2  # stem, input layer, blocks (see feature_info)
+    feature_cfg = dict(feature_cls="getter", out_indices=kwargs.pop("out_indices", stages))
+    return build_model_with_cfg(CnnGatCifar, "cnn_gat_cifar", pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=feature_cfg, **kwargs)

@@ -19,11 +19,13 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from gcn_lib import DynConv2d, act_layer, init_convs_
+from vig.checkpoint import checkpoint_filter_fn
 
 _logger = logging.getLogger(__name__)
 
@@ -200,6 +202,7 @@ class VisionGNN(nn.Module):
         self.grid_size = stem_grid(img_size)
         self.start_thresh = start_thresh
         self.dec = dec if start_thresh is not None else None
+        self.grad_checkpointing = False
 
         self.stem = Stem(in_chans, channels, act)
         self.pos_embed = nn.Parameter(torch.zeros(1, channels, *self.grid_size))
@@ -239,6 +242,19 @@ class VisionGNN(nn.Module):
         """Parameters timm's optimizer factory keeps out of weight decay (besides norms and biases)."""
         return {"pos_embed"}
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for layer-wise learning-rate decay (timm): stem and pos_embed, then each block
+        (``backbone.{i}``); the head falls into the last group."""
+        return dict(stem=r"^stem|^pos_embed", blocks=r"^backbone\.(\d+)" if coarse else [(r"^backbone\.(\d+)", None)])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them (less memory,
+        one more forward per block). Outputs and gradients are unchanged; in training, BatchNorm running
+        statistics see each batch twice (once more in the recomputation), as in every timm model."""
+        self.grad_checkpointing = enable
+
     def get_classifier(self) -> nn.Module:
         """The last layer of the head: Conv2d(1024, num_classes, 1), or Identity for num_classes=0."""
         return self.prediction[-1]
@@ -271,7 +287,10 @@ class VisionGNN(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> final feature map (B, C, H/16, W/16)."""
-        return self.backbone(self._embed(x))
+        x = self._embed(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.backbone, x)
+        return self.backbone(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Feature map (B, C, h, w) -> logits (B, num_classes), or (B, 1024) with ``pre_logits``."""
@@ -312,7 +331,10 @@ class VisionGNN(nn.Module):
         intermediates = []
         x = self._embed(x)
         for i, block in enumerate(blocks):
-            x = block(x)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
             if i in take_indices:
                 intermediates.append(x)
         if intermediates_only:
@@ -365,9 +387,9 @@ def _graph_kwargs(variant: str, kwargs: dict[str, Any], threshold_default: bool)
 
 
 def _create(variant: str, size: str, threshold_default: bool, pretrained: bool = False, **kwargs: Any) -> VisionGNN:
-    if pretrained:
+    if pretrained and not any(key in (kwargs.get("pretrained_cfg_overlay") or {}) for key in ("file", "state_dict")):
         raise ValueError(
-            f"{variant}: no download location is configured; create the model with pretrained=False and "
+            f"{variant}: no download location is configured; pass pretrained_cfg_overlay=dict(file=PATH) or "
             "load a published checkpoint with vig.load_checkpoint(model, path)"
         )
     _graph_kwargs(variant, kwargs, threshold_default)
@@ -377,6 +399,7 @@ def _create(variant: str, size: str, threshold_default: bool, pretrained: bool =
         VisionGNN,
         variant,
         pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=kwargs.pop("out_indices", depth), feature_cls="getter"),
         channels=dims.channels,
         depth=depth,

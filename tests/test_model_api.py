@@ -1,0 +1,191 @@
+"""Every model the project registers with timm offers timm's whole model API (project issue #13).
+
+The models are found through timm's registry (every module of ``vig.models``), so a newly registered
+model that misses part of the API fails here without being listed. Every registered name is checked
+on the meta device (no compute); the smallest model of each class also runs every call for real.
+"""
+from __future__ import annotations
+
+import copy
+import pkgutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import timm
+import torch
+from timm.models import group_parameters
+from torch import nn
+from torch.testing import assert_close
+
+import vig.models
+
+# construction arguments that keep each test fast on a CPU; models not listed are built with their defaults
+SMALL: dict[str, dict[str, Any]] = {
+    "cnn_gat_cifar": dict(hidden=16, heads=2, embed_dim=16, num_blocks=2),
+}
+SMALL_IMG_SIZE = 32  # for models that take img_size
+
+
+def project_models() -> list[str]:
+    """Every timm model name registered by a module of the vig.models package."""
+    modules = [info.name for info in pkgutil.iter_modules(vig.models.__path__)]
+    return sorted(timm.list_models(module=modules))
+
+
+MODELS = project_models()
+
+
+def smallest_of_each_class() -> list[str]:
+    """One model name per model class and graph rule (kNN or threshold, for classes that switch): the one
+    with the fewest parameters (counted on the meta device)."""
+    smallest: dict[tuple[type, bool], tuple[int, str]] = {}
+    for name in MODELS:
+        with torch.device("meta"):
+            model = timm.create_model(name, **SMALL.get(name, {}))
+        kind = (type(model), getattr(model, "start_thresh", None) is None)
+        count = sum(param.numel() for param in model.parameters())
+        if kind not in smallest or count < smallest[kind][0]:
+            smallest[kind] = (count, name)
+    return sorted(name for _, name in smallest.values())
+
+
+def _build(name: str, **kwargs: Any) -> tuple[nn.Module, torch.Tensor]:
+    """The model with small arguments and a batch of two matching images (2, 3, H, W)."""
+    options = {**SMALL.get(name, {}), **kwargs}
+    try:
+        model = timm.create_model(name, img_size=SMALL_IMG_SIZE, **options)
+        size = (SMALL_IMG_SIZE, SMALL_IMG_SIZE)
+    except TypeError:  # a model without img_size runs at its configured input size
+        model = timm.create_model(name, **options)
+        size = tuple(model.pretrained_cfg["input_size"][1:])
+    torch.manual_seed(0)
+    return model, torch.randn(2, 3, *size)
+
+
+RUN = smallest_of_each_class()
+
+
+def test_the_registry_holds_every_model_family() -> None:
+    assert {"vig_ti_224_gelu", "svig_ti_224_gelu", "cnn_gat_cifar"} <= set(MODELS)
+    assert {"vig_ti_224_gelu", "cnn_gat_cifar"} <= set(RUN)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_registered_model_has_the_api(name: str) -> None:
+    with torch.device("meta"):
+        model = timm.create_model(name, **SMALL.get(name, {}))
+        headless = timm.create_model(name, num_classes=0, **SMALL.get(name, {}))
+    for method in ("forward_features", "forward_head", "forward_intermediates", "get_classifier",
+                   "reset_classifier", "set_grad_checkpointing", "group_matcher"):
+        assert callable(getattr(model, method, None)), method
+    assert isinstance(headless.get_classifier(), nn.Identity) and headless.num_classes == 0
+    assert model.num_features > 0 and model.head_hidden_size > 0
+    assert len(model.feature_info) >= 1
+    model.set_grad_checkpointing(True)
+    assert model.grad_checkpointing
+    groups = group_parameters(model, model.group_matcher())
+    assert sorted(param for names in groups.values() for param in names) == sorted(n for n, _ in model.named_parameters())
+    assert model.pretrained_cfg["classifier"] in dict(model.named_modules())
+
+
+@pytest.mark.parametrize("name", RUN)
+def test_pre_logits_three_ways(name: str) -> None:
+    model, images = _build(name)
+    model.eval()
+    with torch.no_grad():
+        pre_logits = model.forward_head(model.forward_features(images), pre_logits=True)
+        assert pre_logits.shape == (2, model.head_hidden_size)
+        model.reset_classifier(0)
+        assert model.num_classes == 0
+        assert_close(model(images), pre_logits)
+        model.reset_classifier(5)
+        assert model(images).shape == (2, 5) and model.get_classifier() is not None
+    headless, images = _build(name, num_classes=0)
+    with torch.no_grad():
+        assert headless.eval()(images).shape == (2, headless.head_hidden_size)
+
+
+def _saved_bytes_and_grads(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
+    """Output, bytes of activations the autograd graph keeps for backward (parameters not counted; tensors
+    saved inside checkpointed regions are not kept), and gradients."""
+    saved = 0
+    parameters = {param.data_ptr() for param in model.parameters()}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        if tensor.data_ptr() not in parameters:
+            saved += tensor.numel() * tensor.element_size()
+        return tensor
+
+    torch.manual_seed(1)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = model(images)
+    output.square().sum().backward()
+    grads = {key: param.grad.clone() for key, param in model.named_parameters() if param.grad is not None}
+    return output.detach(), saved, grads
+
+
+@pytest.mark.parametrize("name", RUN)
+def test_grad_checkpointing_is_switchable(name: str) -> None:
+    model, images = _build(name)
+    model.train().set_grad_checkpointing(True)
+    _, checkpointed_bytes, grads = _saved_bytes_and_grads(model, images)
+    model.set_grad_checkpointing(False)
+    model.zero_grad()
+    _, plain_bytes, _ = _saved_bytes_and_grads(model, images)
+    assert grads.keys() == {key for key, param in model.named_parameters() if param.requires_grad}
+    assert checkpointed_bytes < plain_bytes / 2, (checkpointed_bytes, plain_bytes)
+
+
+@pytest.mark.parametrize("name", RUN)
+def test_grad_checkpointing_keeps_values_and_saves_memory(name: str) -> None:
+    model, images = _build(name)
+    model, images = model.double().train(), images.double()  # float64: the recomputation is bitwise the same
+    checkpointed = copy.deepcopy(model)
+    checkpointed.set_grad_checkpointing(True)
+    output, plain_bytes, grads = _saved_bytes_and_grads(model, images)
+    output_ckpt, ckpt_bytes, grads_ckpt = _saved_bytes_and_grads(checkpointed, images)
+    assert_close(output_ckpt, output)
+    assert grads_ckpt.keys() == grads.keys()
+    for key in grads:
+        assert_close(grads_ckpt[key], grads[key], msg=key)
+    assert ckpt_bytes < plain_bytes / 2, (ckpt_bytes, plain_bytes)
+
+
+@pytest.mark.parametrize("name", RUN)
+@pytest.mark.parametrize("coarse", [False, True])
+def test_group_matcher_groups_every_parameter(name: str, coarse: bool) -> None:
+    model, _ = _build(name)
+    groups = group_parameters(model, model.group_matcher(coarse=coarse))
+    grouped = [param for names in groups.values() for param in names]
+    assert sorted(grouped) == sorted(name for name, _ in model.named_parameters())
+    assert len(groups) >= 3  # stem, at least one block, head
+
+
+@pytest.mark.parametrize("name", RUN)
+def test_features_only_gives_maps_as_feature_info_says(name: str) -> None:
+    backbone, images = _build(name, features_only=True)
+    with torch.no_grad():
+        maps = backbone.eval()(images)
+    info = backbone.feature_info
+    assert len(maps) == len(info.channels()) >= 1
+    for feature, channels, reduction in zip(maps, info.channels(), info.reduction()):
+        assert feature.shape[:2] == (2, channels)
+        assert feature.shape[2:] == tuple(-(-side // reduction) for side in images.shape[2:])
+
+
+@pytest.mark.parametrize("name", RUN)
+@pytest.mark.parametrize("layout", ["trainer dict with module. prefixes", "bare state dict"])
+def test_timm_loads_project_checkpoints_through_the_filter(tmp_path: Path, name: str, layout: str) -> None:
+    source, _ = _build(name)
+    weights = source.state_dict()
+    if layout == "bare state dict":
+        saved: dict[str, Any] = weights
+    else:
+        saved = {"state_dict": {f"module.{key}": value for key, value in weights.items()}, "epoch": 3}
+    path = tmp_path / "weights.pth.tar"
+    torch.save(saved, path)
+    loaded, _ = _build(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, weights[key]), key
