@@ -175,7 +175,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", nargs="+", default=["vig_ti_224_gelu"])
     parser.add_argument("--start-thresh", type=float, default=None)
     parser.add_argument("--dec", type=float, default=SVIG_DEC,
-                        help="threshold decrement per block with --start-thresh (default %(default)s, as in the models)")
+                        help="SViG threshold decrement per block, with --start-thresh (default %(default)s)")
     parser.add_argument("--img-size", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--infer-batch-size", type=int, default=256)

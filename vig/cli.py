@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train or evaluate ViG / SViG (or any timm) models, on one device or distributed.",
     )
     parser.add_argument("-c", "--config", default="", metavar="FILE",
-                        help="YAML file whose keys (flag names, - or _) set defaults, values checked as the flags' own; "
-                             "flags given win")
+                        help="YAML file whose keys (flag names, - or _) set defaults, values checked as the "
+                             "flags' own; flags given win")
     parser.add_argument("data_dir", nargs="?", default=None, metavar="DIR",
                         help="dataset root (omit for the embedded synthetic demo set)")
 
