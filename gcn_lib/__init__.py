@@ -1,7 +1,7 @@
 """Graph construction and graph convolutions for Vision GNNs (pure torch, no timm)."""
 from .aggregate import gather_neighbours, max_relative_dense, max_relative_gather, max_relative_scatter
 from . import kernels
-from .conv import CONVS, EdgeConv2d, GINConv2d, GraphSAGE, MRConv2d, graph_conv, graph_form
+from .conv import CONVS, MASK_CONVS, EdgeConv2d, GINConv2d, GraphSAGE, MRConv2d, graph_conv, graph_form
 from .dynamic import GRAPHS, DynConv2d
 from .graph import (dense_knn, normalized_nodes, pairwise_sq_distance, reduced_keys, similarity_stats, threshold_mask,
                     threshold_quantile)
@@ -11,7 +11,7 @@ from .sparse import (drop_edge, edge_index_to_mask, grid_edges, knn_to_edge_inde
                      mask_to_edge_index, sparse_knn, to_pyg)
 
 __all__ = [
-    "ACTIVATIONS", "CONVS", "kernels", "GRAPHS", "NORMS",
+    "ACTIVATIONS", "CONVS", "kernels", "GRAPHS", "MASK_CONVS", "NORMS",
     "BasicConv", "DynConv2d", "EdgeConv2d", "GINConv2d", "GraphSAGE", "MRConv2d",
     "act_layer", "dense_knn", "drop_edge", "edge_index_to_mask", "gather_neighbours", "graph_conv",
     "graph_form", "grid_edges", "init_convs_", "interleave_channels", "knn_to_edge_index", "knn_to_mask",

@@ -28,6 +28,8 @@ from .nn import BasicConv, interleave_channels
 from .sparse import mask_to_edge_index
 
 CONVS: tuple[str, ...] = ("mr", "edge", "sage", "gin")
+# The operators that take a bool mask (B, N, N), the form of the similarity-threshold graph.
+MASK_CONVS: tuple[str, ...] = ("mr", "gin")
 
 
 def graph_form(graph: torch.Tensor) -> str:

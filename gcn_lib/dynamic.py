@@ -1,15 +1,26 @@
 """The dynamic graph convolution: build a graph from the current features, then convolve over it."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
 from . import kernels
-from .conv import graph_conv
+from .conv import CONVS, MASK_CONVS, graph_conv
 from .graph import check_threshold, dense_knn, reduced_keys, threshold_mask
 from .nn import interleave_channels
 
 GRAPHS: tuple[str, ...] = ("knn", "threshold")
+# DynConv2d arguments that only the kNN graph uses, and what each is; graph='threshold' refuses them
+# at any value but their default.
+KNN_ONLY: dict[str, str] = {
+    "kernel_size": "k of the kNN graph",
+    "dilation": "dilation of the kNN graph",
+    "stochastic": "stochastic kNN",
+    "epsilon": "probability of stochastic kNN",
+    "r": "the kNN graph's reduced key set",
+}
 
 
 class DynConv2d(nn.Module):
@@ -22,14 +33,20 @@ class DynConv2d(nn.Module):
         in_channels, out_channels: C and C_out.
         kernel_size: k of the kNN graph.
         dilation: dilation d of the kNN graph.
-        conv: graph convolution, one of ``mr``, ``edge``, ``sage``, ``gin``.
+        conv: graph convolution, one of ``mr``, ``edge``, ``sage``, ``gin``; the threshold graph
+            takes ``mr`` and ``gin`` (`gcn_lib.conv.MASK_CONVS`).
         act, norm, bias: of the convolution's 1x1 conv block.
         graph: ``'knn'`` (dense dilated kNN) or ``'threshold'`` (similarity threshold, SViG).
         stochastic, epsilon: stochastic kNN in training mode (see `gcn_lib.graph.dense_knn`).
-        r: pyramid reduction: neighbours are taken from the map average-pooled by r (kNN only).
-        threshold: t of the threshold graph (below 1; t <= 0 gives the complete graph).
+        r: pyramid reduction: neighbours are taken from the map average-pooled by r.
+        threshold: t of the threshold graph (below 1; t <= 0 gives the complete graph); given with
+            ``graph='knn'`` it is a ValueError.
         kernel: for ``graph='threshold'`` with ``conv='mr'``, aggregate with the fused Triton kernel
             (`gcn_lib.kernels`) whenever it can run (CUDA float tensors); False forces the torch path.
+
+    ``kernel_size``, ``dilation``, ``stochastic``, ``epsilon`` and ``r`` (`KNN_ONLY`) are kNN-graph
+    arguments: with ``graph='threshold'`` a value other than their default is a ValueError, as is a
+    ``relative_pos`` passed to `forward`.
 
     The learnable parameters live in ``gconv`` (``gconv.nn.0`` conv, ``gconv.nn.1`` norm), the
     published layout.
@@ -59,8 +76,13 @@ class DynConv2d(nn.Module):
             if threshold is None:
                 raise ValueError("graph='threshold' needs a threshold t")
             check_threshold(threshold)
-            if r != 1:
-                raise ValueError(f"r={r}: the threshold graph has no reduced key set; use r=1")
+            if conv in CONVS and conv not in MASK_CONVS:
+                raise ValueError(f"conv={conv!r} needs neighbour indices and does not work with graph='threshold'; "
+                                 f"convs for the threshold graph: {', '.join(MASK_CONVS)}")
+            _refuse_knn_arguments(kernel_size=kernel_size, dilation=dilation, stochastic=stochastic,
+                                  epsilon=epsilon, r=r)
+        elif threshold is not None:
+            raise ValueError(f"graph={graph!r} does not use threshold={threshold!r}; pass graph='threshold' with it")
         if kernel_size < 1 or dilation < 1 or r < 1:
             raise ValueError(f"kernel_size, dilation and r must be >= 1, got {kernel_size}, {dilation}, {r}")
         self.gconv = graph_conv(conv, in_channels, out_channels, act, norm, bias)
@@ -82,6 +104,9 @@ class DynConv2d(nn.Module):
                     relative_pos: torch.Tensor | None = None) -> torch.Tensor:
         """The graph for (B, C, H, W) features: indices (B, N, k) for kNN, a mask (B, N, N) for threshold."""
         if self.graph == "threshold":
+            self._refuse_relative_pos(relative_pos)
+            if y is not None:
+                raise ValueError("graph='threshold' does not use a reduced key set y; build the graph without it")
             return threshold_mask(x, self.threshold)
         return dense_knn(x, self.k, self.dilation, y=y, relative_pos=relative_pos,
                          stochastic=self.stochastic and self.training, epsilon=self.epsilon)
@@ -90,6 +115,8 @@ class DynConv2d(nn.Module):
         if x.dim() != 4:
             raise ValueError(f"x must have shape (B, C, H, W), got {tuple(x.shape)}")
         b, c, h, w = x.shape
+        if self.graph == "threshold":
+            self._refuse_relative_pos(relative_pos)
         if self.uses_kernel(x):
             nodes = x.reshape(b, c, -1, 1)
             relative = kernels.threshold_max_relative(nodes, self.threshold)
@@ -100,7 +127,22 @@ class DynConv2d(nn.Module):
         keys = None if y is None else y.reshape(b, c, -1, 1)
         return self.gconv(nodes, graph, keys).reshape(b, -1, h, w)
 
+    @staticmethod
+    def _refuse_relative_pos(relative_pos: torch.Tensor | None) -> None:
+        if relative_pos is not None:
+            raise ValueError("graph='threshold' does not use relative_pos (a distance bias of the kNN graph); "
+                             "call it without relative_pos")
+
     def extra_repr(self) -> str:
         if self.graph == "threshold":
             return f"conv={self.conv}, graph=threshold, t={self.threshold}"
         return f"conv={self.conv}, graph=knn, k={self.k}, dilation={self.dilation}, r={self.r}"
+
+
+def _refuse_knn_arguments(**given: object) -> None:
+    """ValueError naming the first `KNN_ONLY` argument of ``given`` that differs from DynConv2d's default."""
+    defaults = inspect.signature(DynConv2d.__init__).parameters
+    for name, value in given.items():
+        if value != defaults[name].default:
+            raise ValueError(f"graph='threshold' does not use {name}={value!r} ({KNN_ONLY[name]}); "
+                             f"leave {name} at its default {defaults[name].default!r}")

@@ -10,7 +10,7 @@ import torch
 
 import vig  # noqa: F401  (registers the models)
 from gcn_lib import DynConv2d, interleave_channels
-from vig.benchmark import format_table, main, remove_graph
+from vig.benchmark import format_table, main, parse_args, remove_graph
 
 
 def test_remove_graph_zeroes_every_aggregation() -> None:
@@ -35,6 +35,17 @@ def test_model_mode_writes_rows(tmp_path: Path, capsys, extra: list[str]) -> Non
     expected_graph = {"--no-graph": "none", "--start-thresh": "threshold"}.get(extra[0] if extra else "", "knn")
     assert {r["graph"] for r in rows} == {expected_graph}
     assert "images_per_s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["vig_ti_224_gelu", "svig_ti_224_gelu"])
+def test_dec_default_is_the_models(name: str) -> None:
+    """--start-thresh without --dec builds the thresholds the model itself builds for start_thresh alone."""
+    args = parse_args(["--model", name, "--start-thresh", "0.8"])
+    alone = timm.create_model(name, img_size=32, start_thresh=0.8)
+    assert args.dec == alone.dec
+    thresholds = [block[0].graph_conv.threshold for block in alone.backbone]
+    given = timm.create_model(name, img_size=32, start_thresh=args.start_thresh, dec=args.dec)
+    assert [block[0].graph_conv.threshold for block in given.backbone] == thresholds
 
 
 def test_graph_mode_times_each_implementation(tmp_path: Path) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gcn_lib import (CONVS, BasicConv, DynConv2d, act_layer, dense_knn, graph_conv, interleave_channels, knn_to_edge_index,
-                     knn_to_mask, norm_layer)
+from gcn_lib import (CONVS, MASK_CONVS, BasicConv, DynConv2d, act_layer, dense_knn, graph_conv, interleave_channels,
+                     knn_to_edge_index, knn_to_mask, norm_layer, threshold_mask)
 
 
 def _knn_graph(b: int, n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -135,11 +135,59 @@ def test_dynamic_conv_matches_explicit_graph():
     ({"graph": "threshold"}, "needs a threshold"),
     ({"graph": "threshold", "threshold": 1.0}, "below 1"),
     ({"graph": "threshold", "threshold": 0.5, "r": 2}, "reduced key set"),
+    ({"threshold": 0.5}, "graph='knn' does not use threshold=0.5"),
+    ({"kernel_size": 3, "threshold": 0.0}, "graph='knn' does not use threshold=0.0"),
     ({"kernel_size": 0}, "must be >= 1"),
 ])
 def test_dynamic_conv_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DynConv2d(8, 8, **kwargs)
+
+
+@pytest.mark.parametrize("name,value", [
+    ("kernel_size", 5), ("kernel_size", 1), ("dilation", 2), ("stochastic", True), ("epsilon", 0.2), ("r", 2),
+])
+def test_threshold_graph_refuses_knn_arguments(name, value):
+    """A kNN-only argument at any value but its default is a one-line error, not silently ignored."""
+    with pytest.raises(ValueError) as info:
+        DynConv2d(8, 8, graph="threshold", threshold=0.5, **{name: value})
+    message = str(info.value)
+    assert message.startswith(f"graph='threshold' does not use {name}={value!r}") and "\n" not in message
+
+
+def test_threshold_graph_accepts_knn_arguments_at_their_defaults():
+    torch.manual_seed(4)
+    defaults = dict(kernel_size=9, dilation=1, stochastic=False, epsilon=0.0, r=1)
+    layer = DynConv2d(8, 16, graph="threshold", threshold=0.6, **defaults).double().eval()
+    x = torch.randn(2, 8, 3, 3, dtype=torch.float64)
+    expected = layer.gconv(x.reshape(2, 8, 9, 1), threshold_mask(x, 0.6)).reshape(2, 16, 3, 3)
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("call", ["forward", "build_graph"])
+def test_threshold_graph_refuses_relative_pos(call):
+    layer = DynConv2d(8, 8, graph="threshold", threshold=0.5)
+    x = torch.randn(1, 8, 3, 3)
+    with pytest.raises(ValueError, match="graph='threshold' does not use relative_pos"):
+        getattr(layer, call)(x, relative_pos=torch.zeros(1, 9, 9))
+
+
+@pytest.mark.parametrize("conv", CONVS)
+def test_threshold_graph_takes_exactly_the_mask_convs(conv):
+    """Refused at construction iff the operator cannot take the threshold graph's mask (B, N, N)."""
+    x = torch.randn(2, 8, 3, 3)
+    mask = threshold_mask(x, 0.5)
+    if conv in MASK_CONVS:
+        graph_conv(conv, 8, 8)(x.reshape(2, 8, 9, 1), mask)
+        assert DynConv2d(8, 8, conv=conv, graph="threshold", threshold=0.5)(x).shape == (2, 8, 3, 3)
+        return
+    with pytest.raises(ValueError, match="does not take a graph given as 'mask'"):
+        graph_conv(conv, 8, 8)(x.reshape(2, 8, 9, 1), mask)
+    with pytest.raises(ValueError) as info:
+        DynConv2d(8, 8, conv=conv, graph="threshold", threshold=0.5)
+    message = str(info.value)
+    assert f"conv={conv!r}" in message and message.endswith("convs for the threshold graph: mr, gin")
+    assert "\n" not in message
 
 
 def test_dynamic_conv_rejects_wrong_rank():

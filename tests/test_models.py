@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from torch.testing import assert_close
 import vig
 from tests.shared_files import shared_path
 from vig.models import SIZES, VisionGNN
-from vig.models.isotropic import knn_schedule
+from vig.models.isotropic import Grapher, knn_schedule
 from vig.profile import count_macs, count_parameters
 
 NAMES = [f"{prefix}_{size}_224_gelu" for prefix in ("vig", "svig") for size in ("ti", "s", "b")]
@@ -144,6 +145,17 @@ def test_threshold_arguments(name: str, kwargs: dict, start: float, dec: float) 
 def test_bad_graph_arguments_raise(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         timm.create_model("vig_ti_224_gelu", **kwargs)
+
+
+@pytest.mark.parametrize("graph, message", [
+    (dict(kernel_size=3, threshold=0.5), "graph='knn' does not use threshold=0.5"),
+    (dict(dilation=2, threshold=0.5), "graph='knn' does not use threshold=0.5"),
+    (dict(graph="threshold", threshold=0.5, kernel_size=3), "graph='threshold' does not use kernel_size=3"),
+])
+def test_grapher_refuses_arguments_its_graph_does_not_use(graph: dict, message: str) -> None:
+    """A Grapher hands its graph arguments to DynConv2d unchanged; none is silently dropped."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Grapher(16, "gelu", 0.0, **graph)
 
 
 def test_small_img_size_caps_k_and_dilation_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:

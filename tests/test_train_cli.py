@@ -11,6 +11,7 @@ import train
 from tests.train_helpers import make_image_folder, run_train
 from vig.cli import parse_args
 from vig.errors import UsageError
+from vig.saver import write_args_yaml
 
 TRAIN_RECIPE = (
     "/data/imagenet --model vig_ti_224_gelu --sched cosine --epochs 300 --opt adamw -j 8 --warmup-lr 1e-6 "
@@ -46,9 +47,71 @@ def test_evaluation_recipe_flags_keep_their_meaning(tmp_path: Path) -> None:
 
 def test_config_file_sets_defaults_and_flags_win(tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"lr": 0.5, "batch-size": 16, "model_kwargs": {"k": 3}}))
-    args = parse_args(["-c", str(config), "--lr", "0.25"])
+    config.write_text(yaml.safe_dump({"lr": 0.5, "batch-size": 16, "model_kwargs": {"k": 3},
+                                      "mean": [0.1, 0.2, 0.3], "clip_mode": "value", "amp": True}))
+    args = parse_args(["-c", str(config), "--lr", "0.25", "--mean", "0.4", "0.5", "0.6", "--clip-mode", "agc"])
     assert (args.lr, args.batch_size, args.model_kwargs) == (0.25, 16, {"k": 3})
+    assert (args.mean, args.clip_mode, args.amp) == ([0.4, 0.5, 0.6], "agc", True)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("clip_mode", "bogus", "argument --clip-mode: invalid choice: 'bogus'"),
+    ("amp_dtype", "float8", "argument --amp-dtype: invalid choice: 'float8'"),
+    ("epochs", "ten", "argument --epochs: invalid int value: 'ten'"),
+    ("epochs", 10.5, "argument --epochs: invalid int value: '10.5'"),
+    ("lr", [1], "--lr takes one value, got [1]"),
+    ("lr", None, "--lr takes a value, not null"),
+    ("batch-size", True, "--batch-size takes one value, got True"),
+    ("model", ["a", "b"], "--model takes one value"),
+    ("data_dir", {"root": "x"}, "DIR takes one value"),
+    ("mean", 0.5, "argument --mean: expected 3 arguments"),
+    ("std", [0.2, 0.2], "argument --std: expected 3 arguments"),
+    ("opt_betas", [], "argument --opt-betas: expected at least one argument"),
+    ("amp", "sure", "--amp is a switch: expected true or false"),
+    ("model_ema", 1, "--model-ema is a switch: expected true or false"),
+    ("model_kwargs", ["novalue"], "--model-kwargs expects key=value pairs"),
+    ("model_kwargs", {1: 2}, "--model-kwargs takes a mapping with string keys"),
+])
+def test_bad_config_values_are_one_line_usage_errors(tmp_path: Path, key: str, value: object, message: str) -> None:
+    """A config value is held to its flag's type, choices and number of values, and the error names file and key."""
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({key: value}))
+    with pytest.raises(UsageError) as info:
+        parse_args(["-c", str(config)])
+    text = str(info.value)
+    assert text.startswith(f"config {config}: key {key!r}: ") and message in text and "\n" not in text
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("lr", "1e-3", 1e-3),  # YAML 1.1 reads an exponent without a dot as a string; --lr's type converts it
+    ("epochs", "10", 10),
+    ("mean", [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
+    ("opt_betas", 0.9, [0.9]),
+    ("amp", True, True),
+    ("amp", False, False),
+    ("torchcompile", "eager", "eager"),
+    ("model_kwargs", "k=3", {"k": 3}),
+    ("data_dir", "-odd-name", "-odd-name"),
+    ("num_classes", None, None),
+])
+def test_config_values_convert_as_flags_do(tmp_path: Path, key: str, value: object, expected: object) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({key: value}))
+    assert getattr(parse_args(["-c", str(config)]), key) == expected
+
+
+@pytest.mark.parametrize("argv", [
+    TRAIN_RECIPE,
+    "--dataset synthetic --mean 0.4 0.5 0.6 --std 0.2 0.2 0.2 --opt-betas 0.9 0.99 --torchcompile eager "
+    "--model-kwargs act=relu num_knn=6 --amp-dtype float16 --clip-grad 1.0 --clip-mode agc --img-size 64 "
+    "--interpolation bicubic --experiment run-1 --seed 7 --skip-nonfinite",
+])
+def test_args_yaml_of_a_run_loads_back_with_c(tmp_path: Path, argv: str) -> None:
+    """args.yaml as a run writes it (vig.saver.write_args_yaml) gives the same arguments through -c."""
+    args = parse_args(shlex.split(argv))
+    write_args_yaml(tmp_path, vars(args))
+    again = parse_args(["-c", str(tmp_path / "args.yaml")])
+    assert vars(again) == vars(args) | {"config": str(tmp_path / "args.yaml")}
 
 
 def test_model_kwargs_are_parsed_as_literals() -> None:
@@ -105,6 +168,13 @@ def test_missing_and_empty_data_folders(tmp_path: Path, capsys: pytest.CaptureFi
     assert "no images under" in _main_error([str(tmp_path / "empty"), *common], capsys)
     make_image_folder(tmp_path / "noval", {"train": {"a": 1}})
     assert "no 'val' split" in _main_error([str(tmp_path / "noval"), *common], capsys)
+
+
+def test_bad_config_value_ends_train_py_with_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("clip_mode: bogus\n")
+    line = _main_error(["-c", str(config)], capsys)
+    assert line.startswith(f"error: config {config}: key 'clip_mode': argument --clip-mode: invalid choice")
 
 
 def test_unknown_model_suggests_close_names(capsys: pytest.CaptureFixture[str]) -> None:

@@ -24,6 +24,7 @@ import torch
 
 import gcn_lib
 from gcn_lib import DynConv2d, interleave_channels
+from vig.models.isotropic import SVIG_DEC
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -173,7 +174,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mode", choices=("model", "graph"), default="model")
     parser.add_argument("--model", nargs="+", default=["vig_ti_224_gelu"])
     parser.add_argument("--start-thresh", type=float, default=None)
-    parser.add_argument("--dec", type=float, default=0.0)
+    parser.add_argument("--dec", type=float, default=SVIG_DEC,
+                        help="SViG threshold decrement per block, with --start-thresh (default %(default)s)")
     parser.add_argument("--img-size", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--infer-batch-size", type=int, default=256)

@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train or evaluate ViG / SViG (or any timm) models, on one device or distributed.",
     )
     parser.add_argument("-c", "--config", default="", metavar="FILE",
-                        help="YAML file whose keys (flag names, - or _) set defaults; flags given win")
+                        help="YAML file whose keys (flag names, - or _) set defaults, values checked as the "
+                             "flags' own; flags given win")
     parser.add_argument("data_dir", nargs="?", default=None, metavar="DIR",
                         help="dataset root (omit for the embedded synthetic demo set)")
 
@@ -153,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
-    """Read a YAML config and map its keys (dashes or underscores) onto parser destinations."""
+def _read_config(path: str) -> dict[Any, Any]:
+    """The mapping a YAML config file holds ({} for an empty file)."""
     try:
         with open(path, encoding="utf-8") as handle:
             loaded = yaml.safe_load(handle)
@@ -166,13 +167,62 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, An
         return {}
     if not isinstance(loaded, dict):
         raise UsageError(f"config {path} must be a mapping of flag names to values")
-    known = {action.dest for action in parser._actions}
+    return loaded
+
+
+def _flag_name(action: argparse.Action) -> str:
+    long_options = [option for option in action.option_strings if option.startswith("--")]
+    return long_options[0] if long_options else str(action.metavar or action.dest)
+
+
+def _flag_tokens(action: argparse.Action, value: Any) -> list[str]:
+    """The command-line tokens that give ``action`` the config value ``value``; UsageError if no tokens can."""
+    name = _flag_name(action)
+    if action.nargs == 0:
+        if not isinstance(value, bool):
+            raise UsageError(f"{name} is a switch: expected true or false, got {value!r}")
+        return [name] if value != action.default else []
+    many = action.nargs not in (None, "?")
+    values = value if many and isinstance(value, list) else [value]
+    if any(isinstance(item, bool) or not isinstance(item, (str, int, float)) for item in values):
+        expected = "a value or a list of values" if many else "one value"
+        raise UsageError(f"{name} takes {expected}, got {value!r}")
+    strings = [str(item) for item in values]
+    if not action.option_strings:
+        return ["--", *strings]
+    return [name, *strings] if many else [f"{name}={strings[0]}"]
+
+
+def _config_value(parser: argparse.ArgumentParser, action: argparse.Action, value: Any) -> Any:
+    """``value`` from a config, converted and checked as the flag's tokens would be (type, choices, nargs)."""
+    if value is None and action.nargs != 0:
+        if action.default is not None:
+            raise UsageError(f"{_flag_name(action)} takes a value, not null (its default is {action.default!r})")
+        return None
+    if action.dest == "model_kwargs" and isinstance(value, dict):
+        if not all(isinstance(key, str) for key in value):
+            raise UsageError(f"--model-kwargs takes a mapping with string keys, got {value!r}")
+        return dict(value)
+    parsed = getattr(parser.parse_args(_flag_tokens(action, value)), action.dest)
+    return _parse_model_kwargs(parsed) if action.dest == "model_kwargs" else parsed
+
+
+def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    """Map a YAML config's keys (dashes or underscores) onto parser destinations, with checked values.
+
+    Each value goes through the parser as the equivalent flag tokens, so a config is held to the same
+    types, choices and value counts as the command line.
+    """
+    actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
     defaults = {}
-    for key, value in loaded.items():
+    for key, value in _read_config(path).items():
         dest = str(key).replace("-", "_")
-        if dest not in known or dest in ("help", "config"):
+        if dest not in actions:
             raise UsageError(f"config {path}: unknown key {key!r}")
-        defaults[dest] = value
+        try:
+            defaults[dest] = _config_value(parser, actions[dest], value)
+        except UsageError as err:
+            raise UsageError(f"config {path}: key {key!r}: {err}") from None
     return defaults
 
 

@@ -126,15 +126,16 @@ class Stem(nn.Module):
 
 
 class Grapher(nn.Module):
-    """Graph block: fc1, dynamic max-relative graph conv C -> 2C, fc2, drop path, residual. (B, C, H, W) -> same."""
+    """Graph block: fc1, dynamic max-relative graph conv C -> 2C, fc2, drop path, residual. (B, C, H, W) -> same.
 
-    def __init__(self, channels: int, act: str, drop_path: float, kernel_size: int = 9, dilation: int = 1,
-                 threshold: float | None = None) -> None:
+    ``graph`` holds the graph arguments of the `DynConv2d`, and only those that graph uses:
+    ``kernel_size`` and ``dilation`` for kNN, ``graph='threshold'`` and ``threshold`` for SViG.
+    """
+
+    def __init__(self, channels: int, act: str, drop_path: float, **graph: Any) -> None:
         super().__init__()
-        graph = "knn" if threshold is None else "threshold"
         self.fc1 = _conv_bn(channels, channels)
-        self.graph_conv = DynConv2d(channels, 2 * channels, kernel_size, dilation, conv="mr", act=act,
-                                    norm="batch", bias=True, graph=graph, threshold=threshold)
+        self.graph_conv = DynConv2d(channels, 2 * channels, conv="mr", act=act, norm="batch", bias=True, **graph)
         self.fc2 = _conv_bn(2 * channels, channels)
         self.drop_path = _drop_path(drop_path)
 
@@ -211,7 +212,7 @@ class VisionGNN(nn.Module):
             num_nodes = self.grid_size[0] * self.grid_size[1]
             graphs = [dict(kernel_size=k, dilation=d) for k, d in knn_schedule(num_knn, depth, num_nodes)]
         else:
-            graphs = [dict(threshold=t) for t in threshold_schedule(start_thresh, dec, depth)]
+            graphs = [dict(graph="threshold", threshold=t) for t in threshold_schedule(start_thresh, dec, depth)]
         self.backbone = nn.Sequential(*[
             nn.Sequential(Grapher(channels, act, rate, **graph), FFN(channels, act, rate))
             for rate, graph in zip(drop_paths, graphs)
