@@ -84,7 +84,8 @@ def test_backward_matches_oracle(kernels):
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-6)
 
 
-def _exact_case(b: int, c: int, n: int, dtype: torch.dtype, device: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _exact_case(b: int, c: int, n: int, dtype: torch.dtype, device: str,
+                seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Features (B, C, N, 1) whose N values per (image, channel) are distinct multiples of 1/64 below 4, and an
     output gradient of -1 / 0 / 1: every difference, maximum and gradient sum (at most N + 1 <= 256 terms) is
     exact in float32, float16 and bfloat16, so kernel and oracle must agree bit for bit in each dtype."""
