@@ -15,6 +15,13 @@ oracle `threshold_mask` thresholds with the same float operations, so both see t
 The backward pass routes each output gradient to the saved arg-max neighbour and subtracts it at
 the centre.
 
+The launch is the torch operator ``gcn_lib::threshold_max`` (``torch.library.custom_op`` with a fake
+implementation and a registered backward), so ``torch.compile(..., fullgraph=True)`` captures it
+in forward and backward graphs without a graph break and calls the kernel at run time. It is an
+opaque operator rather than a ``torch.library.triton_op``: inductor does not fuse into it either way,
+and a ``triton_op`` body cannot be traced when ``TRITON_INTERPRET=1`` (``wrap_triton`` then hands
+back the raw interpreted kernel), so the compiled path could not be tested on the CPU.
+
 Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is first imported) runs the kernel
 on CPU tensors when called directly, which is how the tests check its logic without a GPU;
 `gcn_lib.DynConv2d` dispatches to it on CUDA tensors only.
@@ -105,8 +112,9 @@ def _launch(x: torch.Tensor, sim: torch.Tensor, mean: torch.Tensor, std: torch.T
             complete: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x (B, C, N) contiguous; sim (B, N, N) float32 -> m (B, C, N) in x's dtype, arg-max (B, C, N) int32.
 
-    The kernel writes float32 and torch rounds to x's dtype (to nearest even, as the oracle's
-    half-precision subtraction does; Triton's interpreter would truncate).
+    The body of the ``gcn_lib::threshold_max`` operator. The kernel writes float32 and torch rounds
+    to x's dtype (to nearest even, as the oracle's half-precision subtraction does; Triton's
+    interpreter would truncate).
     """
     b, c, n = x.shape
     out = torch.empty((b, c, n), dtype=torch.float32, device=x.device)
@@ -120,21 +128,35 @@ def _launch(x: torch.Tensor, sim: torch.Tensor, mean: torch.Tensor, std: torch.T
     return out.to(x.dtype), arg
 
 
-class _ThresholdMaxRelative(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, sim: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                q: float, complete: bool) -> torch.Tensor:
-        out, arg = _launch(x, sim, mean, std, q, complete)
-        ctx.save_for_backward(arg)
-        return out
+def _launch_shapes(x: torch.Tensor, sim: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, q: float,
+                   complete: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fake implementation of ``gcn_lib::threshold_max`` for tracing: outputs of the right shape and dtype."""
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.int32)
 
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        (arg,) = ctx.saved_tensors
-        has_neighbour = arg >= 0
-        routed = torch.where(has_neighbour, grad_out, torch.zeros_like(grad_out))
-        grad_x = (-routed).scatter_add(2, arg.clamp_min(0).long(), routed)
-        return grad_x, None, None, None, None, None
+
+def _route_gradient(grad_out: torch.Tensor, arg: torch.Tensor) -> torch.Tensor:
+    """Gradient of m = x[arg] - x with respect to x: grad_out (B, C, N) to the arg-max neighbour, minus at
+    the centre; nothing where a node has no neighbour (arg < 0)."""
+    routed = torch.where(arg >= 0, grad_out, torch.zeros_like(grad_out))
+    return (-routed).scatter_add(2, arg.clamp_min(0).long(), routed)
+
+
+def _save_arg(ctx, inputs: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    ctx.save_for_backward(output[1])
+
+
+def _threshold_max_backward(ctx, grad_out: torch.Tensor, grad_arg: torch.Tensor | None) -> tuple:
+    (arg,) = ctx.saved_tensors
+    return _route_gradient(grad_out, arg), None, None, None, None, None
+
+
+if triton is not None:
+    # An opaque torch operator around the kernel launch, with a fake implementation and a torch backward:
+    # torch.compile traces a call to it (forward and backward) without a graph break and runs the kernel
+    # at run time, on the GPU or, under TRITON_INTERPRET=1, in the interpreter on CPU tensors.
+    threshold_max = torch.library.custom_op("gcn_lib::threshold_max", _launch, mutates_args=())
+    threshold_max.register_fake(_launch_shapes)
+    threshold_max.register_autograd(_threshold_max_backward, setup_context=_save_arg)
 
 
 def threshold_max_relative(x: torch.Tensor, t: float, graph_features: torch.Tensor | None = None) -> torch.Tensor:
@@ -165,5 +187,5 @@ def threshold_max_relative(x: torch.Tensor, t: float, graph_features: torch.Tens
             raise ValueError(f"graph_features have {sim.shape[1]} nodes, x has {n}")
         sim, mean, std = sim.float().contiguous(), mean.float().reshape(b), std.float().reshape(b)
         q = threshold_quantile(t)
-    out = _ThresholdMaxRelative.apply(x.reshape(b, c, n).contiguous(), sim, mean, std, q, complete)
+    out, _ = threshold_max(x.reshape(b, c, n).contiguous(), sim, mean, std, q, complete)
     return out.reshape(b, c, n, 1)

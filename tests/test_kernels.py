@@ -8,6 +8,8 @@ import torch
 
 pytest.importorskip("triton")
 
+from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
+
 from gcn_lib import DynConv2d, max_relative_dense, threshold_mask  # noqa: E402
 
 
@@ -41,12 +43,14 @@ def test_forward_matches_oracle_half(kernels, dtype):
     torch.testing.assert_close(out, _oracle(x, 0.8), rtol=0, atol=0)
 
 
-def test_kernel_sees_the_oracle_mask(kernels):
-    """Every arg-max the kernel keeps is an edge of the oracle mask, and its value is the row maximum."""
-    x = torch.randn(2, 16, 45, generator=torch.Generator().manual_seed(5))
-    mask = threshold_mask(x.unsqueeze(-1), 0.9)
+def _assert_kernel_sees_oracle_mask(kernels, x: torch.Tensor, t: float) -> None:
+    """Every arg-max the kernel keeps for x (B, C, N) is an edge of the oracle mask, and its value is the row
+    maximum; a node has an arg-max exactly where the mask gives it a neighbour."""
+    b = x.shape[0]
+    mask = threshold_mask(x.unsqueeze(-1), t)
     sim, mean, std = kernels.similarity_stats(x.unsqueeze(-1))
-    out, arg = kernels._launch(x.contiguous(), sim, mean.reshape(2), std.reshape(2), kernels.threshold_quantile(0.9), False)
+    out, arg = kernels._launch(x.contiguous(), sim.float(), mean.float().reshape(b), std.float().reshape(b),
+                               kernels.threshold_quantile(t), False)
     has_neighbour = mask.any(-1)  # (B, N)
     assert torch.equal(arg >= 0, has_neighbour.unsqueeze(1).expand_as(arg))
     b_idx, c_idx, i_idx = (arg >= 0).nonzero(as_tuple=True)
@@ -54,6 +58,10 @@ def test_kernel_sees_the_oracle_mask(kernels):
     assert mask[b_idx, i_idx, j_idx].all()
     row_max = x.unsqueeze(2).masked_fill(~mask.unsqueeze(1), float("-inf")).amax(-1)
     torch.testing.assert_close(x[b_idx, c_idx, j_idx], row_max[b_idx, c_idx, i_idx], rtol=0, atol=0)
+
+
+def test_kernel_sees_the_oracle_mask(kernels):
+    _assert_kernel_sees_oracle_mask(kernels, torch.randn(2, 16, 45, generator=torch.Generator().manual_seed(5)), 0.9)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")  # 0 / 0 spread
@@ -74,6 +82,36 @@ def test_backward_matches_oracle(kernels):
     x2 = base.clone().requires_grad_()
     _oracle(x2, 0.8).backward(grad)
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-6)
+
+
+def _exact_case(b: int, c: int, n: int, dtype: torch.dtype, device: str,
+                seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (B, C, N, 1) whose N values per (image, channel) are distinct multiples of 1/64 below 4, and an
+    output gradient of -1 / 0 / 1: every difference, maximum and gradient sum (at most N + 1 <= 256 terms) is
+    exact in float32, float16 and bfloat16, so kernel and oracle must agree bit for bit in each dtype."""
+    assert n <= 255
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(b, c, n, generator=gen).argsort(-1).float().div(64).unsqueeze(-1)
+    grad = torch.randint(-1, 2, (b, c, n, 1), generator=gen).float()
+    return x.to(device, dtype), grad.to(device, dtype)
+
+
+def _assert_exact_forward_backward(threshold_max_relative, x: torch.Tensor, grad: torch.Tensor, t: float) -> None:
+    x1 = x.clone().requires_grad_()
+    x2 = x.clone().requires_grad_()
+    out = threshold_max_relative(x1, t)
+    ref = _oracle(x2, t)
+    assert out.dtype == x.dtype
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    out.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_forward_and_backward_exact_in_each_dtype(kernels, dtype):
+    x, grad = _exact_case(2, 8, 40, dtype, "cpu", seed=9)
+    _assert_exact_forward_backward(kernels.threshold_max_relative, x, grad, 0.89)
 
 
 def test_separate_graph_features(kernels):
@@ -113,20 +151,95 @@ def test_kernel_not_used_where_it_cannot_run(kernels, monkeypatch):
         kernels.threshold_max_relative(torch.randn(1, 16, 4, 1), 0.5)
 
 
+# --- torch.compile ----------------------------------------------------------------------------------------
+# The kernel is the custom operator gcn_lib::threshold_max. On CPU the compile tests use the "aot_eager"
+# backend: it captures the same forward and backward graphs (dynamo + AOTAutograd, through the operator's fake
+# implementation and registered backward) that inductor compiles, and runs the operator, hence the kernel in
+# Triton's interpreter; inductor works too on CPU but spends about a minute generating C++ for the
+# surrounding ops of one layer on the 2-core CI machine. The CUDA tests below use inductor.
+
+def _graph_calls_kernel(backend: CompileCounterWithBackend) -> bool:
+    return any(node.target is torch.ops.gcn_lib.threshold_max.default
+               for graph in backend.graphs for node in graph.graph.nodes)
+
+
+@pytest.mark.parametrize("t", [0.89, -1.0])
+def test_compiled_kernel_matches_eager_and_oracle(kernels, t):
+    torch._dynamo.reset()
+    x, grad = _exact_case(2, 8, 40, torch.float32, "cpu", seed=10)
+    backend = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(kernels.threshold_max_relative, backend=backend, fullgraph=True)
+    _assert_exact_forward_backward(compiled, x, grad, t)
+    assert backend.frame_count == 1 and _graph_calls_kernel(backend)
+
+
+def test_compiled_dynamic_conv_takes_the_kernel(kernels, monkeypatch):
+    """DynConv2d dispatching to the kernel compiles as one graph with the operator in it, same values and
+    gradients as the eager kernel path and the torch path."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(kernels, "available", kernels.runnable)
+    torch.manual_seed(0)
+    fused = DynConv2d(16, 32, graph="threshold", threshold=0.85, act="gelu", norm="batch")
+    plain = DynConv2d(16, 32, graph="threshold", threshold=0.85, act="gelu", norm="batch", kernel=False)
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 16, 6, 6)
+    backend = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fused, backend=backend, fullgraph=True)
+    results = []
+    for module in (compiled, fused, plain):
+        inputs = x.clone().requires_grad_()
+        out = module(inputs)
+        results.append((out, *torch.autograd.grad(out.square().sum(), [inputs, *module.parameters()])))
+    assert backend.frame_count == 1 and _graph_calls_kernel(backend)
+    for other in results[1:]:
+        for got, expected in zip(results[0], other):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# --- CUDA (pytest -m cuda; skipped without a GPU) --------------------------------------------------------
+# The sizes of ViG-Ti at 224 x 224 and batch 128: C = 192 channels, N = 14 * 14 nodes, t = 0.89.
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cuda_forward_and_backward_match_oracle(dtype):
     from gcn_lib import kernels as cuda_kernels
 
-    gen = torch.Generator().manual_seed(8)
-    base = (torch.randperm(8 * 192 * 196, generator=gen).float() / 1000).reshape(8, 192, 196, 1)
-    x1 = base.to("cuda", dtype).requires_grad_()
-    x2 = base.to("cuda", dtype).requires_grad_()
-    out = cuda_kernels.threshold_max_relative(x1, 0.89)
-    ref = _oracle(x2, 0.89)
-    torch.testing.assert_close(out, ref, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=0)
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    ref.backward(grad)
-    torch.testing.assert_close(x1.grad.float(), x2.grad.float(), rtol=1e-5, atol=1e-5)
+    x, grad = _exact_case(128, 192, 196, dtype, "cuda", seed=8)
+    _assert_exact_forward_backward(cuda_kernels.threshold_max_relative, x, grad, 0.89)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_kernel_sees_the_oracle_mask():
+    from gcn_lib import kernels as cuda_kernels
+
+    gen = torch.Generator().manual_seed(11)
+    _assert_kernel_sees_oracle_mask(cuda_kernels, torch.randn(128, 192, 196, generator=gen).cuda(), 0.89)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_compiled_dynamic_conv_matches_eager(dtype):
+    """Inductor with the kernel inside a fullgraph-compiled layer: one graph, the operator in it, eager's values."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = DynConv2d(192, 384, graph="threshold", threshold=0.89, act="gelu", norm="batch").cuda()
+    x = torch.randn(128, 192, 14, 14, device="cuda")
+    assert layer.uses_kernel(x)
+    backend = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
+    results = []
+    for module in (compiled, layer):
+        inputs = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            out = module(inputs)
+        results.append((out.float(), *torch.autograd.grad(out.float().square().mean(), inputs)))
+    assert backend.frame_count == 1 and _graph_calls_kernel(backend)
+    tolerance = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, **tolerance)

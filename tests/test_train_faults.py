@@ -314,8 +314,10 @@ def test_non_finite_loss(tmp_path: Path, folder_data: Path, monkeypatch: pytest.
         assert _summary_epochs(tmp_path / "run") == ["0", "1"]
     else:
         line = _one_error_line(status, 1, capsys)
-        assert "non-finite training loss at epoch 1, step 1 of 2" in line
+        # read back at the epoch's last step (log interval 50): step 2 ran on the bad weights, nothing was saved
+        assert "non-finite training loss at epoch 1, step 1 of 2, found at step 2;" in line
         assert last["epoch"] == 0 and _summary_epochs(tmp_path / "run") == ["0"]
+        assert not (tmp_path / "run" / "checkpoint-1.pth.tar").exists()
 
 
 # --- data -----------------------------------------------------------------------------------------------

@@ -107,6 +107,8 @@ def benchmark_model(args: argparse.Namespace, name: str, device: torch.device) -
             optimizer.step()
 
         rows.append(_measure(base | {"step": "train", "batch": args.batch_size}, train_step, device, args))
+        if args.profile:
+            profile_step(train_step, device, args.profile)
 
     if args.infer:
         model.eval()
@@ -130,6 +132,33 @@ def _measure(row: dict, step: Callable[[], None], device: torch.device, args: ar
     if device.type == "cuda":
         row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     return row
+
+
+def profile_step(step: Callable[[], None], device: torch.device, path: Path, row_limit: int = 25) -> dict:
+    """Profile one call of ``step`` (already warmed up) with torch.profiler and write JSON to ``path``.
+
+    The JSON holds ``table`` (torch.profiler's table of the top ``row_limit`` entries by self time:
+    device time on CUDA, CPU time otherwise) and ``top``: name, calls and self milliseconds of the
+    top entries, GPU kernels only on CUDA, operators on CPU.
+    """
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        _sync(device)
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    averages = prof.key_averages()
+    entries = [entry for entry in averages
+               if device.type != "cuda" or entry.device_type == torch.autograd.DeviceType.CUDA]
+    entries.sort(key=lambda entry: getattr(entry, sort_by), reverse=True)
+    result = {"sort_by": sort_by, "device": str(device),
+              "top": [{"name": entry.key, "calls": entry.count, "self_ms": round(getattr(entry, sort_by) / 1000, 3)}
+                      for entry in entries[:row_limit]],
+              "table": averages.table(sort_by=sort_by, row_limit=row_limit)}
+    path.write_text(json.dumps(result, indent=2))
+    _LOGGER.info("profile of one step written to %s", path)
+    return result
 
 
 def benchmark_graph(args: argparse.Namespace, device: torch.device) -> list[dict]:
@@ -193,6 +222,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threshold", type=float, default=0.89, help="graph mode: t")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="model mode: after timing, profile one training step with torch.profiler "
+                             "and write its top entries as JSON here")
     args = parser.parse_args(argv)
     for flag in ("batch_size", "infer_batch_size", "iters"):
         if getattr(args, flag) < 1:

@@ -1,8 +1,16 @@
 """Training and validation loops, mixed precision, and per-epoch progress display.
 
 Loss and accuracy sums are reduced over ranks, so every rank returns the global figures;
-only the primary rank displays progress. Whether a training loss is finite is decided over all
-ranks at every step, so every rank stops (or skips the step) together.
+only the primary rank displays progress.
+
+The host waits for the device only at the log interval and at the end of a loop, as timm's loop
+does: loss sums and the first step whose training loss was not finite are kept on the device and
+read back (one all-reduce, one copy) at those steps only. A non-finite loss therefore stops every
+rank at the next log step or at the end of the epoch, whichever comes first, always before
+`train_one_epoch` returns and hence before anything of that epoch is saved. In between, the bad
+update and up to ``log_interval - 1`` further updates run on weights that are no longer finite;
+they are thrown away with the run. ``skip_nonfinite`` has to decide at every step whether to update,
+so with it the finite-loss flag is reduced over ranks and read at every step (one read per step).
 """
 from __future__ import annotations
 
@@ -77,7 +85,11 @@ def resolve_precision(amp: bool, amp_dtype: str | None, device: torch.device) ->
 
 
 class EpochProgress:
-    """Progress of one loop on the primary rank: a bar on a terminal, log lines every `log_interval` otherwise."""
+    """Progress of one loop on the primary rank: a bar on a terminal, log lines every `log_interval` otherwise.
+
+    Figures that need the device (`fields`) are read only at log steps (`due`); on a terminal the bar
+    moves at every step and repeats the figures of the last log step.
+    """
 
     def __init__(self, title: str, total: int, enabled: bool, log_interval: int,
                  stream: TextIO | None = None) -> None:
@@ -87,21 +99,30 @@ class EpochProgress:
         self.log_interval = log_interval
         self.stream = stream or sys.stderr
         self.interactive = enabled and self.stream.isatty()
+        self.fields = ""
 
-    def update(self, step: int, fields: str) -> None:
-        """Report that `step` (1-based) of `total` batches is done; `fields` e.g. 'loss 1.23 lr 1e-3'."""
+    def due(self, step: int) -> bool:
+        """Whether `step` (1-based) is a log step: every `log_interval`-th and the last."""
+        return step % self.log_interval == 0 or step == self.total
+
+    def update(self, step: int, fields: Callable[[], str]) -> None:
+        """Report that `step` (1-based) of `total` batches is done; `fields()` (e.g. 'loss 1.23 lr 1e-3')
+        is called only on a log step of the primary rank."""
         if not self.enabled:
             return
+        due = self.due(step)
+        if due:
+            self.fields = fields()
         if self.interactive:
             width = 24
             filled = int(width * step / max(self.total, 1))
             bar = "#" * filled + "." * (width - filled)
-            self.stream.write(f"\r{self.title} [{bar}] {step}/{self.total} {fields}")
+            self.stream.write(f"\r{self.title} [{bar}] {step}/{self.total} {self.fields}")
             if step == self.total:
                 self.stream.write("\n")
             self.stream.flush()
-        elif step % self.log_interval == 0 or step == self.total:
-            _LOGGER.info("%s %d/%d %s", self.title, step, self.total, fields)
+        elif due:
+            _LOGGER.info("%s %d/%d %s", self.title, step, self.total, self.fields)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -136,6 +157,37 @@ def _to_device(images: torch.Tensor, targets: torch.Tensor, device: torch.device
     return images, targets.to(device, non_blocking=True)
 
 
+@dataclass
+class _Reading:
+    """Epoch figures so far, summed over ranks: loss * batch, images, and for each rank the first step
+    whose loss was not finite (0: none)."""
+
+    loss_sum: float
+    images: int
+    first_non_finite: list[int]
+
+
+def _read_back(loss_sum: torch.Tensor, first_non_finite: torch.Tensor, images: int,
+               ctx: DistributedContext) -> _Reading:
+    """One all-reduce and one host copy of this rank's device tallies (0-dim float64 tensors)."""
+    local = torch.zeros(2 + ctx.world_size, dtype=torch.float64, device=loss_sum.device)
+    local[0] = loss_sum
+    local[1] = images
+    local[2 + ctx.rank] = first_non_finite
+    values = all_reduce_sum(local, ctx).tolist()
+    return _Reading(values[0], int(values[1]), [int(value) for value in values[2:]])
+
+
+def _stop_if_non_finite(reading: _Reading, epoch: int, step: int, total: int, ctx: DistributedContext) -> None:
+    bad = [first for first in reading.first_non_finite if first > 0]
+    if not bad:
+        return
+    where = f" (on {len(bad)} of {ctx.world_size} ranks)" if ctx.distributed else ""
+    raise RunError(f"non-finite training loss at epoch {epoch}, step {min(bad)} of {total}{where}, "
+                   f"found at step {step}; the checkpoints keep the last finished epoch "
+                   "(lower --lr, use --clip-grad, or pass --skip-nonfinite)")
+
+
 def train_one_epoch(
     epoch: int,
     model: nn.Module,
@@ -157,63 +209,71 @@ def train_one_epoch(
     """One pass over this rank's shard. Images (B, 3, H, W), targets (B,) class indices.
 
     `num_updates` counts optimizer steps before this epoch (drives the per-update schedule and EMA warm-up).
-    A loss that is NaN or infinite on any rank raises `RunError` naming epoch and step before anything
-    is updated; with `skip_nonfinite` the step is skipped instead (no update, no EMA / schedule step)
-    and counted in `TrainStats.skipped_steps`.
+    A loss that is NaN or infinite on any rank raises `RunError` on every rank, naming epoch and first
+    bad step, at the next log step (every `log_interval`-th and the last): after the bad update and at
+    most ``log_interval - 1`` more, and always before this function returns, so its caller never saves
+    them. With `skip_nonfinite` the flag is reduced and read at every step instead, and a bad step is
+    skipped on every rank (no update, no EMA / schedule step) and counted in `TrainStats.skipped_steps`.
+    The progress line shows the epoch's mean loss so far over all ranks.
     """
     model.train()
     unwrapped = unwrap_model(model)
     progress = EpochProgress(f"train {epoch}", len(loader), ctx.is_primary, log_interval)
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    first_non_finite = torch.zeros((), dtype=torch.float64, device=ctx.device)
     images_seen = 0
     skipped_steps = 0
+    reading: _Reading | None = None
+    read_at = step = 0
     start = time.perf_counter()
+
+    def fields() -> str:
+        return (f"loss {reading.loss_sum / max(reading.images, 1):.4f} lr {optimizer.param_groups[0]['lr']:.3e} "
+                f"{reading.images / max(time.perf_counter() - start, 1e-9):.1f} img/s")
+
     for step, (images, targets) in enumerate(loader, start=1):
         images, targets = _to_device(images, targets, ctx.device, channels_last)
         if mixup is not None:
             images, targets = mixup(images, targets)
         with precision.autocast():
             loss = loss_fn(model(images), targets)
-        local_non_finite = torch.tensor(0.0 if bool(torch.isfinite(loss.detach())) else 1.0, dtype=torch.float64)
-        bad = all_reduce_sum(local_non_finite, ctx).item()  # ranks whose loss is not finite
-        if bad > 0:
-            if not skip_nonfinite:
-                where = f" (on {int(bad)} of {ctx.world_size} ranks)" if ctx.distributed else ""
-                raise RunError(f"non-finite training loss at epoch {epoch}, step {step} of {len(loader)}{where}; "
-                               "the checkpoints keep the last finished epoch "
-                               "(lower --lr, use --clip-grad, or pass --skip-nonfinite)")
+        non_finite = ~torch.isfinite(loss.detach())
+        if skip_nonfinite and all_reduce_sum(non_finite.double(), ctx).item() > 0:
             skipped_steps += 1
             if ctx.is_primary:
                 _LOGGER.warning("epoch %d, step %d: non-finite loss, step skipped (%d this epoch)",
                                 epoch, step, skipped_steps)
-            continue
-        optimizer.zero_grad(set_to_none=True)
-        if precision.scaler is not None:
-            precision.scaler(loss, optimizer, clip_grad=clip_grad, clip_mode=clip_mode,
-                             parameters=model.parameters())
         else:
-            loss.backward()
-            if clip_grad is not None:
-                dispatch_clip_grad(model.parameters(), clip_grad, mode=clip_mode)
-            optimizer.step()
-        num_updates += 1
-        if model_ema is not None:
-            model_ema.update(unwrapped, step=num_updates)
-        if scheduler is not None:
-            scheduler.step_update(num_updates=num_updates)
-        batch = images.shape[0]
-        loss_sum += loss.detach().double().cpu() * batch
-        images_seen += batch
-        elapsed = time.perf_counter() - start
-        lr = optimizer.param_groups[0]["lr"]
-        progress.update(step, f"loss {loss.item():.4f} lr {lr:.3e} "
-                              f"{images_seen * ctx.world_size / max(elapsed, 1e-9):.1f} img/s")
+            if not skip_nonfinite:
+                first_non_finite = torch.where(non_finite & (first_non_finite == 0), step, first_non_finite)
+            optimizer.zero_grad(set_to_none=True)
+            if precision.scaler is not None:
+                precision.scaler(loss, optimizer, clip_grad=clip_grad, clip_mode=clip_mode,
+                                 parameters=model.parameters())
+            else:
+                loss.backward()
+                if clip_grad is not None:
+                    dispatch_clip_grad(model.parameters(), clip_grad, mode=clip_mode)
+                optimizer.step()
+            num_updates += 1
+            if model_ema is not None:
+                model_ema.update(unwrapped, step=num_updates)
+            if scheduler is not None:
+                scheduler.step_update(num_updates=num_updates)
+            batch = images.shape[0]
+            loss_sum += loss.detach().double() * batch
+            images_seen += batch
+        if progress.due(step):
+            reading, read_at = _read_back(loss_sum, first_non_finite, images_seen, ctx), step
+            _stop_if_non_finite(reading, epoch, step, len(loader), ctx)
+        progress.update(step, fields)
     elapsed = time.perf_counter() - start
-    totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(images_seen), dtype=torch.float64)]), ctx)
-    total_images = int(totals[1].item())
-    return TrainStats(loss=float(totals[0] / max(total_images, 1)), images=total_images, num_updates=num_updates,
-                      lr=optimizer.param_groups[0]["lr"], images_per_second=total_images / max(elapsed, 1e-9),
-                      skipped_steps=skipped_steps)
+    if reading is None or read_at != step:  # an empty loader, or one that ended before its len()
+        reading = _read_back(loss_sum, first_non_finite, images_seen, ctx)
+        _stop_if_non_finite(reading, epoch, step, len(loader), ctx)
+    return TrainStats(loss=reading.loss_sum / max(reading.images, 1), images=reading.images,
+                      num_updates=num_updates, lr=optimizer.param_groups[0]["lr"],
+                      images_per_second=reading.images / max(elapsed, 1e-9), skipped_steps=skipped_steps)
 
 
 @dataclass
@@ -240,11 +300,19 @@ def validate(
     """Cross-entropy and top-k accuracy of `model` on every image of the loader's split (each exactly once).
 
     With `tta`, logits (B, classes) are the mean of the image's and its horizontal flip's logits
-    (`vig.tta.predict_flip_tta`).
+    (`vig.tta.predict_flip_tta`). Sums stay on the device; the progress line (primary rank, log steps
+    only) shows the running figures of rank 0's shard, the result is reduced over all ranks.
     """
     model.eval()
-    progress = EpochProgress(title, len(loader), ctx.is_primary, log_interval)
-    sums = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 correct, top-5 correct, count
+    shown = f"{title} (rank 0's share)" if ctx.distributed else title
+    progress = EpochProgress(shown, len(loader), ctx.is_primary, log_interval)
+    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss sum, top-1 correct, top-5 correct
+    count = 0
+
+    def fields() -> str:
+        loss, top1, _ = sums.tolist()
+        return f"loss {loss / max(count, 1):.4f} top1 {100 * top1 / max(count, 1):.2f}"
+
     for step, (images, targets) in enumerate(loader, start=1):
         images, targets = _to_device(images, targets, ctx.device, channels_last)
         with precision.autocast():
@@ -253,16 +321,14 @@ def validate(
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         hits = top.eq(targets[:, None])
-        sums += torch.tensor([
-            F.cross_entropy(logits, targets, reduction="sum").item(),
-            hits[:, 0].sum().item(),
-            hits.any(dim=1).sum().item(),
-            targets.shape[0],
-        ], dtype=torch.float64)
-        progress.update(step, f"loss {sums[0] / sums[3]:.4f} top1 {100 * sums[1] / sums[3]:.2f}")
-    sums = all_reduce_sum(sums, ctx)
-    count = int(sums[3].item())
-    if count == 0:
+        sums += torch.stack([F.cross_entropy(logits, targets, reduction="sum").double(),
+                             hits[:, 0].sum().double(), hits.any(dim=1).sum().double()])
+        count += targets.shape[0]
+        progress.update(step, fields)
+    totals = torch.zeros(4, dtype=torch.float64, device=ctx.device)
+    totals[:3] = sums
+    totals[3] = count
+    loss_sum, top1, top5, total = all_reduce_sum(totals, ctx).tolist()
+    if total == 0:
         return EvalStats(loss=float("nan"), top1=0.0, top5=0.0, count=0)
-    return EvalStats(loss=float(sums[0] / count), top1=float(100 * sums[1] / count),
-                     top5=float(100 * sums[2] / count), count=count)
+    return EvalStats(loss=loss_sum / total, top1=100 * top1 / total, top5=100 * top5 / total, count=int(total))
