@@ -20,7 +20,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import create_dataset, create_transform, resolve_data_config
+from timm.data import auto_augment, create_dataset, create_transform, resolve_data_config
+from timm.data.auto_augment import AugMixAugment, AugmentOp, AutoAugment, RandAugment
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.data.readers.img_extensions import get_img_extensions
 from timm.data.transforms import MaybeToTensor
@@ -281,26 +282,64 @@ def is_cifar_input(config: DataConfig) -> bool:
     return tuple(config.input_size[1:]) == (CIFAR_SIZE, CIFAR_SIZE)
 
 
+def _posterize_keeping_no_bits_is_black(img: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
+    """timm's posterize, keeping Pillow < 13's answer for fewer than 1 kept bit: a black image (same mode, size).
+
+    timm's PosterizeIncreasing keeps 0 bits at magnitude 10 (RandAugment `inc1`, reached by `mstd`
+    draws clipped at 10) and fewer beyond (`mmax`), its Posterize keeps 0 bits below magnitude 2.5.
+    Pillow < 13 masked every channel value with ~(2 ** (8 - bits) - 1), i.e. 0; Pillow 13 raises ValueError.
+    """
+    if bits_to_keep < 1:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+# timm augmentation functions that fail on Pillow 13 at some magnitude -> the same op with Pillow < 13's result
+_PRE_PILLOW13_OPS: dict[Callable[..., Image.Image], Callable[..., Image.Image]] = {
+    auto_augment.posterize: _posterize_keeping_no_bits_is_black,
+}
+
+
+def augment_ops(transform: Callable) -> list[AugmentOp]:
+    """The timm AugmentOps of the RandAugment / AugMix / AutoAugment stages of a Compose transform."""
+    ops: list[AugmentOp] = []
+    for stage in getattr(transform, "transforms", [transform]):
+        if isinstance(stage, (RandAugment, AugMixAugment)):
+            ops.extend(stage.ops)
+        elif isinstance(stage, AutoAugment):
+            ops.extend(op for sub_policy in stage.policy for op in sub_policy)
+    return ops
+
+
+def _with_pre_pillow13_ops(transform: transforms.Compose) -> transforms.Compose:
+    """`transform` with the aug functions of its AugmentOps that Pillow 13 rejects replaced (in place)."""
+    for op in augment_ops(transform):
+        op.aug_fn = _PRE_PILLOW13_OPS.get(op.aug_fn, op.aug_fn)
+    return transform
+
+
 def train_transform(args: argparse.Namespace, config: DataConfig) -> Callable:
     """Training transform of a PIL image -> normalised (C, H, W) tensor.
 
     ImageNet-style inputs: random-resized crop, flip, colour jitter / AutoAugment, normalise,
     random erasing (timm `create_transform`). CIFAR-sized inputs (32 x 32): random 32 x 32 crop of
     the image padded by 4 pixels and a horizontal flip instead of the resized crop, then the same
-    timm stages (colour jitter or `--aa`, normalise, `--reprob` random erasing).
+    timm stages (colour jitter or `--aa`, normalise, `--reprob` random erasing). `--aa` ops keep their
+    Pillow < 13 results where Pillow 13 rejects the magnitude (posterize keeping no bits).
     """
     if not is_cifar_input(config):
-        return create_transform(
+        return _with_pre_pillow13_ops(create_transform(
             config.input_size, is_training=True, color_jitter=args.color_jitter, auto_augment=args.aa,
             interpolation=config.interpolation, mean=config.mean, std=config.std,
-            re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
+            re_prob=args.reprob, re_mode=args.remode, re_count=args.recount))
     _, augment, finish = transforms_imagenet_train(
         CIFAR_SIZE, color_jitter=args.color_jitter, auto_augment=args.aa, interpolation=config.interpolation,
         mean=config.mean, std=config.std, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
         separate=True)
     crop_and_flip = [transforms.RandomCrop(CIFAR_SIZE, padding=CIFAR_CROP_PADDING),
                      transforms.RandomHorizontalFlip()]
-    return transforms.Compose(crop_and_flip + list(augment.transforms) + list(finish.transforms))
+    return _with_pre_pillow13_ops(
+        transforms.Compose(crop_and_flip + list(augment.transforms) + list(finish.transforms)))
 
 
 def eval_transform(config: DataConfig) -> Callable:
