@@ -2,10 +2,10 @@
 
 Sources: an ImageFolder tree (timm `create_dataset`), torchvision CIFAR-10/100, or the embedded
 synthetic pattern set (no download; used when no data folder is given). Training batches are sharded
-per epoch over ranks (timm `RepeatAugSampler` with `--repeated-aug`); validation visits every image
-exactly once across ranks, without the padding of a DistributedSampler. ImageFolder images are fully
-decoded when read: a corrupt file stops the run naming the file, or with `--skip-corrupt` is
-replaced by the next readable image and counted.
+per epoch over ranks (timm `RepeatAugSampler` with `--repeated-aug`, shuffled from seed and epoch);
+validation visits every image exactly once across ranks, without the padding of a DistributedSampler.
+ImageFolder images are fully decoded when read: a corrupt file stops the run naming the file, or with
+`--skip-corrupt` is replaced by the next readable image and counted.
 """
 from __future__ import annotations
 
@@ -355,11 +355,28 @@ def eval_transform(config: DataConfig) -> Callable:
                                transforms.Normalize(mean=torch.tensor(config.mean), std=torch.tensor(config.std))])
 
 
+class SeededRepeatAugSampler(RepeatAugSampler):
+    """timm's RepeatAugSampler shuffled from seed + epoch (as torch's DistributedSampler) instead of the epoch alone."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, num_repeats: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, num_repeats=num_repeats)
+        self.seed = seed
+
+    def __iter__(self) -> Iterator[int]:
+        epoch = self.epoch
+        self.epoch = self.seed + epoch  # timm seeds its shuffle generator with self.epoch
+        try:
+            return super().__iter__()  # the shard is drawn here, as a list
+        finally:
+            self.epoch = epoch
+
+
 def train_sampler(dataset: Dataset, ctx: DistributedContext, repeated_aug: bool, seed: int) -> Sampler[int]:
-    """Per-epoch shuffled shard of this rank (call `set_epoch`); repeated augmentation spreads copies over ranks."""
+    """Per-epoch shuffled shard of this rank (call `set_epoch`), the order drawn from seed + epoch;
+    repeated augmentation spreads the copies of an image over ranks."""
     if repeated_aug:
-        return RepeatAugSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                num_repeats=REPEATED_AUG_REPEATS)
+        return SeededRepeatAugSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank,
+                                      num_repeats=REPEATED_AUG_REPEATS, seed=seed)
     return DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed)
 
 
