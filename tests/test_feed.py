@@ -1,8 +1,10 @@
 """Feeding the model: the repeated-augmentation sampler follows --seed; the device path (uint8 batches,
-normalisation and random erasing on the device with timm's PrefetchLoader) that CUDA runs use, forced on CPU."""
+normalisation and random erasing on the device with timm's PrefetchLoader) that CUDA runs use, forced on CPU;
+the feed-rate benchmark script on a few images."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import random
 
@@ -14,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from tests.shared_files import shared_path
+from tests.train_helpers import REPO_ROOT
 from vig.cli import parse_args
 from vig.data import (DataConfig, ShardedEvalSampler, build_dataset, build_loader, device_normalizes, eval_transform,
                       prefetch_to_device, train_sampler, train_transform)
@@ -126,3 +129,16 @@ def test_mixup_and_a_training_step_work_on_device_normalised_batches() -> None:
     assert stats.images == 16 and stats.num_updates == 2 and math.isfinite(stats.loss)
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
+
+def test_feed_rate_script_reports_both_paths(capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("feed_rate", REPO_ROOT / "benchmarks" / "feed_rate.py")
+    feed_rate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(feed_rate)
+    source = shared_path("data", "cifar10-subset")
+    assert feed_rate.main(["--source", str(source), "--images", "16", "--batch-size", "8", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in out.splitlines()
+            if line.startswith(("| float", "| uint8"))}
+    assert set(rows) == {"float", "uint8"}
+    assert all(float(value) > 0 for values in rows.values() for value in values)
+    assert out.startswith("16 JPEGs of 400 x 300, batch 8, 1 worker(s)")
