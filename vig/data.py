@@ -290,7 +290,8 @@ def _posterize_keeping_no_bits_is_black(img: Image.Image, bits_to_keep: int, **k
 
     timm's PosterizeIncreasing keeps 0 bits at magnitude 10 (RandAugment `inc1`, reached by `mstd`
     draws clipped at 10) and fewer beyond (`mmax`), its Posterize keeps 0 bits below magnitude 2.5.
-    Pillow < 13 masked every channel value with ~(2 ** (8 - bits) - 1), i.e. 0; Pillow 13 raises ValueError.
+    Pillow < 13 mapped every channel value v to v & ~(2 ** (8 - bits) - 1), which is 0 for every v when
+    bits < 1; Pillow 13 raises ValueError.
     """
     if bits_to_keep < 1:
         return Image.new(img.mode, img.size)
