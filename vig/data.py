@@ -2,10 +2,12 @@
 
 Sources: an ImageFolder tree (timm `create_dataset`), torchvision CIFAR-10/100, or the embedded
 synthetic pattern set (no download; used when no data folder is given). Training batches are sharded
-per epoch over ranks (timm `RepeatAugSampler` with `--repeated-aug`); validation visits every image
-exactly once across ranks, without the padding of a DistributedSampler. ImageFolder images are fully
-decoded when read: a corrupt file stops the run naming the file, or with `--skip-corrupt` is
-replaced by the next readable image and counted.
+per epoch over ranks (timm `RepeatAugSampler` with `--repeated-aug`, shuffled from seed and epoch);
+validation visits every image exactly once across ranks, without the padding of a DistributedSampler.
+ImageFolder images are fully decoded when read: a corrupt file stops the run naming the file, or with
+`--skip-corrupt` is replaced by the next readable image and counted. With `device_normalize` the
+transforms end in a uint8 tensor and `prefetch_to_device` (timm `PrefetchLoader`) normalises and
+randomly erases the batches on the device, as timm's prefetcher does.
 """
 from __future__ import annotations
 
@@ -20,10 +22,12 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import create_dataset, create_transform, resolve_data_config
+from timm.data import auto_augment, create_dataset, create_transform, resolve_data_config
+from timm.data.auto_augment import AugMixAugment, AugmentOp, AutoAugment, RandAugment
 from timm.data.distributed_sampler import RepeatAugSampler
+from timm.data.loader import PrefetchLoader
 from timm.data.readers.img_extensions import get_img_extensions
-from timm.data.transforms import MaybeToTensor
+from timm.data.transforms import MaybePILToTensor, MaybeToTensor
 from timm.data.transforms_factory import transforms_imagenet_train
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import transforms
@@ -281,46 +285,108 @@ def is_cifar_input(config: DataConfig) -> bool:
     return tuple(config.input_size[1:]) == (CIFAR_SIZE, CIFAR_SIZE)
 
 
-def train_transform(args: argparse.Namespace, config: DataConfig) -> Callable:
-    """Training transform of a PIL image -> normalised (C, H, W) tensor.
+def _posterize_keeping_no_bits_is_black(img: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
+    """timm's posterize, keeping Pillow < 13's answer for fewer than 1 kept bit: a black image (same mode, size).
+
+    timm's PosterizeIncreasing keeps 0 bits at magnitude 10 (RandAugment `inc1`, reached by `mstd`
+    draws clipped at 10) and fewer beyond (`mmax`), its Posterize keeps 0 bits below magnitude 2.5.
+    Pillow < 13 mapped every channel value v to v & ~(2 ** (8 - bits) - 1), which is 0 for every v when
+    bits < 1; Pillow 13 raises ValueError.
+    """
+    if bits_to_keep < 1:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+# timm augmentation functions that fail on Pillow 13 at some magnitude -> the same op with Pillow < 13's result
+_PRE_PILLOW13_OPS: dict[Callable[..., Image.Image], Callable[..., Image.Image]] = {
+    auto_augment.posterize: _posterize_keeping_no_bits_is_black,
+}
+
+
+def augment_ops(transform: Callable) -> list[AugmentOp]:
+    """The timm AugmentOps of the RandAugment / AugMix / AutoAugment stages of a Compose transform."""
+    ops: list[AugmentOp] = []
+    for stage in getattr(transform, "transforms", [transform]):
+        if isinstance(stage, (RandAugment, AugMixAugment)):
+            ops.extend(stage.ops)
+        elif isinstance(stage, AutoAugment):
+            ops.extend(op for sub_policy in stage.policy for op in sub_policy)
+    return ops
+
+
+def _with_pre_pillow13_ops(transform: transforms.Compose) -> transforms.Compose:
+    """`transform` with the aug functions of its AugmentOps that Pillow 13 rejects replaced (in place)."""
+    for op in augment_ops(transform):
+        op.aug_fn = _PRE_PILLOW13_OPS.get(op.aug_fn, op.aug_fn)
+    return transform
+
+
+def train_transform(args: argparse.Namespace, config: DataConfig, device_normalize: bool = False) -> Callable:
+    """Training transform of a PIL image -> normalised float (C, H, W) tensor, or uint8 with `device_normalize`.
 
     ImageNet-style inputs: random-resized crop, flip, colour jitter / AutoAugment, normalise,
     random erasing (timm `create_transform`). CIFAR-sized inputs (32 x 32): random 32 x 32 crop of
     the image padded by 4 pixels and a horizontal flip instead of the resized crop, then the same
-    timm stages (colour jitter or `--aa`, normalise, `--reprob` random erasing).
+    timm stages (colour jitter or `--aa`, normalise, `--reprob` random erasing). With
+    `device_normalize` the transform stops at the uint8 tensor (timm's prefetcher transforms);
+    `prefetch_to_device` then normalises and erases. `--aa` ops keep their Pillow < 13 results where
+    Pillow 13 rejects the magnitude (posterize keeping no bits).
     """
     if not is_cifar_input(config):
-        return create_transform(
+        return _with_pre_pillow13_ops(create_transform(
             config.input_size, is_training=True, color_jitter=args.color_jitter, auto_augment=args.aa,
             interpolation=config.interpolation, mean=config.mean, std=config.std,
-            re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
+            re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, use_prefetcher=device_normalize))
     _, augment, finish = transforms_imagenet_train(
         CIFAR_SIZE, color_jitter=args.color_jitter, auto_augment=args.aa, interpolation=config.interpolation,
         mean=config.mean, std=config.std, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
-        separate=True)
+        separate=True, use_prefetcher=device_normalize)
     crop_and_flip = [transforms.RandomCrop(CIFAR_SIZE, padding=CIFAR_CROP_PADDING),
                      transforms.RandomHorizontalFlip()]
-    return transforms.Compose(crop_and_flip + list(augment.transforms) + list(finish.transforms))
+    return _with_pre_pillow13_ops(
+        transforms.Compose(crop_and_flip + list(augment.transforms) + list(finish.transforms)))
 
 
-def eval_transform(config: DataConfig) -> Callable:
-    """Evaluation transform of a PIL image -> normalised (C, H, W) tensor.
+def eval_transform(config: DataConfig, device_normalize: bool = False) -> Callable:
+    """Evaluation transform of a PIL image -> normalised float (C, H, W) tensor, or uint8 with `device_normalize`.
 
     ImageNet-style inputs: resize to size / crop_pct, centre crop, normalise (timm). CIFAR-sized
     inputs: the plain 32 x 32 image, normalised (the centre crop only acts on images of another size).
+    With `device_normalize` the transform stops at the uint8 tensor; `prefetch_to_device` normalises.
     """
     if not is_cifar_input(config):
         return create_transform(config.input_size, is_training=False, interpolation=config.interpolation,
-                                mean=config.mean, std=config.std, crop_pct=config.crop_pct)
+                                mean=config.mean, std=config.std, crop_pct=config.crop_pct,
+                                use_prefetcher=device_normalize)
+    if device_normalize:
+        return transforms.Compose([transforms.CenterCrop(CIFAR_SIZE), MaybePILToTensor()])
     return transforms.Compose([transforms.CenterCrop(CIFAR_SIZE), MaybeToTensor(),
                                transforms.Normalize(mean=torch.tensor(config.mean), std=torch.tensor(config.std))])
 
 
+class SeededRepeatAugSampler(RepeatAugSampler):
+    """timm's RepeatAugSampler shuffled from seed + epoch (as torch's DistributedSampler) instead of the epoch alone."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, num_repeats: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, num_repeats=num_repeats)
+        self.seed = seed
+
+    def __iter__(self) -> Iterator[int]:
+        epoch = self.epoch
+        self.epoch = self.seed + epoch  # timm seeds its shuffle generator with self.epoch
+        try:
+            return super().__iter__()  # the shard is drawn here, as a list
+        finally:
+            self.epoch = epoch
+
+
 def train_sampler(dataset: Dataset, ctx: DistributedContext, repeated_aug: bool, seed: int) -> Sampler[int]:
-    """Per-epoch shuffled shard of this rank (call `set_epoch`); repeated augmentation spreads copies over ranks."""
+    """Per-epoch shuffled shard of this rank (call `set_epoch`), the order drawn from seed + epoch;
+    repeated augmentation spreads the copies of an image over ranks."""
     if repeated_aug:
-        return RepeatAugSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                num_repeats=REPEATED_AUG_REPEATS)
+        return SeededRepeatAugSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank,
+                                      num_repeats=REPEATED_AUG_REPEATS, seed=seed)
     return DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed)
 
 
@@ -334,3 +400,17 @@ def build_loader(dataset: Dataset, sampler: Sampler[int], batch_size: int, worke
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=device.type == "cuda", drop_last=is_training)
 
+
+def device_normalizes(device: torch.device) -> bool:
+    """Whether runs on `device` load uint8 batches and normalise / randomly erase them on it (CUDA, as timm's
+    prefetcher); on the CPU the loader workers deliver normalised float batches."""
+    return device.type == "cuda"
+
+
+def prefetch_to_device(loader: DataLoader, config: DataConfig, device: torch.device, re_prob: float = 0.0,
+                       re_mode: str = "const", re_count: int = 1) -> PrefetchLoader:
+    """Batches of a `device_normalize` loader (uint8 (B, C, H, W)) moved to `device`, normalised there with
+    the config's mean / std to float32 and, with `re_prob` > 0, randomly erased there (timm `PrefetchLoader`;
+    on CUDA the copy of the next batch overlaps the work on the current one)."""
+    return PrefetchLoader(loader, mean=config.mean, std=config.std, channels=config.input_size[0], device=device,
+                          re_prob=re_prob, re_mode=re_mode, re_count=re_count)

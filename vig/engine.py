@@ -24,6 +24,7 @@ from typing import Callable, TextIO
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
+from timm.data.loader import PrefetchLoader
 from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad
 from torch import nn
 from torch.utils.data import DataLoader
@@ -191,7 +192,7 @@ def _stop_if_non_finite(reading: _Reading, epoch: int, step: int, total: int, ct
 def train_one_epoch(
     epoch: int,
     model: nn.Module,
-    loader: DataLoader,
+    loader: DataLoader | PrefetchLoader,
     optimizer: torch.optim.Optimizer,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ctx: DistributedContext,
@@ -206,7 +207,8 @@ def train_one_epoch(
     log_interval: int = 50,
     skip_nonfinite: bool = False,
 ) -> TrainStats:
-    """One pass over this rank's shard. Images (B, 3, H, W), targets (B,) class indices.
+    """One pass over this rank's shard. Images (B, 3, H, W), targets (B,) class indices; a PrefetchLoader
+    (`vig.data.prefetch_to_device`) delivers them normalised on the device already.
 
     `num_updates` counts optimizer steps before this epoch (drives the per-update schedule and EMA warm-up).
     A loss that is NaN or infinite on any rank raises `RunError` on every rank, naming epoch and first
@@ -289,7 +291,7 @@ class EvalStats:
 @torch.no_grad()
 def validate(
     model: nn.Module,
-    loader: DataLoader,
+    loader: DataLoader | PrefetchLoader,
     ctx: DistributedContext,
     precision: Precision,
     tta: bool = False,

@@ -32,17 +32,18 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vig.checkpoint import (CheckpointError, ModelSettings, extract_state_dict, load_state_dict_into, merge_settings,
                             read_checkpoint, recorded_settings)
-from vig.data import (ShardedEvalSampler, build_dataset, build_loader, eval_transform, require_same_classes,
-                      resolve_preprocessing, take_corrupt_count, train_sampler, train_transform)
+from vig.cli import DEFAULT_MODEL
+from vig.data import (ShardedEvalSampler, build_dataset, build_loader, device_normalizes, eval_transform,
+                      prefetch_to_device, require_same_classes, resolve_preprocessing, take_corrupt_count,
+                      train_sampler, train_transform)
 from vig.distributed import (DistributedContext, all_gather_objects, all_reduce_sum, broadcast_object,
                              init_distributed, shutdown_distributed)
 from vig.engine import resolve_precision, train_one_epoch, unwrap_model, validate
-from vig.cli import DEFAULT_MODEL
 from vig.errors import UsageError
 from vig.plot import write_curves
 from vig.profile import count_macs, count_parameters
-from vig.saver import (CURVES_NAME, LAST_NAME, SUMMARY_NAME, CheckpointSaver, append_summary, prepare_output_dir, require_fresh_or_resumable,
-                       run_folder_name, write_args_yaml)
+from vig.saver import (CURVES_NAME, LAST_NAME, SUMMARY_NAME, CheckpointSaver, append_summary, prepare_output_dir,
+                       require_fresh_or_resumable, run_folder_name, write_args_yaml)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -170,13 +171,16 @@ def evaluate(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any
     model = create_model_from_args(args, _num_classes(args, classes))
     load_weights(model, checkpoint, args.initial_checkpoint, use_ema=args.model_ema)
     config = resolve_preprocessing(args, model)
-    val_set.transform = eval_transform(config)
+    device_normalize = device_normalizes(ctx.device)
+    val_set.transform = eval_transform(config, device_normalize)
     model.to(ctx.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     precision = resolve_precision(args.amp, args.amp_dtype, ctx.device)
     loader = build_loader(val_set, ShardedEvalSampler(len(val_set), ctx.world_size, ctx.rank), args.batch_size,
                           args.workers, is_training=False, device=ctx.device)
+    if device_normalize:
+        loader = prefetch_to_device(loader, config, ctx.device)
     stats = validate(model, loader, ctx, precision, tta=args.tta, channels_last=args.channels_last,
                      log_interval=args.log_interval)
     if not ctx.is_primary:
@@ -301,8 +305,9 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> None:
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     config = resolve_preprocessing(args, model)
-    train_set.transform = train_transform(args, config)
-    val_set.transform = eval_transform(config)
+    device_normalize = device_normalizes(ctx.device)  # uint8 batches, normalised and erased on the device
+    train_set.transform = train_transform(args, config, device_normalize)
+    val_set.transform = eval_transform(config, device_normalize)
     folder = _output_folder(args, ctx, config.input_size[-1])
 
     if ctx.is_primary:
@@ -322,6 +327,9 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> None:
     train_loader = build_loader(train_set, sampler, args.batch_size, args.workers, True, ctx.device)
     val_loader = build_loader(val_set, ShardedEvalSampler(len(val_set), ctx.world_size, ctx.rank),
                               args.batch_size, args.workers, False, ctx.device)
+    if device_normalize:
+        train_loader = prefetch_to_device(train_loader, config, ctx.device, args.reprob, args.remode, args.recount)
+        val_loader = prefetch_to_device(val_loader, config, ctx.device)
     scheduler, num_epochs = create_scheduler_v2(
         optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
         decay_rate=args.decay_rate, cooldown_epochs=args.cooldown_epochs, min_lr=args.min_lr,
