@@ -1,5 +1,5 @@
-"""Training under torchrun and torch.distributed.launch (2 CPU processes, gloo): the published recipe, and
-restarts with the launcher's shared store."""
+"""Training under torchrun and torch.distributed.launch (2 CPU processes, gloo): the published recipe, ranks
+that stay in step, warnings logged once, restarts with the launcher's shared store."""
 from __future__ import annotations
 
 import csv
@@ -101,6 +101,35 @@ def test_recipe_under_distributed_launch_with_dated_folder(tmp_path: Path, image
     assert len(folders) == 1 and re.fullmatch(r"\d{8}-\d{6}-vig_ti_224_gelu-32", folders[0].name), folders
     _check_run_folder(folders[0])
     _check_log(result.stderr)
+
+
+SYNC_FLAGS = ("--model vig_ti_224_gelu --img-size 32 --epochs 1 --warmup-epochs 0 --lr 1e-3 -b 4 -j 0 "
+              "--model-ema --model-ema-decay 0.9").split()
+
+
+@pytest.mark.slow
+def test_two_ranks_train_to_bit_identical_weights_and_log_the_knn_cap_once(tmp_path: Path,
+                                                                          image_folder: Path) -> None:
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    command = [sys.executable, *_launcher("torchrun"), str(REPO_ROOT / "tests" / "train_worker.py"), str(weights),
+               str(image_folder), *SYNC_FLAGS, "--output", str(tmp_path / "out"), "--experiment", "run"]
+    result = subprocess.run(command, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    # 32 px gives 2 x 2 graph nodes: both ranks build the model, the cap warning appears once in all their output
+    assert output.count("4 graph nodes cap the kNN schedule") == 1, output[-4000:]
+
+    ranks = [torch.load(weights / f"rank{rank}.pth", weights_only=True) for rank in (0, 1)]
+    initial = ranks[0]["initial"]
+    assert any(not torch.equal(value, ranks[1]["initial"][key]) for key, value in initial.items())  # seeded by rank
+    for entry in ("model", "ema"):
+        assert ranks[0][entry].keys() == ranks[1][entry].keys() == initial.keys()
+        unequal = [key for key in initial if not torch.equal(ranks[0][entry][key], ranks[1][entry][key])]
+        assert not unequal, f"{entry}: rank 0 and rank 1 differ in {unequal[:5]}"
+        unchanged = [key for key, value in initial.items()
+                     if value.is_floating_point() and torch.equal(ranks[0][entry][key], value)]
+        assert not unchanged, f"{entry}: still the initial weights in {unchanged[:5]}"
 
 
 def _old_group_completed(store: dist.Store, world_size: int) -> None:
