@@ -16,8 +16,9 @@ from vig.training import run
 
 
 def _setup_logging() -> None:
+    """INFO on rank 0; errors alone on the other ranks, whose warnings would repeat rank 0's once per process."""
     primary = int(os.environ.get("RANK", "0")) == 0
-    logging.basicConfig(level=logging.INFO if primary else logging.WARNING,
+    logging.basicConfig(level=logging.INFO if primary else logging.ERROR,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
 

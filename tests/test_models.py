@@ -13,6 +13,7 @@ from torch.testing import assert_close
 import vig
 from tests.shared_files import shared_path
 from vig.models import SIZES, VisionGNN
+from vig.models import isotropic
 from vig.models.isotropic import Grapher, knn_schedule
 from vig.profile import count_macs, count_parameters
 
@@ -158,7 +159,9 @@ def test_grapher_refuses_arguments_its_graph_does_not_use(graph: dict, message: 
         Grapher(16, "gelu", 0.0, **graph)
 
 
-def test_small_img_size_caps_k_and_dilation_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+def test_small_img_size_caps_k_and_dilation_with_a_warning(caplog: pytest.LogCaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(isotropic, "_logged_caps", set())  # as in a fresh process
     with caplog.at_level(logging.WARNING, logger="vig.models.isotropic"):
         model = timm.create_model("vig_ti_224_gelu", img_size=64, num_classes=3)
     assert "16 graph nodes cap the kNN schedule" in caplog.text
@@ -171,6 +174,18 @@ def test_small_img_size_caps_k_and_dilation_with_a_warning(caplog: pytest.LogCap
         published = timm.create_model("vig_ti_224_gelu")
     assert caplog.text == ""
     assert knn_schedule(9, 12, 196) == [(c.k, c.dilation) for c in _graph_convs(published)]
+
+
+@pytest.mark.parametrize("num_nodes", [4, 16])
+def test_the_knn_cap_warning_is_logged_once_per_process_and_schedule(num_nodes: int, caplog: pytest.LogCaptureFixture,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(isotropic, "_logged_caps", set())
+    with caplog.at_level(logging.WARNING, logger="vig.models.isotropic"):
+        first = [knn_schedule(9, 12, num_nodes) for _ in range(3)]
+        other = knn_schedule(9, 12, num_nodes + 1)
+    assert first[0] == first[1] == first[2] != other
+    messages = [record.getMessage() for record in caplog.records]
+    assert [message.split(" graph nodes")[0] for message in messages] == [str(num_nodes), str(num_nodes + 1)], messages
 
 
 def test_checkpoint_at_another_img_size_resizes_pos_embed(checkpoint_path: Path) -> None:

@@ -1,17 +1,26 @@
-"""The published training recipe under torchrun and torch.distributed.launch: 2 CPU processes, gloo."""
+"""Training under torchrun and torch.distributed.launch (2 CPU processes, gloo): the published recipe, ranks
+that stay in step, warnings logged once, restarts with the launcher's shared store."""
 from __future__ import annotations
 
 import csv
+import os
 import re
+import signal
 import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
+import torch.distributed as dist
 
-from tests.train_helpers import last_json_line, make_image_folder, run_train
-
-pytestmark = pytest.mark.slow
+from tests.train_helpers import REPO_ROOT, child_env, last_json_line, make_image_folder, run_train
+from vig.distributed import ROUND_KEY, agree_on_round
 
 TRAIN_IMAGES = 18  # RepeatAugSampler: ceil(18 / 2) = 9 per process and epoch, 2 batches of 4
 VAL_IMAGES = 7  # shards of 4 and 3: nothing padded, nothing counted twice
@@ -67,6 +76,7 @@ def _check_log(stderr: str) -> None:
     assert "AMP: bfloat16 autocast on CPU" in stderr or "falling back to float32" in stderr
 
 
+@pytest.mark.slow
 def test_recipe_under_torchrun_then_evaluate(tmp_path: Path, image_folder: Path) -> None:
     output = tmp_path / "out"
     result = run_train([str(image_folder), *RECIPE, "--output", str(output), "--experiment", "run"],
@@ -84,6 +94,7 @@ def test_recipe_under_torchrun_then_evaluate(tmp_path: Path, image_folder: Path)
     assert last_json_line(evaluation.stdout)["count"] == VAL_IMAGES
 
 
+@pytest.mark.slow
 def test_recipe_under_distributed_launch_with_dated_folder(tmp_path: Path, image_folder: Path) -> None:
     output = tmp_path / "out"
     result = run_train([str(image_folder), *RECIPE, "--output", str(output)], launcher=_launcher("launch"))
@@ -92,3 +103,106 @@ def test_recipe_under_distributed_launch_with_dated_folder(tmp_path: Path, image
     assert len(folders) == 1 and re.fullmatch(r"\d{8}-\d{6}-vig_ti_224_gelu-32", folders[0].name), folders
     _check_run_folder(folders[0])
     _check_log(result.stderr)
+
+
+SYNC_FLAGS = ("--model vig_ti_224_gelu --img-size 32 --epochs 1 --warmup-epochs 0 --lr 1e-3 -b 4 -j 0 "
+              "--model-ema --model-ema-decay 0.9").split()
+
+
+@pytest.mark.slow
+def test_two_ranks_train_to_bit_identical_weights_and_log_the_knn_cap_once(tmp_path: Path,
+                                                                          image_folder: Path) -> None:
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    command = [sys.executable, *_launcher("torchrun"), str(REPO_ROOT / "tests" / "train_worker.py"), str(weights),
+               str(image_folder), *SYNC_FLAGS, "--output", str(tmp_path / "out"), "--experiment", "run"]
+    result = subprocess.run(command, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    # 32 px gives 2 x 2 graph nodes: both ranks build the model, the cap warning appears once in all their output
+    assert output.count("4 graph nodes cap the kNN schedule") == 1, output[-4000:]
+
+    ranks = [torch.load(weights / f"rank{rank}.pth", weights_only=True) for rank in (0, 1)]
+    initial = ranks[0]["initial"]
+    assert any(not torch.equal(value, ranks[1]["initial"][key]) for key, value in initial.items())  # seeded by rank
+    for entry in ("model", "ema"):
+        assert ranks[0][entry].keys() == ranks[1][entry].keys() == initial.keys()
+        unequal = [key for key in initial if not torch.equal(ranks[0][entry][key], ranks[1][entry][key])]
+        assert not unequal, f"{entry}: rank 0 and rank 1 differ in {unequal[:5]}"
+        unchanged = [key for key, value in initial.items()
+                     if value.is_floating_point() and torch.equal(ranks[0][entry][key], value)]
+        assert not unchanged, f"{entry}: still the initial weights in {unchanged[:5]}"
+
+
+def _old_group_completed(store: dist.Store, world_size: int) -> None:
+    _agree_in_threads(store, world_size, timedelta(seconds=10))
+
+
+def _old_group_smaller(store: dist.Store, world_size: int) -> None:
+    _agree_in_threads(store, world_size - 1, timedelta(seconds=10))
+
+
+def _old_rank_1_killed_before_joining(store: dist.Store, world_size: int) -> None:
+    with pytest.raises(dist.DistStoreError):
+        agree_on_round(store, 0, world_size, timedelta(seconds=0.2))
+
+
+def _old_rank_0_killed_before_opening(store: dist.Store, world_size: int) -> None:
+    with pytest.raises(dist.DistStoreError):
+        agree_on_round(store, 1, world_size, timedelta(seconds=0.2))
+
+
+def _old_rank_0_killed_after_all_joined(store: dist.Store, world_size: int) -> None:
+    round_index = store.add(ROUND_KEY, 1)
+    store.add(f"{ROUND_KEY}/{round_index}/{world_size}/joined", world_size - 1)
+
+
+def _agree_in_threads(store: dist.Store, world_size: int, timeout: timedelta) -> list[int]:
+    """agree_on_round on every rank, one thread each; the other ranks start 50 ms before rank 0, so they
+    first see what an earlier group left in the store."""
+    with ThreadPoolExecutor(world_size) as pool:
+        others = [pool.submit(agree_on_round, store, rank, world_size, timeout) for rank in range(1, world_size)]
+        time.sleep(0.05)
+        first = pool.submit(agree_on_round, store, 0, world_size, timeout)
+        return [first.result(), *(future.result() for future in others)]
+
+
+@pytest.mark.parametrize("earlier", [None, _old_group_completed, _old_group_smaller, _old_rank_1_killed_before_joining,
+                                     _old_rank_0_killed_before_opening, _old_rank_0_killed_after_all_joined],
+                         ids=lambda earlier: earlier.__name__.lstrip("_") if earlier else "fresh_store")
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_of_a_restarted_group_agree_on_a_fresh_round(earlier: Callable[[dist.Store, int], None] | None,
+                                                          world_size: int) -> None:
+    store = dist.HashStore()
+    if earlier is not None:
+        earlier(store, world_size)
+    opened_before = store.add(ROUND_KEY, 0)
+    rounds = _agree_in_threads(store, world_size, timedelta(seconds=10))
+    assert rounds == [opened_before + 1] * world_size
+
+
+@pytest.mark.slow
+def test_restart_when_the_agents_count_restarts_differently(tmp_path: Path) -> None:
+    """Two agents on one shared store, with two processes and one; the second agent's process dies once. Only
+    that agent counts the restart (pytorch/pytorch#135712), yet the restarted ranks form one process group."""
+    endpoint = f"127.0.0.1:{_free_port()}"
+
+    def agent(processes: int, *worker_flags: str) -> subprocess.Popen:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--nproc_per_node={processes}",
+                   "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", "--rdzv_id=restart-test", "--max-restarts=1",
+                   "--monitor-interval=0.1", str(REPO_ROOT / "tests" / "restart_worker.py"), str(tmp_path),
+                   *worker_flags]
+        return subprocess.Popen(command, cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    agents = [agent(2), agent(1, "--die")]
+    try:
+        outputs = [launcher.communicate(timeout=240)[0] for launcher in agents]
+    finally:
+        for launcher in agents:  # a launcher that hangs is stopped together with its workers
+            if launcher.poll() is None:
+                os.killpg(launcher.pid, signal.SIGKILL)
+    assert [launcher.returncode for launcher in agents] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    survivor, restarted = (re.findall(r"restart count (\d+): sum (\d+)", output) for output in outputs)
+    assert survivor == [("0", "3")] * 4, outputs[0][-3000:]  # two processes, two rounds
+    assert restarted == [("0", "3"), ("1", "3")], outputs[1][-3000:]

@@ -241,10 +241,9 @@ def test_torchrun_restarts_a_sigkilled_worker_and_every_epoch_is_logged_once(tmp
                "--max-restarts=1", "--monitor-interval=0.1", str(REPO_ROOT / "train.py"), str(folder_data), *TINY,
                "-b", "4", "--epochs", "2", "-j", "0", "--output", str(tmp_path), "--experiment", "run",
                "--resume", "auto"]
-    # each restart needs a fresh store: with the rendezvous store shared (torch's default) a restarted rank can
-    # read the address of the killed one (pytorch/pytorch#135712), so the README's recipe turns sharing off
-    env = {**child_env(), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    launcher = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+    # the launcher's default settings: its agent shares one store with every worker round, where a plain env://
+    # start of the restarted round would read the address of the killed rank (pytorch/pytorch#135712)
+    launcher = subprocess.Popen(command, cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
     try:
         killed = None

@@ -289,8 +289,12 @@ def _restore_training_state(path: str, state: dict[str, Any], model: nn.Module, 
         scaler.load_state_dict(state[scaler.state_dict_key])
 
 
-def train(args: argparse.Namespace, ctx: DistributedContext) -> None:
-    """Full training run with per-epoch validation, summary.csv and checkpoints in output/experiment."""
+def train(args: argparse.Namespace, ctx: DistributedContext) -> tuple[nn.Module, nn.Module | None]:
+    """Full training run with per-epoch validation, summary.csv and checkpoints in output/experiment.
+
+    Returns this rank's final model (without its DDP / compile wrappers) and EMA module (None without
+    --model-ema).
+    """
     checkpoint = apply_checkpoint_settings(args, use_class_count=False)
     if args.warmup_epochs >= args.epochs and ctx.is_primary:
         _LOGGER.warning("--warmup-epochs %d >= --epochs %d: the learning rate never reaches --lr %g",
@@ -379,6 +383,8 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> None:
         shard_images = all_gather_objects(len(sampler), ctx)
         if ctx.distributed:
             distribute_bn(model, ctx.world_size, reduce=True)
+            if model_ema is not None:  # the EMA follows each rank's own batch statistics: average them too
+                distribute_bn(model_ema, ctx.world_size, reduce=True)
         eval_stats = validate(model, val_loader, ctx, precision, tta=args.tta, channels_last=args.channels_last,
                               log_interval=args.log_interval)
         row: dict[str, Any] = {"epoch": epoch, "train_loss": stats.loss, "eval_loss": eval_stats.loss,
@@ -416,6 +422,7 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> None:
             best_epoch, best_metric = saver.save(state, epoch, metric)
             _LOGGER.info("best top1 %.2f at epoch %d", best_metric, best_epoch)
             write_curves(folder / SUMMARY_NAME, folder / CURVES_NAME)
+    return unwrap_model(model), model_ema.module if model_ema is not None else None
 
 
 def run(args: argparse.Namespace) -> dict[str, Any] | None:

@@ -28,6 +28,7 @@ from gcn_lib import DynConv2d, act_layer, init_convs_
 from vig.checkpoint import checkpoint_filter_fn
 
 _logger = logging.getLogger(__name__)
+_logged_caps: set[str] = set()  # kNN-cap warnings this process has logged: each distinct one is logged once
 
 HEAD_HIDDEN = 1024
 STEM_STRIDE = 16
@@ -73,7 +74,7 @@ def knn_schedule(num_knn: int, depth: int, num_nodes: int) -> list[tuple[int, in
 
     As published: k_i = int(linspace(k, 2k, depth)[i]), d_i = min(i // 4 + 1, N // max_i k_i).
     With few nodes (small ``img_size``) k_i is capped at N, so that k_i * d_i <= N always holds,
-    and a warning is logged whenever the cap changes the schedule.
+    and a warning is logged (once per process for each distinct schedule) whenever the cap changes it.
     """
     if num_knn < 1:
         raise ValueError(f"num_knn must be >= 1, got {num_knn}")
@@ -83,8 +84,11 @@ def knn_schedule(num_knn: int, depth: int, num_nodes: int) -> list[tuple[int, in
     uncapped = [i // 4 + 1 for i in range(depth)]
     dilations = [min(d, max_dilation) for d in uncapped]
     if ks != published or dilations != uncapped:
-        _logger.warning("%d graph nodes cap the kNN schedule: k %s -> %s, dilation %s -> %s",
-                        num_nodes, published, ks, uncapped, dilations)
+        message = (f"{num_nodes} graph nodes cap the kNN schedule: k {published} -> {ks}, "
+                   f"dilation {uncapped} -> {dilations}")
+        if message not in _logged_caps:
+            _logged_caps.add(message)
+            _logger.warning(message)
     return list(zip(ks, dilations))
 
 

@@ -1,0 +1,50 @@
+"""torchrun worker of tests/test_train_distributed.py: train.py's main, then this rank's weights to a file.
+
+Usage: torchrun ... tests/train_worker.py OUT_DIR TRAIN_PY_ARGS...
+
+Runs `train.main(TRAIN_PY_ARGS)` unchanged, watching two calls of vig.training: the model as this rank
+created it (before DDP makes every rank start from rank 0's), and what `train` returns. Writes
+OUT_DIR/rank<RANK>.pth holding the state dicts "initial", "model" and "ema" (None without --model-ema).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import train
+from vig import training
+from vig.distributed import DistributedContext
+
+
+def main(out_dir: Path, train_argv: list[str]) -> int:
+    seen: dict[str, dict[str, torch.Tensor] | None] = {}
+    create_model = training.create_model_from_args
+    train_loop = training.train
+
+    def watched_create_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
+        model = create_model(args, num_classes)
+        seen["initial"] = copy.deepcopy(model.state_dict())
+        return model
+
+    def watched_train(args: argparse.Namespace, ctx: DistributedContext) -> tuple[nn.Module, nn.Module | None]:
+        model, model_ema = train_loop(args, ctx)
+        seen["model"] = model.state_dict()
+        seen["ema"] = model_ema.state_dict() if model_ema is not None else None
+        return model, model_ema
+
+    training.create_model_from_args = watched_create_model
+    training.train = watched_train
+    status = train.main(train_argv)
+    if status == 0:
+        torch.save(seen, out_dir / f"rank{os.environ['RANK']}.pth")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1]), sys.argv[2:]))
