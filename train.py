@@ -10,9 +10,10 @@ import os
 import sys
 from typing import Any, Sequence
 
-from vig.cli import parse_args
+from vig.console import fail, format_table
 from vig.errors import RunError, UsageError
-from vig.training import run
+from vig.trainer.cli import parse_args
+from vig.trainer.run import run
 
 
 def _setup_logging() -> None:
@@ -25,12 +26,11 @@ def _setup_logging() -> None:
 def _print_result(result: dict[str, Any]) -> None:
     """A readable table, then the result as one JSON object on the last line of standard output."""
     rows = [("model", result["model"]), ("checkpoint", result["checkpoint"] + (" (EMA)" if result["ema"] else "")),
+            ("input", f"{result['img_size']} px, {result['num_classes']} classes"),
             ("graph", result["graph"]), ("flip TTA", "on" if result["tta"] else "off"),
-            ("images", str(result["count"])), ("loss", f"{result['loss']:.4f}"),
+            ("images", result["count"]), ("loss", f"{result['loss']:.4f}"),
             ("top-1 %", f"{result['top1']:.2f}"), ("top-5 %", f"{result['top5']:.2f}")]
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        print(f"{name.ljust(width)}  {value}")
+    print(format_table(rows))
     print(json.dumps(result), flush=True)
 
 
@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run(args)
     except UsageError as err:
         if rank == 0:
-            print(f"error: {err}", file=sys.stderr)
+            fail(None, err)
         return 2
     except RunError as err:
         if rank == 0:

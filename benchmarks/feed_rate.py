@@ -5,11 +5,11 @@
 
 Makes ImageNet-like input in a temporary folder (the CIFAR-10 subset's training images upsampled to
 400 x 300 JPEGs, quality 90), then reads it through the trainer's own dataset (decode included) and
-training transform (`vig.data.train_transform`: --aa rand-m9-mstd0.5-inc1, --reprob 0.25, --remode pixel,
+training transform (`vig.trainer.data.train_transform`: --aa rand-m9-mstd0.5-inc1, --reprob 0.25, --remode pixel,
 colour jitter 0.4, bicubic, 224 px, ImageNet mean / std) with a DataLoader of one worker, for
   float: the CPU path, the worker normalises and randomly erases (float32 batches), and
   uint8:   the CUDA path, the worker stops at the uint8 tensor (normalisation and erasing are left to
-           the device, `vig.data.prefetch_to_device`).
+           the device, `vig.trainer.data.prefetch_to_device`).
 Loader images/s count the images after the first batch (worker start-up excluded), over the wall time
 from the first batch to the last. On a shared machine that figure falls with the load, so the images per
 CPU-second of the same dataset read in this process (one thread, `time.process_time`) are printed too:
@@ -30,8 +30,8 @@ import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from vig.cli import parse_args as parse_train_args
-from vig.data import DataConfig, ShardedEvalSampler, build_dataset, build_loader, train_transform
+from vig.trainer.cli import parse_args as parse_train_args
+from vig.trainer.data import DataConfig, ShardedEvalSampler, build_dataset, build_loader, train_transform
 
 DEFAULT_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-subset"
 RECIPE = ["--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.25", "--remode", "pixel", "--color-jitter", "0.4"]

@@ -10,13 +10,13 @@ in the call's budget (``--budget-s``); a step that does not fit is left for the 
 The steps, in this order:
 
 1. ``pytest -m cuda tests/test_kernels.py``: the fused kernel against the torch oracle at ViG-Ti sizes;
-2. ``python -m vig.benchmark`` for ViG-Ti, SViG-Ti (t = 0.89, dec 0.03) and the dense floor (ViG-Ti with
+2. ``python -m vig.tools.benchmark`` for ViG-Ti, SViG-Ti (t = 0.89, dec 0.03) and the dense floor (ViG-Ti with
    the graph aggregation replaced by zeros, ``--no-graph``), each in eager mode: a training step with
    AdamW at batch 128 and inference at batch 256, bfloat16 autocast, channels-last; images per second
    are the median of the timed steps after warm-up, each synchronised with the device, and the peak
    memory is torch's ``max_memory_allocated``;
 3. a torch.profiler table of one SViG-Ti training step (the top GPU kernels by time);
-4. the threshold aggregation alone (``vig.benchmark --mode graph``, B = 128, C = 192, N = 196):
+4. the threshold aggregation alone (``vig.tools.benchmark --mode graph``, B = 128, C = 192, N = 196):
    dense, scatter, the kernel, and the dense form under ``torch.compile``;
 5. the three models again under ``torch.compile`` (inductor).
 
@@ -40,7 +40,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SVIG_THRESHOLDS = ["--start-thresh", "0.89", "--dec", "0.03"]
-# name -> (model, extra vig.benchmark flags)
+# name -> (model, extra vig.tools.benchmark flags)
 MODELS: dict[str, tuple[str, list[str]]] = {
     "vig_ti": ("vig_ti_224_gelu", []),
     "svig_ti": ("svig_ti_224_gelu", SVIG_THRESHOLDS),
@@ -60,16 +60,16 @@ class Step:
     kind: str
     argv: list[str]
     limit_s: float
-    rows_path: Path | None = None  # the vig.benchmark JSON of a model variant
+    rows_path: Path | None = None  # the vig.tools.benchmark JSON of a model variant
     status: str = NOT_RUN
     seconds: float = 0.0
     log: str = ""
 
 
 def _benchmark_argv(args: argparse.Namespace, model: str, flags: list[str], warmup: int, iters: int) -> list[str]:
-    """vig.benchmark arguments for one model: bfloat16 autocast (not on the CPU in tiny mode), channels-last,
+    """vig.tools.benchmark arguments for one model: bfloat16 autocast (not on the CPU in tiny mode), channels-last,
     training at batch 128 and inference at batch 256 (tiny: 32 x 32 images, batch 2, one step after one)."""
-    argv = ["-m", "vig.benchmark", "--model", model, *flags, "--device", args.device, "--channels-last"]
+    argv = ["-m", "vig.tools.benchmark", "--model", model, *flags, "--device", args.device, "--channels-last"]
     if not (args.tiny and args.device == "cpu"):
         argv += ["--amp-dtype", "bfloat16"]
     if args.tiny:
@@ -100,9 +100,9 @@ def plan(args: argparse.Namespace) -> list[Step]:
 
 
 def _graph_argv(args: argparse.Namespace, json_path: Path) -> list[str]:
-    """vig.benchmark's graph mode: the threshold aggregation alone, forward + backward, for each implementation
+    """vig.tools.benchmark's graph mode: the threshold aggregation alone, forward + backward, for each implementation
     (dense, scatter, the kernel where it runs, and the compiled dense form except in tiny mode)."""
-    argv = ["-m", "vig.benchmark", "--mode", "graph", "--threshold", "0.89", "--device", args.device,
+    argv = ["-m", "vig.tools.benchmark", "--mode", "graph", "--threshold", "0.89", "--device", args.device,
             "--json", str(json_path)]
     if args.tiny:
         return argv + ["--batch-size", "2", "--channels", "8", "--nodes", "16", "--warmup", "1", "--iters", "1"]

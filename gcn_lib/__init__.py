@@ -5,10 +5,10 @@ from .conv import CONVS, MASK_CONVS, EdgeConv2d, GINConv2d, GraphSAGE, MRConv2d,
 from .dynamic import GRAPHS, DynConv2d
 from .graph import (dense_knn, normalized_nodes, pairwise_sq_distance, reduced_keys, similarity_stats, threshold_mask,
                     threshold_quantile)
-from .nn import ACTIVATIONS, NORMS, BasicConv, act_layer, init_convs_, interleave_channels, norm_layer
+from .layers import ACTIVATIONS, NORMS, BasicConv, act_layer, init_convs_, interleave_channels, norm_layer
 from .pos_embed import relative_position_table, sincos_2d
-from .sparse import (drop_edge, edge_index_to_mask, grid_edges, knn_to_edge_index, knn_to_mask,
-                     mask_to_edge_index, sparse_knn, to_pyg)
+from .sparse import (drop_edge, edge_index_to_mask, grid_edges, knn_to_edge_index, knn_to_mask, mask_to_edge_index,
+                     sparse_knn, to_pyg)
 
 __all__ = [
     "ACTIVATIONS", "CONVS", "kernels", "GRAPHS", "MASK_CONVS", "NORMS",

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .aggregate import gather_neighbours, max_relative_dense, max_relative_gather, max_relative_scatter
-from .nn import BasicConv, interleave_channels
+from .layers import BasicConv, interleave_channels
 from .sparse import mask_to_edge_index
 
 CONVS: tuple[str, ...] = ("mr", "edge", "sage", "gin")

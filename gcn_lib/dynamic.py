@@ -9,7 +9,7 @@ from torch import nn
 from . import kernels
 from .conv import CONVS, MASK_CONVS, graph_conv
 from .graph import check_threshold, dense_knn, reduced_keys, threshold_mask
-from .nn import interleave_channels
+from .layers import interleave_channels
 
 GRAPHS: tuple[str, ...] = ("knn", "threshold")
 # DynConv2d arguments that only the kNN graph uses, and what each is; graph='threshold' refuses them
@@ -41,7 +41,7 @@ class DynConv2d(nn.Module):
         r: pyramid reduction: neighbours are taken from the map average-pooled by r.
         threshold: t of the threshold graph (below 1; t <= 0 gives the complete graph); given with
             ``graph='knn'`` it is a ValueError.
-        kernel: for ``graph='threshold'`` with ``conv='mr'``, aggregate with the fused Triton kernel
+        fused_kernel: for ``graph='threshold'`` with ``conv='mr'``, aggregate with the fused Triton kernel
             (`gcn_lib.kernels`) whenever it can run (CUDA float tensors); False forces the torch path.
 
     ``kernel_size``, ``dilation``, ``stochastic``, ``epsilon`` and ``r`` (`KNN_ONLY`) are kNN-graph
@@ -67,7 +67,7 @@ class DynConv2d(nn.Module):
         epsilon: float = 0.0,
         r: int = 1,
         threshold: float | None = None,
-        kernel: bool = True,
+        fused_kernel: bool = True,
     ) -> None:
         super().__init__()
         if graph not in GRAPHS:
@@ -94,11 +94,11 @@ class DynConv2d(nn.Module):
         self.epsilon = epsilon
         self.r = r
         self.threshold = threshold
-        self.kernel = kernel
+        self.fused_kernel = fused_kernel
 
-    def uses_kernel(self, x: torch.Tensor) -> bool:
+    def uses_fused_kernel(self, x: torch.Tensor) -> bool:
         """Whether a forward pass on ``x`` takes the fused threshold kernel."""
-        return self.graph == "threshold" and self.conv == "mr" and self.kernel and kernels.available(x)
+        return self.graph == "threshold" and self.conv == "mr" and self.fused_kernel and kernels.available(x)
 
     def build_graph(self, x: torch.Tensor, y: torch.Tensor | None = None,
                     relative_pos: torch.Tensor | None = None) -> torch.Tensor:
@@ -117,7 +117,7 @@ class DynConv2d(nn.Module):
         b, c, h, w = x.shape
         if self.graph == "threshold":
             self._refuse_relative_pos(relative_pos)
-        if self.uses_kernel(x):
+        if self.uses_fused_kernel(x):
             nodes = x.reshape(b, c, -1, 1)
             relative = kernels.threshold_max_relative(nodes, self.threshold)
             return self.gconv.nn(interleave_channels(nodes, relative)).reshape(b, -1, h, w)

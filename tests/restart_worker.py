@@ -2,7 +2,7 @@
 
 Usage: torchrun ... tests/restart_worker.py FOLDER [--die]
 
-Every round: vig.distributed.init_distributed, then an all-reduce of ones, printed with this process's
+Every round: vig.trainer.distributed.init_distributed, then an all-reduce of ones, printed with this process's
 TORCHELASTIC_RESTART_COUNT. In the first round (FOLDER/died absent when the process starts), a worker
 given --die creates FOLDER/died and SIGKILLs itself; the others wait until their agent stops them to
 start the next round. In later rounds the workers given --die start their process group 1 s after all
@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-# vig/distributed.py alone: importing the vig package also imports timm and the models, which would double
+# vig/trainer/distributed.py alone: importing the vig package also imports timm and the models, which would double
 # the start-up time of every round of this worker
-_SPEC = importlib.util.spec_from_file_location("vig_distributed", Path(__file__).parents[1] / "vig" / "distributed.py")
+_SPEC = importlib.util.spec_from_file_location(
+    "vig_distributed", Path(__file__).parents[1] / "vig" / "trainer" / "distributed.py")
 distributed = sys.modules[_SPEC.name] = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(distributed)
 

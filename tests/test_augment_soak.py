@@ -1,5 +1,5 @@
 """Soak test of the training data pipeline on Pillow 13: every timm augmentation op at every magnitude, and
-the published recipe over every training image of the CIFAR subset, through `vig.data.train_transform`.
+the published recipe over every training image of the CIFAR subset, through `vig.trainer.data.train_transform`.
 
 Pillow 13's `ImageOps.posterize` rejects keeping 0 bits, which timm's posterize ops ask for at the ends
 of their magnitude range (PosterizeIncreasing at 10, reached by `rand-m9-mstd0.5-inc1` about once in 660
@@ -16,13 +16,13 @@ import pytest
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.data.auto_augment import (AugMixAugment, AugmentOp, AutoAugment, RandAugment, augmix_ops,
-                                    auto_augment_policy, rand_augment_choices)
+from timm.data.auto_augment import (AugMixAugment, AugmentOp, AutoAugment, RandAugment, augmix_ops, auto_augment_policy,
+                                    rand_augment_choices)
 from torch.utils.data import SequentialSampler
 
 from tests.shared_files import shared_path
-from vig.cli import parse_args
-from vig.data import DataConfig, augment_ops, build_dataset, build_loader, train_transform
+from vig.trainer.cli import parse_args
+from vig.trainer.data import DataConfig, augment_ops, build_dataset, build_loader, train_transform
 
 # every --aa policy family timm 1.0.31's create_transform accepts: RandAugment with each of its op tables
 # (t<name> picks rand_augment_choices(name); inc0 / inc1 the plain tables), AugMix, and each named AutoAugment

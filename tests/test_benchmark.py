@@ -1,4 +1,4 @@
-"""vig.benchmark on tiny CPU sizes: rows, JSON, the --no-graph control and argument errors."""
+"""vig.tools.benchmark on tiny CPU sizes: rows, JSON, the --no-graph control and argument errors."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import torch
 
 import vig  # noqa: F401  (registers the models)
 from gcn_lib import DynConv2d, interleave_channels
-from vig.benchmark import format_table, main, parse_args, remove_graph
+from vig.tools.benchmark import main, parse_args, remove_graph, rows_table
 
 
 def test_remove_graph_zeroes_every_aggregation() -> None:
@@ -60,10 +60,10 @@ def test_graph_mode_times_each_implementation(tmp_path: Path) -> None:
 def test_unknown_model_is_one_line(capsys) -> None:
     assert main(["--model", "vig_tiny"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: unknown model 'vig_tiny'")
+    assert len(err) == 1 and err[0].startswith("vig-benchmark: error: unknown model 'vig_tiny'")
 
 
-def test_format_table_aligns_columns() -> None:
-    table = format_table([{"a": 1, "bb": "x"}, {"a": 123}]).splitlines()
+def test_rows_table_aligns_columns() -> None:
+    table = rows_table([{"a": 1, "bb": "x"}, {"a": 123}]).splitlines()
     assert table[0].split() == ["a", "bb"] and table[2].split() == ["123"]
     assert table[0].index("bb") == table[1].index("x")

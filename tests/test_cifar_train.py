@@ -25,10 +25,10 @@ import vig  # noqa: F401  (registers the models with timm)
 import vig.models.cifar_gat
 from tests.shared_files import shared_path
 from tests.train_helpers import last_json_line
-from vig.cli import parse_args
-from vig.data import build_dataset, eval_transform, resolve_preprocessing, train_transform
-from vig.distributed import DistributedContext
-from vig.engine import Precision, validate
+from vig.trainer.cli import parse_args
+from vig.trainer.data import build_dataset, eval_transform, resolve_preprocessing, train_transform
+from vig.trainer.distributed import DistributedContext
+from vig.trainer.engine import Precision, validate
 from vig.errors import UsageError
 from vig.tta import predict_flip_tta
 

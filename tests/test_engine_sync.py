@@ -15,9 +15,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-import vig.engine
-from vig.distributed import DistributedContext
-from vig.engine import Precision, train_one_epoch, validate
+import vig.trainer.engine
+from vig.trainer.distributed import DistributedContext
+from vig.trainer.engine import Precision, train_one_epoch, validate
 from vig.errors import RunError
 
 CPU = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -53,7 +53,7 @@ class _NaNAt(nn.Module):
 
 @pytest.fixture
 def host_reads(monkeypatch: pytest.MonkeyPatch) -> Counter:
-    """Counts host reads of tensors (every method in HOST_READS) and collectives (vig.engine.all_reduce_sum)."""
+    """Counts host reads of tensors (every method in HOST_READS) and collectives (vig.trainer.engine.all_reduce_sum)."""
     counts: Counter = Counter()
 
     def counting(name: str, original: Callable) -> Callable:
@@ -64,7 +64,7 @@ def host_reads(monkeypatch: pytest.MonkeyPatch) -> Counter:
 
     for name in HOST_READS:
         monkeypatch.setattr(torch.Tensor, name, counting("read", getattr(torch.Tensor, name)))
-    monkeypatch.setattr(vig.engine, "all_reduce_sum", counting("all_reduce", vig.engine.all_reduce_sum))
+    monkeypatch.setattr(vig.trainer.engine, "all_reduce_sum", counting("all_reduce", vig.trainer.engine.all_reduce_sum))
     return counts
 
 
@@ -141,7 +141,7 @@ def _two_ranks(rank: int, port: int, folder: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     ctx = DistributedContext(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
-    engine_log = logging.getLogger("vig.engine")
+    engine_log = logging.getLogger("vig.trainer.engine")
     engine_log.addHandler(logging.FileHandler(os.path.join(folder, f"log{rank}")))
     engine_log.setLevel(logging.INFO)
     try:
@@ -163,7 +163,8 @@ def test_two_ranks_stop_together_and_validation_says_whose_share(tmp_path: Path)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.start_processes(_two_ranks, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    # spawn, not fork: a forked pytest worker that already ran autograd cannot run backward in the children
+    mp.start_processes(_two_ranks, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     outcomes = {(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)}
     assert len(outcomes) == 1
     assert outcomes.pop().startswith("non-finite training loss at epoch 0, step 3 of 10 (on 1 of 2 ranks), "

@@ -17,11 +17,11 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from tests.shared_files import shared_path
 from tests.train_helpers import REPO_ROOT
-from vig.cli import parse_args
-from vig.data import (DataConfig, ShardedEvalSampler, build_dataset, build_loader, device_normalizes, eval_transform,
-                      prefetch_to_device, train_sampler, train_transform)
-from vig.distributed import DistributedContext
-from vig.engine import resolve_precision, train_one_epoch
+from vig.trainer.cli import parse_args
+from vig.trainer.data import (DataConfig, ShardedEvalSampler, build_dataset, build_loader, device_normalizes,
+                              eval_transform, prefetch_to_device, train_sampler, train_transform)
+from vig.trainer.distributed import DistributedContext
+from vig.trainer.engine import resolve_precision, train_one_epoch
 
 CPU = torch.device("cpu")
 RECIPE = ["--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.25", "--remode", "pixel", "--color-jitter", "0.4"]

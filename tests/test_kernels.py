@@ -126,15 +126,16 @@ def test_dynamic_conv_dispatches_to_kernel(kernels, monkeypatch):
     """With the kernel available (as on CUDA), DynConv2d takes it and agrees with the torch path."""
     torch.manual_seed(0)
     fused = DynConv2d(16, 32, graph="threshold", threshold=0.85, act="gelu", norm="batch").eval()
-    plain = DynConv2d(16, 32, graph="threshold", threshold=0.85, act="gelu", norm="batch", kernel=False).eval()
+    plain = DynConv2d(16, 32, graph="threshold", threshold=0.85, act="gelu", norm="batch",
+                      fused_kernel=False).eval()
     plain.load_state_dict(fused.state_dict())
     x = torch.randn(2, 16, 6, 6)
-    assert not fused.uses_kernel(x)  # CPU tensors take the torch path
+    assert not fused.uses_fused_kernel(x)  # CPU tensors take the torch path
     monkeypatch.setattr(kernels, "available", kernels.runnable)
     calls = []
     original = kernels.threshold_max_relative
     monkeypatch.setattr(kernels, "threshold_max_relative", lambda *a, **k: calls.append(1) or original(*a, **k))
-    assert fused.uses_kernel(x) and not plain.uses_kernel(x)
+    assert fused.uses_fused_kernel(x) and not plain.uses_fused_kernel(x)
     torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-6)
     assert calls == [1]
 
@@ -142,9 +143,9 @@ def test_dynamic_conv_dispatches_to_kernel(kernels, monkeypatch):
 def test_kernel_not_used_where_it_cannot_run(kernels, monkeypatch):
     monkeypatch.setattr(kernels, "available", kernels.runnable)
     layer = DynConv2d(16, 32, graph="threshold", threshold=0.85)
-    assert not layer.uses_kernel(torch.randn(1, 16, 4, 4, dtype=torch.float64))
-    assert not DynConv2d(16, 32, kernel_size=3).uses_kernel(torch.randn(1, 16, 4, 4))
-    assert not DynConv2d(16, 32, conv="gin", graph="threshold", threshold=0.5).uses_kernel(torch.randn(1, 16, 4, 4))
+    assert not layer.uses_fused_kernel(torch.randn(1, 16, 4, 4, dtype=torch.float64))
+    assert not DynConv2d(16, 32, kernel_size=3).uses_fused_kernel(torch.randn(1, 16, 4, 4))
+    assert not DynConv2d(16, 32, conv="gin", graph="threshold", threshold=0.5).uses_fused_kernel(torch.randn(1, 16, 4, 4))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not kernels.runnable(torch.randn(1, 16, 4, 4))  # CPU tensor, no interpreter
     with pytest.raises(ValueError, match="fused kernel needs"):
@@ -180,7 +181,7 @@ def test_compiled_dynamic_conv_takes_the_kernel(kernels, monkeypatch):
     monkeypatch.setattr(kernels, "available", kernels.runnable)
     torch.manual_seed(0)
     fused = DynConv2d(16, 32, graph="threshold", threshold=0.85, act="gelu", norm="batch")
-    plain = DynConv2d(16, 32, graph="threshold", threshold=0.85, act="gelu", norm="batch", kernel=False)
+    plain = DynConv2d(16, 32, graph="threshold", threshold=0.85, act="gelu", norm="batch", fused_kernel=False)
     plain.load_state_dict(fused.state_dict())
     x = torch.randn(2, 16, 6, 6)
     backend = CompileCounterWithBackend("aot_eager")
@@ -230,7 +231,7 @@ def test_cuda_compiled_dynamic_conv_matches_eager(dtype):
     torch.manual_seed(0)
     layer = DynConv2d(192, 384, graph="threshold", threshold=0.89, act="gelu", norm="batch").cuda()
     x = torch.randn(128, 192, 14, 14, device="cuda")
-    assert layer.uses_kernel(x)
+    assert layer.uses_fused_kernel(x)
     backend = CompileCounterWithBackend("inductor")
     compiled = torch.compile(layer, backend=backend, fullgraph=True)
     results = []

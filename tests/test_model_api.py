@@ -85,7 +85,8 @@ def test_every_registered_model_has_the_api(name: str) -> None:
     model.set_grad_checkpointing(True)
     assert model.grad_checkpointing
     groups = group_parameters(model, model.group_matcher())
-    assert sorted(param for names in groups.values() for param in names) == sorted(n for n, _ in model.named_parameters())
+    grouped = sorted(param for names in groups.values() for param in names)
+    assert grouped == sorted(param for param, _ in model.named_parameters())
     assert model.pretrained_cfg["classifier"] in dict(model.named_modules())
 
 

@@ -15,7 +15,7 @@ from tests.shared_files import shared_path
 from vig.models import SIZES, VisionGNN
 from vig.models import isotropic
 from vig.models.isotropic import Grapher, knn_schedule
-from vig.profile import count_macs, count_parameters
+from vig.tools.macs import count_macs, count_parameters
 
 NAMES = [f"{prefix}_{size}_224_gelu" for prefix in ("vig", "svig") for size in ("ti", "s", "b")]
 

@@ -1,4 +1,4 @@
-"""vig.plot: summary.csv files to a curves PNG (library functions and the CLI)."""
+"""vig.tools.plot: summary.csv files to a curves PNG (library functions and the CLI)."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +11,8 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from vig.plot import CURVES_SIZE_PX, main, plot_runs, read_summary, write_curves
+from vig.tools.plot import main
+from vig.trainer.curves import CURVES_SIZE_PX, plot_runs, read_summary, write_curves
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr"]
@@ -93,7 +94,7 @@ def test_plot_runs_overlays_runs_into_png_of_fixed_size(tmp_path: Path, epochs: 
 
 def test_write_curves_logs_instead_of_raising(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "curves.png"
-    with caplog.at_level(logging.WARNING, logger="vig.plot"):
+    with caplog.at_level(logging.WARNING, logger="vig.tools.plot"):
         write_curves(tmp_path / "missing" / "summary.csv", out)
     assert not out.exists()
     assert "summary file not found" in caplog.text
@@ -113,7 +114,7 @@ def test_cli_gives_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[
             "not_png": [str(good), "--out", str(tmp_path / "c.pdf")]}[case]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("python -m vig.plot: error: ")
+    assert err.startswith("vig-plot: error: ")
     assert err.count("\n") == 1
     assert not list(tmp_path.glob("c.*"))
 
@@ -121,7 +122,7 @@ def test_cli_gives_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_cli_as_module_writes_png(tmp_path: Path) -> None:
     summaries = [str(write_summary(tmp_path / name, epochs=3, ema=True)) for name in ("a", "b")]
     out = tmp_path / "curves.png"
-    result = subprocess.run([sys.executable, "-m", "vig.plot", *summaries, "--out", str(out)],
+    result = subprocess.run([sys.executable, "-m", "vig.tools.plot", *summaries, "--out", str(out)],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""

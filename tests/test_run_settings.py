@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 
 import train
-import vig.training
-import vig.visualize
+import vig.trainer.run
+import vig.tools.visualize
 from tests.train_helpers import last_json_line, make_image_folder
 from vig.checkpoint import read_checkpoint
-from vig.visualize import graph_convs
-from vig.visualize import main as visualize_main
+from vig.tools.visualize import graph_convs
+from vig.tools.visualize import main as visualize_main
 
 # a model whose every construction setting differs from the defaults: image size, activation, thresholds
 BUILD = ["--model", "vig_ti_224_gelu", "--img-size", "64", "--model-kwargs", "act=relu",
@@ -29,7 +29,7 @@ RUN = ["--warmup-epochs", "0", "--lr", "1e-3", "-b", "8", "-j", "0", "--epochs",
 @pytest.fixture(autouse=True)
 def _fast_in_process_runs(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No MAC count (covered elsewhere) and one thread per pytest worker."""
-    monkeypatch.setattr(vig.training, "log_model_size", lambda model, input_size: None)
+    monkeypatch.setattr(vig.trainer.run, "log_model_size", lambda model, input_size: None)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -180,14 +180,14 @@ def test_visualize_loads_any_checkpoint_without_its_flags(tmp_path: Path, traine
     picture = tmp_path / "picture.png"
     Image.new("RGB", (40, 40), (120, 30, 200)).save(picture)
     built = []
-    original = vig.visualize.build_model
+    original = vig.tools.visualize.build_model
 
     def spy(*args: object, **kwargs: object) -> torch.nn.Module:
         model = original(*args, **kwargs)
         built.append(model)
         return model
 
-    monkeypatch.setattr(vig.visualize, "build_model", spy)
+    monkeypatch.setattr(vig.tools.visualize, "build_model", spy)
     out = tmp_path / "graph.png"
     assert visualize_main(["--checkpoint", str(trained / "last.pth.tar"), "--image", str(picture),
                            "--out", str(out)]) == 0

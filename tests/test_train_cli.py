@@ -9,9 +9,9 @@ import yaml
 
 import train
 from tests.train_helpers import make_image_folder, run_train
-from vig.cli import parse_args
+from vig.trainer.cli import parse_args
 from vig.errors import UsageError
-from vig.saver import write_args_yaml
+from vig.trainer.saver import write_args_yaml
 
 TRAIN_RECIPE = (
     "/data/imagenet --model vig_ti_224_gelu --sched cosine --epochs 300 --opt adamw -j 8 --warmup-lr 1e-6 "
@@ -107,7 +107,7 @@ def test_config_values_convert_as_flags_do(tmp_path: Path, key: str, value: obje
     "--interpolation bicubic --experiment run-1 --seed 7 --skip-nonfinite",
 ])
 def test_args_yaml_of_a_run_loads_back_with_c(tmp_path: Path, argv: str) -> None:
-    """args.yaml as a run writes it (vig.saver.write_args_yaml) gives the same arguments through -c."""
+    """args.yaml as a run writes it (vig.trainer.saver.write_args_yaml) gives the same arguments through -c."""
     args = parse_args(shlex.split(argv))
     write_args_yaml(tmp_path, vars(args))
     again = parse_args(["-c", str(tmp_path / "args.yaml")])
@@ -200,7 +200,7 @@ def test_recipe_optimizer_decays_only_weights() -> None:
     """AdamW of the recipe: weight decay on conv weights only, not on norms, biases or the position embedding."""
     import timm
 
-    from vig.training import _optimizer
+    from vig.trainer.run import _optimizer
 
     args = parse_args(shlex.split(TRAIN_RECIPE))
     model = timm.create_model("vig_ti_224_gelu")

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from tests.train_helpers import make_image_folder
-from vig.data import ShardedEvalSampler, SyntheticPatterns, find_split_folder, train_sampler
-from vig.distributed import DistributedContext
+from vig.trainer.data import ShardedEvalSampler, SyntheticPatterns, find_split_folder, train_sampler
+from vig.trainer.distributed import DistributedContext
 from vig.errors import UsageError
-from vig.saver import CheckpointSaver, append_summary, prepare_output_dir
+from vig.trainer.saver import CheckpointSaver, append_summary, prepare_output_dir
 
 
 def _ctx(rank: int, world_size: int) -> DistributedContext:

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from tests.train_helpers import REPO_ROOT, child_env, last_json_line, make_image_folder, run_train
-from vig.distributed import ROUND_KEY, agree_on_round
+from vig.trainer.distributed import ROUND_KEY, agree_on_round
 
 TRAIN_IMAGES = 18  # RepeatAugSampler: ceil(18 / 2) = 9 per process and epoch, 2 batches of 4
 VAL_IMAGES = 7  # shards of 4 and 3: nothing padded, nothing counted twice

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 import train
-import vig.training
+import vig.trainer.run
 from tests.train_helpers import REPO_ROOT, child_env, make_image_folder
 from vig.errors import RunError
-from vig.saver import CheckpointSaver, append_summary, write_args_yaml
+from vig.trainer.saver import CheckpointSaver, append_summary, write_args_yaml
 
 TINY = ["--model", "vig_ti_224_gelu", "--img-size", "32", "--warmup-epochs", "0", "--lr", "1e-3", "-b", "8"]
 
@@ -48,7 +48,7 @@ def _one_error_line(status: int, expected_status: int, capsys: pytest.CaptureFix
 def _fast_in_process_runs(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """In-process runs here skip the MAC count (a model trace that other tests cover) and use one thread
     (with `pytest -n 2` on two cores, more threads per worker only make them wait for each other)."""
-    monkeypatch.setattr(vig.training, "log_model_size", lambda model, input_size: None)
+    monkeypatch.setattr(vig.trainer.run, "log_model_size", lambda model, input_size: None)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -299,8 +299,8 @@ class _NaNOnCall(nn.Module):
 @pytest.mark.parametrize("skip", [False, True], ids=["stop", "skip"])
 def test_non_finite_loss(tmp_path: Path, folder_data: Path, monkeypatch: pytest.MonkeyPatch,
                          capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture, skip: bool) -> None:
-    real = vig.training._loss_and_mixup
-    monkeypatch.setattr(vig.training, "_loss_and_mixup",
+    real = vig.trainer.run._loss_and_mixup
+    monkeypatch.setattr(vig.trainer.run, "_loss_and_mixup",
                         lambda args, classes: (_NaNOnCall(real(args, classes)[0], call=3), None))
     argv = [str(folder_data), *TINY, "--epochs", "2", "-j", "0", "--output", str(tmp_path), "--experiment", "run"]
     status = train.main(argv + (["--skip-nonfinite"] if skip else []))

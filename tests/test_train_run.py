@@ -17,8 +17,8 @@ import train
 import vig
 from tests.shared_files import shared_path
 from tests.train_helpers import REPO_ROOT, last_json_line, make_image_folder, run_train
-from vig.cli import parse_args
-from vig.data import build_dataset, eval_transform, resolve_preprocessing
+from vig.trainer.cli import parse_args
+from vig.trainer.data import build_dataset, eval_transform, resolve_preprocessing
 
 pytestmark = pytest.mark.slow
 

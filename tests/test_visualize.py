@@ -1,4 +1,4 @@
-"""vig.visualize: graph capture by hooks, the picture's layout, and the CLI on real vig models."""
+"""vig.tools.visualize: graph capture by hooks, the picture's layout, and the CLI on real vig models."""
 from __future__ import annotations
 
 import subprocess
@@ -14,8 +14,8 @@ from torch import nn
 
 from gcn_lib import DynConv2d, dense_knn, knn_to_mask, threshold_mask
 from tests.shared_files import shared_path
-from vig.visualize import (BlockGraph, capture_graphs, default_blocks, draw_graphs, graph_figure_size_px, main,
-                           parse_blocks, parse_node)
+from vig.tools.visualize import (BlockGraph, capture_graphs, default_blocks, draw_graphs, graph_figure_size_px, main,
+                                 parse_blocks, parse_node)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,7 +155,7 @@ def test_cli_threshold_and_knn_side_by_side(tmp_path: Path, small_image: Path) -
 
 def test_cli_as_module_default_knn(tmp_path: Path, small_image: Path) -> None:
     out = tmp_path / "graph.png"
-    result = subprocess.run([sys.executable, "-m", "vig.visualize", "--model", "vig_ti_224_gelu",
+    result = subprocess.run([sys.executable, "-m", "vig.tools.visualize", "--model", "vig_ti_224_gelu",
                              "--image", str(small_image), "--out", str(out)],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -212,6 +212,6 @@ def test_cli_gives_one_line_errors(tmp_path: Path, small_image: Path, capsys: py
         code = argument_error.code
     err = capsys.readouterr().err
     assert code == 2
-    assert err.startswith("python -m vig.visualize: error: ") and message in err, err
+    assert err.startswith("vig-visualize: error: ") and message in err, err
     assert err.count("\n") == 1
     assert not (tmp_path / "graph.png").exists()

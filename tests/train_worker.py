@@ -2,7 +2,7 @@
 
 Usage: torchrun ... tests/train_worker.py OUT_DIR TRAIN_PY_ARGS...
 
-Runs `train.main(TRAIN_PY_ARGS)` unchanged, watching two calls of vig.training: the model as this rank
+Runs `train.main(TRAIN_PY_ARGS)` unchanged, watching two calls of vig.trainer.run: the model as this rank
 created it (before DDP makes every rank start from rank 0's), and what `train` returns. Writes
 OUT_DIR/rank<RANK>.pth holding the state dicts "initial", "model" and "ema" (None without --model-ema).
 """
@@ -19,7 +19,7 @@ from torch import nn
 
 import train
 from vig import training
-from vig.distributed import DistributedContext
+from vig.trainer.distributed import DistributedContext
 
 
 def main(out_dir: Path, train_argv: list[str]) -> int:

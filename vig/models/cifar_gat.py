@@ -143,7 +143,8 @@ class CnnGatCifar(nn.Module):
     """
 
     def __init__(self, num_classes: int = 10, in_chans: int = 3, conv: str = "gat", embed_dim: int = 128,
-                 hidden: int = 256, heads: int = 8, num_blocks: int = DEFAULT_BLOCKS, knn: int = 0, edge_drop: float = 0.0,
+                 hidden: int = 256, heads: int = 8, num_blocks: int = DEFAULT_BLOCKS, knn: int = 0,
+                 edge_drop: float = 0.0,
                  drop: float = 0.0, attn_drop: float = 0.0, negative_slope: float = 0.2, use_xy: bool = True,
                  drop_rate: float | None = None) -> None:
         super().__init__()

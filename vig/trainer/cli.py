@@ -15,17 +15,11 @@ from typing import Any, Sequence
 
 import yaml
 
+from vig.console import OneLineErrorParser
 from vig.errors import UsageError
+from vig.trainer.data import SYNTHETIC_DATASET
 
-SYNTHETIC_DATASET = "synthetic"
 DEFAULT_MODEL = "vig_ti_224_gelu"
-
-
-class _RaisingParser(argparse.ArgumentParser):
-    """ArgumentParser that raises UsageError instead of printing usage and exiting."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(message)
 
 
 def _parse_model_kwargs(items: Sequence[str]) -> dict[str, Any]:
@@ -44,7 +38,7 @@ def _parse_model_kwargs(items: Sequence[str]) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     """All flags of train.py with their defaults."""
-    parser = _RaisingParser(
+    parser = OneLineErrorParser(
         prog="train.py",
         description="Train or evaluate ViG / SViG (or any timm) models, on one device or distributed.",
     )
@@ -229,7 +223,7 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, An
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse flags (after applying `-c config.yaml` defaults) and validate them."""
     parser = build_parser()
-    config_parser = _RaisingParser(add_help=False)
+    config_parser = OneLineErrorParser(add_help=False)
     config_parser.add_argument("-c", "--config", default="")
     known, _ = config_parser.parse_known_args(argv)
     if known.config:

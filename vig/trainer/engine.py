@@ -25,12 +25,13 @@ import torch
 import torch.nn.functional as F
 from timm.data import Mixup
 from timm.data.loader import PrefetchLoader
-from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad
+from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad, unwrap_model
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
-from vig.distributed import DistributedContext, all_reduce_sum
 from vig.errors import RunError
+from vig.trainer.distributed import DistributedContext, all_reduce_sum
 from vig.tta import predict_flip_tta
 
 _LOGGER = logging.getLogger(__name__)
@@ -86,10 +87,10 @@ def resolve_precision(amp: bool, amp_dtype: str | None, device: torch.device) ->
 
 
 class EpochProgress:
-    """Progress of one loop on the primary rank: a bar on a terminal, log lines every `log_interval` otherwise.
+    """Progress of one loop on the primary rank: a tqdm bar on a terminal, log lines every `log_interval` otherwise.
 
     Figures that need the device (`fields`) are read only at log steps (`due`); on a terminal the bar
-    moves at every step and repeats the figures of the last log step.
+    moves at every step and shows the figures of the last log step.
     """
 
     def __init__(self, title: str, total: int, enabled: bool, log_interval: int,
@@ -98,8 +99,9 @@ class EpochProgress:
         self.total = total
         self.enabled = enabled
         self.log_interval = log_interval
-        self.stream = stream or sys.stderr
-        self.interactive = enabled and self.stream.isatty()
+        stream = stream or sys.stderr
+        interactive = enabled and stream.isatty()
+        self.bar = tqdm(total=total, desc=title, file=stream, dynamic_ncols=True) if interactive else None
         self.fields = ""
 
     def due(self, step: int) -> bool:
@@ -114,27 +116,14 @@ class EpochProgress:
         due = self.due(step)
         if due:
             self.fields = fields()
-        if self.interactive:
-            width = 24
-            filled = int(width * step / max(self.total, 1))
-            bar = "#" * filled + "." * (width - filled)
-            self.stream.write(f"\r{self.title} [{bar}] {step}/{self.total} {self.fields}")
+        if self.bar is not None:
+            if due:
+                self.bar.set_postfix_str(self.fields, refresh=False)
+            self.bar.update(step - self.bar.n)
             if step == self.total:
-                self.stream.write("\n")
-            self.stream.flush()
+                self.bar.close()
         elif due:
             _LOGGER.info("%s %d/%d %s", self.title, step, self.total, self.fields)
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module under torch.compile and DistributedDataParallel wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
 
 
 @dataclass
@@ -208,7 +197,7 @@ def train_one_epoch(
     skip_nonfinite: bool = False,
 ) -> TrainStats:
     """One pass over this rank's shard. Images (B, 3, H, W), targets (B,) class indices; a PrefetchLoader
-    (`vig.data.prefetch_to_device`) delivers them normalised on the device already.
+    (`vig.trainer.data.prefetch_to_device`) delivers them normalised on the device already.
 
     `num_updates` counts optimizer steps before this epoch (drives the per-update schedule and EMA warm-up).
     A loss that is NaN or infinite on any rank raises `RunError` on every rank, naming epoch and first

@@ -1,8 +1,8 @@
 """Training curves from summary.csv files: loss, top-1 and learning rate against epoch.
 
-``python -m vig.plot RUN_A/summary.csv RUN_B/summary.csv --out curves.png`` draws one figure with
-three panels and overlays the runs, each named after the folder that holds its CSV. The trainer
-calls :func:`write_curves` at the end of every epoch; it logs a warning instead of raising.
+`plot_runs` draws one figure with three panels and overlays the runs, each named after the folder
+that holds its CSV (the ``vig-plot`` tool). The trainer calls `write_curves` at the end of every
+epoch; it logs a warning instead of raising. Files are read by `vig.trainer.saver.read_summary_rows`.
 
 A summary.csv has one row per epoch and at least the columns ``epoch, train_loss, eval_loss,
 eval_top1, lr``; a column named ``<column>_ema`` (e.g. ``eval_top1_ema``), or ``ema_<column>``, is
@@ -10,12 +10,9 @@ drawn as the EMA variant of ``<column>``. Other columns are ignored; empty cells
 """
 from __future__ import annotations
 
-import argparse
-import csv
 import logging
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +20,8 @@ from typing import Sequence
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
+
+from vig.trainer.saver import read_summary_rows
 
 logger = logging.getLogger(__name__)
 
@@ -85,21 +84,13 @@ def read_summary(path: Path, name: str | None = None) -> RunCurves:
     a non-numeric value in a column that is drawn.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"summary file not found: {path}")
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        missing = [c for c in REQUIRED_COLUMNS if c not in header]
-        if missing:
-            raise ValueError(f"{path}: missing required column(s) {', '.join(missing)} (has: {', '.join(header) or 'nothing'})")
-        drawn = {c: c for c in REQUIRED_COLUMNS}
-        drawn.update({_ema_key(c): c for c in header if _ema_key(c)})
-        columns: dict[str, list[float]] = {key: [] for key in drawn}
-        for line, row in enumerate(reader, start=2):
-            row = {(k or "").strip(): v for k, v in row.items()}
-            for key, column in drawn.items():
-                columns[key].append(_parse_cell(row.get(column) or "", path, line, column))
+    header, rows = read_summary_rows(path, REQUIRED_COLUMNS)
+    drawn = {c: c for c in REQUIRED_COLUMNS}
+    drawn.update({_ema_key(c): c for c in header if _ema_key(c)})
+    columns: dict[str, list[float]] = {key: [] for key in drawn}
+    for line, row in enumerate(rows, start=2):
+        for key, column in drawn.items():
+            columns[key].append(_parse_cell(row.get(column) or "", path, line, column))
     epochs = columns.pop("epoch")
     if not epochs:
         raise ValueError(f"{path}: no epochs recorded yet")
@@ -191,29 +182,3 @@ def write_curves(summary_csv: Path, out_png: Path) -> None:
         plot_runs([Path(summary_csv)], Path(out_png))
     except Exception as error:  # a picture must never stop a training run
         logger.warning("could not draw %s from %s: %s", out_png, summary_csv, error)
-
-
-class _OneLineErrors(argparse.ArgumentParser):
-    """Argument errors as one line on stderr (exit status 2)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = _OneLineErrors(prog="python -m vig.plot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("summaries", nargs="+", type=Path, metavar="SUMMARY_CSV",
-                        help="summary.csv files; each run is named after its folder")
-    parser.add_argument("--out", type=Path, required=True, help="PNG file to write")
-    args = parser.parse_args(argv)
-    try:
-        plot_runs(args.summaries, args.out)
-    except (ValueError, OSError) as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

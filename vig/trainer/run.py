@@ -1,6 +1,6 @@
 """Training and evaluation runs: build data, model, optimiser and schedule from parsed flags, then loop.
 
-`run(args)` is what train.py calls. It sets up the process group (see vig.distributed), trains
+`run(args)` is what train.py calls. It sets up the process group (see vig.trainer.distributed), trains
 with per-epoch validation and checkpointing, or with `--evaluate` measures a checkpoint on the
 validation split and returns the result (primary rank only).
 
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import difflib
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,24 +26,26 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3, distribute_bn
+from timm.utils import ModelEmaV3, distribute_bn, unwrap_model
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from vig.checkpoint import (CheckpointError, ModelSettings, extract_state_dict, load_state_dict_into, merge_settings,
                             read_checkpoint, recorded_settings)
-from vig.cli import DEFAULT_MODEL
-from vig.data import (ShardedEvalSampler, build_dataset, build_loader, device_normalizes, eval_transform,
-                      prefetch_to_device, require_same_classes, resolve_preprocessing, take_corrupt_count,
-                      train_sampler, train_transform)
-from vig.distributed import (DistributedContext, all_gather_objects, all_reduce_sum, broadcast_object,
-                             init_distributed, shutdown_distributed)
-from vig.engine import resolve_precision, train_one_epoch, unwrap_model, validate
+from vig.complexity import count_macs, count_parameters
+from vig.console import require_model
 from vig.errors import UsageError
-from vig.plot import write_curves
-from vig.profile import count_macs, count_parameters
-from vig.saver import (CURVES_NAME, LAST_NAME, SUMMARY_NAME, CheckpointSaver, append_summary, prepare_output_dir,
-                       require_fresh_or_resumable, run_folder_name, write_args_yaml)
+from vig.graph_info import describe_graph
+from vig.trainer.cli import DEFAULT_MODEL
+from vig.trainer.curves import write_curves
+from vig.trainer.data import (ShardedEvalSampler, build_dataset, build_loader, device_normalizes, eval_transform,
+                              prefetch_to_device, require_same_classes, resolve_preprocessing, take_corrupt_count,
+                              train_sampler, train_transform)
+from vig.trainer.distributed import (DistributedContext, all_gather_objects, all_reduce_sum, broadcast_object,
+                                     init_distributed, shutdown_distributed)
+from vig.trainer.engine import EvalStats, TrainStats, resolve_precision, train_one_epoch, validate
+from vig.trainer.saver import (CURVES_NAME, LAST_NAME, SUMMARY_NAME, CheckpointSaver, append_summary,
+                               prepare_output_dir, require_fresh_or_resumable, run_folder_name, write_args_yaml)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -62,10 +64,7 @@ def seed_everything(seed: int, *streams: int) -> None:
 
 def create_model_from_args(args: argparse.Namespace, num_classes: int) -> nn.Module:
     """timm.create_model with the flags' classes, dropout, SViG thresholds, image size and --model-kwargs."""
-    if not timm.is_model(args.model):
-        close = difflib.get_close_matches(args.model, timm.list_models(), n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise UsageError(f"unknown model {args.model!r}{hint}")
+    require_model(args.model)
     kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_rate": args.drop}
     if args.drop_path is not None:
         kwargs["drop_path_rate"] = args.drop_path
@@ -154,16 +153,6 @@ def _num_classes(args: argparse.Namespace, classes: list[str]) -> int:
     return args.num_classes
 
 
-def graph_settings(model: nn.Module) -> tuple[str, float | None, float | None]:
-    """(description, start_thresh, dec) of the graph the built model uses: 'kNN', 'threshold start t dec d',
-    or "model's own" for models without the ViG threshold switch."""
-    if not hasattr(model, "start_thresh"):
-        return "model's own", None, None
-    if model.start_thresh is None:
-        return "kNN", None, None
-    return f"threshold start {model.start_thresh} dec {model.dec}", model.start_thresh, model.dec
-
-
 def evaluate(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any] | None:
     """Evaluate --pretrain_path on the validation split; the result dict on the primary rank, else None."""
     checkpoint = apply_checkpoint_settings(args, use_class_count=True)
@@ -185,10 +174,10 @@ def evaluate(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any
                      log_interval=args.log_interval)
     if not ctx.is_primary:
         return None
-    graph, start_thresh, dec = graph_settings(model)
+    graph = describe_graph(model)
     return {"model": args.model, "checkpoint": args.initial_checkpoint, "ema": args.model_ema,
             "img_size": config.input_size[-1], "num_classes": _num_classes(args, classes),
-            "graph": graph, "start_thresh": start_thresh, "dec": dec,
+            "graph": graph.label, "start_thresh": graph.start_thresh, "dec": graph.dec,
             "tta": args.tta, "top1": stats.top1, "top5": stats.top5, "loss": stats.loss, "count": stats.count}
 
 
@@ -219,7 +208,7 @@ def _output_folder(args: argparse.Namespace, ctx: DistributedContext, img_size: 
     """Primary rank creates output/experiment (dated name without --experiment) and shares it, or the error.
 
     A folder that already holds another run's files is refused unless the run resumes (see
-    `vig.saver.require_fresh_or_resumable`): two runs never mix their checkpoints and summaries.
+    `vig.trainer.saver.require_fresh_or_resumable`): two runs never mix their checkpoints and summaries.
     """
     folder: str | None = None
     error: str | None = None
@@ -289,12 +278,31 @@ def _restore_training_state(path: str, state: dict[str, Any], model: nn.Module, 
         scaler.load_state_dict(state[scaler.state_dict_key])
 
 
-def train(args: argparse.Namespace, ctx: DistributedContext) -> tuple[nn.Module, nn.Module | None]:
-    """Full training run with per-epoch validation, summary.csv and checkpoints in output/experiment.
+@dataclass
+class TrainingRun:
+    """What one training run holds from set-up to its last epoch (this rank's share)."""
 
-    Returns this rank's final model (without its DDP / compile wrappers) and EMA module (None without
-    --model-ema).
-    """
+    model: nn.Module
+    model_ema: ModelEmaV3 | None
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    precision: Any
+    train_set: Any
+    val_set: Any
+    sampler: Any
+    train_loader: Any
+    val_loader: Any
+    num_classes: int
+    num_epochs: int
+    folder: Path
+    start_epoch: int = 0
+    loss_fn: nn.Module | None = None
+    mixup: Mixup | None = None
+    saver: CheckpointSaver | None = None
+
+
+def set_up_training(args: argparse.Namespace, ctx: DistributedContext) -> TrainingRun:
+    """Data, model (from --initial-checkpoint when given), EMA, optimizer, schedule and the run folder."""
     checkpoint = apply_checkpoint_settings(args, use_class_count=False)
     if args.warmup_epochs >= args.epochs and ctx.is_primary:
         _LOGGER.warning("--warmup-epochs %d >= --epochs %d: the learning rate never reaches --lr %g",
@@ -338,91 +346,138 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> tuple[nn.Module,
         optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
         decay_rate=args.decay_rate, cooldown_epochs=args.cooldown_epochs, min_lr=args.min_lr,
         warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, updates_per_epoch=len(train_loader))
+    return TrainingRun(model=model, model_ema=model_ema, optimizer=optimizer, scheduler=scheduler,
+                       precision=precision, train_set=train_set, val_set=val_set, sampler=sampler,
+                       train_loader=train_loader, val_loader=val_loader, num_classes=num_classes,
+                       num_epochs=num_epochs, folder=folder)
 
-    start_epoch = 0
-    resume = _resume_path(args, folder, ctx) if args.resume else ""
+
+def resume_training(run: TrainingRun, args: argparse.Namespace, ctx: DistributedContext) -> None:
+    """Restore --resume's state into ``run`` and set its start epoch (also from --start-epoch)."""
+    resume = _resume_path(args, run.folder, ctx) if args.resume else ""
     if resume:
         state = _read_training_checkpoint(resume, args.model)
-        _restore_training_state(resume, state, model, model_ema, optimizer, scheduler, precision.scaler,
-                                weights_only=args.no_resume_opt)
-        start_epoch = state["epoch"] + 1
+        _restore_training_state(resume, state, run.model, run.model_ema, run.optimizer, run.scheduler,
+                                run.precision.scaler, weights_only=args.no_resume_opt)
+        run.start_epoch = state["epoch"] + 1
         saved_seed = state.get("args", {}).get("seed") if isinstance(state.get("args"), dict) else None
         if saved_seed not in (None, args.seed):
             _LOGGER.warning("--resume: %s was trained with --seed %s, this run uses %s: it will not repeat the "
                             "uninterrupted run", resume, saved_seed, args.seed)
         _LOGGER.info("resumed from %s (epoch %d)", resume, state["epoch"])
     if args.start_epoch is not None:
-        start_epoch = args.start_epoch
-    if start_epoch > 0:
-        scheduler.step(start_epoch)
+        run.start_epoch = args.start_epoch
+    if run.start_epoch > 0:
+        run.scheduler.step(run.start_epoch)
 
+
+def prepare_loop(run: TrainingRun, args: argparse.Namespace, ctx: DistributedContext) -> None:
+    """DDP / torch.compile wrappers, loss and mixup, the checkpoint saver and args.yaml (primary rank)."""
     if ctx.distributed:
-        model = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+        run.model = DistributedDataParallel(run.model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
     if args.torchcompile:
-        model = torch.compile(model, backend=args.torchcompile)
-    loss_fn, mixup = _loss_and_mixup(args, num_classes)
-    loss_fn = loss_fn.to(ctx.device)
-    saver = CheckpointSaver(folder, args.checkpoint_hist) if ctx.is_primary else None
+        run.model = torch.compile(run.model, backend=args.torchcompile)
+    loss_fn, run.mixup = _loss_and_mixup(args, run.num_classes)
+    run.loss_fn = loss_fn.to(ctx.device)
     if ctx.is_primary:
-        write_args_yaml(folder, vars(args))
+        run.saver = CheckpointSaver(run.folder, args.checkpoint_hist)
+        write_args_yaml(run.folder, vars(args))
         _LOGGER.info("output: %s; %d training / %d validation images, %d classes, %d process(es), "
-                     "%d epochs from epoch %d", folder, len(train_set), len(val_set), num_classes,
-                     ctx.world_size, num_epochs, start_epoch)
+                     "%d epochs from epoch %d", run.folder, len(run.train_set), len(run.val_set), run.num_classes,
+                     ctx.world_size, run.num_epochs, run.start_epoch)
 
-    num_updates = start_epoch * len(train_loader)
-    for epoch in range(start_epoch, num_epochs):
-        # every generator (augmentation, mixup, drop-path, loader workers) and the sampler start each epoch
-        # from (seed, epoch, rank) alone, so a resumed run repeats the uninterrupted run's randomness
-        seed_everything(args.seed, epoch, ctx.rank)
-        sampler.set_epoch(epoch)
-        stats = train_one_epoch(epoch, model, train_loader, optimizer, loss_fn, ctx, precision, num_updates,
-                                scheduler=scheduler, mixup=mixup, model_ema=model_ema, clip_grad=args.clip_grad,
-                                clip_mode=args.clip_mode, channels_last=args.channels_last,
-                                log_interval=args.log_interval, skip_nonfinite=args.skip_nonfinite)
-        num_updates = stats.num_updates
-        shard_images = all_gather_objects(len(sampler), ctx)
-        if ctx.distributed:
-            distribute_bn(model, ctx.world_size, reduce=True)
-            if model_ema is not None:  # the EMA follows each rank's own batch statistics: average them too
-                distribute_bn(model_ema, ctx.world_size, reduce=True)
-        eval_stats = validate(model, val_loader, ctx, precision, tta=args.tta, channels_last=args.channels_last,
-                              log_interval=args.log_interval)
-        row: dict[str, Any] = {"epoch": epoch, "train_loss": stats.loss, "eval_loss": eval_stats.loss,
-                               "eval_top1": eval_stats.top1, "eval_top5": eval_stats.top5, "lr": stats.lr}
-        metric = eval_stats.top1
-        if model_ema is not None:
-            ema_stats = validate(model_ema.module, val_loader, ctx, precision, tta=args.tta,
-                                 channels_last=args.channels_last, log_interval=args.log_interval, title="eval EMA")
-            row.update(ema_eval_loss=ema_stats.loss, ema_eval_top1=ema_stats.top1, ema_eval_top5=ema_stats.top5)
-            metric = ema_stats.top1
-        scheduler.step(epoch + 1, metric)
-        corrupt = all_reduce_sum(torch.tensor([take_corrupt_count(train_set), take_corrupt_count(val_set)],
-                                              dtype=torch.float64), ctx)
-        if saver is not None:
-            if stats.skipped_steps:
-                _LOGGER.warning("epoch %d: skipped %d of %d steps for a non-finite loss (--skip-nonfinite)",
-                                epoch, stats.skipped_steps, len(train_loader))
-            if corrupt.sum() > 0:
-                _LOGGER.warning("epoch %d: skipped %d corrupt training and %d corrupt validation image reads "
-                                "(--skip-corrupt)", epoch, int(corrupt[0]), int(corrupt[1]))
-            left_out = sum(shard_images) - stats.images - stats.skipped_steps * args.batch_size * ctx.world_size
-            _LOGGER.info("epoch %d: train loss %.4f = mean over the %d images trained in this epoch by %d process(es)%s, "
-                         "%.1f img/s; validation %d images: loss %.4f top1 %.2f top5 %.2f%s", epoch, stats.loss,
-                         stats.images, ctx.world_size,
-                         f" ({left_out} more in incomplete last batches, not trained)" if left_out > 0 else "",
-                         stats.images_per_second, eval_stats.count, eval_stats.loss, eval_stats.top1, eval_stats.top5,
-                         f"; EMA top1 {row['ema_eval_top1']:.2f}" if model_ema is not None else "")
-            append_summary(folder, row)
-            state = {"epoch": epoch, "arch": args.model, "state_dict": unwrap_model(model).state_dict(),
-                     "state_dict_ema": model_ema.module.state_dict() if model_ema is not None else None,
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "args": vars(args), "metric": metric, "version": 2}
-            if precision.scaler is not None:
-                state[precision.scaler.state_dict_key] = precision.scaler.state_dict()
-            best_epoch, best_metric = saver.save(state, epoch, metric)
-            _LOGGER.info("best top1 %.2f at epoch %d", best_metric, best_epoch)
-            write_curves(folder / SUMMARY_NAME, folder / CURVES_NAME)
-    return unwrap_model(model), model_ema.module if model_ema is not None else None
+
+@dataclass
+class EpochResult:
+    """One epoch's training and validation figures, its summary row and the metric that ranks checkpoints."""
+
+    train: TrainStats
+    eval: EvalStats
+    row: dict[str, Any]
+    metric: float
+    shard_images: list[int]
+    corrupt: torch.Tensor
+
+
+def run_epoch(run: TrainingRun, args: argparse.Namespace, ctx: DistributedContext, epoch: int,
+              num_updates: int) -> EpochResult:
+    """Train one epoch, synchronise BatchNorm statistics, validate (model and EMA), step the schedule."""
+    # every generator (augmentation, mixup, drop-path, loader workers) and the sampler start each epoch
+    # from (seed, epoch, rank) alone, so a resumed run repeats the uninterrupted run's randomness
+    seed_everything(args.seed, epoch, ctx.rank)
+    run.sampler.set_epoch(epoch)
+    stats = train_one_epoch(epoch, run.model, run.train_loader, run.optimizer, run.loss_fn, ctx, run.precision,
+                            num_updates, scheduler=run.scheduler, mixup=run.mixup, model_ema=run.model_ema,
+                            clip_grad=args.clip_grad, clip_mode=args.clip_mode, channels_last=args.channels_last,
+                            log_interval=args.log_interval, skip_nonfinite=args.skip_nonfinite)
+    shard_images = all_gather_objects(len(run.sampler), ctx)
+    if ctx.distributed:
+        distribute_bn(run.model, ctx.world_size, reduce=True)
+        if run.model_ema is not None:  # the EMA follows each rank's own batch statistics: average them too
+            distribute_bn(run.model_ema, ctx.world_size, reduce=True)
+    eval_stats = validate(run.model, run.val_loader, ctx, run.precision, tta=args.tta,
+                          channels_last=args.channels_last, log_interval=args.log_interval)
+    row: dict[str, Any] = {"epoch": epoch, "train_loss": stats.loss, "eval_loss": eval_stats.loss,
+                           "eval_top1": eval_stats.top1, "eval_top5": eval_stats.top5, "lr": stats.lr}
+    metric = eval_stats.top1
+    if run.model_ema is not None:
+        ema_stats = validate(run.model_ema.module, run.val_loader, ctx, run.precision, tta=args.tta,
+                             channels_last=args.channels_last, log_interval=args.log_interval, title="eval EMA")
+        row.update(ema_eval_loss=ema_stats.loss, ema_eval_top1=ema_stats.top1, ema_eval_top5=ema_stats.top5)
+        metric = ema_stats.top1
+    run.scheduler.step(epoch + 1, metric)
+    corrupt = all_reduce_sum(torch.tensor([take_corrupt_count(run.train_set), take_corrupt_count(run.val_set)],
+                                          dtype=torch.float64), ctx)
+    return EpochResult(stats, eval_stats, row, metric, shard_images, corrupt)
+
+
+def record_epoch(run: TrainingRun, args: argparse.Namespace, ctx: DistributedContext, epoch: int,
+                 result: EpochResult) -> None:
+    """Primary rank: log the epoch, append its summary row, save checkpoints, redraw the curves."""
+    if run.saver is None:
+        return
+    stats, eval_stats = result.train, result.eval
+    if stats.skipped_steps:
+        _LOGGER.warning("epoch %d: skipped %d of %d steps for a non-finite loss (--skip-nonfinite)",
+                        epoch, stats.skipped_steps, len(run.train_loader))
+    if result.corrupt.sum() > 0:
+        _LOGGER.warning("epoch %d: skipped %d corrupt training and %d corrupt validation image reads "
+                        "(--skip-corrupt)", epoch, int(result.corrupt[0]), int(result.corrupt[1]))
+    left_out = sum(result.shard_images) - stats.images - stats.skipped_steps * args.batch_size * ctx.world_size
+    _LOGGER.info("epoch %d: train loss %.4f = mean over the %d images trained in this epoch by %d process(es)%s, "
+                 "%.1f img/s; validation %d images: loss %.4f top1 %.2f top5 %.2f%s", epoch, stats.loss,
+                 stats.images, ctx.world_size,
+                 f" ({left_out} more in incomplete last batches, not trained)" if left_out > 0 else "",
+                 stats.images_per_second, eval_stats.count, eval_stats.loss, eval_stats.top1, eval_stats.top5,
+                 f"; EMA top1 {result.row['ema_eval_top1']:.2f}" if run.model_ema is not None else "")
+    append_summary(run.folder, result.row)
+    state = {"epoch": epoch, "arch": args.model, "state_dict": unwrap_model(run.model).state_dict(),
+             "state_dict_ema": run.model_ema.module.state_dict() if run.model_ema is not None else None,
+             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+             "args": vars(args), "metric": result.metric, "version": 2}
+    if run.precision.scaler is not None:
+        state[run.precision.scaler.state_dict_key] = run.precision.scaler.state_dict()
+    best_epoch, best_metric = run.saver.save(state, epoch, result.metric)
+    _LOGGER.info("best top1 %.2f at epoch %d", best_metric, best_epoch)
+    write_curves(run.folder / SUMMARY_NAME, run.folder / CURVES_NAME)
+
+
+def train(args: argparse.Namespace, ctx: DistributedContext) -> tuple[nn.Module, nn.Module | None]:
+    """Full training run with per-epoch validation, summary.csv and checkpoints in output/experiment.
+
+    Returns this rank's final model (without its DDP / compile wrappers) and EMA module (None without
+    --model-ema).
+    """
+    training = set_up_training(args, ctx)
+    resume_training(training, args, ctx)
+    prepare_loop(training, args, ctx)
+    num_updates = training.start_epoch * len(training.train_loader)
+    for epoch in range(training.start_epoch, training.num_epochs):
+        result = run_epoch(training, args, ctx, epoch, num_updates)
+        num_updates = result.train.num_updates
+        record_epoch(training, args, ctx, epoch, result)
+    ema = training.model_ema.module if training.model_ema is not None else None
+    return unwrap_model(training.model), ema
 
 
 def run(args: argparse.Namespace) -> dict[str, Any] | None:

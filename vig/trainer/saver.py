@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Sequence
 
 import torch
 import yaml
@@ -161,20 +161,50 @@ def require_fresh_or_resumable(folder: Path, resume: str) -> None:
                              f"{LAST_NAME} to resume from; choose another --experiment (or --output)")
 
 
+class SummaryError(ValueError):
+    """A summary.csv that cannot be read as one (the message is one line naming the file)."""
+
+
+def read_summary_rows(path: Path, required: Sequence[str] = ("epoch",)) -> tuple[list[str], list[dict[str, str]]]:
+    """The header and rows of a summary.csv, the one reader of these files (the trainer and the curves use it).
+
+    Header names and row keys are stripped of spaces; every ``epoch`` cell must be an integer.
+
+    Raises:
+        SummaryError: the file is missing, not UTF-8 CSV, lacks a ``required`` column, or has an epoch
+            that is not an integer.
+    """
+    if not path.is_file():
+        raise SummaryError(f"summary file not found: {path}")
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            header = [name.strip() for name in (reader.fieldnames or [])]
+            rows = [{(key or "").strip(): value or "" for key, value in row.items()} for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise SummaryError(f"{path}: not a readable CSV file ({type(err).__name__})") from None
+    missing = [name for name in required if name not in header]
+    if missing:
+        raise SummaryError(f"{path}: missing required column(s) {', '.join(missing)} "
+                           f"(has: {', '.join(header) or 'nothing'})")
+    for line, row in enumerate(rows, start=2):
+        try:
+            int(row["epoch"])
+        except (KeyError, ValueError):
+            raise SummaryError(f"{path}:{line}: epoch {row.get('epoch')!r} is not an integer") from None
+    return header, rows
+
+
 def summary_rows(folder: Path) -> list[dict[str, str]]:
     """The rows of folder/summary.csv ([] when absent); UsageError when the file is not train.py's summary."""
     path = folder / SUMMARY_NAME
     if not path.exists():
         return []
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-        for row in rows:
-            int(row["epoch"])
-    except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError):
-        raise UsageError(f"{path} is not a summary.csv of train.py (it needs an integer 'epoch' column); "
-                         "move it away or choose another --experiment") from None
-    return rows
+        return read_summary_rows(path)[1]
+    except SummaryError as err:
+        raise UsageError(f"{path} is not a summary.csv of train.py ({err}); move it away or choose another "
+                         "--experiment") from None
 
 
 def write_args_yaml(folder: Path, args: dict[str, Any]) -> None:

@@ -1,6 +1,6 @@
 """Draw the graph a ViG / SViG model builds on an image: the neighbours of one patch per block.
 
-``python -m vig.visualize --model vig_ti_224_gelu --image cat.png --out graph.png`` runs the model
+``vig-visualize --model vig_ti_224_gelu --image cat.png --out graph.png`` runs the model
 once in eval mode on the image (through the model's own preprocessing), records the graph that
 each chosen block builds, and draws the neighbours of one centre patch on the image. With
 ``--start-thresh T --dec D`` the model uses the similarity-threshold graph (SViG); ``--graph both``
@@ -12,7 +12,6 @@ convolution's own ``build_graph`` on the features it receives; the model's forwa
 """
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 from dataclasses import dataclass
@@ -30,9 +29,12 @@ from timm.data import create_transform, resolve_data_config
 from torch import nn
 
 from gcn_lib import DynConv2d
-from vig.checkpoint import (ModelSettings, extract_state_dict, load_state_dict_into, merge_settings,
-                            read_checkpoint, recorded_settings)
+from vig.checkpoint import (ModelSettings, extract_state_dict, load_state_dict_into, merge_settings, read_checkpoint,
+                            recorded_settings)
+from vig.console import OneLineErrorParser, fail
+from vig.graph_info import describe_conv
 
+PROG = "vig-visualize"
 GRAPH_CHOICES: tuple[str, ...] = ("knn", "threshold", "both")
 GRAPH_TITLES: dict[str, str] = {"knn": "kNN graph (ViG)", "threshold": "threshold graph (SViG)"}
 # Layout in pixels: one column per block, one image row per graph kind, a histogram row under
@@ -88,12 +90,6 @@ def default_blocks(num_blocks: int) -> list[int]:
     return sorted({0, (num_blocks - 1) // 2, num_blocks - 1})
 
 
-def _describe(conv: DynConv2d) -> str:
-    if conv.graph == "threshold":
-        return f"t = {conv.threshold:.3g}"
-    return f"k = {conv.k}, dilation = {conv.dilation}"
-
-
 def _as_neighbour_mask(graph: torch.Tensor, num_nodes: int) -> torch.Tensor:
     """(N, N) bool mask from kNN indices (N, k) or a threshold mask (N, N)."""
     if graph.dtype == torch.bool:
@@ -120,7 +116,7 @@ def capture_graphs(model: nn.Module, image: torch.Tensor, blocks: Sequence[int])
             relative_pos = args[1] if len(args) > 1 else kwargs.get("relative_pos")
             h, w = x.shape[-2:]
             graph = conv.build_graph(x, relative_pos=relative_pos)[0].cpu()
-            captured[block] = BlockGraph(block, conv.graph, _as_neighbour_mask(graph, h * w), (h, w), _describe(conv))
+            captured[block] = BlockGraph(block, conv.graph, _as_neighbour_mask(graph, h * w), (h, w), describe_conv(conv))
         return hook
 
     for block in blocks:
@@ -376,15 +372,8 @@ def save_palette_png(fig: Figure, out_png: Path) -> None:
         rendered.convert("RGB").quantize(PALETTE_COLOURS, method=Image.Quantize.MEDIANCUT).save(out_png, optimize=True)
 
 
-class _OneLineErrors(argparse.ArgumentParser):
-    """Argument errors as one line on stderr (exit status 2)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _OneLineErrors(prog="python -m vig.visualize", description=__doc__.split("\n\n")[0])
+    parser = OneLineErrorParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None,
                         help="registered model name, e.g. vig_ti_224_gelu (default: the checkpoint's)")
     parser.add_argument("--start-thresh", type=float, default=None, help="threshold graph (SViG): t of block 0")
@@ -401,15 +390,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--node", default=None, metavar="Y,X", help="centre patch on the feature grid (default: middle)")
     parser.add_argument("--blocks", default=None, metavar="I,J,...", help="blocks to draw (default: first, middle, last)")
     parser.add_argument("--out", type=Path, required=True, help="PNG file to write")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         node = None if args.node is None else parse_node(args.node)
         blocks = None if args.blocks is None else parse_blocks(args.blocks)
         visualize(args.model, args.image, args.out, args.graph, args.start_thresh, args.dec, args.checkpoint,
                   node, blocks, args.img_size, args.num_classes)
-    except (ValueError, OSError, RuntimeError) as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError, RuntimeError) as error:  # UsageError is a ValueError
+        return fail(PROG, error)
     print(f"wrote {args.out}")
     return 0
 

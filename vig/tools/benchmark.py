@@ -1,8 +1,8 @@
 """Throughput and memory benchmarks: whole-model train / inference steps, or the graph op alone.
 
-    python -m vig.benchmark --model vig_ti_224_gelu svig_ti_224_gelu --batch-size 128 --amp-dtype bfloat16
-    python -m vig.benchmark --model vig_ti_224_gelu --no-graph            # the dense floor
-    python -m vig.benchmark --mode graph --batch-size 128 --threshold 0.89  # aggregation alone
+    vig-benchmark --model vig_ti_224_gelu svig_ti_224_gelu --batch-size 128 --amp-dtype bfloat16
+    vig-benchmark --model vig_ti_224_gelu --no-graph            # the dense floor
+    vig-benchmark --mode graph --batch-size 128 --threshold 0.89  # aggregation alone
 
 Images per second are the median over the timed iterations (after warm-up), each synchronised
 with the device. A table goes to standard output and, with ``--json``, the rows to a file.
@@ -20,11 +20,17 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
+import timm
 import torch
 
 import gcn_lib
 from gcn_lib import DynConv2d, interleave_channels
+from vig.console import OneLineErrorParser, fail, format_table, require_model
+from vig.errors import UsageError
+from vig.graph_info import describe_graph
 from vig.models.isotropic import SVIG_DEC
+
+PROG = "vig-benchmark"
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -73,10 +79,6 @@ def _autocast(device: torch.device, amp_dtype: str | None):
 
 def benchmark_model(args: argparse.Namespace, name: str, device: torch.device) -> list[dict]:
     """Train-step and inference rows for one model."""
-    import timm
-
-    import vig  # noqa: F401  (registers the models)
-
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     if args.start_thresh is not None:
         kwargs.update(start_thresh=args.start_thresh, dec=args.dec)
@@ -88,8 +90,7 @@ def benchmark_model(args: argparse.Namespace, name: str, device: torch.device) -
     model = model.to(memory_format=memory_format)
     runner = torch.compile(model) if args.torchcompile else model
     rows = []
-    base = {"model": name, "graph": "none" if args.no_graph else ("threshold" if args.start_thresh is not None or
-                                                                 name.startswith("svig") else "knn"),
+    base = {"model": name, "graph": "none" if args.no_graph else describe_graph(model).kind,
             "amp_dtype": args.amp_dtype or "float32", "channels_last": args.channels_last,
             "compile": args.torchcompile, "img_size": size, "device": str(device)}
 
@@ -188,18 +189,14 @@ def benchmark_graph(args: argparse.Namespace, device: torch.device) -> list[dict
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
+def rows_table(rows: list[dict]) -> str:
     """Rows of dicts -> a fixed-width text table over the union of their keys."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    cells = [[str(row.get(col, "")) for col in columns] for row in rows]
-    widths = [max(len(col), *(len(r[i]) for r in cells)) for i, col in enumerate(columns)]
-    lines = ["  ".join(col.ljust(w) for col, w in zip(columns, widths))]
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in cells]
-    return "\n".join(lines)
+    return format_table([columns, *([row.get(column, "") for column in columns] for row in rows)])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m vig.benchmark", description=__doc__.split("\n")[0])
+    parser = OneLineErrorParser(prog=PROG, description=__doc__.split("\n")[0])
     parser.add_argument("--mode", choices=("model", "graph"), default="model")
     parser.add_argument("--model", nargs="+", default=["vig_ti_224_gelu"])
     parser.add_argument("--start-thresh", type=float, default=None)
@@ -234,23 +231,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+        if args.mode == "model":
+            for name in args.model:
+                require_model(name)
+    except UsageError as error:
+        return fail(PROG, error)
     device = torch.device(args.device)
     if args.mode == "graph":
         rows = benchmark_graph(args, device)
     else:
-        from timm.models import is_model, list_models
-
-        import vig  # noqa: F401
-
-        for name in args.model:
-            if not is_model(name):
-                print(f"error: unknown model {name!r}; known: {', '.join(list_models('*vig*'))}", file=sys.stderr)
-                return 2
         rows = [row for name in args.model for row in benchmark_model(args, name, device)]
     meta = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    print(format_table(rows))
+    print(rows_table(rows))
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     return 0

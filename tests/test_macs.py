@@ -1,4 +1,4 @@
-"""``python -m vig.profile``: the parameter / MAC table and its one-line errors."""
+"""``vig-macs``: the parameter / MAC table and its one-line errors."""
 from __future__ import annotations
 
 import subprocess
@@ -9,7 +9,8 @@ import pytest
 import timm
 import torch
 
-from vig.profile import count_macs, count_parameters, main
+from vig.complexity import count_macs, count_parameters
+from vig.tools.macs import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +30,7 @@ def test_table_for_a_small_threshold_model(capsys: pytest.CaptureFixture) -> Non
     table = _table(captured.out)
     model = timm.create_model("vig_ti_224_gelu", start_thresh=0.9, dec=0.02, img_size=64, num_classes=10)
     assert table["model"] == "vig_ti_224_gelu"
-    assert table["graph"] == "threshold 0.9 - i*0.02"
+    assert table["graph"] == "threshold start 0.9 dec 0.02"
     assert table["img"] == "64" and table["classes"] == "10"
     assert table["params (M)"] == f"{count_parameters(model) / 1e6:.2f}"
     # Almost all MACs are per position: 4x4 instead of 14x14 positions scale the published 1.31 G.
@@ -58,12 +59,12 @@ def test_user_mistakes_give_one_line(argv: list[str], expected: str, capsys: pyt
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.startswith("error: ") and expected in captured.err
+    assert captured.err.startswith("vig-macs: error: ") and expected in captured.err
     assert captured.err.count("\n") == 1
 
 
 def test_module_entry_point_exits_non_zero_without_traceback() -> None:
-    result = subprocess.run([sys.executable, "-m", "vig.profile", "svig_tiny"], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "vig.tools.macs", "svig_tiny"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stdout == ""

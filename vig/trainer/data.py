@@ -32,11 +32,12 @@ from timm.data.transforms_factory import transforms_imagenet_train
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import transforms
 
-from vig.cli import SYNTHETIC_DATASET
-from vig.distributed import DistributedContext
 from vig.errors import CorruptImageError, UsageError
+from vig.trainer.distributed import DistributedContext
 
 _LOGGER = logging.getLogger(__name__)
+
+SYNTHETIC_DATASET = "synthetic"
 
 REPEATED_AUG_REPEATS = 3
 CIFAR_SIZE = 32

@@ -1,0 +1,69 @@
+"""Parameters and MACs of a model: ``vig-macs MODEL [--start-thresh T --dec D] [--img-size S] [--num-classes N]``.
+
+MACs (multiply-accumulates of one image; the published papers call them FLOPs) are counted by
+torchprofile on a traced forward pass in eval mode (`vig.complexity`). Any timm model name works;
+the ViG / SViG names are registered by ``import vig``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Sequence
+
+import timm
+
+from vig.complexity import count_macs, count_parameters
+from vig.console import OneLineErrorParser, fail, format_table, require_model
+from vig.errors import UsageError
+from vig.graph_info import describe_graph
+
+PROG = "vig-macs"
+
+
+def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    for name in ("start_thresh", "dec", "img_size", "num_classes"):
+        value = getattr(args, name)
+        if value is not None:
+            kwargs[name] = value
+    return kwargs
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="timm model name, e.g. vig_ti_224_gelu or svig_ti_224_gelu")
+    parser.add_argument("--start-thresh", type=float, default=None,
+                        help="similarity threshold of the first block (switches to the threshold graph)")
+    parser.add_argument("--dec", type=float, default=None, help="threshold decrement per block")
+    parser.add_argument("--img-size", type=int, default=None, help="square image size (default: the model's)")
+    parser.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the model's)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        require_model(args.model)
+    except UsageError as error:
+        return fail(PROG, error)
+    try:
+        model = timm.create_model(args.model, **_model_kwargs(args))
+    except (TypeError, ValueError) as error:
+        return fail(PROG, f"cannot build {args.model}: {error}")
+    img_size = args.img_size or model.pretrained_cfg["input_size"][-1]
+    in_chans = model.pretrained_cfg["input_size"][0]
+    try:
+        macs = count_macs(model, img_size, in_chans)
+    except (RuntimeError, ValueError) as error:
+        return fail(PROG, f"cannot profile {args.model} at {img_size}px: {str(error)[:300]}")
+    rows = [
+        ("model", "graph", "img", "classes", "params (M)", "MACs (G)"),
+        (args.model, describe_graph(model).label, img_size, getattr(model, "num_classes", "-"),
+         f"{count_parameters(model) / 1e6:.2f}", f"{macs / 1e9:.2f}"),
+    ]
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
