@@ -18,14 +18,14 @@ import torch
 from torch import nn
 
 import train
-from vig import training
+from vig.trainer import run as trainer_run
 from vig.trainer.distributed import DistributedContext
 
 
 def main(out_dir: Path, train_argv: list[str]) -> int:
     seen: dict[str, dict[str, torch.Tensor] | None] = {}
-    create_model = training.create_model_from_args
-    train_loop = training.train
+    create_model = trainer_run.create_model_from_args
+    train_loop = trainer_run.train
 
     def watched_create_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
         model = create_model(args, num_classes)
@@ -38,8 +38,8 @@ def main(out_dir: Path, train_argv: list[str]) -> int:
         seen["ema"] = model_ema.state_dict() if model_ema is not None else None
         return model, model_ema
 
-    training.create_model_from_args = watched_create_model
-    training.train = watched_train
+    trainer_run.create_model_from_args = watched_create_model
+    trainer_run.train = watched_train
     status = train.main(train_argv)
     if status == 0:
         torch.save(seen, out_dir / f"rank{os.environ['RANK']}.pth")
