@@ -1,6 +1,8 @@
-"""Test session set-up shared by all test modules."""
+"""Test session set-up shared by all test modules, and fixtures more than one module uses."""
 import os
+from typing import Iterator
 
+import pytest
 import torch
 
 # Triton reads TRITON_INTERPRET when it is first imported (timm and torch_geometric import it), so
@@ -13,3 +15,17 @@ if not torch.cuda.is_available():
 # oversubscribing the machine (several threads per worker made small CPU passes 5-30x slower).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def fast_in_process_runs(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """For modules that call train.main in-process: skip the MAC count (a model trace that other tests
+    cover) and use one thread (with `pytest -n 2` on two cores, more threads per worker only make them
+    wait for each other)."""
+    import vig.trainer.run
+
+    monkeypatch.setattr(vig.trainer.run, "log_model_size", lambda model, input_size: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -5,7 +5,6 @@ import hashlib
 import logging
 import shutil
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -26,14 +25,7 @@ BUILD = ["--model", "vig_ti_224_gelu", "--img-size", "64", "--model-kwargs", "ac
 RUN = ["--warmup-epochs", "0", "--lr", "1e-3", "-b", "8", "-j", "0", "--epochs", "1"]
 
 
-@pytest.fixture(autouse=True)
-def _fast_in_process_runs(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No MAC count (covered elsewhere) and one thread per pytest worker."""
-    monkeypatch.setattr(vig.trainer.run, "log_model_size", lambda model, input_size: None)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("fast_in_process_runs")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import sys
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 import pytest
 import timm
@@ -29,6 +29,8 @@ from vig.trainer.saver import CheckpointSaver, append_summary, write_args_yaml
 
 TINY = ["--model", "vig_ti_224_gelu", "--img-size", "32", "--warmup-epochs", "0", "--lr", "1e-3", "-b", "8"]
 
+pytestmark = pytest.mark.usefixtures("fast_in_process_runs")
+
 
 def _summary_epochs(folder: Path) -> list[str]:
     with open(folder / "summary.csv", newline="") as handle:
@@ -42,17 +44,6 @@ def _one_error_line(status: int, expected_status: int, capsys: pytest.CaptureFix
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
     return lines[0]
-
-
-@pytest.fixture(autouse=True)
-def _fast_in_process_runs(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """In-process runs here skip the MAC count (a model trace that other tests cover) and use one thread
-    (with `pytest -n 2` on two cores, more threads per worker only make them wait for each other)."""
-    monkeypatch.setattr(vig.trainer.run, "log_model_size", lambda model, input_size: None)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
