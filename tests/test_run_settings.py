@@ -14,7 +14,7 @@ from PIL import Image
 import train
 import vig.trainer.run
 import vig.tools.visualize
-from tests.train_helpers import last_json_line, make_image_folder
+from tests.train_helpers import last_json_line, make_image_folder, run_train
 from vig.checkpoint import read_checkpoint
 from vig.tools.visualize import graph_convs
 from vig.tools.visualize import main as visualize_main
@@ -74,6 +74,15 @@ def test_a_fresh_run_in_a_used_folder_stops_before_training(tmp_path: Path, data
     assert f"run folder {folder} already holds another run" in line and (kept == "all" or kept in line)
     assert "--resume auto" in line and "another --experiment" in line
     assert _digests(folder) == before  # nothing written, nothing deleted
+
+
+def test_a_used_folder_is_the_only_line_on_stderr(tmp_path: Path, data: Path, trained: Path) -> None:
+    """Checked before the model is built: a kNN model at 64 px would first log its capped kNN schedule."""
+    shutil.copytree(trained, tmp_path / "out" / "run")
+    result = run_train([str(data), "--model", "vig_ti_224_gelu", "--img-size", "64", *RUN,
+                        "--output", str(tmp_path / "out"), "--experiment", "run"])
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: run folder "), result.stderr
 
 
 def test_resume_auto_refuses_results_without_last_checkpoint(tmp_path: Path, data: Path, trained: Path,

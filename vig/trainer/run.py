@@ -24,6 +24,7 @@ import timm
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models import get_pretrained_cfg
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, distribute_bn, unwrap_model
@@ -204,8 +205,9 @@ def _loss_and_mixup(args: argparse.Namespace, num_classes: int) -> tuple[nn.Modu
     return nn.CrossEntropyLoss(), None
 
 
-def _output_folder(args: argparse.Namespace, ctx: DistributedContext, img_size: int) -> Path:
-    """Primary rank creates output/experiment (dated name without --experiment) and shares it, or the error.
+def _output_folder(args: argparse.Namespace, ctx: DistributedContext) -> Path:
+    """Primary rank creates output/experiment (without --experiment: a dated name with the model and its input
+    size, --img-size or the model's configured one) and shares it, or the error.
 
     A folder that already holds another run's files is refused unless the run resumes (see
     `vig.trainer.saver.require_fresh_or_resumable`): two runs never mix their checkpoints and summaries.
@@ -214,6 +216,8 @@ def _output_folder(args: argparse.Namespace, ctx: DistributedContext, img_size: 
     error: str | None = None
     if ctx.is_primary:
         try:
+            config = get_pretrained_cfg(args.model)
+            img_size = args.img_size or (config.input_size[-1] if config is not None else 0)
             path = prepare_output_dir(args.output, args.experiment or run_folder_name(args.model, img_size))
             require_fresh_or_resumable(path, args.resume)
             folder = str(path)
@@ -311,6 +315,8 @@ def set_up_training(args: argparse.Namespace, ctx: DistributedContext) -> Traini
     val_set, val_classes = build_dataset(args, args.val_split, is_training=False)
     require_same_classes(args, classes, val_classes)
     num_classes = _num_classes(args, classes)
+    require_model(args.model)
+    folder = _output_folder(args, ctx)  # before the model is built: a used folder stops the run first
     model = create_model_from_args(args, num_classes)
     if checkpoint is not None:
         load_weights(model, checkpoint, args.initial_checkpoint, use_ema=False)
@@ -320,7 +326,6 @@ def set_up_training(args: argparse.Namespace, ctx: DistributedContext) -> Traini
     device_normalize = device_normalizes(ctx.device)  # uint8 batches, normalised and erased on the device
     train_set.transform = train_transform(args, config, device_normalize)
     val_set.transform = eval_transform(config, device_normalize)
-    folder = _output_folder(args, ctx, config.input_size[-1])
 
     if ctx.is_primary:
         log_model_size(model, config.input_size)
