@@ -1,19 +1,23 @@
 """Pyramid ViG (project issue #14): published outputs, sizes, configs and the relative-position term."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from torch.testing import assert_close
 
 import vig
 from gcn_lib import relative_position_table
 from tests.shared_files import shared_path
 from vig.models import PyramidVisionGNN
+from vig.checkpoint import load_state_dict_into
+from vig.models import isotropic
 from vig.models.isotropic import FFN, Grapher
-from vig.models.pyramid import SIZES, Downsample, published_relative_pos
+from vig.models.pyramid import SIZES, Downsample, key_grids, published_relative_pos, stage_grids
 
 NAMES = [f"pvig_{size}_224_gelu" for size in SIZES]
 FIXTURE = ("fixtures", "pvig_ti_checkpoint.pth.tar")
@@ -104,6 +108,95 @@ def test_drop_path_schedule_counts_blocks_not_downsamples() -> None:
         model = timm.create_model("pvig_ti_224_gelu", drop_path_rate=0.1)
     rates = [getattr(grapher.drop_path, "drop_prob", 0.0) for grapher in _graphers(model)]
     assert rates == pytest.approx(torch.linspace(0, 0.1, 12).tolist())
+
+
+def test_a_224_checkpoint_loads_at_img_size_320_with_every_table_resized(checkpoint_path: Path) -> None:
+    published = vig.read_checkpoint(checkpoint_path)
+    model = timm.create_model("pvig_ti_224_gelu", img_size=320)
+    fresh = model.state_dict()
+    vig.load_checkpoint(model, checkpoint_path, strict=True)
+    state = model.state_dict()
+    assert_close(state["pos_embed"], F.interpolate(published["pos_embed"], size=(80, 80), mode="bicubic",
+                                                   align_corners=False))
+    # stage maps 80, 40, 20, 10 px; keys pooled by r = 4, 2, 1, 1
+    for key, size in [("backbone.0.0.relative_pos", (6400, 400)), ("backbone.3.0.relative_pos", (1600, 400)),
+                      ("backbone.6.0.relative_pos", (400, 400)), ("backbone.13.0.relative_pos", (100, 100))]:
+        expected = F.interpolate(published[key][None], size=size, mode="bicubic", align_corners=False)[0]
+        assert_close(state[key], expected, msg=key)
+        assert_close(fresh[key], expected, msg=key)  # a new 320-px model resizes the 224-px tables the same way
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, 320, 320, generator=torch.Generator().manual_seed(0)))
+    assert logits.shape == (2, 1000) and torch.isfinite(logits).all()
+
+
+@pytest.fixture(scope="module")
+def backbone() -> PyramidVisionGNN:
+    torch.manual_seed(0)
+    return timm.create_model("pvig_ti_224_gelu", features_only=True).eval()
+
+
+@pytest.mark.parametrize("size", [(224, 224), (256, 320), (512, 512)])
+def test_features_only_gives_four_stage_maps_at_strides_4_to_32(backbone: PyramidVisionGNN,
+                                                                 size: tuple[int, int]) -> None:
+    assert backbone.feature_info.channels() == [48, 96, 240, 384]
+    assert backbone.feature_info.reduction() == [4, 8, 16, 32]
+    with torch.no_grad():
+        maps = backbone(torch.randn(1, 3, *size))
+    assert [tuple(m.shape) for m in maps] == [(1, c, size[0] // s, size[1] // s)
+                                             for c, s in zip([48, 96, 240, 384], [4, 8, 16, 32])]
+    assert all(torch.isfinite(m).all() for m in maps)
+
+
+def test_a_model_built_for_a_size_equals_one_resizing_at_run_time() -> None:
+    """img_size=(256, 320) resizes pos_embed and relative_pos once; a 224-px model does the same per call."""
+    torch.manual_seed(0)
+    model = timm.create_model("pvig_ti_224_gelu", num_classes=0).eval()
+    sized = timm.create_model("pvig_ti_224_gelu", num_classes=0, img_size=(256, 320)).eval()
+    load_state_dict_into(sized, model.state_dict(), "224-px model", "state dict", strict=True)
+    assert sized.pos_embed.shape == (1, 48, 64, 80)
+    assert sized.backbone[0][0].relative_pos.shape == (1, 64 * 80, 16 * 20)
+    image = torch.randn(1, 3, 256, 320)
+    with torch.no_grad():
+        assert_close(sized(image), model(image))
+
+
+def test_non_square_detection_sizes_have_the_expected_maps() -> None:
+    assert stage_grids((800, 1216)) == [(200, 304), (100, 152), (50, 76), (25, 38)]
+    assert key_grids((800, 1216)) == [(50, 76), (50, 76), (50, 76), (25, 38)]
+    with pytest.raises(ValueError, match="too small"):
+        key_grids(8)
+
+
+def test_forward_intermediates_picks_stages_and_prunes() -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("pvig_ti_224_gelu", img_size=64).eval()
+    image = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(image)
+        assert [m.shape[1:] for m in maps] == [(48, 16, 16), (96, 8, 8), (240, 4, 4), (384, 2, 2)]
+        assert_close(final, model.forward_features(image))
+        assert_close(maps[-1], final)
+        early = model.forward_intermediates(image, indices=[1], stop_early=True, intermediates_only=True)
+        assert_close(early[0], maps[1])
+        some = timm.create_model("pvig_ti_224_gelu", img_size=64, features_only=True, out_indices=(0, 1))
+        assert len(some.model.backbone) == 5 and some.feature_info.channels() == [48, 96]
+
+
+def test_small_img_size_caps_k_and_dilation_with_one_warning(caplog: pytest.LogCaptureFixture,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(isotropic, "_logged_caps", set())  # as in a fresh process
+    with caplog.at_level(logging.WARNING, logger="vig.models.isotropic"):
+        model = timm.create_model("pvig_ti_224_gelu", img_size=64, num_classes=3)
+        timm.create_model("pvig_ti_224_gelu", img_size=64, num_classes=3)
+    assert len(caplog.records) == 1 and "[16, 16, 16, 4] key nodes" in caplog.text
+    convs = [grapher.graph_conv for grapher in _graphers(model)]
+    assert [(c.k, c.dilation) for c in convs] == [(9, 1)] * 4 + [(9, 1)] * 6 + [(4, 1)] * 2
+    assert model.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 3)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vig.models.isotropic"):
+        timm.create_model("pvig_ti_224_gelu", img_size=224)
+    assert caplog.text == ""
 
 
 def test_models_do_not_print(capsys: pytest.CaptureFixture) -> None:
