@@ -1,4 +1,4 @@
-"""Pyramid ViG (project issue #14): published outputs, sizes, configs and the relative-position term."""
+"""Pyramid ViG (project issue #14): published outputs, sizes, MACs and configs, any input size, the feature pyramid."""
 from __future__ import annotations
 
 import logging
@@ -13,9 +13,9 @@ from torch.testing import assert_close
 import vig
 from gcn_lib import relative_position_table
 from tests.shared_files import shared_path
-from vig.models import PyramidVisionGNN
 from vig.checkpoint import load_state_dict_into
-from vig.models import isotropic
+from vig.complexity import count_macs
+from vig.models import PyramidVisionGNN, isotropic
 from vig.models.isotropic import FFN, Grapher
 from vig.models.pyramid import SIZES, Downsample, key_grids, published_relative_pos, stage_grids
 
@@ -204,3 +204,8 @@ def test_models_do_not_print(capsys: pytest.CaptureFixture) -> None:
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 64))
     assert capsys.readouterr().out == ""
+
+
+def test_pvig_ti_macs_match_published() -> None:
+    macs = count_macs(timm.create_model("pvig_ti_224_gelu"), 224)
+    assert abs(macs / 1.7e9 - 1) < 0.03
