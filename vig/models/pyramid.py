@@ -179,7 +179,8 @@ class PyramidVisionGNN(VisionGNN):
         nn.Module.__init__(self)
         channels, blocks = tuple(channels), tuple(blocks)
         if len(channels) != len(REDUCTIONS) or len(blocks) != len(REDUCTIONS):
-            raise ValueError(f"channels and blocks need one entry per stage ({len(REDUCTIONS)}), got {channels}, {blocks}")
+            raise ValueError(f"channels and blocks need one entry per stage ({len(REDUCTIONS)}), "
+                             f"got {channels}, {blocks}")
         if min(channels) < 4 or any(c % 4 for c in channels) or min(blocks) < 1:
             raise ValueError(f"channels must be positive multiples of 4 and blocks >= 1, got {channels}, {blocks}")
         if num_classes < 0:
@@ -295,15 +296,14 @@ class PyramidVisionGNN(VisionGNN):
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Resize a checkpoint's ``pos_embed`` and every ``relative_pos`` bicubically to this model's sizes
         (a 224-px checkpoint into a model of another ``img_size``); other keys unchanged."""
-        adapted = super().adapt_state_dict(state_dict)
+        adapted = dict(super().adapt_state_dict(state_dict))
         own = self.state_dict(keep_vars=True)
-        for key, value in adapted.items():
-            target = own.get(key)
-            if (key.endswith(".relative_pos") and target is not None and value.dim() == 3
-                    and value.shape != target.shape):
-                if adapted is state_dict:
-                    adapted = dict(state_dict)
-                adapted[key] = resize_relative_pos(value, *target.shape[-2:])
+        resized = [key for key, value in adapted.items() if key.endswith(".relative_pos") and key in own
+                   and value.dim() == 3 and value.shape != own[key].shape]
+        for key in resized:
+            adapted[key] = resize_relative_pos(adapted[key], *own[key].shape[-2:])
+        if resized:
+            _logger.info("resized %d relative_pos tables to img_size %s (bicubic)", len(resized), self.img_size)
         return adapted
 
     def extra_repr(self) -> str:
