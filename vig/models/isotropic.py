@@ -84,12 +84,16 @@ def knn_schedule(num_knn: int, depth: int, num_nodes: int) -> list[tuple[int, in
     uncapped = [i // 4 + 1 for i in range(depth)]
     dilations = [min(d, max_dilation) for d in uncapped]
     if ks != published or dilations != uncapped:
-        message = (f"{num_nodes} graph nodes cap the kNN schedule: k {published} -> {ks}, "
-                   f"dilation {uncapped} -> {dilations}")
-        if message not in _logged_caps:
-            _logged_caps.add(message)
-            _logger.warning(message)
+        warn_cap_once(f"{num_nodes} graph nodes cap the kNN schedule: k {published} -> {ks}, "
+                      f"dilation {uncapped} -> {dilations}")
     return list(zip(ks, dilations))
+
+
+def warn_cap_once(message: str) -> None:
+    """Log a kNN-cap warning unless this process has logged the same message before."""
+    if message not in _logged_caps:
+        _logged_caps.add(message)
+        _logger.warning(message)
 
 
 def threshold_schedule(start_thresh: float, dec: float, depth: int) -> list[float]:
@@ -129,24 +133,55 @@ class Stem(nn.Module):
         return self.convs(x)
 
 
+def resize_relative_pos(relative_pos: torch.Tensor, num_nodes: int, num_keys: int) -> torch.Tensor:
+    """Bicubic resize (align_corners=False) of a relative-position term (1, N, M) -> (1, num_nodes, num_keys),
+    as the published pyramid ViG does when its input size changes; computed in float32 at least."""
+    table = relative_pos if relative_pos.dtype == torch.float64 else relative_pos.float()
+    resized = F.interpolate(table.unsqueeze(0), size=(num_nodes, num_keys), mode="bicubic", align_corners=False)
+    return resized.squeeze(0).to(relative_pos.dtype)
+
+
 class Grapher(nn.Module):
     """Graph block: fc1, dynamic max-relative graph conv C -> 2C, fc2, drop path, residual. (B, C, H, W) -> same.
 
     ``graph`` holds the graph arguments of the `DynConv2d`, and only those that graph uses:
-    ``kernel_size`` and ``dilation`` for kNN, ``graph='threshold'`` and ``threshold`` for SViG.
+    ``kernel_size``, ``dilation`` and (pyramid ViG) ``r`` for kNN, ``graph='threshold'`` and ``threshold``
+    for SViG.
+
+    ``relative_pos`` (pyramid ViG): a (1, N, M) term added to the kNN distances of the N = H W centres to
+    the M = (H // r) (W // r) keys, kept as a frozen parameter (a checkpoint entry, as published). On a
+    map of another size it is resized bicubically to that map's (N, M) for the call.
     """
 
-    def __init__(self, channels: int, act: str, drop_path: float, **graph: Any) -> None:
+    def __init__(self, channels: int, act: str, drop_path: float, relative_pos: torch.Tensor | None = None,
+                 **graph: Any) -> None:
         super().__init__()
         self.fc1 = _conv_bn(channels, channels)
         self.graph_conv = DynConv2d(channels, 2 * channels, conv="mr", act=act, norm="batch", bias=True, **graph)
         self.fc2 = _conv_bn(2 * channels, channels)
         self.drop_path = _drop_path(drop_path)
+        if relative_pos is not None and (relative_pos.dim() != 3 or relative_pos.shape[0] != 1):
+            raise ValueError(f"relative_pos must have shape (1, N, M), got {tuple(relative_pos.shape)}")
+        self.relative_pos = None if relative_pos is None else nn.Parameter(relative_pos, requires_grad=False)
+
+    def relative_pos_for(self, height: int, width: int) -> torch.Tensor | None:
+        """The relative-position term (1, N, M) for an (height, width) map, resized if the stored one differs."""
+        if self.relative_pos is None:
+            return None
+        r = self.graph_conv.r
+        size = (height * width, (height // r) * (width // r))
+        if tuple(self.relative_pos.shape[-2:]) == size:
+            return self.relative_pos
+        return resize_relative_pos(self.relative_pos, *size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
-        x = self.fc2(self.graph_conv(self.fc1(x)))
-        return self.drop_path(x) + shortcut
+        x = self.fc1(x)
+        if self.relative_pos is None:
+            x = self.graph_conv(x)
+        else:
+            x = self.graph_conv(x, self.relative_pos_for(*x.shape[-2:]))
+        return self.drop_path(self.fc2(x)) + shortcut
 
 
 class FFN(nn.Module):
@@ -391,12 +426,17 @@ def _graph_kwargs(variant: str, kwargs: dict[str, Any], threshold_default: bool)
         kwargs.pop("dec", None)
 
 
-def _create(variant: str, size: str, threshold_default: bool, pretrained: bool = False, **kwargs: Any) -> VisionGNN:
+def check_pretrained_source(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> None:
+    """ValueError for ``pretrained=True`` without a local file: the published weights have no download location."""
     if pretrained and not any(key in (kwargs.get("pretrained_cfg_overlay") or {}) for key in ("file", "state_dict")):
         raise ValueError(
             f"{variant}: no download location is configured; pass pretrained_cfg_overlay=dict(file=PATH) or "
             "load a published checkpoint with vig.load_checkpoint(model, path)"
         )
+
+
+def _create(variant: str, size: str, threshold_default: bool, pretrained: bool = False, **kwargs: Any) -> VisionGNN:
+    check_pretrained_source(variant, pretrained, kwargs)
     _graph_kwargs(variant, kwargs, threshold_default)
     dims = SIZES[size]
     depth = dims.depth

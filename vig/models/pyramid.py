@@ -1,0 +1,374 @@
+"""Pyramid Vision GNN (pvig), registered with timm.
+
+One class, `PyramidVisionGNN`, builds every size; `SIZES` is the only size table. Its blocks are the
+isotropic model's `Grapher` and `FFN` (`vig.models.isotropic`), the Grapher taking its kNN keys from
+the map average-pooled by r and adding a frozen relative-position term to the distances. The module
+layout and parameter names are those of the published pyramid ViG, so its checkpoints load unchanged:
+``stem.convs.*``, ``pos_embed``, ``backbone.{i}.0`` (Grapher, with ``relative_pos``) / ``backbone.{i}.1``
+(FFN), ``backbone.{i}.conv.{0,1}`` (Downsample between stages), ``prediction.{0,1,4}``.
+See ``../shared/DESIGN.md`` ("Pyramid ViG").
+
+Registered names: ``pvig_{ti,s,m,b}_224_gelu``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from gcn_lib import act_layer, relative_position_table
+from vig.checkpoint import checkpoint_filter_fn
+from vig.models.isotropic import (FFN, HEAD_HIDDEN, PUBLISHED_IMG_SIZE, Grapher, VisionGNN, _pair,
+                                  check_pretrained_source, resize_relative_pos, warn_cap_once)
+
+_logger = logging.getLogger(__name__)
+
+REDUCTIONS: tuple[int, ...] = (4, 2, 1, 1)  # r of each stage: keys are the map average-pooled by r
+STEM_STRIDE = 4
+# The published code caps the dilation at 49 // k: the node count of its last stage at 224 px.
+PUBLISHED_DILATION_NODES = 49
+
+
+@dataclass(frozen=True)
+class PyramidSize:
+    """Channels and number of (Grapher, FFN) blocks of each of the four stages."""
+
+    channels: tuple[int, int, int, int]
+    blocks: tuple[int, int, int, int]
+
+
+SIZES: dict[str, PyramidSize] = {
+    "ti": PyramidSize(channels=(48, 96, 240, 384), blocks=(2, 2, 6, 2)),
+    "s": PyramidSize(channels=(80, 160, 400, 640), blocks=(2, 2, 6, 2)),
+    "m": PyramidSize(channels=(96, 192, 384, 768), blocks=(2, 2, 16, 2)),
+    "b": PyramidSize(channels=(128, 256, 512, 1024), blocks=(2, 2, 18, 2)),
+}
+
+
+def stage_grids(img_size: int | Sequence[int]) -> list[tuple[int, int]]:
+    """Map size (H_s, W_s) of each stage for an image (H, W): the stem's two stride-2 convs give stage 0,
+    each stride-2 Downsample (3x3, padding 1) the next; sizes rounded up."""
+    height, width = _pair(img_size)
+    if height < 1 or width < 1:
+        raise ValueError(f"img_size must be positive, got {img_size}")
+    grids = []
+    for halvings in (2, 1, 1, 1):
+        for _ in range(halvings):
+            height, width = (height + 1) // 2, (width + 1) // 2
+        grids.append((height, width))
+    return grids
+
+
+def key_grids(img_size: int | Sequence[int]) -> list[tuple[int, int]]:
+    """Size (H_s // r_s, W_s // r_s) of each stage's pooled key map; ValueError where one is empty."""
+    keys = [(h // r, w // r) for (h, w), r in zip(stage_grids(img_size), REDUCTIONS)]
+    if min(min(grid) for grid in keys) < 1:
+        raise ValueError(f"img_size {img_size} is too small for pyramid ViG: the stage maps "
+                         f"{stage_grids(img_size)} pooled by r = {REDUCTIONS} leave no key node; use 32 px or more")
+    return keys
+
+
+def pyramid_knn_schedule(num_knn: int, blocks: Sequence[int], num_keys: Sequence[int]) -> list[tuple[int, int]]:
+    """(k_i, dilation_i) of the kNN graph of every block, counted over all stages.
+
+    As published: k_i = k, d_i = min(i // 4 + 1, 49 // k). Where a stage has fewer than k * d_i keys
+    (small ``img_size``), k is capped at its key count M_s and d_i at M_s // k_i, and a warning is
+    logged (once per process for each distinct schedule).
+    """
+    if num_knn < 1:
+        raise ValueError(f"num_knn must be >= 1, got {num_knn}")
+    max_dilation = max(1, PUBLISHED_DILATION_NODES // num_knn)
+    published, capped = [], []
+    for count, keys in zip(blocks, num_keys):
+        for _ in range(count):
+            dilation = min(len(published) // 4 + 1, max_dilation)
+            published.append((num_knn, dilation))
+            k = min(num_knn, keys)
+            capped.append((k, min(dilation, keys // k)))
+    if capped != published:
+        warn_cap_once(f"{list(num_keys)} key nodes per stage cap the pyramid kNN schedule: "
+                      f"(k, dilation) {published} -> {capped}")
+    return capped
+
+
+def published_relative_pos(channels: int, side: int, r: int) -> torch.Tensor:
+    """The frozen relative-position term of a 224-px stage block, as published: (1, N, N / r^2), float32.
+
+    R = 2 P P^T / C for the 2-D sin-cos table P (N, C) of the side x side grid, resized bicubically to
+    (N, N / r^2) and negated, so that nearby nodes look closer to the kNN rule.
+    """
+    table = relative_position_table(channels, side).float()
+    num_nodes = side * side
+    resized = F.interpolate(table[None, None], size=(num_nodes, num_nodes // (r * r)), mode="bicubic",
+                            align_corners=False)
+    return -resized[0]
+
+
+class PyramidStem(nn.Module):
+    """Stem: (B, in_chans, H, W) -> (B, C, H/4, W/4): 3x3 convs to C/2 (stride 2) and C (stride 2), each with
+    BN and activation, then a 3x3 conv C -> C with BN."""
+
+    def __init__(self, in_chans: int, channels: int, act: str) -> None:
+        super().__init__()
+        self.convs = nn.Sequential(
+            nn.Conv2d(in_chans, channels // 2, 3, stride=2, padding=1),
+            nn.BatchNorm2d(channels // 2),
+            act_layer(act),
+            nn.Conv2d(channels // 2, channels, 3, stride=2, padding=1),
+            nn.BatchNorm2d(channels),
+            act_layer(act),
+            nn.Conv2d(channels, channels, 3, stride=1, padding=1),
+            nn.BatchNorm2d(channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convs(x)
+
+
+class Downsample(nn.Module):
+    """Between stages: 3x3 conv stride 2 + BN, (B, C_in, H, W) -> (B, C_out, H/2, W/2) (rounded up)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1),
+                                  nn.BatchNorm2d(out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class PyramidVisionGNN(VisionGNN):
+    """Pyramid ViG: images (B, in_chans, H, W) -> logits (B, num_classes).
+
+    It shares the isotropic model's head, classifier, grad-checkpointing and parameter-group API and
+    builds its own stem, stages and feature pyramid.
+
+    Args:
+        channels, blocks: per-stage channels and block counts (see `SIZES`).
+        num_classes: classifier outputs; 0 gives the pre-logits (B, 1024) from `forward`.
+        in_chans: image channels.
+        img_size: image size the position embedding and the ``relative_pos`` terms are sized for. Other
+            sizes are 224-px tables resized bicubically; a forward pass on another size resizes them
+            for that call (any input whose stage maps leave key nodes, e.g. sides that are multiples
+            of 32, non-square included).
+        act: activation name (``gelu`` in the published models).
+        num_knn: k of every block's kNN graph.
+        drop_rate: dropout before the classifier.
+        drop_path_rate: stochastic depth of the last block (linear from 0 over all blocks).
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[int],
+        blocks: Sequence[int],
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        img_size: int | Sequence[int] = PUBLISHED_IMG_SIZE,
+        act: str = "gelu",
+        num_knn: int = 9,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        nn.Module.__init__(self)
+        channels, blocks = tuple(channels), tuple(blocks)
+        if len(channels) != len(REDUCTIONS) or len(blocks) != len(REDUCTIONS):
+            raise ValueError(f"channels and blocks need one entry per stage ({len(REDUCTIONS)}), "
+                             f"got {channels}, {blocks}")
+        if min(channels) < 4 or any(c % 4 for c in channels) or min(blocks) < 1:
+            raise ValueError(f"channels must be positive multiples of 4 and blocks >= 1, got {channels}, {blocks}")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        self.num_classes = num_classes
+        self.num_features = channels[-1]
+        self.head_hidden_size = HEAD_HIDDEN
+        self.img_size = _pair(img_size)
+        self.stage_grids = stage_grids(img_size)
+        keys = key_grids(img_size)
+        self.grid_size = self.stage_grids[0]
+        self.start_thresh = None
+        self.dec = None
+        self.grad_checkpointing = False
+
+        self.stem = PyramidStem(in_chans, channels[0], act)
+        published_grids = stage_grids(PUBLISHED_IMG_SIZE)
+        self.pos_embed = nn.Parameter(torch.zeros(1, channels[0], *self.grid_size))
+        depth = sum(blocks)
+        drop_paths = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        graphs = iter(pyramid_knn_schedule(num_knn, blocks, [h * w for h, w in keys]))
+        layers: list[nn.Module] = []
+        self.stage_ends: list[int] = []
+        self.feature_info = []
+        for stage, (width, count, r) in enumerate(zip(channels, blocks, REDUCTIONS)):
+            if stage > 0:
+                layers.append(Downsample(channels[stage - 1], width))
+            relative_pos = published_relative_pos(width, published_grids[stage][0], r)
+            (height, grid_width), (key_height, key_width) = self.stage_grids[stage], keys[stage]
+            if tuple(self.stage_grids[stage]) != published_grids[stage]:
+                relative_pos = resize_relative_pos(relative_pos, height * grid_width, key_height * key_width)
+            for _ in range(count):
+                k, dilation = next(graphs)
+                rate = drop_paths[len(layers) - stage]
+                layers.append(nn.Sequential(
+                    Grapher(width, act, rate, relative_pos=relative_pos.clone(), kernel_size=k, dilation=dilation, r=r),
+                    FFN(width, act, rate),
+                ))
+            self.stage_ends.append(len(layers) - 1)
+            self.feature_info.append(dict(num_chs=width, reduction=STEM_STRIDE * 2**stage,
+                                          module=f"backbone.{len(layers) - 1}"))
+        self.backbone = nn.Sequential(*layers)
+        self.prediction = nn.Sequential(
+            nn.Conv2d(channels[-1], HEAD_HIDDEN, 1),
+            nn.BatchNorm2d(HEAD_HIDDEN),
+            act_layer(act),
+            nn.Dropout(drop_rate),
+            self._classifier(num_classes),
+        )
+        self.reset_parameters()
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem plus position embedding: (B, in_chans, H, W) -> (B, C0, H/4, W/4); the embedding is resized
+        bicubically for the call when the map is not the size the model was built for."""
+        if x.dim() != 4:
+            raise ValueError(f"images must have shape (B, C, H, W), got {tuple(x.shape)}")
+        key_grids(tuple(x.shape[-2:]))
+        x = self.stem(x)
+        pos_embed = self.pos_embed
+        if tuple(x.shape[-2:]) != tuple(pos_embed.shape[-2:]):
+            pos_embed = F.interpolate(pos_embed, size=tuple(x.shape[-2:]), mode="bicubic", align_corners=False)
+        return x + pos_embed
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The stage maps (B, C_s, H / 2^(s+2), W / 2^(s+2)) (strides 4, 8, 16, 32) as timm's feature API asks.
+
+        Args:
+            indices: stages to return: None all four, an int the last n, a sequence those (negative from the end).
+            norm: must be False (the model has no final norm).
+            stop_early: skip the blocks after the last requested stage.
+            output_fmt: ``'NCHW'`` only.
+            intermediates_only: return only the list, not (final map, list).
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt={output_fmt!r} is not supported; ViG features are 'NCHW'")
+        if norm:
+            raise ValueError("norm=True is not supported: ViG has no final norm layer")
+        take_indices, max_index = feature_take_indices(len(self.stage_ends), indices)
+        taken = {self.stage_ends[i]: i for i in take_indices}
+        blocks = self.backbone[:self.stage_ends[max_index] + 1] if stop_early else self.backbone
+        intermediates = []
+        x = self._embed(x)
+        for i, block in enumerate(blocks):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+            if i in taken:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last one in ``indices`` (and the classifier); returns the kept indices."""
+        take_indices, max_index = feature_take_indices(len(self.stage_ends), indices)
+        self.backbone = self.backbone[:self.stage_ends[max_index] + 1]
+        self.stage_ends = self.stage_ends[:max_index + 1]
+        self.feature_info = self.feature_info[:max_index + 1]
+        if prune_head:
+            self.reset_classifier(0)
+        return take_indices
+
+    def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Resize a checkpoint's ``pos_embed`` and every ``relative_pos`` bicubically to this model's sizes
+        (a 224-px checkpoint into a model of another ``img_size``); other keys unchanged."""
+        adapted = dict(super().adapt_state_dict(state_dict))
+        own = self.state_dict(keep_vars=True)
+        resized = [key for key, value in adapted.items() if key.endswith(".relative_pos") and key in own
+                   and value.dim() == 3 and value.shape != own[key].shape]
+        for key in resized:
+            adapted[key] = resize_relative_pos(adapted[key], *own[key].shape[-2:])
+        if resized:
+            _logger.info("resized %d relative_pos tables to img_size %s (bicubic)", len(resized), self.img_size)
+        return adapted
+
+    def extra_repr(self) -> str:
+        return f"img_size={self.img_size}, stage_grids={self.stage_grids}, graph=knn"
+
+
+def _create(variant: str, size: str, pretrained: bool = False, **kwargs: Any) -> PyramidVisionGNN:
+    check_pretrained_source(variant, pretrained, kwargs)
+    dims = SIZES[size]
+    return build_model_with_cfg(
+        PyramidVisionGNN,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=kwargs.pop("out_indices", len(dims.blocks)), feature_cls="getter"),
+        channels=dims.channels,
+        blocks=dims.blocks,
+        **kwargs,
+    )
+
+
+def _cfg(crop_pct: float = 0.9) -> dict[str, Any]:
+    """Pretrained config as published: 224 px, bicubic, mean = std = 0.5, crop 0.9 (0.95 for B)."""
+    return dict(
+        url="",
+        num_classes=1000,
+        input_size=(3, PUBLISHED_IMG_SIZE, PUBLISHED_IMG_SIZE),
+        pool_size=None,
+        crop_pct=crop_pct,
+        interpolation="bicubic",
+        fixed_input_size=False,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        first_conv="stem.convs.0",
+        classifier="prediction.4",
+    )
+
+
+default_cfgs = generate_default_cfgs({
+    "pvig_ti_224_gelu": _cfg(),
+    "pvig_s_224_gelu": _cfg(),
+    "pvig_m_224_gelu": _cfg(),
+    "pvig_b_224_gelu": _cfg(crop_pct=0.95),
+})
+
+
+@register_model
+def pvig_ti_224_gelu(pretrained: bool = False, **kwargs: Any) -> PyramidVisionGNN:
+    """Pyramid ViG-Ti (channels 48 / 96 / 240 / 384, blocks 2 / 2 / 6 / 2), kNN graph with pooled keys."""
+    return _create("pvig_ti_224_gelu", "ti", pretrained, **kwargs)
+
+
+@register_model
+def pvig_s_224_gelu(pretrained: bool = False, **kwargs: Any) -> PyramidVisionGNN:
+    """Pyramid ViG-S (channels 80 / 160 / 400 / 640, blocks 2 / 2 / 6 / 2), kNN graph with pooled keys."""
+    return _create("pvig_s_224_gelu", "s", pretrained, **kwargs)
+
+
+@register_model
+def pvig_m_224_gelu(pretrained: bool = False, **kwargs: Any) -> PyramidVisionGNN:
+    """Pyramid ViG-M (channels 96 / 192 / 384 / 768, blocks 2 / 2 / 16 / 2), kNN graph with pooled keys."""
+    return _create("pvig_m_224_gelu", "m", pretrained, **kwargs)
+
+
+@register_model
+def pvig_b_224_gelu(pretrained: bool = False, **kwargs: Any) -> PyramidVisionGNN:
+    """Pyramid ViG-B (channels 128 / 256 / 512 / 1024, blocks 2 / 2 / 18 / 2), kNN graph with pooled keys."""
+    return _create("pvig_b_224_gelu", "b", pretrained, **kwargs)
