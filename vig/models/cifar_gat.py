@@ -54,6 +54,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gcn_lib import drop_edge, grid_edges, sparse_knn, to_pyg
 from vig.checkpoint import checkpoint_filter_fn
+from vig.models.features import check_feature_request
 from vig.tta import predict_flip_tta
 
 __all__ = ["CnnGatCifar", "GRAPH_LAYERS", "cnn_gat_cifar", "predict_flip_tta"]
@@ -319,10 +320,7 @@ class CnnGatCifar(nn.Module):
             output_fmt: ``'NCHW'`` only.
             intermediates_only: return only the list.
         """
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt={output_fmt!r} is not supported; features are 'NCHW'")
-        if norm:
-            raise ValueError("norm=True is not supported: the model has no final norm layer")
+        check_feature_request(output_fmt, norm)
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         stages, (h, w) = self._stages(x, max_index if stop_early or intermediates_only else len(self.feature_info) - 1)
         b = x.shape[0]

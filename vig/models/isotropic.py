@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gcn_lib import DynConv2d, act_layer, init_convs_
 from vig.checkpoint import checkpoint_filter_fn
+from vig.models.features import check_feature_request
 
 _logger = logging.getLogger(__name__)
 _logged_caps: set[str] = set()  # kNN-cap warnings this process has logged: each distinct one is logged once
@@ -344,6 +345,10 @@ class VisionGNN(nn.Module):
         """(B, in_chans, H, W) -> logits (B, num_classes)."""
         return self.forward_head(self.forward_features(x))
 
+    def feature_ends(self) -> list[int]:
+        """Index in ``backbone`` of the last module of each feature level (here every block is one)."""
+        return list(range(len(self.backbone)))
+
     def forward_intermediates(
         self,
         x: torch.Tensor,
@@ -353,21 +358,21 @@ class VisionGNN(nn.Module):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Per-block feature maps (B, C, H/16, W/16) as timm's feature API asks for them.
+        """The feature maps of the levels in `feature_ends` as timm's feature API asks for them: every block's
+        (B, C, H/16, W/16) here, the four stage maps in the pyramid model.
 
         Args:
-            indices: blocks to return: None all, an int the last n, a sequence those (negative from the end).
+            indices: levels to return: None all, an int the last n, a sequence those (negative from the end).
             norm: must be False (the model has no final norm).
-            stop_early: skip the blocks after the last requested one.
+            stop_early: skip the blocks after the last requested level.
             output_fmt: ``'NCHW'`` only.
             intermediates_only: return only the list, not (final map, list).
         """
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt={output_fmt!r} is not supported; ViG features are 'NCHW'")
-        if norm:
-            raise ValueError("norm=True is not supported: ViG has no final norm layer")
-        take_indices, max_index = feature_take_indices(len(self.backbone), indices)
-        blocks = self.backbone[:max_index + 1] if stop_early else self.backbone
+        check_feature_request(output_fmt, norm)
+        ends = self.feature_ends()
+        take_indices, max_index = feature_take_indices(len(ends), indices)
+        taken = {ends[i] for i in take_indices}
+        blocks = self.backbone[:ends[max_index] + 1] if stop_early else self.backbone
         intermediates = []
         x = self._embed(x)
         for i, block in enumerate(blocks):
@@ -375,7 +380,7 @@ class VisionGNN(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-            if i in take_indices:
+            if i in taken:
                 intermediates.append(x)
         if intermediates_only:
             return intermediates
@@ -383,9 +388,10 @@ class VisionGNN(nn.Module):
 
     def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
-        """Drop the blocks after the last one in ``indices`` (and the classifier); returns the kept indices."""
-        take_indices, max_index = feature_take_indices(len(self.backbone), indices)
-        self.backbone = self.backbone[:max_index + 1]
+        """Drop the blocks after the last level in ``indices`` (and the classifier); returns the kept indices."""
+        ends = self.feature_ends()
+        take_indices, max_index = feature_take_indices(len(ends), indices)
+        self.backbone = self.backbone[:ends[max_index] + 1]
         self.feature_info = self.feature_info[:max_index + 1]
         if prune_head:
             self.reset_classifier(0)
@@ -452,26 +458,19 @@ def _create(variant: str, size: str, threshold_default: bool, pretrained: bool =
     )
 
 
-def _cfg(**overrides: Any) -> dict[str, Any]:
-    """Pretrained config as published: 224 px, crop 0.9, bicubic, mean = std = 0.5."""
-    return dict(
-        url="",
-        num_classes=1000,
-        input_size=(3, PUBLISHED_IMG_SIZE, PUBLISHED_IMG_SIZE),
-        pool_size=None,
-        crop_pct=0.9,
-        interpolation="bicubic",
-        fixed_input_size=True,
-        mean=(0.5, 0.5, 0.5),
-        std=(0.5, 0.5, 0.5),
-        first_conv="stem.convs.0",
-        classifier="prediction.4",
+def published_cfg(**overrides: Any) -> dict[str, Any]:
+    """Pretrained config as published (ViG and pyramid ViG): 224 px, crop 0.9, bicubic, mean = std = 0.5;
+    ``overrides`` replace entries."""
+    return {
+        **dict(url="", num_classes=1000, input_size=(3, PUBLISHED_IMG_SIZE, PUBLISHED_IMG_SIZE), pool_size=None,
+               crop_pct=0.9, interpolation="bicubic", fixed_input_size=True, mean=(0.5, 0.5, 0.5),
+               std=(0.5, 0.5, 0.5), first_conv="stem.convs.0", classifier="prediction.4"),
         **overrides,
-    )
+    }
 
 
 default_cfgs = generate_default_cfgs({
-    f"{prefix}_{size}_224_gelu": _cfg() for prefix in ("vig", "svig") for size in SIZES
+    f"{prefix}_{size}_224_gelu": published_cfg() for prefix in ("vig", "svig") for size in SIZES
 })
 
 

@@ -19,13 +19,11 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from gcn_lib import act_layer, relative_position_table
 from vig.checkpoint import checkpoint_filter_fn
-from vig.models.isotropic import (FFN, HEAD_HIDDEN, PUBLISHED_IMG_SIZE, Grapher, VisionGNN, _pair,
+from vig.models.isotropic import (FFN, HEAD_HIDDEN, PUBLISHED_IMG_SIZE, Grapher, VisionGNN, _pair, published_cfg,
                                   check_pretrained_source, resize_relative_pos, warn_cap_once)
 
 _logger = logging.getLogger(__name__)
@@ -244,53 +242,16 @@ class PyramidVisionGNN(VisionGNN):
             pos_embed = F.interpolate(pos_embed, size=tuple(x.shape[-2:]), mode="bicubic", align_corners=False)
         return x + pos_embed
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | Sequence[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """The stage maps (B, C_s, H / 2^(s+2), W / 2^(s+2)) (strides 4, 8, 16, 32) as timm's feature API asks.
-
-        Args:
-            indices: stages to return: None all four, an int the last n, a sequence those (negative from the end).
-            norm: must be False (the model has no final norm).
-            stop_early: skip the blocks after the last requested stage.
-            output_fmt: ``'NCHW'`` only.
-            intermediates_only: return only the list, not (final map, list).
-        """
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt={output_fmt!r} is not supported; ViG features are 'NCHW'")
-        if norm:
-            raise ValueError("norm=True is not supported: ViG has no final norm layer")
-        take_indices, max_index = feature_take_indices(len(self.stage_ends), indices)
-        taken = {self.stage_ends[i]: i for i in take_indices}
-        blocks = self.backbone[:self.stage_ends[max_index] + 1] if stop_early else self.backbone
-        intermediates = []
-        x = self._embed(x)
-        for i, block in enumerate(blocks):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-            if i in taken:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
+    def feature_ends(self) -> list[int]:
+        """Index in ``backbone`` of the last block of each stage (its map is the stage's feature, strides
+        4, 8, 16, 32); `forward_intermediates` and `prune_intermediate_layers` are the isotropic model's."""
+        return list(self.stage_ends)
 
     def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
         """Drop the stages after the last one in ``indices`` (and the classifier); returns the kept indices."""
-        take_indices, max_index = feature_take_indices(len(self.stage_ends), indices)
-        self.backbone = self.backbone[:self.stage_ends[max_index] + 1]
-        self.stage_ends = self.stage_ends[:max_index + 1]
-        self.feature_info = self.feature_info[:max_index + 1]
-        if prune_head:
-            self.reset_classifier(0)
+        take_indices = super().prune_intermediate_layers(indices, prune_norm, prune_head)
+        self.stage_ends = self.stage_ends[:len(self.feature_info)]
         return take_indices
 
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -325,28 +286,12 @@ def _create(variant: str, size: str, pretrained: bool = False, **kwargs: Any) ->
     )
 
 
-def _cfg(crop_pct: float = 0.9) -> dict[str, Any]:
-    """Pretrained config as published: 224 px, bicubic, mean = std = 0.5, crop 0.9 (0.95 for B)."""
-    return dict(
-        url="",
-        num_classes=1000,
-        input_size=(3, PUBLISHED_IMG_SIZE, PUBLISHED_IMG_SIZE),
-        pool_size=None,
-        crop_pct=crop_pct,
-        interpolation="bicubic",
-        fixed_input_size=False,
-        mean=(0.5, 0.5, 0.5),
-        std=(0.5, 0.5, 0.5),
-        first_conv="stem.convs.0",
-        classifier="prediction.4",
-    )
-
-
 default_cfgs = generate_default_cfgs({
-    "pvig_ti_224_gelu": _cfg(),
-    "pvig_s_224_gelu": _cfg(),
-    "pvig_m_224_gelu": _cfg(),
-    "pvig_b_224_gelu": _cfg(crop_pct=0.95),
+    # any input size runs (pos_embed and relative_pos are resized); B is evaluated with crop 0.95
+    "pvig_ti_224_gelu": published_cfg(fixed_input_size=False),
+    "pvig_s_224_gelu": published_cfg(fixed_input_size=False),
+    "pvig_m_224_gelu": published_cfg(fixed_input_size=False),
+    "pvig_b_224_gelu": published_cfg(fixed_input_size=False, crop_pct=0.95),
 })
 
 
