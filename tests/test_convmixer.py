@@ -249,3 +249,19 @@ def test_train_py_runs_each_model_with_the_published_schedule(tmp_path: Path, na
         expected = timm.create_model(name, num_classes=2).state_dict()
     assert {key: value.shape for key, value in state["state_dict"].items()} == \
         {key: value.shape for key, value in expected.items()}
+
+
+def test_train_py_resumes_the_published_schedule(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", {"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}}, size=32)
+    common = [str(data), "--model", "convmixer_cifar", "--model-kwargs", "dim=8", "depth=2", "--epochs", "3",
+              "-b", "2", "-j", "0", "--lr", str(LR), "--sched", "onecycle-linear", "--output", str(tmp_path / "out")]
+    assert train.main([*common, "--experiment", "full"]) == 0
+    full, resumed = tmp_path / "out" / "full", tmp_path / "out" / "resumed"
+    resumed.mkdir()
+    torch.save(torch.load(full / "checkpoint-0.pth.tar", weights_only=True), resumed / "last.pth.tar")
+    assert train.main([*common, "--experiment", "resumed", "--resume", "auto"]) == 0
+    expected = torch.load(full / "last.pth.tar", weights_only=True)
+    state = torch.load(resumed / "last.pth.tar", weights_only=True)
+    assert state["scheduler"] == expected["scheduler"]
+    torch.testing.assert_close(state["optimizer"], expected["optimizer"])
+    torch.testing.assert_close(state["state_dict"], expected["state_dict"])

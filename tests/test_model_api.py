@@ -69,7 +69,8 @@ RUN = smallest_of_each_class()
 
 
 def test_the_registry_holds_every_model_family() -> None:
-    assert {"vig_ti_224_gelu", "svig_ti_224_gelu", "cnn_gat_cifar", "convmixer_cifar", "convmixer_xl_cifar"} <= set(MODELS)
+    assert {"vig_ti_224_gelu", "svig_ti_224_gelu", "cnn_gat_cifar", "convmixer_cifar",
+            "convmixer_xl_cifar"} <= set(MODELS)
     assert {"vig_ti_224_gelu", "cnn_gat_cifar", "convmixer_xl_cifar"} <= set(RUN)
 
 

@@ -26,9 +26,8 @@ from typing import Any, Sequence
 
 import torch
 from timm.layers import get_act_layer
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
 from timm.models.convmixer import ConvMixer, Residual
 from torch import nn
 from torch.utils.checkpoint import checkpoint
