@@ -23,6 +23,8 @@ import vig.models
 # construction arguments that keep each test fast on a CPU; models not listed are built with their defaults
 SMALL: dict[str, dict[str, Any]] = {
     "cnn_gat_cifar": dict(hidden=16, heads=2, embed_dim=16, num_blocks=2),
+    "convmixer_cifar": dict(dim=16, depth=4),
+    "convmixer_xl_cifar": dict(dim=16, depth=3),  # the smaller: the API runs through the residual groups
 }
 SMALL_IMG_SIZE = 32  # for models that take img_size
 
@@ -67,8 +69,9 @@ RUN = smallest_of_each_class()
 
 
 def test_the_registry_holds_every_model_family() -> None:
-    assert {"vig_ti_224_gelu", "svig_ti_224_gelu", "cnn_gat_cifar"} <= set(MODELS)
-    assert {"vig_ti_224_gelu", "cnn_gat_cifar"} <= set(RUN)
+    assert {"vig_ti_224_gelu", "svig_ti_224_gelu", "cnn_gat_cifar", "convmixer_cifar",
+            "convmixer_xl_cifar"} <= set(MODELS)
+    assert {"vig_ti_224_gelu", "cnn_gat_cifar", "convmixer_xl_cifar"} <= set(RUN)
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -1,6 +1,7 @@
 """Vision GNN models; importing this package registers them with timm."""
 from .cifar_gat import CnnGatCifar, predict_flip_tta
+from .convmixer_cifar import ConvMixerCifar
 from .isotropic import SIZES, VisionGNN
 from .pyramid import PyramidVisionGNN
 
-__all__ = ["SIZES", "CnnGatCifar", "PyramidVisionGNN", "VisionGNN", "predict_flip_tta"]
+__all__ = ["SIZES", "CnnGatCifar", "ConvMixerCifar", "PyramidVisionGNN", "VisionGNN", "predict_flip_tta"]

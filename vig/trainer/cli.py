@@ -18,6 +18,7 @@ import yaml
 from vig.console import OneLineErrorParser
 from vig.errors import UsageError
 from vig.trainer.data import SYNTHETIC_DATASET
+from vig.trainer.schedule import ONECYCLE_LINEAR
 
 DEFAULT_MODEL = "vig_ti_224_gelu"
 
@@ -109,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--lr", type=float, default=1e-3, help="learning rate (absolute, not scaled by batch)")
 
     sched = parser.add_argument_group("schedule")
-    sched.add_argument("--sched", default="cosine", help="timm scheduler name")
+    sched.add_argument("--sched", default="cosine",
+                       help=f"timm scheduler name, or {ONECYCLE_LINEAR} (per step 0 -> --lr at 40 %% -> --lr / 20 "
+                            "at 80 %% -> 0; ignores the warm-up, --min-lr and cooldown flags)")
     sched.add_argument("--epochs", type=int, default=300, help="training epochs")
     sched.add_argument("--warmup-epochs", type=int, default=5, help="linear warm-up epochs")
     sched.add_argument("--warmup-lr", type=float, default=1e-5, help="learning rate at the start of warm-up")

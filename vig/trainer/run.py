@@ -47,6 +47,7 @@ from vig.trainer.distributed import (DistributedContext, all_gather_objects, all
 from vig.trainer.engine import EvalStats, TrainStats, resolve_precision, train_one_epoch, validate
 from vig.trainer.saver import (CURVES_NAME, LAST_NAME, SUMMARY_NAME, CheckpointSaver, append_summary,
                                prepare_output_dir, require_fresh_or_resumable, run_folder_name, write_args_yaml)
+from vig.trainer.schedule import ONECYCLE_LINEAR, OneCycleLinearScheduler
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -308,7 +309,7 @@ class TrainingRun:
 def set_up_training(args: argparse.Namespace, ctx: DistributedContext) -> TrainingRun:
     """Data, model (from --initial-checkpoint when given), EMA, optimizer, schedule and the run folder."""
     checkpoint = apply_checkpoint_settings(args, use_class_count=False)
-    if args.warmup_epochs >= args.epochs and ctx.is_primary:
+    if args.sched != ONECYCLE_LINEAR and args.warmup_epochs >= args.epochs and ctx.is_primary:
         _LOGGER.warning("--warmup-epochs %d >= --epochs %d: the learning rate never reaches --lr %g",
                         args.warmup_epochs, args.epochs, args.lr)
     train_set, classes = build_dataset(args, args.train_split, is_training=True)
@@ -347,10 +348,13 @@ def set_up_training(args: argparse.Namespace, ctx: DistributedContext) -> Traini
     if device_normalize:
         train_loader = prefetch_to_device(train_loader, config, ctx.device, args.reprob, args.remode, args.recount)
         val_loader = prefetch_to_device(val_loader, config, ctx.device)
-    scheduler, num_epochs = create_scheduler_v2(
-        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
-        decay_rate=args.decay_rate, cooldown_epochs=args.cooldown_epochs, min_lr=args.min_lr,
-        warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, updates_per_epoch=len(train_loader))
+    if args.sched == ONECYCLE_LINEAR:
+        scheduler, num_epochs = OneCycleLinearScheduler(optimizer, args.epochs * len(train_loader)), args.epochs
+    else:
+        scheduler, num_epochs = create_scheduler_v2(
+            optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+            decay_rate=args.decay_rate, cooldown_epochs=args.cooldown_epochs, min_lr=args.min_lr,
+            warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, updates_per_epoch=len(train_loader))
     return TrainingRun(model=model, model_ema=model_ema, optimizer=optimizer, scheduler=scheduler,
                        precision=precision, train_set=train_set, val_set=val_set, sampler=sampler,
                        train_loader=train_loader, val_loader=val_loader, num_classes=num_classes,
