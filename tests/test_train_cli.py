@@ -137,6 +137,7 @@ def test_model_kwargs_are_parsed_as_literals() -> None:
         (["--model-kwargs", "novalue"], "key=value"),
         (["--lr"], "expected one argument"),
         (["--no-such-flag"], "unrecognized arguments"),
+        (["--sched", "bogus"], "argument --sched: invalid choice: 'bogus'"),
     ],
 )
 def test_bad_flags_raise_one_line_usage_errors(argv: list[str], message: str) -> None:

@@ -21,6 +21,8 @@ from vig.trainer.data import SYNTHETIC_DATASET
 from vig.trainer.schedule import ONECYCLE_LINEAR
 
 DEFAULT_MODEL = "vig_ti_224_gelu"
+# the names timm.scheduler.create_scheduler_v2 builds (timm 1.0)
+TIMM_SCHEDULES = ("cosine", "tanh", "step", "constant", "multistep", "plateau", "poly", "wsd", "rsqrt")
 
 
 def _parse_model_kwargs(items: Sequence[str]) -> dict[str, Any]:
@@ -110,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--lr", type=float, default=1e-3, help="learning rate (absolute, not scaled by batch)")
 
     sched = parser.add_argument_group("schedule")
-    sched.add_argument("--sched", default="cosine",
-                       help=f"timm scheduler name, or {ONECYCLE_LINEAR} (per step 0 -> --lr at 40 %% -> --lr / 20 "
+    sched.add_argument("--sched", default="cosine", choices=(*TIMM_SCHEDULES, ONECYCLE_LINEAR),
+                       help=f"timm scheduler, or {ONECYCLE_LINEAR} (per step 0 -> --lr at 40 %% -> --lr / 20 "
                             "at 80 %% -> 0; ignores the warm-up, --min-lr and cooldown flags)")
     sched.add_argument("--epochs", type=int, default=300, help="training epochs")
     sched.add_argument("--warmup-epochs", type=int, default=5, help="linear warm-up epochs")
