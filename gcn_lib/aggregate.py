@@ -10,7 +10,8 @@ The three forms below agree bit for bit on the same graph and differ only in how
 given and what they cost:
 
 * `max_relative_gather`: neighbour indices (B, N, k): memory B*C*N*k, the kNN path;
-* `max_relative_dense`: boolean mask (B, N, N): masked max, memory B*C*N*N in chunks;
+* `max_relative_dense`: boolean mask (B, N, N), or (B, N, M) over separate keys y: masked max,
+  memory B*C*N*M in chunks;
 * `max_relative_scatter`: edge list (2, E) with native ``torch.scatter_reduce``: memory C*E.
 """
 from __future__ import annotations
@@ -56,22 +57,27 @@ def max_relative_gather(x: torch.Tensor, neighbours: torch.Tensor, y: torch.Tens
     return x_j.amax(dim=-1, keepdim=True) - x
 
 
-def max_relative_dense(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Max-relative aggregation over a boolean adjacency mask.
+def max_relative_dense(x: torch.Tensor, mask: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """Max-relative aggregation over a boolean adjacency mask, square or rectangular.
 
     Args:
-        x: (B, C, N, 1) features.
-        mask: (B, N, N) bool, ``mask[b, i, j]`` iff j is a neighbour of centre i.
+        x: centre features (B, C, N, 1).
+        mask: (B, N, M) bool, ``mask[b, i, j]`` iff key j is a neighbour of centre i (M = N without y).
+        y: key features (B, C, M, 1) (pyramid ViG's pooled keys); default x.
 
     Returns:
-        m (B, C, N, 1); 0 for centres without neighbours.
+        m (B, C, N, 1) with m_i = max over neighbours j of (y_j - x_i); 0 for centres without neighbours.
     """
     b, c, n = _check_features(x)
-    if mask.shape != (b, n, n) or mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a bool tensor of shape ({b}, {n}, {n}), got {mask.dtype} {tuple(mask.shape)}")
-    keys = x.reshape(b, c, 1, n)
+    keys = x if y is None else y
+    m = _check_features(keys)[2]
+    if keys.shape[:2] != (b, c):
+        raise ValueError(f"y must have shape ({b}, {c}, M, 1), got {tuple(keys.shape)}")
+    if mask.shape != (b, n, m) or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor of shape ({b}, {n}, {m}), got {mask.dtype} {tuple(mask.shape)}")
+    keys = keys.reshape(b, c, 1, m)
     fill = torch.finfo(x.dtype).min if x.dtype.is_floating_point else torch.iinfo(x.dtype).min
-    chunk = max(1, _DENSE_CHUNK_ELEMENTS // max(1, b * c * n))
+    chunk = max(1, _DENSE_CHUNK_ELEMENTS // max(1, b * c * m))
     parts = []
     for start in range(0, n, chunk):
         rows = mask[:, None, start:start + chunk, :]

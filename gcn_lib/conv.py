@@ -5,11 +5,11 @@ checkpoints load unchanged. Every ``forward(x, graph, y=None)`` takes the graph 
 of `gcn_lib.graph` / `gcn_lib.sparse`:
 
 * neighbour indices (B, N, k), int64 - every operator;
-* boolean mask (B, N, N) - ``mr`` and ``gin``;
+* boolean mask (B, N, N) - ``mr`` and ``gin``; (B, N, M) over separate keys y likewise;
 * edge list (2, E) of global ids - ``mr``.
 
 ``y`` (B, C, M, 1) optionally supplies the neighbour features (pyramid ViG's reduced key set);
-indices then point into y.
+indices (and mask columns) then point into y.
 
 Operators (x_i centre, x_j neighbour, S(i) the neighbours of i):
 
@@ -64,12 +64,16 @@ class MRConv2d(nn.Module):
         self.nn = BasicConv([in_channels * 2, out_channels], act, norm, bias)
 
     def aggregate(self, x: torch.Tensor, graph: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """The relative features m (B, C, N, 1) for any graph form."""
+        """The relative features m (B, C, N, 1) for any graph form; with keys y (B, C, M, 1) the graph is
+        indices (B, N, k) or a mask (B, N, M) into them, and m_i = max over neighbours j of (y_j - x_i)."""
         form = graph_form(graph)
         if form == "knn":
             return max_relative_gather(x, graph, y)
         if y is not None:
-            raise ValueError("a separate key set y is only supported with neighbour indices (B, N, k)")
+            if form != "mask":
+                raise ValueError("a separate key set y needs neighbour indices (B, N, k) or a bool mask (B, N, M)")
+            # Rectangular mask over pooled keys (pyramid ViG's threshold graph): the dense masked max.
+            return max_relative_dense(x, graph, y)
         if form == "mask":
             if torch.compiler.is_compiling():
                 # The edge list has a data-dependent size (a host sync); the dense form compiles whole.
@@ -117,7 +121,7 @@ class GraphSAGE(nn.Module):
 
 
 class GINConv2d(nn.Module):
-    """GIN with a learnable eps: (B, C, N, 1) -> (B, C_out, N, 1); neighbour indices or a mask."""
+    """GIN with a learnable eps: (B, C, N, 1) -> (B, C_out, N, 1); neighbour indices or a mask (B, N, M) into y."""
 
     def __init__(self, in_channels: int, out_channels: int, act: str | None = "relu",
                  norm: str | None = None, bias: bool = True) -> None:
@@ -129,11 +133,12 @@ class GINConv2d(nn.Module):
         form = graph_form(graph)
         if form == "knn":
             x_sum = gather_neighbours(x if y is None else y, graph).sum(dim=-1, keepdim=True)
-        elif form == "mask" and y is None:
-            b, c, n, _ = x.shape
-            x_sum = torch.bmm(x.reshape(b, c, n), graph.transpose(1, 2).to(x.dtype)).unsqueeze(-1)
+        elif form == "mask":
+            keys = x if y is None else y
+            b, c, m, _ = keys.shape
+            x_sum = torch.bmm(keys.reshape(b, c, m), graph.transpose(1, 2).to(x.dtype)).unsqueeze(-1)
         else:
-            raise _unsupported("gin", form, "neighbour indices (B, N, k) or a bool mask (B, N, N) without y")
+            raise _unsupported("gin", form, "neighbour indices (B, N, k) or a bool mask (B, N, M)")
         return self.nn((1 + self.eps) * x + x_sum)
 
 

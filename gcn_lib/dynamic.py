@@ -19,7 +19,6 @@ KNN_ONLY: dict[str, str] = {
     "dilation": "dilation of the kNN graph",
     "stochastic": "stochastic kNN",
     "epsilon": "probability of stochastic kNN",
-    "r": "the kNN graph's reduced key set",
 }
 
 
@@ -38,15 +37,17 @@ class DynConv2d(nn.Module):
         act, norm, bias: of the convolution's 1x1 conv block.
         graph: ``'knn'`` (dense dilated kNN) or ``'threshold'`` (similarity threshold, SViG).
         stochastic, epsilon: stochastic kNN in training mode (see `gcn_lib.graph.dense_knn`).
-        r: pyramid reduction: neighbours are taken from the map average-pooled by r.
+        r: pyramid reduction: neighbours are taken from the map average-pooled by r (both graphs; the
+            threshold graph is then the rectangular N x M rule of `gcn_lib.graph.threshold_mask`).
         threshold: t of the threshold graph (below 1; t <= 0 gives the complete graph); given with
             ``graph='knn'`` it is a ValueError.
         fused_kernel: for ``graph='threshold'`` with ``conv='mr'``, aggregate with the fused Triton kernel
-            (`gcn_lib.kernels`) whenever it can run (CUDA float tensors); False forces the torch path.
+            (`gcn_lib.kernels`) whenever it can run (CUDA float tensors, square graph: r = 1 and no
+            ``relative_pos``); otherwise, or with False, the torch path.
 
-    ``kernel_size``, ``dilation``, ``stochastic``, ``epsilon`` and ``r`` (`KNN_ONLY`) are kNN-graph
-    arguments: with ``graph='threshold'`` a value other than their default is a ValueError, as is a
-    ``relative_pos`` passed to `forward`.
+    ``kernel_size``, ``dilation``, ``stochastic`` and ``epsilon`` (`KNN_ONLY`) are kNN-graph arguments:
+    with ``graph='threshold'`` a value other than their default is a ValueError. ``r`` and the
+    ``relative_pos`` of `forward` serve both graphs (pyramid ViG).
 
     The learnable parameters live in ``gconv`` (``gconv.nn.0`` conv, ``gconv.nn.1`` norm), the
     published layout.
@@ -80,7 +81,7 @@ class DynConv2d(nn.Module):
                 raise ValueError(f"conv={conv!r} needs neighbour indices and does not work with graph='threshold'; "
                                  f"convs for the threshold graph: {', '.join(MASK_CONVS)}")
             _refuse_knn_arguments(kernel_size=kernel_size, dilation=dilation, stochastic=stochastic,
-                                  epsilon=epsilon, r=r)
+                                  epsilon=epsilon)
         elif threshold is not None:
             raise ValueError(f"graph={graph!r} does not use threshold={threshold!r}; pass graph='threshold' with it")
         if kernel_size < 1 or dilation < 1 or r < 1:
@@ -96,18 +97,19 @@ class DynConv2d(nn.Module):
         self.threshold = threshold
         self.fused_kernel = fused_kernel
 
-    def uses_fused_kernel(self, x: torch.Tensor) -> bool:
-        """Whether a forward pass on ``x`` takes the fused threshold kernel."""
-        return self.graph == "threshold" and self.conv == "mr" and self.fused_kernel and kernels.available(x)
+    def uses_fused_kernel(self, x: torch.Tensor, relative_pos: torch.Tensor | None = None) -> bool:
+        """Whether a forward pass on ``x`` (with ``relative_pos``) takes the fused threshold kernel: it is
+        square-only, so pooled keys (r > 1) or a relative-position term take the torch path."""
+        return (self.graph == "threshold" and self.conv == "mr" and self.fused_kernel and self.r == 1
+                and relative_pos is None and kernels.available(x))
 
     def build_graph(self, x: torch.Tensor, y: torch.Tensor | None = None,
                     relative_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """The graph for (B, C, H, W) features: indices (B, N, k) for kNN, a mask (B, N, N) for threshold."""
+        """The graph for (B, C, H, W) features and optional keys y (B, C, H', W') (M = H' W' nodes, default
+        x): indices (B, N, k) for kNN, a mask (B, N, M) for threshold; ``relative_pos`` (1, N, M) is added to
+        the distance by both."""
         if self.graph == "threshold":
-            self._refuse_relative_pos(relative_pos)
-            if y is not None:
-                raise ValueError("graph='threshold' does not use a reduced key set y; build the graph without it")
-            return threshold_mask(x, self.threshold)
+            return threshold_mask(x, self.threshold, y=y, relative_pos=relative_pos)
         return dense_knn(x, self.k, self.dilation, y=y, relative_pos=relative_pos,
                          stochastic=self.stochastic and self.training, epsilon=self.epsilon)
 
@@ -115,9 +117,7 @@ class DynConv2d(nn.Module):
         if x.dim() != 4:
             raise ValueError(f"x must have shape (B, C, H, W), got {tuple(x.shape)}")
         b, c, h, w = x.shape
-        if self.graph == "threshold":
-            self._refuse_relative_pos(relative_pos)
-        if self.uses_fused_kernel(x):
+        if self.uses_fused_kernel(x, relative_pos):
             nodes = x.reshape(b, c, -1, 1)
             relative = kernels.threshold_max_relative(nodes, self.threshold)
             return self.gconv.nn(interleave_channels(nodes, relative)).reshape(b, -1, h, w)
@@ -127,15 +127,9 @@ class DynConv2d(nn.Module):
         keys = None if y is None else y.reshape(b, c, -1, 1)
         return self.gconv(nodes, graph, keys).reshape(b, -1, h, w)
 
-    @staticmethod
-    def _refuse_relative_pos(relative_pos: torch.Tensor | None) -> None:
-        if relative_pos is not None:
-            raise ValueError("graph='threshold' does not use relative_pos (a distance bias of the kNN graph); "
-                             "call it without relative_pos")
-
     def extra_repr(self) -> str:
         if self.graph == "threshold":
-            return f"conv={self.conv}, graph=threshold, t={self.threshold}"
+            return f"conv={self.conv}, graph=threshold, t={self.threshold}, r={self.r}"
         return f"conv={self.conv}, graph=knn, k={self.k}, dilation={self.dilation}, r={self.r}"
 
 

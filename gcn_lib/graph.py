@@ -7,7 +7,8 @@ vectors. Everything here runs without gradient: graphs are built from detached f
 Two dense graph forms are produced:
 
 * neighbour indices ``(B, N, k)``: row ``i`` lists the k neighbours of centre ``i`` (nearest first);
-* a boolean mask ``(B, N, N)``: ``mask[b, i, j]`` is true iff ``j`` is a neighbour of centre ``i``.
+* a boolean mask ``(B, N, N)``: ``mask[b, i, j]`` is true iff ``j`` is a neighbour of centre ``i``;
+  ``(B, N, M)`` when the keys are a separate set of M nodes (pyramid ViG's pooled keys).
 
 `gcn_lib.sparse` turns both into edge lists.
 """
@@ -135,44 +136,78 @@ def check_threshold(t: float) -> None:
         raise ValueError(f"threshold t must be below 1 (t <= 0 gives the complete graph), got {t}")
 
 
+def _check_keys(x: torch.Tensor, y: torch.Tensor | None) -> None:
+    if y is not None and (y.dim() != 4 or y.shape[:2] != x.shape[:2]):
+        raise ValueError(f"y must have shape (B, C, H', W') or (B, C, M, 1) with x's (B, C) = {tuple(x.shape[:2])}, "
+                         f"got {tuple(y.shape)}")
+
+
 @torch.no_grad()
-def similarity_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def similarity_stats(
+    x: torch.Tensor, y: torch.Tensor | None = None, relative_pos: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Similarities of the threshold graph and their per-image statistics.
 
     Args:
-        x: (B, C, H, W) or (B, C, N, 1) features.
+        x: centre features (B, C, H, W) or (B, C, N, 1).
+        y: optional key features (B, C, H', W') or (B, C, M, 1) (pyramid ViG: x average-pooled by r);
+            default x (M = N).
+        relative_pos: optional (1 or B, N, M) term added to the distance, as `dense_knn` adds it, so
+            the similarity is s(i, j) = -(d(i, j) + relative_pos[i, j]).
 
     Returns:
-        sim (B, N, N) = -d(i, j) between L2-normalised nodes (float32 for half inputs), and the
-        per-image mean (B, 1, 1) and unbiased standard deviation (B, 1, 1) over all N * N pairs.
+        sim (B, N, M) = -(d(i, j) + relative_pos) between L2-normalised nodes (float32 for half
+        inputs), and the per-image mean (B, 1, 1) and unbiased standard deviation (B, 1, 1) over all
+        N * M pairs.
     """
+    _check_keys(x, y)
     nodes = normalized_nodes(x)
+    keys = None if y is None else normalized_nodes(y)
     b = nodes.shape[0]
-    sim = -pairwise_sq_distance(nodes)
+    dist = pairwise_sq_distance(nodes, keys)
+    if relative_pos is not None:
+        if relative_pos.dim() != 3 or relative_pos.shape[1:] != dist.shape[1:] or relative_pos.shape[0] not in (1, b):
+            raise ValueError(f"relative_pos must have shape (1 or {b}, {dist.shape[1]}, {dist.shape[2]}), "
+                             f"got {tuple(relative_pos.shape)}")
+        dist = dist + relative_pos.detach().to(dist.dtype)
+    sim = -dist
     flat = sim.reshape(b, -1)
     return sim, flat.mean(dim=1).view(b, 1, 1), flat.std(dim=1).view(b, 1, 1)
 
 
 @torch.no_grad()
-def threshold_mask(x: torch.Tensor, t: float) -> torch.Tensor:
-    """Similarity-threshold graph (SViG) as a boolean mask.
+def threshold_mask(
+    x: torch.Tensor, t: float, y: torch.Tensor | None = None, relative_pos: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Similarity-threshold graph (SViG) as a boolean mask, square (N x N) or rectangular (N x M).
 
-    For each image: s(i, j) = -d(i, j) over all N * N ordered pairs (diagonal included) is
-    standardised with that image's mean and unbiased standard deviation, and i is connected to j
+    For each image: s(i, j) = -d(i, j) over all N * M ordered pairs of centre i and key j (M = N
+    and the diagonal included when there is no separate key set) is standardised with that
+    image's mean and unbiased standard deviation over those N * M values, and i is connected to j
     iff the z-score exceeds Phi^-1(t). ``t <= 0`` gives the complete graph; an image whose
     similarities do not vary (all nodes identical) gets no edge at all.
 
+    Pyramid ViG (rectangular case): the keys y are x average-pooled by r (M = N / r^2), and a
+    ``relative_pos`` term enters exactly as in `dense_knn`: it is added to the distance before
+    anything else, s(i, j) = -(d(i, j) + relative_pos[i, j]), and the sum is standardised. With
+    M = N, y = x and no relative_pos this is the square rule bit for bit. Unlike the square rule,
+    a centre need not be among its own keys, so a centre can be left without any neighbour.
+
     Args:
-        x: (B, C, H, W) or (B, C, N, 1) features.
+        x: centre features (B, C, H, W) or (B, C, N, 1).
         t: threshold, below 1.
+        y: optional key features (B, C, H', W') or (B, C, M, 1); default x.
+        relative_pos: optional (1 or B, N, M) term added to the distance.
 
     Returns:
-        mask (B, N, N), bool: ``mask[b, i, j]`` iff j is a neighbour of centre i.
+        mask (B, N, M), bool: ``mask[b, i, j]`` iff key j is a neighbour of centre i.
     """
     check_threshold(t)
     if t <= 0:
+        _check_keys(x, y)
         b, n, _ = as_node_features(x).shape
-        return torch.ones(b, n, n, dtype=torch.bool, device=x.device)
-    sim, mean, std = similarity_stats(x)
+        m = n if y is None else as_node_features(y).shape[1]
+        return torch.ones(b, n, m, dtype=torch.bool, device=x.device)
+    sim, mean, std = similarity_stats(x, y, relative_pos)
     # A zero spread gives 0/0 = NaN, and NaN > q is false: no edge, as specified.
     return (sim - mean) / std > threshold_quantile(t)

@@ -24,7 +24,8 @@ back the raw interpreted kernel), so the compiled path could not be tested on th
 
 Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is first imported) runs the kernel
 on CPU tensors when called directly, which is how the tests check its logic without a GPU;
-`gcn_lib.DynConv2d` dispatches to it on CUDA tensors only.
+`gcn_lib.DynConv2d` dispatches to it on CUDA tensors only, and only for the square graph: pyramid ViG's
+rectangular graph (keys pooled by r > 1, or a relative_pos term) takes the torch path.
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gcn_lib import (DynConv2d, dense_knn, knn_to_edge_index, knn_to_mask, mask_to_edge_index, max_relative_dense,
-                     max_relative_gather, max_relative_scatter, threshold_mask)
+from gcn_lib import (DynConv2d, GINConv2d, MRConv2d, dense_knn, knn_to_edge_index, knn_to_mask, mask_to_edge_index,
+                     max_relative_dense, max_relative_gather, max_relative_scatter, threshold_mask)
 
 
 def _random_mask(b: int, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -122,3 +122,65 @@ def test_gradient_does_not_reach_graph_construction(graph, kwargs):
 def test_aggregation_rejects_bad_shapes(fn, args, match):
     with pytest.raises(ValueError, match=match):
         fn(*args)
+
+
+# --- Rectangular masks over separate keys (pyramid ViG's threshold graph) ---------------------------------
+
+def _brute_max_relative_keys(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """m_i = max over neighbours j of (y_j - x_i) with a loop over (b, i, c); 0 where i has no neighbour."""
+    b, c, n, _ = x.shape
+    out = torch.zeros_like(x)
+    for bb in range(b):
+        for i in range(n):
+            js = mask[bb, i].nonzero().flatten().tolist()
+            for ch in range(c):
+                if js:
+                    out[bb, ch, i, 0] = max(float(y[bb, ch, j, 0] - x[bb, ch, i, 0]) for j in js)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("n,m", [(16, 4), (16, 1), (12, 12), (9, 20)])
+@pytest.mark.parametrize("via", ["max_relative_dense", "MRConv2d.aggregate"])
+def test_rectangular_mask_aggregation_matches_brute_force(seed, n, m, via):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, n, 1, generator=gen, dtype=torch.float64)
+    y = torch.randn(2, 3, m, 1, generator=gen, dtype=torch.float64)
+    mask = torch.rand(2, n, m, generator=gen) < torch.rand(2, n, 1, generator=gen)
+    mask[0, 0] = False  # at least one centre without neighbours
+    expected = _brute_max_relative_keys(x, y, mask)
+    if via == "max_relative_dense":
+        got = max_relative_dense(x, mask, y)
+    else:
+        got = MRConv2d(4, 8).double().aggregate(x, mask, y)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_rectangular_gin_sums_the_masked_keys():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, 9, 1, generator=gen, dtype=torch.float64)
+    y = torch.randn(2, 4, 3, 1, generator=gen, dtype=torch.float64)
+    mask = torch.rand(2, 9, 3, generator=gen) < 0.5
+    conv = GINConv2d(4, 8).double().eval()
+    x_sum = torch.zeros_like(x)
+    for bb in range(2):
+        for i in range(9):
+            for j in mask[bb, i].nonzero().flatten().tolist():
+                x_sum[bb, :, i] += y[bb, :, j]
+    torch.testing.assert_close(conv(x, mask, y), conv.nn((1 + conv.eps) * x + x_sum))
+
+
+def test_rectangular_dense_gradcheck_float64():
+    x = _distinct_input(2, 3, 8, seed=3)
+    y = _distinct_input(2, 3, 4, seed=4)
+    mask = _random_mask(2, 8, torch.Generator().manual_seed(5))[:, :, :4]
+    assert torch.autograd.gradcheck(lambda a, b: max_relative_dense(a, mask, b), (x, y))
+
+
+@pytest.mark.parametrize("args,match", [
+    ((torch.randn(2, 3, 4, 1), torch.ones(2, 4, 2, dtype=torch.bool), torch.randn(2, 3, 3, 1)), "mask must"),
+    ((torch.randn(2, 3, 4, 1), torch.ones(2, 4, 2, dtype=torch.bool), torch.randn(2, 5, 2, 1)), "y must"),
+])
+def test_rectangular_dense_rejects_mismatched_keys(args, match):
+    with pytest.raises(ValueError, match=match):
+        max_relative_dense(*args)

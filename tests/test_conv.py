@@ -111,6 +111,7 @@ def test_published_parameter_layout():
     ("knn", {"kernel_size": 3, "r": 2}),
     ("threshold", {"threshold": 0.8}),
     ("threshold", {"threshold": 0.0}),
+    ("threshold", {"threshold": 0.8, "r": 2}),
 ])
 @pytest.mark.parametrize("conv", ["mr", "gin"])
 def test_dynamic_conv_shapes(graph, kwargs, conv):
@@ -134,7 +135,6 @@ def test_dynamic_conv_matches_explicit_graph():
     ({"graph": "radius"}, "graph='radius' is not supported"),
     ({"graph": "threshold"}, "needs a threshold"),
     ({"graph": "threshold", "threshold": 1.0}, "below 1"),
-    ({"graph": "threshold", "threshold": 0.5, "r": 2}, "reduced key set"),
     ({"threshold": 0.5}, "graph='knn' does not use threshold=0.5"),
     ({"kernel_size": 3, "threshold": 0.0}, "graph='knn' does not use threshold=0.0"),
     ({"kernel_size": 0}, "must be >= 1"),
@@ -145,7 +145,7 @@ def test_dynamic_conv_rejects_bad_arguments(kwargs, match):
 
 
 @pytest.mark.parametrize("name,value", [
-    ("kernel_size", 5), ("kernel_size", 1), ("dilation", 2), ("stochastic", True), ("epsilon", 0.2), ("r", 2),
+    ("kernel_size", 5), ("kernel_size", 1), ("dilation", 2), ("stochastic", True), ("epsilon", 0.2),
 ])
 def test_threshold_graph_refuses_knn_arguments(name, value):
     """A kNN-only argument at any value but its default is a one-line error, not silently ignored."""
@@ -164,12 +164,21 @@ def test_threshold_graph_accepts_knn_arguments_at_their_defaults():
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("call", ["forward", "build_graph"])
-def test_threshold_graph_refuses_relative_pos(call):
-    layer = DynConv2d(8, 8, graph="threshold", threshold=0.5)
-    x = torch.randn(1, 8, 3, 3)
-    with pytest.raises(ValueError, match="graph='threshold' does not use relative_pos"):
-        getattr(layer, call)(x, relative_pos=torch.zeros(1, 9, 9))
+@pytest.mark.parametrize("r", [1, 2, 4])
+@pytest.mark.parametrize("with_relative", [False, True])
+@pytest.mark.parametrize("conv", ["mr", "gin"])
+def test_threshold_graph_takes_pooled_keys_and_relative_pos(r, with_relative, conv):
+    """Pyramid ViG's threshold graph: N centres against the M = N / r^2 pooled keys, relative_pos (1, N, M)."""
+    torch.manual_seed(5)
+    layer = DynConv2d(8, 16, conv=conv, graph="threshold", threshold=0.7, r=r, act="gelu", norm="batch").double().eval()
+    x = torch.randn(2, 8, 8, 8, dtype=torch.float64)
+    m = 64 // (r * r)
+    relative = -torch.rand(1, 64, m, dtype=torch.float64) if with_relative else None
+    keys = torch.nn.functional.avg_pool2d(x, r, r)
+    mask = threshold_mask(x, 0.7, y=keys, relative_pos=relative)
+    assert layer.build_graph(x, None if r == 1 else keys, relative).shape == (2, 64, m)
+    expected = layer.gconv(x.reshape(2, 8, 64, 1), mask, None if r == 1 else keys.reshape(2, 8, m, 1))
+    torch.testing.assert_close(layer(x, relative), expected.reshape(2, 16, 8, 8), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("conv", CONVS)
@@ -219,6 +228,7 @@ def test_norm_layer_and_basic_conv():
     ("knn", {"kernel_size": 4, "dilation": 2}),
     ("knn", {"kernel_size": 3, "r": 2}),
     ("threshold", {"threshold": 0.5}),
+    ("threshold", {"threshold": 0.5, "r": 2}),
 ])
 def test_dynamic_conv_compiles_as_one_graph(graph, kwargs):
     """No host synchronisation and no graph break: fullgraph compile, same values and gradients as eager."""

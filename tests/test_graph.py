@@ -7,7 +7,8 @@ from statistics import NormalDist
 import pytest
 import torch
 
-from gcn_lib import dense_knn, reduced_keys, relative_position_table, sincos_2d, threshold_mask, threshold_quantile
+from gcn_lib import (dense_knn, normalized_nodes, pairwise_sq_distance, reduced_keys, relative_position_table, sincos_2d,
+                     threshold_mask, threshold_quantile)
 
 
 def _unit_rows(x: torch.Tensor) -> list[list[list[float]]]:
@@ -211,3 +212,87 @@ def test_sincos_2d_layout():
     table = relative_position_table(8, 3)
     torch.testing.assert_close(table, table.T)
     torch.testing.assert_close(table.diagonal(), torch.ones(9, dtype=torch.float64))
+
+
+# --- Rectangular threshold graph (pyramid ViG: N centres against M = N / r^2 pooled keys) -------------------
+
+def _brute_rect_threshold(x: torch.Tensor, y: torch.Tensor, t: float,
+                          relative: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask (B, N, M) and |z - q| with Python floats: s(i, j) = -(d(i, j) + relative[i, j]) standardised per image."""
+    q = NormalDist().inv_cdf(t)
+    masks, margins = [], []
+    for b, (centres, keys) in enumerate(zip(_unit_rows(x), _unit_rows(y))):
+        sims = [[-(_sq_dist(u, v) + (0.0 if relative is None else float(relative[min(b, relative.shape[0] - 1), i, j])))
+                 for j, v in enumerate(keys)] for i, u in enumerate(centres)]
+        flat = [s for row in sims for s in row]
+        mean = sum(flat) / len(flat)
+        std = math.sqrt(sum((s - mean) ** 2 for s in flat) / (len(flat) - 1))
+        z = [[(s - mean) / std for s in row] for row in sims]
+        masks.append([[zz > q for zz in row] for row in z])
+        margins.append([[abs(zz - q) for zz in row] for row in z])
+    return torch.tensor(masks), torch.tensor(margins, dtype=torch.float64)
+
+
+def _pyramid_relative(side: int, r: int, channels: int = 8) -> torch.Tensor:
+    """A pyramid-style relative term (1, N, N / r^2): -(2 P P^T / C) resized bicubically."""
+    table = relative_position_table(channels, side)[None, None]
+    n = side * side
+    return -torch.nn.functional.interpolate(table, size=(n, n // (r * r)), mode="bicubic", align_corners=False)[0]
+
+
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("t", [0.3, 0.8, 0.95])
+@pytest.mark.parametrize("r", [1, 2, 4])
+@pytest.mark.parametrize("relative", ["none", "pyramid", "per_image"])
+def test_rectangular_threshold_mask_matches_brute_force(seed, t, r, relative):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 6, 8, 8, generator=gen, dtype=torch.float64)
+    y = reduced_keys(x, r)
+    n, m = 64, 64 // (r * r)
+    rel = {"none": None, "pyramid": _pyramid_relative(8, r),
+           "per_image": torch.rand(2, n, m, generator=gen, dtype=torch.float64) * 2 - 1}[relative]
+    expected, margin = _brute_rect_threshold(x, x if y is None else y, t, rel)
+    mask = threshold_mask(x, t, y=y, relative_pos=rel)
+    assert mask.dtype == torch.bool and mask.shape == (2, n, m)
+    decided = margin > 1e-9  # pairs sitting on the boundary may round either way
+    assert decided.float().mean() > 0.99
+    assert torch.equal(mask[decided], expected[decided])
+
+
+def _square_rule(x: torch.Tensor, t: float) -> torch.Tensor:
+    """The square rule as gcn_lib wrote it before the rectangular case: -d over N x N, per-image z > q."""
+    sim = -pairwise_sq_distance(normalized_nodes(x))
+    flat = sim.reshape(x.shape[0], -1)
+    mean, std = flat.mean(dim=1).view(-1, 1, 1), flat.std(dim=1).view(-1, 1, 1)
+    return (sim - mean) / std > threshold_quantile(t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("t", [0.2, 0.89, 0.99])
+@pytest.mark.parametrize("keys", ["default", "x_as_keys", "x_as_keys_zero_relative"])
+def test_rectangular_rule_with_m_equal_n_is_the_square_rule_bit_for_bit(dtype, t, keys):
+    x = torch.randn(3, 8, 6, 6, dtype=dtype, generator=torch.Generator().manual_seed(7))
+    kwargs = {"default": {}, "x_as_keys": {"y": x.clone()},
+              "x_as_keys_zero_relative": {"y": x.clone(), "relative_pos": torch.zeros(1, 36, 36, dtype=dtype)}}[keys]
+    assert torch.equal(threshold_mask(x, t, **kwargs), _square_rule(x, t))
+
+
+def test_rectangular_threshold_complete_and_empty_graphs():
+    x = torch.randn(2, 4, 4, 4)
+    y = reduced_keys(x, 2)
+    assert threshold_mask(x, 0.0, y=y).all() and threshold_mask(x, -1.0, y=y).shape == (2, 16, 4)
+    constant = torch.ones(2, 4, 4, 4, dtype=torch.float64)
+    assert not threshold_mask(constant, 0.5, y=reduced_keys(constant, 2)).any()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"y": torch.randn(2, 5, 2, 2)}, "y must have shape"),
+    ({"y": torch.randn(1, 4, 2, 2)}, "y must have shape"),
+    ({"relative_pos": torch.zeros(1, 16, 16)}, "relative_pos must have shape"),
+    ({"relative_pos": torch.zeros(3, 16, 4)}, "relative_pos must have shape"),
+])
+def test_rectangular_threshold_rejects_mismatched_keys(kwargs, match):
+    x = torch.randn(2, 4, 4, 4)
+    kwargs = {"y": reduced_keys(x, 2), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        threshold_mask(x, 0.5, **kwargs)

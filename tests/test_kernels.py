@@ -10,7 +10,7 @@ pytest.importorskip("triton")
 
 from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
 
-from gcn_lib import DynConv2d, max_relative_dense, threshold_mask  # noqa: E402
+from gcn_lib import DynConv2d, interleave_channels, max_relative_dense, threshold_mask  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -244,3 +244,29 @@ def test_cuda_compiled_dynamic_conv_matches_eager(dtype):
     tolerance = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     for got, expected in zip(*results):
         torch.testing.assert_close(got, expected, **tolerance)
+
+
+@pytest.mark.parametrize("r, with_relative", [(2, False), (4, False), (2, True), (1, True)])
+def test_rectangular_threshold_graph_falls_back_to_torch(kernels, monkeypatch, r, with_relative):
+    """The kernel is square-only: pooled keys (r > 1) or a relative_pos take the torch path, even where the
+    kernel is available, and give the torch oracle's values; the square case still takes the kernel."""
+    monkeypatch.setattr(kernels, "available", kernels.runnable)
+    calls = []
+    original = kernels.threshold_max_relative
+    monkeypatch.setattr(kernels, "threshold_max_relative", lambda *a, **k: calls.append(1) or original(*a, **k))
+    torch.manual_seed(1)
+    layer = DynConv2d(16, 32, graph="threshold", threshold=0.8, r=r, act="gelu", norm="batch").eval()
+    x = torch.randn(2, 16, 8, 8)
+    m = 64 // (r * r)
+    relative = -torch.rand(1, 64, m) if with_relative else None
+    assert kernels.runnable(x) and not layer.uses_fused_kernel(x, relative)
+    keys = torch.nn.functional.avg_pool2d(x, r, r)
+    mask = threshold_mask(x, 0.8, y=keys, relative_pos=relative)
+    relative_max = max_relative_dense(x.reshape(2, 16, 64, 1), mask, keys.reshape(2, 16, m, 1))
+    expected = layer.gconv.nn(interleave_channels(x.reshape(2, 16, 64, 1), relative_max)).reshape(2, 32, 8, 8)
+    torch.testing.assert_close(layer(x, relative), expected, rtol=1e-5, atol=1e-6)
+    assert calls == []
+    square = DynConv2d(16, 32, graph="threshold", threshold=0.8).eval()
+    assert square.uses_fused_kernel(x)
+    square(x)
+    assert calls == [1]

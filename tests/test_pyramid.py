@@ -10,9 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+import train
 import vig
 from gcn_lib import relative_position_table
 from tests.shared_files import shared_path
+from tests.train_helpers import make_image_folder
 from vig.checkpoint import load_state_dict_into
 from vig.complexity import count_macs
 from vig.models import PyramidVisionGNN, isotropic
@@ -209,3 +211,74 @@ def test_models_do_not_print(capsys: pytest.CaptureFixture) -> None:
 def test_pvig_ti_macs_match_published() -> None:
     macs = count_macs(timm.create_model("pvig_ti_224_gelu"), 224)
     assert abs(macs / 1.7e9 - 1) < 0.03
+
+
+# --- Similarity-threshold graph on pyramids (start_thresh / dec) -----------------------------------------
+
+@pytest.fixture(scope="module")
+def knn_64() -> PyramidVisionGNN:
+    return timm.create_model("pvig_ti_224_gelu", img_size=64, num_classes=5)
+
+
+@pytest.mark.parametrize("kwargs, start, dec", [
+    (dict(start_thresh=0.89, dec=0.03), 0.89, 0.03),
+    (dict(starting_threshold=0.8, decrement=0.05), 0.8, 0.05),
+    (dict(start_thresh=0.9), 0.9, 0.03),
+])
+def test_start_thresh_builds_threshold_graphs_across_stages(knn_64: PyramidVisionGNN, kwargs: dict, start: float,
+                                                           dec: float) -> None:
+    model = timm.create_model("pvig_ti_224_gelu", img_size=64, num_classes=5, **kwargs)
+    convs = [grapher.graph_conv for grapher in _graphers(model)]
+    assert [c.graph for c in convs] == ["threshold"] * 12
+    # Block i counts over all stages (Downsamples not counted): t_i = start - i * dec.
+    assert_close([c.threshold for c in convs], [start - i * dec for i in range(12)], rtol=0, atol=1e-12)
+    assert [c.r for c in convs] == [4, 4, 2, 2] + [1] * 8
+    assert model.start_thresh == start and model.dec == dec and "graph=threshold" in model.extra_repr()
+    knn = knn_64.state_dict()
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in knn.items()}
+    model.load_state_dict(knn, strict=True)
+
+
+def test_threshold_pyramid_forward_backward_uses_pooled_keys_and_relative_pos() -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("pvig_ti_224_gelu", img_size=64, num_classes=5, start_thresh=0.89, dec=0.03)
+    graphs = []
+    first = _graphers(model)[0]
+    first.graph_conv.register_forward_hook(lambda conv, args, out: graphs.append(conv.build_graph(
+        args[0], F.avg_pool2d(args[0], 4, 4), args[1])))
+    image = torch.randn(2, 3, 64, 64)
+    logits = model(image)
+    logits.square().sum().backward()
+    assert logits.shape == (2, 5) and torch.isfinite(logits).all()
+    assert graphs[0].shape == (2, 256, 16) and graphs[0].any()  # 16 x 16 centres against 4 x 4 pooled keys
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert all(not g.relative_pos.requires_grad and g.relative_pos.grad is None for g in _graphers(model))
+
+
+def test_published_checkpoint_loads_into_the_threshold_pyramid(checkpoint_path: Path) -> None:
+    model = timm.create_model("pvig_ti_224_gelu", start_thresh=0.89, dec=0.03)
+    vig.load_checkpoint(model, checkpoint_path, strict=True)
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(1, 3, 64, 64))).all()
+
+
+def test_dec_without_start_thresh_is_refused() -> None:
+    with pytest.raises(ValueError, match="needs start_thresh"):
+        timm.create_model("pvig_ti_224_gelu", dec=0.03)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("graph", [[], ["--start-thresh", "0.89", "--dec", "0.03"]], ids=["knn", "threshold"])
+def test_short_training_run_with_each_graph(tmp_path: Path, graph: list[str]) -> None:
+    """One optimiser step and one evaluation of pvig_ti_224_gelu at 64 px through train.py, with either graph."""
+    data = make_image_folder(tmp_path / "data", {"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}}, size=64)
+    argv = [str(data), "--model", "pvig_ti_224_gelu", "--img-size", "64", "--epochs", "1", "--warmup-epochs", "0",
+            "--lr", "1e-3", "-b", "4", "-j", "0", "--output", str(tmp_path / "out"), "--experiment", "run", *graph]
+    assert train.main(argv) == 0
+    saved = torch.load(tmp_path / "out" / "run" / "last.pth.tar", weights_only=True)
+    assert saved["args"]["start_thresh"] == (0.89 if graph else None)
+    model = timm.create_model("pvig_ti_224_gelu", img_size=64, num_classes=2)
+    model.load_state_dict(saved["state_dict"], strict=True)  # the kNN model's keys, whichever graph trained
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())

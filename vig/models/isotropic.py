@@ -146,12 +146,12 @@ class Grapher(nn.Module):
     """Graph block: fc1, dynamic max-relative graph conv C -> 2C, fc2, drop path, residual. (B, C, H, W) -> same.
 
     ``graph`` holds the graph arguments of the `DynConv2d`, and only those that graph uses:
-    ``kernel_size``, ``dilation`` and (pyramid ViG) ``r`` for kNN, ``graph='threshold'`` and ``threshold``
-    for SViG.
+    ``kernel_size`` and ``dilation`` for kNN, ``graph='threshold'`` and ``threshold`` for SViG, and
+    (pyramid ViG, either graph) ``r``.
 
-    ``relative_pos`` (pyramid ViG): a (1, N, M) term added to the kNN distances of the N = H W centres to
-    the M = (H // r) (W // r) keys, kept as a frozen parameter (a checkpoint entry, as published). On a
-    map of another size it is resized bicubically to that map's (N, M) for the call.
+    ``relative_pos`` (pyramid ViG): a (1, N, M) term added to the distances of the N = H W centres to
+    the M = (H // r) (W // r) keys by either graph, kept as a frozen parameter (a checkpoint entry, as
+    published). On a map of another size it is resized bicubically to that map's (N, M) for the call.
     """
 
     def __init__(self, channels: int, act: str, drop_path: float, relative_pos: torch.Tensor | None = None,

@@ -2,7 +2,9 @@
 
 One class, `PyramidVisionGNN`, builds every size; `SIZES` is the only size table. Its blocks are the
 isotropic model's `Grapher` and `FFN` (`vig.models.isotropic`), the Grapher taking its kNN keys from
-the map average-pooled by r and adding a frozen relative-position term to the distances. The module
+the map average-pooled by r and adding a frozen relative-position term to the distances. ``start_thresh``
+/ ``dec`` switch any size to the similarity-threshold graph over the same pooled keys and relative-position
+term (the rectangular rule of `gcn_lib.graph.threshold_mask`), with the same weights and keys. The module
 layout and parameter names are those of the published pyramid ViG, so its checkpoints load unchanged:
 ``stem.convs.*``, ``pos_embed``, ``backbone.{i}.0`` (Grapher, with ``relative_pos``) / ``backbone.{i}.1``
 (FFN), ``backbone.{i}.conv.{0,1}`` (Downsample between stages), ``prediction.{0,1,4}``.
@@ -23,8 +25,9 @@ from torch import nn
 
 from gcn_lib import act_layer, relative_position_table
 from vig.checkpoint import checkpoint_filter_fn
-from vig.models.isotropic import (FFN, HEAD_HIDDEN, PUBLISHED_IMG_SIZE, Grapher, VisionGNN, _pair, published_cfg,
-                                  check_pretrained_source, resize_relative_pos, warn_cap_once)
+from vig.models.isotropic import (FFN, HEAD_HIDDEN, PUBLISHED_IMG_SIZE, SVIG_DEC, Grapher, VisionGNN, _graph_kwargs,
+                                  _pair, check_pretrained_source, published_cfg, resize_relative_pos,
+                                  threshold_schedule, warn_cap_once)
 
 _logger = logging.getLogger(__name__)
 
@@ -160,6 +163,10 @@ class PyramidVisionGNN(VisionGNN):
         num_knn: k of every block's kNN graph.
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth of the last block (linear from 0 over all blocks).
+        start_thresh, dec: with ``start_thresh`` set, block i (counted over all stages, Downsamples not
+            counted) uses the similarity-threshold graph with t_i = start_thresh - i * dec instead of kNN,
+            over the same pooled keys and with the same ``relative_pos`` term; parameters and state-dict
+            keys are those of the kNN model.
     """
 
     def __init__(
@@ -173,6 +180,8 @@ class PyramidVisionGNN(VisionGNN):
         num_knn: int = 9,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        start_thresh: float | None = None,
+        dec: float = SVIG_DEC,
     ) -> None:
         nn.Module.__init__(self)
         channels, blocks = tuple(channels), tuple(blocks)
@@ -190,8 +199,8 @@ class PyramidVisionGNN(VisionGNN):
         self.stage_grids = stage_grids(img_size)
         keys = key_grids(img_size)
         self.grid_size = self.stage_grids[0]
-        self.start_thresh = None
-        self.dec = None
+        self.start_thresh = start_thresh
+        self.dec = dec if start_thresh is not None else None
         self.grad_checkpointing = False
 
         self.stem = PyramidStem(in_chans, channels[0], act)
@@ -199,7 +208,11 @@ class PyramidVisionGNN(VisionGNN):
         self.pos_embed = nn.Parameter(torch.zeros(1, channels[0], *self.grid_size))
         depth = sum(blocks)
         drop_paths = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
-        graphs = iter(pyramid_knn_schedule(num_knn, blocks, [h * w for h, w in keys]))
+        if start_thresh is None:
+            graphs = iter([dict(kernel_size=k, dilation=d)
+                           for k, d in pyramid_knn_schedule(num_knn, blocks, [h * w for h, w in keys])])
+        else:
+            graphs = iter([dict(graph="threshold", threshold=t) for t in threshold_schedule(start_thresh, dec, depth)])
         layers: list[nn.Module] = []
         self.stage_ends: list[int] = []
         self.feature_info = []
@@ -211,10 +224,9 @@ class PyramidVisionGNN(VisionGNN):
             if tuple(self.stage_grids[stage]) != published_grids[stage]:
                 relative_pos = resize_relative_pos(relative_pos, height * grid_width, key_height * key_width)
             for _ in range(count):
-                k, dilation = next(graphs)
                 rate = drop_paths[len(layers) - stage]
                 layers.append(nn.Sequential(
-                    Grapher(width, act, rate, relative_pos=relative_pos.clone(), kernel_size=k, dilation=dilation, r=r),
+                    Grapher(width, act, rate, relative_pos=relative_pos.clone(), r=r, **next(graphs)),
                     FFN(width, act, rate),
                 ))
             self.stage_ends.append(len(layers) - 1)
@@ -268,11 +280,13 @@ class PyramidVisionGNN(VisionGNN):
         return adapted
 
     def extra_repr(self) -> str:
-        return f"img_size={self.img_size}, stage_grids={self.stage_grids}, graph=knn"
+        graph = "knn" if self.start_thresh is None else f"threshold start={self.start_thresh} dec={self.dec}"
+        return f"img_size={self.img_size}, stage_grids={self.stage_grids}, graph={graph}"
 
 
 def _create(variant: str, size: str, pretrained: bool = False, **kwargs: Any) -> PyramidVisionGNN:
     check_pretrained_source(variant, pretrained, kwargs)
+    _graph_kwargs(variant, kwargs, threshold_default=False)
     dims = SIZES[size]
     return build_model_with_cfg(
         PyramidVisionGNN,
