@@ -8,14 +8,15 @@ from pathlib import Path
 import matplotlib.image
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 from torch import nn
 
-from gcn_lib import DynConv2d, dense_knn, knn_to_mask, threshold_mask
+from gcn_lib import DynConv2d, dense_knn, knn_to_mask, reduced_keys, threshold_mask
 from tests.shared_files import shared_path
-from vig.tools.visualize import (BlockGraph, capture_graphs, default_blocks, draw_graphs, graph_figure_size_px, main,
-                                 parse_blocks, parse_node)
+from vig.tools.visualize import (BlockGraph, capture_graphs, default_blocks, draw_graphs, graph_convs,
+                                 graph_figure_size_px, main, parse_blocks, parse_node)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -215,3 +216,32 @@ def test_cli_gives_one_line_errors(tmp_path: Path, small_image: Path, capsys: py
     assert err.startswith("vig-visualize: error: ") and message in err, err
     assert err.count("\n") == 1
     assert not (tmp_path / "graph.png").exists()
+
+
+@pytest.mark.parametrize("graph", [{}, {"start_thresh": 0.8, "dec": 0.01}], ids=["knn", "threshold"])
+def test_pyramid_blocks_are_drawn_against_their_pooled_keys(tmp_path: Path, small_image: Path, graph: dict) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("pvig_ti_224_gelu", img_size=64, **graph).eval()
+    convs = graph_convs(model)
+    assert len(convs) == 12  # Downsamples are not graph blocks
+    image = torch.randn(1, 3, 64, 64)
+    first, last = capture_graphs(model, image, [0, 11])
+    # stage 0: a 16 x 16 map whose keys are pooled by r = 4 into 4 x 4; stage 3: 2 x 2, keys = nodes
+    assert (first.grid, first.key_grid, tuple(first.neighbours.shape)) == ((16, 16), (4, 4), (256, 16))
+    assert (last.grid, last.key_grid, tuple(last.neighbours.shape)) == ((2, 2), (2, 2), (4, 4))
+    assert first.label.endswith(", r = 4")
+    features = {}
+    hook = convs[0].register_forward_pre_hook(lambda conv, args: features.setdefault("x", args[0]))
+    with torch.no_grad():
+        model(image)
+    hook.remove()
+    x = features["x"]
+    expected = convs[0].build_graph(x, reduced_keys(x, 4), model.backbone[0][0].relative_pos)[0]
+    if expected.dtype != torch.bool:
+        expected = torch.zeros(256, 16, dtype=torch.bool).scatter_(1, expected, True)
+    assert torch.equal(first.neighbours, expected)
+    out = tmp_path / "pyramid.png"
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in graph.items()]
+    assert main(["--model", "pvig_ti_224_gelu", "--img-size", "64", *flags, "--image", str(small_image),
+                 "--blocks", "0,4,11", "--out", str(out)]) == 0
+    assert png_size(out) == graph_figure_size_px(3, ["threshold" if graph else "knn"])

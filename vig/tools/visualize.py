@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
-from gcn_lib import DynConv2d
+from gcn_lib import DynConv2d, reduced_keys
 from vig.checkpoint import (ModelSettings, extract_state_dict, load_state_dict_into, merge_settings, read_checkpoint,
                             recorded_settings)
 from vig.console import OneLineErrorParser, fail
@@ -55,8 +55,10 @@ NEIGHBOUR_COLOUR = "deepskyblue"
 class BlockGraph:
     """The graph one block built for one image.
 
-    neighbours: bool (N, N); ``neighbours[i, j]`` is True when j is a neighbour of node i.
-    grid: (h, w) of the feature map, N = h * w. label: how the graph was built (k, dilation or t).
+    neighbours: bool (N, M); ``neighbours[i, j]`` is True when key j is a neighbour of node i.
+    grid: (h, w) of the feature map, N = h * w. key_grid: (h', w') of the keys, M = h' * w': the map
+    itself (M = N), or the map average-pooled by r (pyramid ViG stages 0 and 1, each key an r x r block
+    of patches). label: how the graph was built (k, dilation or t).
     """
 
     block: int
@@ -64,24 +66,30 @@ class BlockGraph:
     neighbours: torch.Tensor
     grid: tuple[int, int]
     label: str
+    key_grid: tuple[int, int] | None = None  # None: the keys are the nodes (key_grid = grid)
+
+    def __post_init__(self) -> None:
+        if self.key_grid is None:
+            object.__setattr__(self, "key_grid", self.grid)
 
     @property
     def degrees(self) -> torch.Tensor:
-        """Neighbour count of every node (self loop included), shape (N,)."""
+        """Neighbour count of every node (self loop included when keys are the nodes), shape (N,)."""
         return self.neighbours.sum(dim=1)
 
 
 def graph_convs(model: nn.Module) -> list[DynConv2d]:
-    """The dynamic graph convolution of each block of ``model.backbone``, in block order."""
+    """The dynamic graph convolution of each graph block of ``model.backbone``, in block order (entries
+    without one, such as the pyramid's Downsamples, are not blocks)."""
     backbone = getattr(model, "backbone", None)
     if backbone is None:
         raise ValueError(f"{type(model).__name__} has no backbone of graph blocks")
     convs = []
     for index, block in enumerate(backbone):
         found = [m for m in block.modules() if isinstance(m, DynConv2d)]
-        if len(found) != 1:
-            raise ValueError(f"block {index} holds {len(found)} dynamic graph convolutions, expected 1")
-        convs.append(found[0])
+        if len(found) > 1:
+            raise ValueError(f"backbone entry {index} holds {len(found)} dynamic graph convolutions, expected 1")
+        convs.extend(found)
     return convs
 
 
@@ -90,11 +98,11 @@ def default_blocks(num_blocks: int) -> list[int]:
     return sorted({0, (num_blocks - 1) // 2, num_blocks - 1})
 
 
-def _as_neighbour_mask(graph: torch.Tensor, num_nodes: int) -> torch.Tensor:
-    """(N, N) bool mask from kNN indices (N, k) or a threshold mask (N, N)."""
+def _as_neighbour_mask(graph: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """(N, M) bool mask from kNN indices (N, k) into M keys or a threshold mask (N, M)."""
     if graph.dtype == torch.bool:
         return graph
-    mask = torch.zeros(num_nodes, num_nodes, dtype=torch.bool)
+    mask = torch.zeros(graph.shape[0], num_keys, dtype=torch.bool)
     mask.scatter_(1, graph.long(), True)
     return mask
 
@@ -114,14 +122,14 @@ def capture_graphs(model: nn.Module, image: torch.Tensor, blocks: Sequence[int])
         def hook(conv: DynConv2d, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x = args[0]
             relative_pos = args[1] if len(args) > 1 else kwargs.get("relative_pos")
-            h, w = x.shape[-2:]
-            graph = conv.build_graph(x, relative_pos=relative_pos)[0].cpu()
-            captured[block] = BlockGraph(block, conv.graph, _as_neighbour_mask(graph, h * w), (h, w), describe_conv(conv))
+            keys = reduced_keys(x, conv.r)  # None when the keys are the nodes themselves (r = 1)
+            key_grid = tuple((keys if keys is not None else x).shape[-2:])
+            graph = conv.build_graph(x, keys, relative_pos)[0].cpu()
+            label = describe_conv(conv) + (f", r = {conv.r}" if conv.r > 1 else "")  # keys pooled by r
+            captured[block] = BlockGraph(block, conv.graph, _as_neighbour_mask(graph, key_grid[0] * key_grid[1]),
+                                         tuple(x.shape[-2:]), label, key_grid)
         return hook
 
-    for block in blocks:
-        if convs[block].r != 1:
-            raise ValueError(f"block {block} builds its graph on a reduced key set (r={convs[block].r}); not drawable")
     handles = [convs[b].register_forward_pre_hook(recorder(b), with_kwargs=True) for b in blocks]
     was_training = model.training
     try:
@@ -181,18 +189,21 @@ def graph_figure_size_px(num_blocks: int, kinds: Sequence[str]) -> tuple[int, in
 def _draw_neighbours(ax: Any, shown: np.ndarray, graph: BlockGraph, node: tuple[int, int], title: str) -> None:
     size_y, size_x = shown.shape[:2]
     h, w = graph.grid
+    key_h, key_w = graph.key_grid
     cell_y, cell_x = size_y / h, size_x / w
+    key_cell_y, key_cell_x = size_y / key_h, size_x / key_w  # an r x r block of patches for pooled keys
     ax.imshow(shown, extent=(0, size_x, size_y, 0), interpolation="nearest")
     for row in range(1, h):
         ax.axhline(row * cell_y, color="white", linewidth=0.3, alpha=0.5)
     for col in range(1, w):
         ax.axvline(col * cell_x, color="white", linewidth=0.3, alpha=0.5)
     centre = node[0] * w + node[1]
+    keys_are_nodes = graph.key_grid == graph.grid
     for j in torch.nonzero(graph.neighbours[centre]).flatten().tolist():
-        if j == centre:
+        if keys_are_nodes and j == centre:
             continue
-        y, x = divmod(j, w)
-        ax.add_patch(Rectangle((x * cell_x, y * cell_y), cell_x, cell_y, facecolor=NEIGHBOUR_COLOUR,
+        y, x = divmod(j, key_w)
+        ax.add_patch(Rectangle((x * key_cell_x, y * key_cell_y), key_cell_x, key_cell_y, facecolor=NEIGHBOUR_COLOUR,
                                alpha=0.45, edgecolor=NEIGHBOUR_COLOUR, linewidth=1.0))
     ax.add_patch(Rectangle((node[1] * cell_x, node[0] * cell_y), cell_x, cell_y, fill=False,
                            edgecolor=CENTRE_COLOUR, linewidth=2.5))
@@ -205,12 +216,12 @@ def _draw_neighbours(ax: Any, shown: np.ndarray, graph: BlockGraph, node: tuple[
 
 def _draw_degrees(ax: Any, graph: BlockGraph, node: tuple[int, int]) -> None:
     degrees = graph.degrees.numpy()
-    num_nodes = degrees.size
-    ax.hist(degrees, bins=np.linspace(0, num_nodes, min(num_nodes, 28) + 1), color="0.55")
+    num_keys = graph.neighbours.shape[1]
+    ax.hist(degrees, bins=np.linspace(0, num_keys, min(num_keys, 28) + 1), color="0.55")
     node_degree = int(degrees[node[0] * graph.grid[1] + node[1]])
     ax.axvline(node_degree, color=CENTRE_COLOUR, linewidth=2)
-    ax.set_xlim(0, num_nodes)
-    ax.set_xlabel(f"degree (of {num_nodes} nodes); mean {degrees.mean():.1f}", fontsize="small")
+    ax.set_xlim(0, num_keys)
+    ax.set_xlabel(f"degree (of {num_keys} keys); mean {degrees.mean():.1f}", fontsize="small")
     ax.set_ylabel("nodes", fontsize="small")
     ax.tick_params(labelsize="small")
 
@@ -220,16 +231,17 @@ def draw_graphs(graphs: dict[str, list[BlockGraph]], shown: np.ndarray, node: tu
     """Picture of the graphs: one row of image panels per graph kind, one column per block.
 
     graphs: kind ('knn' or 'threshold') -> the captured blocks (same blocks for every kind).
-    shown: the model's view of the image (S, S, 3) in [0, 1]. node: (Y, X) on the feature grid;
-    None picks the centre patch. Threshold rows are followed by a row of degree histograms.
+    shown: the model's view of the image (S, S, 3) in [0, 1]. node: (Y, X) on the feature grid of
+    every drawn block; None picks the middle patch of each block's grid (the pyramid's stages differ).
+    Threshold rows are followed by a row of degree histograms.
     """
     kinds = list(graphs)
     blocks = [g.block for g in graphs[kinds[0]]]
-    h, w = graphs[kinds[0]][0].grid
-    if node is None:
-        node = (h // 2, w // 2)
-    if not (0 <= node[0] < h and 0 <= node[1] < w):
-        raise ValueError(f"node {node[0]},{node[1]} is off the {h}x{w} patch grid (Y in 0..{h - 1}, X in 0..{w - 1})")
+    for graph in graphs[kinds[0]]:
+        h, w = graph.grid
+        if node is not None and not (0 <= node[0] < h and 0 <= node[1] < w):
+            raise ValueError(f"node {node[0]},{node[1]} is off the {h}x{w} patch grid of block {graph.block} "
+                             f"(Y in 0..{h - 1}, X in 0..{w - 1})")
     width, height = graph_figure_size_px(len(blocks), kinds)
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
 
@@ -241,19 +253,22 @@ def draw_graphs(graphs: dict[str, list[BlockGraph]], shown: np.ndarray, node: tu
     for kind in kinds:
         for col, graph in enumerate(graphs[kind]):
             left = LEFT_PX + col * PANEL_PX
-            centre_degree = int(graph.degrees[node[0] * w + node[1]])
-            panel_title = f"block {graph.block}: {graph.label}\ncentre degree {centre_degree} (self included)"
+            centre = node if node is not None else (graph.grid[0] // 2, graph.grid[1] // 2)
+            centre_degree = int(graph.degrees[centre[0] * graph.grid[1] + centre[1]])
+            counted = "self included" if graph.key_grid == graph.grid else f"of {graph.neighbours.shape[1]} keys"
+            panel_title = f"block {graph.block}: {graph.label}\ncentre degree {centre_degree} ({counted})"
             image_ax = axes_at(left + (PANEL_PX - IMAGE_PX) / 2, top + PANEL_PX - IMAGE_PX - 12, IMAGE_PX, IMAGE_PX)
-            _draw_neighbours(image_ax, shown, graph, node, panel_title)
+            _draw_neighbours(image_ax, shown, graph, centre, panel_title)
             if kind == "threshold":
                 axes_height, below = HISTOGRAM_AXES_PX
                 histogram_top = top + PANEL_PX + HISTOGRAM_PX - axes_height - below
-                _draw_degrees(axes_at(left + 55, histogram_top, PANEL_PX - 75, axes_height), graph, node)
+                _draw_degrees(axes_at(left + 55, histogram_top, PANEL_PX - 75, axes_height), graph, centre)
         row_height = PANEL_PX + (HISTOGRAM_PX if kind == "threshold" else 0)
         fig.text(6 / width, 1 - (top + PANEL_PX / 2) / height, GRAPH_TITLES[kind], rotation=90,
                  va="center", ha="left", fontsize="large")
         top += row_height
-    handles = [Patch(facecolor="none", edgecolor=CENTRE_COLOUR, linewidth=2.5, label=f"centre patch ({node[0]},{node[1]})"),
+    centre_label = f"centre patch ({node[0]},{node[1]})" if node is not None else "centre patch (middle of each grid)"
+    handles = [Patch(facecolor="none", edgecolor=CENTRE_COLOUR, linewidth=2.5, label=centre_label),
                Patch(facecolor=NEIGHBOUR_COLOUR, alpha=0.6, label="its neighbours")]
     if "threshold" in kinds:
         handles.append(Line2D([], [], color=CENTRE_COLOUR, linewidth=2, label="centre's degree (histogram)"))
@@ -263,7 +278,8 @@ def draw_graphs(graphs: dict[str, list[BlockGraph]], shown: np.ndarray, node: tu
     return fig
 
 
-def resolve_settings(given: ModelSettings, checkpoint: Path | None) -> tuple[ModelSettings, dict[str, torch.Tensor] | None]:
+def resolve_settings(given: ModelSettings,
+                     checkpoint: Path | None) -> tuple[ModelSettings, dict[str, torch.Tensor] | None]:
     """The settings to build the model with, and the checkpoint's weights (None without a checkpoint).
 
     Settings the flags leave open come from the checkpoint's recorded training flags (model, image
