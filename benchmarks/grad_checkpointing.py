@@ -13,25 +13,16 @@ import argparse
 import timm
 import torch
 
-import vig  # noqa: F401  (registers the models)
+from vig.complexity import count_saved_activations
 
 CASES = (("vig_ti_224_gelu", 224), ("svig_ti_224_gelu", 224), ("cnn_gat_cifar", 32))
 
 
 def saved_activation_bytes(model: torch.nn.Module, images: torch.Tensor) -> int:
     """Bytes autograd saves for backward in one forward pass of ``images`` (B, 3, H, W), parameters excluded."""
-    parameters = {param.data_ptr() for param in model.parameters()}
-    total = 0
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        if tensor.data_ptr() not in parameters:
-            total += tensor.numel() * tensor.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with count_saved_activations(model) as saved:
         model(images).sum().backward()
-    return total
+    return saved.bytes
 
 
 def main() -> None:

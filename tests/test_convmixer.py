@@ -19,6 +19,7 @@ from torch.testing import assert_close
 import train
 import vig  # noqa: F401  (registers the models with timm)
 from tests.train_helpers import make_image_folder
+from vig.complexity import count_saved_activations
 from vig.models.convmixer_cifar import BlockSequence, ConvMixerCifar
 from vig.trainer.schedule import OneCycleLinearScheduler
 
@@ -128,19 +129,10 @@ def test_the_inter_block_skip_is_a_residual_around_each_group(skip_period: int) 
 
 def _saved_bytes(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
     """Output, bytes of activations kept for backward (parameters not counted), and gradients."""
-    saved = 0
-    parameters = {param.data_ptr() for param in model.parameters()}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        nonlocal saved
-        if tensor.data_ptr() not in parameters:
-            saved += tensor.numel() * tensor.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with count_saved_activations(model) as saved:
         output = model(images)
     output.square().sum().backward()
-    return output.detach(), saved, {key: param.grad.clone() for key, param in model.named_parameters()}
+    return output.detach(), saved.bytes, {key: param.grad.clone() for key, param in model.named_parameters()}
 
 
 @pytest.mark.parametrize("skip_period", [0, 3])

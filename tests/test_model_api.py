@@ -19,6 +19,7 @@ from torch import nn
 from torch.testing import assert_close
 
 import vig.models
+from vig.complexity import count_saved_activations
 
 # construction arguments that keep each test fast on a CPU; models not listed are built with their defaults
 SMALL: dict[str, dict[str, Any]] = {
@@ -110,24 +111,16 @@ def test_pre_logits_three_ways(name: str) -> None:
         assert headless.eval()(images).shape == (2, headless.head_hidden_size)
 
 
-def _saved_bytes_and_grads(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
+def _saved_bytes_and_grads(model: nn.Module,
+                           images: torch.Tensor) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
     """Output, bytes of activations the autograd graph keeps for backward (parameters not counted; tensors
     saved inside checkpointed regions are not kept), and gradients."""
-    saved = 0
-    parameters = {param.data_ptr() for param in model.parameters()}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        nonlocal saved
-        if tensor.data_ptr() not in parameters:
-            saved += tensor.numel() * tensor.element_size()
-        return tensor
-
     torch.manual_seed(1)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with count_saved_activations(model) as saved:
         output = model(images)
     output.square().sum().backward()
     grads = {key: param.grad.clone() for key, param in model.named_parameters() if param.grad is not None}
-    return output.detach(), saved, grads
+    return output.detach(), saved.bytes, grads
 
 
 @pytest.mark.parametrize("name", RUN)

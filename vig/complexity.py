@@ -1,7 +1,11 @@
-"""Model size: parameter count and MACs (multiply-accumulates) of one image, counted by torchprofile."""
+"""Model size and cost: parameter count, MACs (multiply-accumulates) of one image counted by torchprofile,
+and the activation memory autograd keeps for the backward pass."""
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -30,3 +34,27 @@ def count_macs(model: nn.Module, img_size: int, in_chans: int = 3) -> int:
                 return int(profile_macs(model, image))
     finally:
         model.train(was_training)
+
+
+@dataclass
+class SavedActivations:
+    """Running total of what `count_saved_activations` saw."""
+
+    bytes: int = 0
+
+
+@contextmanager
+def count_saved_activations(model: nn.Module) -> Iterator[SavedActivations]:
+    """Count the bytes of the tensors autograd saves for backward while the block runs, ``model``'s own
+    parameters excluded: the activation memory of a training step, which gradient checkpointing cuts
+    (tensors saved inside checkpointed regions are dropped, so they are not counted)."""
+    parameters = {param.data_ptr() for param in model.parameters()}
+    saved = SavedActivations()
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.data_ptr() not in parameters:
+            saved.bytes += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield saved
