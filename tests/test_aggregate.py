@@ -15,15 +15,8 @@ def _random_mask(b: int, n: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def _brute_max_relative(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    b, c, n, _ = x.shape
-    out = torch.zeros_like(x)
-    for bb in range(b):
-        for i in range(n):
-            js = mask[bb, i].nonzero().flatten().tolist()
-            for ch in range(c):
-                if js:
-                    out[bb, ch, i, 0] = max(float(x[bb, ch, j, 0] - x[bb, ch, i, 0]) for j in js)
-    return out
+    """m_i = max over neighbours j of (x_j - x_i): the keyed loop below with the nodes as keys."""
+    return _brute_max_relative_keys(x, x, mask)
 
 
 @pytest.mark.parametrize("seed", range(5))

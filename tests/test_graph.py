@@ -119,18 +119,9 @@ def test_graph_rejects_wrong_rank(shape):
 
 
 def _brute_threshold(x: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask and each pair's distance |z - q| from the decision boundary, with Python floats."""
-    q = NormalDist().inv_cdf(t)
-    masks, margins = [], []
-    for rows in _unit_rows(x):
-        sims = [[-_sq_dist(u, v) for v in rows] for u in rows]
-        flat = [s for row in sims for s in row]
-        mean = sum(flat) / len(flat)
-        std = math.sqrt(sum((s - mean) ** 2 for s in flat) / (len(flat) - 1))
-        z = [[(s - mean) / std for s in row] for row in sims]
-        masks.append([[zz > q for zz in row] for row in z])
-        margins.append([[abs(zz - q) for zz in row] for row in z])
-    return torch.tensor(masks), torch.tensor(margins, dtype=torch.float64)
+    """Mask and each pair's distance |z - q| from the decision boundary, with Python floats (the keys are
+    the nodes themselves)."""
+    return _brute_rect_threshold(x, x, t, None)
 
 
 @pytest.mark.parametrize("seed", range(3))
