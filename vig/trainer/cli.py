@@ -17,7 +17,7 @@ import yaml
 
 from vig.console import OneLineErrorParser
 from vig.errors import UsageError
-from vig.trainer.data import SYNTHETIC_DATASET
+from vig.trainer.data import SYNTHETIC_DATASET, TRAIN_CROPS, TV_RAND_PREFIX, is_tv_rand_policy, tv_rand_augment
 from vig.trainer.schedule import ONECYCLE_LINEAR
 
 DEFAULT_MODEL = "vig_ti_224_gelu"
@@ -124,8 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--decay-rate", type=float, default=0.1, help="step schedule: decay factor")
 
     aug = parser.add_argument_group("augmentation and regularisation")
-    aug.add_argument("--aa", default=None, help="AutoAugment / RandAugment policy, e.g. rand-m9-mstd0.5-inc1")
+    aug.add_argument("--train-crop", default=None, choices=TRAIN_CROPS,
+                     help="training crop: pad = random crop of the 4-px-padded image (32-px inputs only), "
+                          "rrc = random-resized crop (default: pad at 32 px, else rrc)")
+    aug.add_argument("--scale", type=float, nargs=2, default=None, metavar="S",
+                     help="random-resized crop: range of the crop's area fraction (default 0.08 1)")
+    aug.add_argument("--ratio", type=float, nargs=2, default=None, metavar="R",
+                     help="random-resized crop: range of the crop's aspect ratio (default 0.75 1.333)")
+    aug.add_argument("--aa", default=None,
+                     help="timm AutoAugment / RandAugment policy, e.g. rand-m9-mstd0.5-inc1, or torchvision's "
+                          f"RandAugment: {TV_RAND_PREFIX}[-n<ops>][-m<magnitude 0..bins-1>][-b<bins>], "
+                          f"e.g. {TV_RAND_PREFIX}-n2-m12")
     aug.add_argument("--color-jitter", type=float, default=0.4, help="colour jitter strength")
+    aug.add_argument("--force-color-jitter", action="store_true",
+                     help="keep --color-jitter with --aa (applied after the policy); by default --aa replaces it")
     aug.add_argument("--reprob", type=float, default=0.0, help="random erasing probability")
     aug.add_argument("--remode", default="pixel", help="random erasing mode")
     aug.add_argument("--recount", type=int, default=1, help="random erasing count")
@@ -264,6 +276,19 @@ def validate_args(args: argparse.Namespace) -> None:
              f"--start-epoch must be >= 0, got {args.start_epoch}")
     _require(0 <= args.smoothing < 1, f"--smoothing must be in [0, 1), got {args.smoothing}")
     _require(0 <= args.reprob <= 1, f"--reprob must be in [0, 1], got {args.reprob}")
+    if args.scale is not None:
+        low, high = args.scale
+        _require(0 < low <= high <= 1, f"--scale must be two fractions 0 < low <= high <= 1, got {low:g} {high:g}")
+    if args.ratio is not None:
+        low, high = args.ratio
+        _require(0 < low <= high and math.isfinite(high),
+                 f"--ratio must be two aspect ratios 0 < low <= high, got {low:g} {high:g}")
+    _require(args.train_crop != "pad" or (args.scale is None and args.ratio is None),
+             "--scale / --ratio set the random-resized crop; they do not apply to --train-crop pad")
+    if is_tv_rand_policy(args.aa):
+        tv_rand_augment(args.aa)
+    _require(not args.force_color_jitter or bool(args.aa),
+             "--force-color-jitter keeps --color-jitter alongside --aa; without --aa the jitter is always on")
     _require(args.mixup >= 0 and args.cutmix >= 0, "--mixup and --cutmix must be >= 0")
     _require(0 < args.model_ema_decay < 1, f"--model-ema-decay must be in (0, 1), got {args.model_ema_decay}")
     for name in ("drop", "drop_path"):

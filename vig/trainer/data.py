@@ -15,6 +15,7 @@ import argparse
 import logging
 import multiprocessing
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -42,6 +43,10 @@ SYNTHETIC_DATASET = "synthetic"
 REPEATED_AUG_REPEATS = 3
 CIFAR_SIZE = 32
 CIFAR_CROP_PADDING = 4
+TRAIN_CROPS = ("pad", "rrc")  # random crop of the 4-px-padded 32-px image; random-resized crop
+TV_RAND_PREFIX = "tv-rand"
+# torchvision RandAugment's defaults: num_ops, magnitude, num_magnitude_bins
+TV_RAND_DEFAULTS = {"n": 2, "m": 9, "b": 31}
 SPLIT_FALLBACKS = {"val": ("val", "validation"), "validation": ("validation", "val")}
 
 
@@ -323,30 +328,89 @@ def _with_pre_pillow13_ops(transform: transforms.Compose) -> transforms.Compose:
     return transform
 
 
+def is_tv_rand_policy(policy: str | None) -> bool:
+    """True when an `--aa` value names torchvision's RandAugment (`tv-rand...`) rather than a timm policy."""
+    return policy is not None and policy.startswith(TV_RAND_PREFIX)
+
+
+def tv_rand_augment(policy: str) -> transforms.RandAugment:
+    """torchvision's RandAugment from `--aa tv-rand[-n<ops>][-m<magnitude>][-b<bins>]` (e.g. tv-rand-n2-m12).
+
+    Unset keys take torchvision's defaults (n 2, m 9, b 31 magnitude bins); the magnitude is a bin index,
+    0 .. bins - 1. Interpolation (nearest) and fill (black) are torchvision's defaults. Posterize keeps
+    8 - round(4 * m / (bins - 1)) >= 4 bits, which Pillow 13 accepts at every magnitude. UsageError (one
+    line) for a malformed string or out-of-range values.
+    """
+    usage = f"--aa {policy!r}: expected {TV_RAND_PREFIX}[-n<ops>][-m<magnitude>][-b<bins>], e.g. {TV_RAND_PREFIX}-n2-m12"
+    rest = policy[len(TV_RAND_PREFIX):]
+    if rest and not rest.startswith("-"):
+        raise UsageError(usage)
+    values = dict(TV_RAND_DEFAULTS)
+    given: set[str] = set()
+    for part in rest.split("-")[1:]:
+        match = re.fullmatch(r"([nmb])(\d+)", part)
+        if match is None or match.group(1) in given:
+            raise UsageError(usage)
+        given.add(match.group(1))
+        values[match.group(1)] = int(match.group(2))
+    if values["n"] < 1:
+        raise UsageError(f"--aa {policy!r}: needs at least one op per image (n >= 1)")
+    if values["b"] < 2:
+        raise UsageError(f"--aa {policy!r}: needs at least 2 magnitude bins (b >= 2)")
+    if values["m"] >= values["b"]:
+        raise UsageError(f"--aa {policy!r}: magnitude {values['m']} is not a bin of 0 .. {values['b'] - 1}")
+    return transforms.RandAugment(num_ops=values["n"], magnitude=values["m"], num_magnitude_bins=values["b"])
+
+
+def train_crop(args: argparse.Namespace, config: DataConfig) -> str:
+    """The training crop, `--train-crop` or its default: 'pad' for 32-px inputs, 'rrc' otherwise.
+
+    UsageError (one line) for the padded crop on inputs of another size, and for `--scale` / `--ratio`
+    (the random-resized crop's ranges) with the padded crop, where they would be ignored.
+    """
+    crop = args.train_crop or ("pad" if is_cifar_input(config) else "rrc")
+    if crop != "pad":
+        return crop
+    if not is_cifar_input(config):
+        height, width = config.input_size[1:]
+        raise UsageError(f"--train-crop pad is the padded crop of {CIFAR_SIZE}-px inputs; this run's input is "
+                         f"{height} x {width} (use --train-crop rrc)")
+    given = [flag for flag, value in (("--scale", args.scale), ("--ratio", args.ratio)) if value is not None]
+    if given:
+        raise UsageError(f"{' and '.join(given)} set the random-resized crop, but this run trains on the padded "
+                         f"crop (--train-crop pad, the default for {CIFAR_SIZE}-px inputs); add --train-crop rrc")
+    return crop
+
+
 def train_transform(args: argparse.Namespace, config: DataConfig, device_normalize: bool = False) -> Callable:
     """Training transform of a PIL image -> normalised float (C, H, W) tensor, or uint8 with `device_normalize`.
 
-    ImageNet-style inputs: random-resized crop, flip, colour jitter / AutoAugment, normalise,
-    random erasing (timm `create_transform`). CIFAR-sized inputs (32 x 32): random 32 x 32 crop of
-    the image padded by 4 pixels and a horizontal flip instead of the resized crop, then the same
-    timm stages (colour jitter or `--aa`, normalise, `--reprob` random erasing). With
-    `device_normalize` the transform stops at the uint8 tensor (timm's prefetcher transforms);
-    `prefetch_to_device` then normalises and erases. `--aa` ops keep their Pillow < 13 results where
-    Pillow 13 rejects the magnitude (posterize keeping no bits).
+    Stages (timm `transforms_imagenet_train`): the crop and a horizontal flip; the augmentation (colour
+    jitter, or the `--aa` policy, which replaces the jitter unless `--force-color-jitter` keeps it after
+    the policy); normalise; `--reprob` random erasing. The crop (`train_crop`) is timm's random-resized
+    crop with `--scale` / `--ratio` ('rrc', default except at 32 px) or, for 32-px inputs, a random
+    32 x 32 crop of the image padded by 4 pixels ('pad'). `--aa tv-rand-...` is torchvision's
+    RandAugment (`tv_rand_augment`) in place of timm's policy. With `device_normalize` the transform
+    stops at the uint8 tensor (timm's prefetcher transforms); `prefetch_to_device` then normalises and
+    erases. timm `--aa` ops keep their Pillow < 13 results where Pillow 13 rejects the magnitude
+    (posterize keeping no bits).
     """
-    if not is_cifar_input(config):
-        return _with_pre_pillow13_ops(create_transform(
-            config.input_size, is_training=True, color_jitter=args.color_jitter, auto_augment=args.aa,
-            interpolation=config.interpolation, mean=config.mean, std=config.std,
-            re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, use_prefetcher=device_normalize))
-    _, augment, finish = transforms_imagenet_train(
-        CIFAR_SIZE, color_jitter=args.color_jitter, auto_augment=args.aa, interpolation=config.interpolation,
-        mean=config.mean, std=config.std, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
-        separate=True, use_prefetcher=device_normalize)
-    crop_and_flip = [transforms.RandomCrop(CIFAR_SIZE, padding=CIFAR_CROP_PADDING),
-                     transforms.RandomHorizontalFlip()]
+    crop = train_crop(args, config)
+    tv_rand = is_tv_rand_policy(args.aa)
+    keeps_jitter = args.force_color_jitter or not tv_rand
+    primary, augment, finish = transforms_imagenet_train(
+        config.input_size[1:], scale=args.scale, ratio=args.ratio,
+        color_jitter=args.color_jitter if keeps_jitter else None, force_color_jitter=args.force_color_jitter,
+        auto_augment=None if tv_rand else args.aa, interpolation=config.interpolation, mean=config.mean,
+        std=config.std, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, separate=True,
+        use_prefetcher=device_normalize)
+    crop_and_flip = list(primary.transforms)
+    if crop == "pad":
+        crop_and_flip = [transforms.RandomCrop(CIFAR_SIZE, padding=CIFAR_CROP_PADDING),
+                         transforms.RandomHorizontalFlip()]
+    policy = [tv_rand_augment(args.aa)] if tv_rand else []
     return _with_pre_pillow13_ops(
-        transforms.Compose(crop_and_flip + list(augment.transforms) + list(finish.transforms)))
+        transforms.Compose(crop_and_flip + policy + list(augment.transforms) + list(finish.transforms)))
 
 
 def eval_transform(config: DataConfig, device_normalize: bool = False) -> Callable:
