@@ -19,6 +19,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.auto_augment import (AugMixAugment, AugmentOp, AutoAugment, RandAugment, augmix_ops, auto_augment_policy,
                                     rand_augment_choices)
 from torch.utils.data import SequentialSampler
+from torchvision import transforms as torchvision_transforms
 
 from tests.shared_files import shared_path
 from vig.trainer.cli import parse_args
@@ -187,3 +188,42 @@ def test_published_recipe_transforms_every_training_image_of_the_subset() -> Non
         assert bool(torch.isfinite(images).all())
         seen += images.shape[0]
     assert len(classes) == 10 and seen == len(dataset) == 4660
+
+
+TV_RAND_BINS = 31  # torchvision's default number of magnitude bins: magnitudes 0 .. 30
+TV_RAND_OPS = tuple(torchvision_transforms.RandAugment()._augmentation_space(TV_RAND_BINS, (32, 32)))
+
+
+@pytest.mark.parametrize("bins", [2, 11, TV_RAND_BINS, 101])
+def test_torchvision_posterize_keeps_at_least_four_bits_so_pillow_13_needs_no_guard(bins: int) -> None:
+    transform = train_transform(_args("--aa", f"tv-rand-m0-b{bins}"), _config(32))
+    policy = next(step for step in transform.transforms if isinstance(step, torchvision_transforms.RandAugment))
+    assert policy.num_magnitude_bins == bins
+    bits, _ = policy._augmentation_space(bins, (32, 32))["Posterize"]
+    assert int(bits.min()) == 4 and int(bits.max()) == 8
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("name", TV_RAND_OPS)
+def test_every_torchvision_op_at_every_magnitude_goes_through_the_training_transform(
+        name: str, size: int, cifar_images: list[Image.Image]) -> None:
+    torch.manual_seed(0)
+    transform = train_transform(_args("--aa", "tv-rand-n1", "--force-color-jitter", "--color-jitter", "0.2"),
+                                _config(size))
+    policy = next(step for step in transform.transforms if isinstance(step, torchvision_transforms.RandAugment))
+    space = policy._augmentation_space
+    policy._augmentation_space = lambda bins, image_size: {name: space(bins, image_size)[name]}  # always this op
+    start = (TV_RAND_OPS.index(name) * 7) % len(cifar_images)
+    failures = []
+    for magnitude in range(TV_RAND_BINS):
+        policy.magnitude = magnitude
+        for k in range(2):  # both signs of a signed op, most of the time
+            image = cifar_images[(start + 2 * magnitude + k) % len(cifar_images)]
+            try:
+                out = transform(image)
+            except Exception as err:  # the soak lists every failing magnitude, not just the first
+                failures.append(f"m={magnitude}: {type(err).__name__}: {err}")
+                break
+            assert out.shape == (3, size, size) and out.dtype == torch.float32
+            assert bool(torch.isfinite(out).all())
+    assert not failures, f"torchvision {name} at {size} px: " + "; ".join(failures)

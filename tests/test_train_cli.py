@@ -1,13 +1,17 @@
 """train.py flags: the published recipes parse with their meaning; bad input gives one line and exit 2."""
 from __future__ import annotations
 
+import csv
+import math
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
 import train
+from tests.shared_files import shared_path
 from tests.train_helpers import make_image_folder, run_train
 from vig.trainer.cli import parse_args
 from vig.errors import UsageError
@@ -213,3 +217,65 @@ def test_recipe_optimizer_decays_only_weights() -> None:
     assert decayed == {n for n, p in model.named_parameters() if p.ndim > 1 and n != "pos_embed"}
     assert {g["weight_decay"] for g in optimizer.param_groups} == {0.0, 0.05}
     assert type(optimizer).__name__ == "AdamW" and optimizer.defaults["eps"] == 1e-8
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--aa", "tv-rand-n2-x3"], "--aa 'tv-rand-n2-x3': expected tv-rand[-n<ops>][-m<magnitude>][-b<bins>]"),
+        (["--aa", "tv-randn2"], "expected tv-rand[-n<ops>]"),
+        (["--aa", "tv-rand-n2-n3"], "expected tv-rand[-n<ops>]"),
+        (["--aa", "tv-rand-m"], "expected tv-rand[-n<ops>]"),
+        (["--aa", "tv-rand-m31"], "magnitude 31 is not a bin of 0 .. 30"),
+        (["--aa", "tv-rand-m5-b5"], "magnitude 5 is not a bin of 0 .. 4"),
+        (["--aa", "tv-rand-n0"], "at least one op per image (n >= 1)"),
+        (["--aa", "tv-rand-b1-m0"], "at least 2 magnitude bins (b >= 2)"),
+        (["--train-crop", "pad", "--scale", "0.5", "1"], "they do not apply to --train-crop pad"),
+        (["--train-crop", "pad", "--ratio", "1", "1"], "they do not apply to --train-crop pad"),
+        (["--train-crop", "crop"], "argument --train-crop: invalid choice: 'crop'"),
+        (["--scale", "0.9", "0.5"], "--scale must be two fractions 0 < low <= high <= 1, got 0.9 0.5"),
+        (["--scale", "0", "1"], "--scale must be two fractions"),
+        (["--scale", "0.5", "1.5"], "--scale must be two fractions"),
+        (["--scale", "0.5"], "argument --scale: expected 2 arguments"),
+        (["--ratio", "0", "1"], "--ratio must be two aspect ratios 0 < low <= high, got 0 1"),
+        (["--ratio", "2", "1"], "--ratio must be two aspect ratios"),
+        (["--force-color-jitter"], "--force-color-jitter keeps --color-jitter alongside --aa"),
+    ],
+)
+def test_bad_crop_and_policy_flags_are_one_line_usage_errors(argv: list[str], message: str) -> None:
+    with pytest.raises(UsageError) as info:
+        parse_args(argv)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_scale_with_the_default_padded_crop_ends_train_py_with_one_error_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    line = _main_error(["--model", "convmixer_cifar", "--scale", "0.75", "1", "--epochs", "1", "-j", "0",
+                        "--output", str(tmp_path)], capsys)
+    assert line == ("error: --scale set the random-resized crop, but this run trains on the padded crop "
+                    "(--train-crop pad, the default for 32-px inputs); add --train-crop rrc")
+
+
+# the published ConvMixer-XL CIFAR-10 recipe (docs/CIFAR.md), on a tiny ConvMixer and 40 real images
+CONVMIXER_RECIPE = ["--opt", "adamw", "--lr", "0.005", "--weight-decay", "0.01", "--sched", "onecycle-linear",
+                    "--smoothing", "0", "--train-crop", "rrc", "--scale", "0.75", "1", "--ratio", "1", "1",
+                    "--aa", "tv-rand-n2-m12", "--color-jitter", "0.2", "--force-color-jitter", "--reprob", "0.2",
+                    "--remode", "const"]
+
+
+def test_convmixer_recipe_flags_train_one_epoch_on_real_images(tmp_path: Path) -> None:
+    source = shared_path("data", "cifar10-subset")
+    for split, count in (("train", 4), ("test", 2)):
+        for folder in sorted(entry for entry in (source / split).iterdir() if entry.is_dir()):
+            (tmp_path / "data" / split / folder.name).mkdir(parents=True)
+            for image in sorted(folder.iterdir())[:count]:
+                shutil.copy(image, tmp_path / "data" / split / folder.name / image.name)
+    assert train.main([str(tmp_path / "data"), "--val-split", "test", "--model", "convmixer_cifar",
+                       "--model-kwargs", "dim=16", "depth=2", *CONVMIXER_RECIPE, "-b", "10", "-j", "0",
+                       "--epochs", "1", "--output", str(tmp_path / "out"), "--experiment", "recipe"]) == 0
+    saved = yaml.safe_load((tmp_path / "out" / "recipe" / "args.yaml").read_text())
+    assert (saved["train_crop"], saved["scale"], saved["ratio"], saved["aa"], saved["force_color_jitter"]) == (
+        "rrc", [0.75, 1.0], [1.0, 1.0], "tv-rand-n2-m12", True)
+    with open(tmp_path / "out" / "recipe" / "summary.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["epoch"] for row in rows] == ["0"] and math.isfinite(float(rows[0]["train_loss"]))

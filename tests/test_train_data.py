@@ -9,9 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from timm.data.auto_augment import RandAugment
+from timm.data.random_erasing import RandomErasing
+from timm.data.transforms import RandomResizedCropAndInterpolation
+from torchvision import transforms
 
+from tests.shared_files import shared_path
 from tests.train_helpers import make_image_folder
-from vig.trainer.data import ShardedEvalSampler, SyntheticPatterns, find_split_folder, train_sampler
+from vig.trainer.cli import parse_args
+from vig.trainer.data import (DataConfig, ShardedEvalSampler, SyntheticPatterns, find_split_folder, train_sampler,
+                              train_transform)
 from vig.trainer.distributed import DistributedContext
 from vig.errors import UsageError
 from vig.trainer.saver import CheckpointSaver, append_summary, prepare_output_dir
@@ -97,3 +105,89 @@ def test_summary_rows_append_and_a_resumed_epoch_replaces_its_row(tmp_path: Path
     with open(tmp_path / "summary.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [(row["epoch"], row["train_loss"]) for row in rows] == [("0", "1.0"), ("1", "0.25")]
+
+
+def _cifar_config(size: int) -> DataConfig:
+    return DataConfig(input_size=(3, size, size), interpolation="bilinear", mean=(0.4914, 0.4822, 0.4465),
+                      std=(0.2470, 0.2435, 0.2616), crop_pct=1.0)
+
+
+def _real_image() -> Image.Image:
+    folder = shared_path("data", "cifar10-subset", "train")
+    first = sorted(sorted(entry for entry in folder.iterdir() if entry.is_dir())[0].iterdir())[0]
+    with Image.open(first) as opened:
+        return opened.convert("RGB")
+
+
+RECIPE_TRANSFORM = ["--train-crop", "rrc", "--scale", "0.75", "1", "--ratio", "1", "1", "--aa", "tv-rand-n2-m12",
+                    "--color-jitter", "0.2", "--force-color-jitter", "--reprob", "0.2", "--remode", "const"]
+
+
+# (flags, input size, crop (kind, scale, ratio), tv RandAugment (n, m, bins) or None,
+#  colour jitter strength or None, index of the jitter (after the augmentation policy), erasing (p, mode) or None)
+@pytest.mark.parametrize(
+    ("argv", "size", "crop", "tv_rand", "jitter", "erasing"),
+    [
+        ([], 32, ("pad", None, None), None, 0.4, None),
+        (RECIPE_TRANSFORM, 32, ("rrc", (0.75, 1.0), (1.0, 1.0)), (2, 12, 31), 0.2, (0.2, "const")),
+        (["--aa", "tv-rand-n1-m5-b11", "--reprob", "0.5"], 32, ("pad", None, None), (1, 5, 11), None, (0.5, "pixel")),
+        (["--train-crop", "rrc", "--aa", "tv-rand"], 32, ("rrc", (0.08, 1.0), (0.75, 4 / 3)), (2, 9, 31), None, None),
+        (["--aa", "tv-rand-m30", "--force-color-jitter"], 224, ("rrc", (0.08, 1.0), (0.75, 4 / 3)), (2, 30, 31),
+         0.4, None),
+        (["--scale", "0.5", "0.9", "--ratio", "0.8", "1.25", "--color-jitter", "0.3"], 224,
+         ("rrc", (0.5, 0.9), (0.8, 1.25)), None, 0.3, None),
+    ],
+    ids=["cifar-default", "convmixer-recipe", "tv-rand-pad", "rrc-timm-ranges", "tv-rand-224", "rrc-224-ranges"],
+)
+def test_training_crop_policy_jitter_and_erasing_follow_the_flags(
+        argv: list[str], size: int, crop: tuple, tv_rand: tuple | None, jitter: float | None,
+        erasing: tuple | None) -> None:
+    transform = train_transform(parse_args(argv), _cifar_config(size))
+    steps = list(transform.transforms)
+    kind, scale, ratio = crop
+    if kind == "pad":
+        assert isinstance(steps[0], transforms.RandomCrop) and steps[0].size == (32, 32) and steps[0].padding == 4
+    else:
+        assert isinstance(steps[0], RandomResizedCropAndInterpolation) and steps[0].size == (size, size)
+        torch.testing.assert_close(steps[0].scale, scale)
+        torch.testing.assert_close(steps[0].ratio, ratio)
+    assert isinstance(steps[1], transforms.RandomHorizontalFlip) and steps[1].p == 0.5
+    policies = [step for step in steps if isinstance(step, transforms.RandAugment)]
+    assert not any(isinstance(step, RandAugment) for step in steps)  # never timm's RandAugment here
+    if tv_rand is None:
+        assert policies == []
+    else:
+        assert steps[2] is policies[0] and len(policies) == 1
+        assert (policies[0].num_ops, policies[0].magnitude, policies[0].num_magnitude_bins) == tv_rand
+    jitters = [index for index, step in enumerate(steps) if isinstance(step, transforms.ColorJitter)]
+    if jitter is None:
+        assert jitters == []
+    else:
+        assert jitters == [3 if tv_rand else 2]  # after the flip and the policy, before the tensor
+        torch.testing.assert_close(steps[jitters[0]].brightness, (1 - jitter, 1 + jitter))
+        torch.testing.assert_close(steps[jitters[0]].saturation, (1 - jitter, 1 + jitter))
+        assert steps[jitters[0]].hue is None
+    erasers = [step for step in steps if isinstance(step, RandomErasing)]
+    if erasing is None:
+        assert erasers == []
+    else:
+        assert erasers == [steps[-1]] and (erasers[0].probability, erasers[0].mode) == erasing
+    torch.manual_seed(0)
+    out = transform(_real_image())
+    assert out.shape == (3, size, size) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("argv", "size", "message"),
+    [
+        (["--scale", "0.75", "1"], 32, "--scale set the random-resized crop, but this run trains on the padded crop"),
+        (["--ratio", "1", "1"], 32, "--ratio set the random-resized crop"),
+        (["--scale", "0.75", "1", "--ratio", "1", "1"], 32, "--scale and --ratio set the random-resized crop"),
+        (["--train-crop", "pad"], 224, "--train-crop pad is the padded crop of 32-px inputs; this run's input is 224"),
+    ],
+)
+def test_contradictory_crop_flags_are_one_line_errors(argv: list[str], size: int, message: str) -> None:
+    args = parse_args(argv)
+    with pytest.raises(UsageError) as info:
+        train_transform(args, _cifar_config(size))
+    assert message in str(info.value) and "\n" not in str(info.value)
