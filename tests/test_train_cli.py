@@ -250,7 +250,8 @@ def test_bad_crop_and_policy_flags_are_one_line_usage_errors(argv: list[str], me
 
 def test_scale_with_the_default_padded_crop_ends_train_py_with_one_error_line(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    line = _main_error(["--model", "convmixer_cifar", "--scale", "0.75", "1", "--epochs", "1", "-j", "0",
+    line = _main_error(["--model", "convmixer_cifar", "--model-kwargs", "dim=16", "depth=2", "--scale", "0.75", "1",
+                        "--epochs", "1", "-j", "0",
                         "--output", str(tmp_path)], capsys)
     assert line == ("error: --scale set the random-resized crop, but this run trains on the padded crop "
                     "(--train-crop pad, the default for 32-px inputs); add --train-crop rrc")
