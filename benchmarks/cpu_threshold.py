@@ -5,7 +5,9 @@ Prints two tables: (1) the aggregation op alone, forward + backward, for the thr
 random masks of a given density; (2) training images/s (forward, backward, AdamW step) of
 svig_ti_224_gelu and vig_ti_224_gelu at ``--img-size`` (16 x 16 = 256 nodes at 256).
 
-    PYTHONPATH=$PWD python benchmarks/cpu_threshold.py [--threads 2] [--batch 32] [--skip-models]
+    PYTHONPATH=$PWD python benchmarks/cpu_threshold.py [--threads 2] [--batch 32] [--skip-models | --skip-op]
+
+With ``--skip-op`` and PYTHONPATH at an older checkout it times that checkout's models (the "before").
 """
 from __future__ import annotations
 
@@ -19,13 +21,18 @@ import timm
 import torch
 
 import vig  # noqa: F401  (registers the models with timm)
-from gcn_lib import mask_to_edge_index, max_relative_dense, max_relative_ranked, max_relative_scatter
 
-PATHS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "dense": max_relative_dense,
-    "scatter": lambda x, mask: max_relative_scatter(x, mask_to_edge_index(mask)),
-    "ranked": max_relative_ranked,
-}
+PATHS: tuple[str, ...] = ("dense", "scatter", "ranked")
+
+
+def _path(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The aggregation called ``name``; imported here so that ``--skip-op`` also times code without it."""
+    from gcn_lib import mask_to_edge_index, max_relative_dense, max_relative_ranked, max_relative_scatter
+    return {
+        "dense": max_relative_dense,
+        "scatter": lambda x, mask: max_relative_scatter(x, mask_to_edge_index(mask)),
+        "ranked": max_relative_ranked,
+    }[name]
 
 
 def _median_seconds(step: Callable[[], object], repeats: int) -> float:
@@ -51,7 +58,7 @@ def op_table(batch: int, channels: list[int], nodes: int, densities: list[float]
             grad = torch.randn(batch, c, nodes, 1, generator=gen)
             cells = []
             for name in paths:
-                def step(fn=PATHS[name]) -> None:
+                def step(fn=_path(name)) -> None:
                     x.grad = None
                     fn(x, mask).backward(grad)
                 cells.append(f"{1000 * _median_seconds(step, repeats):,.0f}")

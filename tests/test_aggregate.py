@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from gcn_lib import (DynConv2d, GINConv2d, MRConv2d, dense_knn, knn_to_edge_index, knn_to_mask, mask_to_edge_index,
-                     max_relative_dense, max_relative_gather, max_relative_ranked, max_relative_scatter, threshold_mask)
+                     masked_key_max, max_relative_dense, max_relative_gather, max_relative_ranked, max_relative_scatter,
+                     threshold_mask)
 from gcn_lib import aggregate
 from gcn_lib import conv as conv_module
 
@@ -285,3 +286,12 @@ def test_mr_conv_picks_the_mask_path_by_density(density, path, monkeypatch):
     got = MRConv2d(4, 8).double().aggregate(x, mask)
     assert calls == [f"max_relative_{path}"]
     torch.testing.assert_close(got, max_relative_dense(x, mask), rtol=0, atol=0)
+
+
+def test_masked_key_max_gradcheck_with_empty_rows():
+    """The operator alone: values 0 and arg -1 for a centre without neighbours, and no gradient from it."""
+    keys = _distinct_input(2, 3, 9, seed=14).reshape(2, 3, 9)
+    mask = _mask_of("varied", 2, 7, 9, torch.Generator().manual_seed(15))
+    values, arg = masked_key_max(keys, mask)
+    assert torch.equal(arg[0, :, 0], torch.full((3,), -1)) and torch.equal(values[0, :, 0], torch.zeros(3).double())
+    assert torch.autograd.gradcheck(lambda k: masked_key_max(k, mask)[0], (keys,))
