@@ -1,5 +1,6 @@
 """Graph construction and graph convolutions for Vision GNNs (pure torch, no timm)."""
-from .aggregate import gather_neighbours, max_relative_dense, max_relative_gather, max_relative_scatter
+from .aggregate import (gather_neighbours, masked_key_max, max_relative_dense, max_relative_gather, max_relative_ranked,
+                        max_relative_scatter)
 from . import kernels
 from .conv import CONVS, MASK_CONVS, EdgeConv2d, GINConv2d, GraphSAGE, MRConv2d, graph_conv, graph_form
 from .dynamic import GRAPHS, DynConv2d
@@ -15,7 +16,8 @@ __all__ = [
     "BasicConv", "DynConv2d", "EdgeConv2d", "GINConv2d", "GraphSAGE", "MRConv2d",
     "act_layer", "dense_knn", "drop_edge", "edge_index_to_mask", "gather_neighbours", "graph_conv",
     "graph_form", "grid_edges", "init_convs_", "interleave_channels", "knn_to_edge_index", "knn_to_mask",
-    "mask_to_edge_index", "max_relative_dense", "max_relative_gather", "max_relative_scatter",
+    "mask_to_edge_index", "masked_key_max", "max_relative_dense", "max_relative_gather", "max_relative_ranked",
+    "max_relative_scatter",
     "norm_layer", "normalized_nodes", "pairwise_sq_distance", "reduced_keys", "relative_position_table",
     "similarity_stats", "sincos_2d", "sparse_knn", "threshold_mask", "threshold_quantile", "to_pyg",
 ]

@@ -23,13 +23,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .aggregate import gather_neighbours, max_relative_dense, max_relative_gather, max_relative_scatter
+from .aggregate import gather_neighbours, max_relative_gather, max_relative_ranked, max_relative_scatter
 from .layers import BasicConv, interleave_channels
 from .sparse import mask_to_edge_index
 
 CONVS: tuple[str, ...] = ("mr", "edge", "sage", "gin")
 # The operators that take a bool mask (B, N, N), the form of the similarity-threshold graph.
 MASK_CONVS: tuple[str, ...] = ("mr", "gin")
+# Below this mask density an eager square mask is aggregated over its edge list (`max_relative_scatter`,
+# cost about C * E), above it by ranked keys (`max_relative_ranked`, cost about C * N^2 * 3 / density):
+# the crossover measured on CPU by benchmarks/cpu_threshold.py lies between densities 0.035 and 0.1.
+SCATTER_BELOW_DENSITY = 0.07
 
 
 def graph_form(graph: torch.Tensor) -> str:
@@ -69,16 +73,15 @@ class MRConv2d(nn.Module):
         form = graph_form(graph)
         if form == "knn":
             return max_relative_gather(x, graph, y)
-        if y is not None:
-            if form != "mask":
-                raise ValueError("a separate key set y needs neighbour indices (B, N, k) or a bool mask (B, N, M)")
-            # Rectangular mask over pooled keys (pyramid ViG's threshold graph): the dense masked max.
-            return max_relative_dense(x, graph, y)
+        if y is not None and form != "mask":
+            raise ValueError("a separate key set y needs neighbour indices (B, N, k) or a bool mask (B, N, M)")
         if form == "mask":
-            if torch.compiler.is_compiling():
-                # The edge list has a data-dependent size (a host sync); the dense form compiles whole.
-                return max_relative_dense(x, graph)
-            # Same values as max_relative_dense (tested), 10-50x faster on CPU for sparse masks.
+            # Rectangular masks (pyramid ViG's pooled keys) and compiled code take the ranked keys: their operator
+            # compiles whole, while an edge list has a data-dependent size. All mask paths give the same values.
+            if y is not None or torch.compiler.is_compiling():
+                return max_relative_ranked(x, graph, y)
+            if graph.count_nonzero() >= SCATTER_BELOW_DENSITY * graph.numel():
+                return max_relative_ranked(x, graph)
             graph = mask_to_edge_index(graph)
         return max_relative_scatter(x, graph)
 

@@ -1,11 +1,14 @@
-"""The three max-relative forms agree exactly; gradients are right; graphs carry no gradient."""
+"""The max-relative forms agree exactly; gradients are right; graphs carry no gradient."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from gcn_lib import (DynConv2d, GINConv2d, MRConv2d, dense_knn, knn_to_edge_index, knn_to_mask, mask_to_edge_index,
-                     max_relative_dense, max_relative_gather, max_relative_scatter, threshold_mask)
+                     masked_key_max, max_relative_dense, max_relative_gather, max_relative_ranked, max_relative_scatter,
+                     threshold_mask)
+from gcn_lib import aggregate
+from gcn_lib import conv as conv_module
 
 
 def _random_mask(b: int, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -177,3 +180,118 @@ def test_rectangular_dense_gradcheck_float64():
 def test_rectangular_dense_rejects_mismatched_keys(args, match):
     with pytest.raises(ValueError, match=match):
         max_relative_dense(*args)
+
+
+# --- Ranked keys (max_relative_ranked): the CPU training path over threshold masks ------------------------
+
+def _mask_of(kind: str, b: int, n: int, m: int, gen: torch.Generator) -> torch.Tensor:
+    """Masks (B, N, M) of several densities; every kind but 'complete' has a centre without neighbours."""
+    if kind == "complete":
+        return torch.ones(b, n, m, dtype=torch.bool)
+    if kind == "varied":  # per-centre degree from 0 to M
+        mask = torch.rand(b, n, m, generator=gen) < torch.rand(b, n, 1, generator=gen)
+    else:
+        mask = torch.rand(b, n, m, generator=gen) < float(kind)
+    mask[0, 0] = False
+    return mask
+
+
+@pytest.mark.parametrize("hits", [3.0, 0.01])  # 0.01: T = 1 ranked key, nearly every row takes the fallback scan
+@pytest.mark.parametrize("kind", ["complete", "0.97", "varied", "0.1", "0.0"])
+@pytest.mark.parametrize("n,m", [(12, 12), (9, 20), (16, 4)])
+def test_ranked_matches_brute_force(n, m, kind, hits, monkeypatch):
+    monkeypatch.setattr(aggregate, "_RANKED_HITS", hits)
+    gen = torch.Generator().manual_seed(n * m)
+    x = torch.randn(2, 3, n, 1, generator=gen, dtype=torch.float64)
+    y = torch.randn(2, 3, m, 1, generator=gen, dtype=torch.float64)
+    mask = _mask_of(kind, 2, n, m, gen)
+    keys = y if n != m else None
+    got = max_relative_ranked(x, mask, keys)
+    torch.testing.assert_close(got, _brute_max_relative_keys(x, x if keys is None else y, mask), rtol=0, atol=0)
+    torch.testing.assert_close(got, max_relative_dense(x, mask, keys), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_ranked_forward_bit_identical_to_dense_in_each_dtype(dtype):
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 16, 64, 1, generator=gen).to(dtype)  # half precision: many tied values
+    mask = _mask_of("varied", 2, 64, 64, gen)
+    out = max_relative_ranked(x, mask)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, max_relative_dense(x, mask), rtol=0, atol=0)
+    torch.testing.assert_close(out, max_relative_scatter(x, mask_to_edge_index(mask)), rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x_req = x.float().requires_grad_()
+        aggregated = max_relative_ranked(x_req.to(dtype), mask)
+    aggregated.float().sum().backward()
+    assert torch.isfinite(x_req.grad).all()
+
+
+@pytest.mark.parametrize("rectangular", [False, True])
+def test_ranked_gradcheck_float64(rectangular):
+    x = _distinct_input(2, 3, 8, seed=3)
+    mask = _random_mask(2, 8, torch.Generator().manual_seed(5))
+    if rectangular:
+        y = _distinct_input(2, 3, 5, seed=4)
+        assert torch.autograd.gradcheck(lambda a, b: max_relative_ranked(a, mask[:, :, :5], b), (x, y))
+    else:
+        assert torch.autograd.gradcheck(lambda a: max_relative_ranked(a, mask), (x,))
+
+
+@pytest.mark.parametrize("kind", ["complete", "varied", "0.1"])
+def test_ranked_gradient_equals_amax_gradient_without_ties(kind):
+    gen = torch.Generator().manual_seed(8)
+    x = _distinct_input(3, 6, 40, seed=9)
+    y = _distinct_input(3, 6, 10, seed=10)
+    mask = _mask_of(kind, 3, 40, 40, gen)
+    grad = torch.randn(3, 6, 40, 1, generator=gen, dtype=torch.float64)
+    for args in ((mask,), (mask[:, :, :10], y)):
+        ranked = torch.autograd.grad(max_relative_ranked(x, *args), [x, *args[1:]], grad)
+        dense = torch.autograd.grad(max_relative_dense(x, *args), [x, *args[1:]], grad)
+        for a, b in zip(ranked, dense):
+            torch.testing.assert_close(a, b)
+
+
+def test_ranked_gradient_goes_to_the_lowest_index_among_tied_maxima():
+    """Keys with ties: each (centre, channel) gradient reaches one neighbour, the lowest-index maximal one."""
+    gen = torch.Generator().manual_seed(12)
+    b, c, n = 2, 4, 10
+    x = torch.randint(0, 3, (b, c, n, 1), generator=gen).double().requires_grad_()
+    mask = _mask_of("varied", b, n, n, gen)
+    grad = torch.randn(b, c, n, 1, generator=gen, dtype=torch.float64)
+    max_relative_ranked(x, mask).backward(grad)
+    expected = torch.zeros(b, c, n, 1, dtype=torch.float64)
+    for bb in range(b):
+        for i in range(n):
+            js = mask[bb, i].nonzero().flatten()
+            if js.numel() == 0:
+                continue
+            for ch in range(c):
+                values = x[bb, ch, js, 0]
+                winner = js[(values == values.max()).nonzero()[0, 0]]
+                expected[bb, ch, winner, 0] += grad[bb, ch, i, 0]
+                expected[bb, ch, i, 0] -= grad[bb, ch, i, 0]
+    torch.testing.assert_close(x.grad, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("density,path", [(1.0, "ranked"), (0.5, "ranked"), (0.02, "scatter")])
+def test_mr_conv_picks_the_mask_path_by_density(density, path, monkeypatch):
+    calls = []
+    for name in ("max_relative_ranked", "max_relative_scatter"):
+        original = getattr(conv_module, name)
+        monkeypatch.setattr(conv_module, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 3, 50, 1, generator=gen, dtype=torch.float64)
+    mask = torch.rand(2, 50, 50, generator=gen) < density
+    got = MRConv2d(4, 8).double().aggregate(x, mask)
+    assert calls == [f"max_relative_{path}"]
+    torch.testing.assert_close(got, max_relative_dense(x, mask), rtol=0, atol=0)
+
+
+def test_masked_key_max_gradcheck_with_empty_rows():
+    """The operator alone: values 0 and arg -1 for a centre without neighbours, and no gradient from it."""
+    keys = _distinct_input(2, 3, 9, seed=14).reshape(2, 3, 9)
+    mask = _mask_of("varied", 2, 7, 9, torch.Generator().manual_seed(15))
+    values, arg = masked_key_max(keys, mask)
+    assert torch.equal(arg[0, :, 0], torch.full((3,), -1)) and torch.equal(values[0, :, 0], torch.zeros(3).double())
+    assert torch.autograd.gradcheck(lambda k: masked_key_max(k, mask)[0], (keys,))
