@@ -7,14 +7,21 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from PIL import Image
 from torch import nn
 
 import train
 import vig  # noqa: F401  (registers the models with timm)
+from tests.shared_files import shared_path
 from tests.test_cifar_train import _tiny_cifar_folder
+from vig.checkpoint import ModelSettings
 from vig.models.cifar_gat import CIFAR10_MEAN, CIFAR10_STD
+from gcn_lib import reduced_keys
 from vig.models.isotropic import (PUBLISHED_IMG_SIZE, STEM_STRIDES, Stem, VisionGNN, knn_schedule, stem_grid,
                                   threshold_schedule)
+from vig.models.pyramid import PyramidVisionGNN, stage_grids
+from vig.tools.visualize import (build_model, capture_graphs, default_blocks, draw_graphs, graph_convs,
+                                 graph_figure_size_px, preprocess, visualize)
 
 SIZES = [32, 33, 224, (40, 24), (7, 50)]
 
@@ -110,3 +117,96 @@ def test_32px_forward_and_backward_builds_graphs_over_256_nodes(start_thresh: fl
     assert logits.shape == (2, 10) and torch.isfinite(logits).all()
     assert seen == [(16, 16)] * 3
     assert model.stem.convs[0].weight.grad is not None
+
+
+PYRAMID_STRIDES = (1, 2, 4)
+
+
+def _tiny_pvig(**kwargs) -> PyramidVisionGNN:
+    return PyramidVisionGNN(channels=(8, 8, 16, 16), blocks=(1, 1, 1, 1), num_classes=10, **kwargs)
+
+
+@pytest.mark.parametrize("stride", PYRAMID_STRIDES)
+@pytest.mark.parametrize("size", [32, (96, 64)], ids=str)
+def test_pyramid_stage_grids_are_the_maps_the_convs_give(stride: int, size: int | tuple[int, int]) -> None:
+    model = _tiny_pvig(img_size=size, stem_stride=stride)
+    height, width = (size, size) if isinstance(size, int) else size
+    seen = []
+    for block in model.backbone:
+        if isinstance(block, nn.Sequential):
+            block[0].graph_conv.register_forward_pre_hook(lambda conv, args: seen.append(tuple(args[0].shape[-2:])))
+    model(torch.randn(2, 3, height, width))
+    assert model.stage_grids == stage_grids(size, stride) == seen
+    assert [info["reduction"] for info in model.feature_info] == [stride * 2**s for s in range(4)]
+
+
+@pytest.mark.parametrize("stride", PYRAMID_STRIDES)
+def test_every_pyramid_stride_has_the_published_state_dict_and_loads_it(stride: int) -> None:
+    # at img_size 56 * stride every stride gives the published stage maps 56, 28, 14, 7
+    published = _tiny_pvig().state_dict()
+    model = _tiny_pvig(img_size=PUBLISHED_IMG_SIZE // 4 * stride, stem_stride=stride)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in published.items()}
+    model.load_state_dict(published, strict=True)
+
+
+@pytest.mark.parametrize("stride", [8, 16, 3, 0, True])
+def test_bad_pyramid_stride_is_a_value_error_naming_the_allowed_ones(stride: object) -> None:
+    with pytest.raises(ValueError, match="stem_stride must be one of 1, 2, 4, got"):
+        _tiny_pvig(img_size=32, stem_stride=stride)
+
+
+@pytest.mark.parametrize("start_thresh", [None, 0.8], ids=["knn", "threshold"])
+def test_pvig_ti_cifar_at_32px_sizes_relative_pos_to_the_pooled_keys(start_thresh: float | None) -> None:
+    with torch.device("meta"):
+        full = timm.create_model("pvig_ti_cifar")
+    assert (full.stem_stride, full.stage_grids, full.num_classes) == (1, [(32, 32), (16, 16), (8, 8), (4, 4)], 10)
+    assert full.pretrained_cfg["input_size"] == (3, 32, 32) and full.pretrained_cfg["mean"] == CIFAR10_MEAN
+    model = _tiny_pvig(img_size=32, stem_stride=1, start_thresh=start_thresh)
+    graphers = [block[0] for block in model.backbone if isinstance(block, nn.Sequential)]
+    # (N, M): the stage's nodes, its keys pooled by r = 4, 2, 1, 1 (8 x 8, 8 x 8, 8 x 8, 4 x 4)
+    assert [tuple(g.relative_pos.shape) for g in graphers] == [(1, 1024, 64), (1, 256, 64), (1, 64, 64), (1, 16, 16)]
+    keys = []
+    for grapher in graphers:
+        grapher.graph_conv.register_forward_pre_hook(
+            lambda conv, args: keys.append(tuple(reduced_keys(args[0], conv.r).shape[-2:]) if conv.r > 1
+                                           else tuple(args[0].shape[-2:])))
+    logits = model(torch.randn(2, 3, 32, 32))
+    logits.sum().backward()
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+    assert keys == [(8, 8)] * 3 + [(4, 4)]
+    assert {g.graph_conv.graph for g in graphers} == {"knn" if start_thresh is None else "threshold"}
+
+
+def _first_test_image(class_name: str = "horse") -> Path:
+    folder = shared_path("data", "cifar10-subset", "test", class_name)
+    return sorted(folder.iterdir())[0]
+
+
+def test_visualize_writes_the_picture_of_a_cifar_model_on_a_real_image(tmp_path: Path) -> None:
+    out = visualize("vig_ti_cifar", _first_test_image(), tmp_path / "graph.png", blocks=[0])
+    with Image.open(out) as picture:
+        assert picture.size == graph_figure_size_px(1, ["knn"])
+
+
+@pytest.mark.parametrize("name, kwargs, grids", [
+    ("vig_ti_cifar", dict(channels=16, depth=3), [((16, 16), (16, 16))] * 2),
+    ("svig_ti_cifar", dict(channels=16, depth=3), [((16, 16), (16, 16))] * 2),
+    # pyramid blocks 0 and 11: stage 0 (32 x 32, keys pooled by 4) and stage 3 (4 x 4)
+    ("pvig_ti_cifar", {}, [((32, 32), (8, 8)), ((4, 4), (4, 4))]),
+])
+def test_visualize_draws_the_cifar_graph_on_its_patch_grid(name: str, kwargs: dict, grids: list) -> None:
+    model = build_model(ModelSettings(model=name, model_kwargs=kwargs))
+    image, shown = preprocess(model, _first_test_image())
+    assert tuple(image.shape) == (1, 3, 32, 32) and shown.shape == (32, 32, 3)
+    blocks = default_blocks(len(graph_convs(model)))
+    graphs = capture_graphs(model, image, [blocks[0], blocks[-1]])
+    assert [(g.grid, g.key_grid) for g in graphs] == grids
+    figure = draw_graphs({graphs[0].kind: graphs}, shown, None, name)
+    for axes, graph in zip([a for a in figure.axes if a.images], graphs):
+        (h, w), (key_h, key_w) = graph.grid, graph.key_grid
+        vertical = [line for line in axes.lines if line.get_xdata()[0] == line.get_xdata()[1]]
+        assert len(vertical) == w - 1 and len(axes.lines) == (h - 1) + (w - 1)  # the patch grid
+        centre, *neighbours = sorted(axes.patches, key=lambda patch: patch.get_fill())
+        # the centre is the middle patch, 32 / w pixels a side; each neighbour one key cell (32 / key_w)
+        assert (centre.get_width(), tuple(centre.get_xy())) == (32 / w, (w // 2 * 32 / w, h // 2 * 32 / h))
+        assert neighbours and {(p.get_width(), p.get_height()) for p in neighbours} == {(32 / key_w, 32 / key_h)}
