@@ -210,3 +210,16 @@ def test_visualize_draws_the_cifar_graph_on_its_patch_grid(name: str, kwargs: di
         # the centre is the middle patch, 32 / w pixels a side; each neighbour one key cell (32 / key_w)
         assert (centre.get_width(), tuple(centre.get_xy())) == (32 / w, (w // 2 * 32 / w, h // 2 * 32 / h))
         assert neighbours and {(p.get_width(), p.get_height()) for p in neighbours} == {(32 / key_w, 32 / key_h)}
+
+
+@pytest.mark.parametrize("name", ["vig_ti_cifar"])
+def test_cifar_config_trains_through_train_py_on_real_images(tmp_path: Path, name: str) -> None:
+    data = _tiny_cifar_folder(tmp_path / "data", per_class_train=2, per_class_test=1, classes=2)
+    assert train.main([str(data), "--val-split", "test", "--model", name, "--model-kwargs", "channels=16", "depth=2",
+                       "--epochs", "1", "--warmup-epochs", "0", "-b", "2", "-j", "0", "--output", str(tmp_path / "out"),
+                       "--experiment", "tiny"]) == 0
+    with open(tmp_path / "out" / "tiny" / "summary.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["epoch"] for row in rows] == ["0"] and 0 <= float(rows[0]["eval_top1"]) <= 100
+    checkpoint = torch.load(tmp_path / "out" / "tiny" / "last.pth.tar", map_location="cpu", weights_only=False)
+    assert tuple(checkpoint["state_dict"]["pos_embed"].shape) == (1, 16, 16, 16)  # the 16 x 16 node grid
