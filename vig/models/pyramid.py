@@ -269,7 +269,8 @@ class PyramidVisionGNN(VisionGNN):
 
     def feature_ends(self) -> list[int]:
         """Index in ``backbone`` of the last block of each stage (its map is the stage's feature, strides
-        4, 8, 16, 32 at the published stem stride); `forward_intermediates` and `prune_intermediate_layers` are the isotropic model's."""
+        4, 8, 16, 32 at the published stem stride); `forward_intermediates` and `prune_intermediate_layers`
+        are the isotropic model's."""
         return list(self.stage_ends)
 
     def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
