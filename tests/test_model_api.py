@@ -26,6 +26,9 @@ SMALL: dict[str, dict[str, Any]] = {
     "cnn_gat_cifar": dict(hidden=16, heads=2, embed_dim=16, num_blocks=2),
     "convmixer_cifar": dict(dim=16, depth=4),
     "convmixer_xl_cifar": dict(dim=16, depth=3),  # the smaller: the API runs through the residual groups
+    "vig_ti_cifar": dict(channels=16, depth=2),
+    "svig_ti_cifar": dict(channels=16, depth=2),
+    "pvig_ti_cifar": dict(stem_stride=4),  # the published stem: stage maps 8, 4, 2, 1 at 32 px
 }
 SMALL_IMG_SIZE = 32  # for models that take img_size
 

@@ -8,6 +8,12 @@ parameter names are those of the published ViG code, so its checkpoints (and SVi
 Registered names: ``vig_{ti,s,b}_224_gelu`` (dense dilated kNN graph) and ``svig_{ti,s,b}_224_gelu``
 (similarity-threshold graph, start 0.89, decrement 0.03). ``start_thresh`` / ``dec`` (or the
 published ``starting_threshold`` / ``decrement``) switch any of them to the threshold graph.
+
+``stem_stride`` (1, 2, 4, 8 or 16, default 16 as published) sets the stem's total stride for small
+images: the first log2(stem_stride) of its four downsampling convs keep stride 2, the others run at
+stride 1, so parameter names and shapes do not change, only the map size. ``vig_ti_cifar`` and
+``svig_ti_cifar`` are ViG-Ti / SViG-Ti for CIFAR-10: stride 2 at 32 px, a 16 x 16 map (256 nodes, about
+the 196 of 224 px at stride 16), 10 classes.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gcn_lib import DynConv2d, act_layer, init_convs_
 from vig.checkpoint import checkpoint_filter_fn
+from vig.models.cifar_gat import CIFAR10_MEAN, CIFAR10_STD
 from vig.models.features import check_feature_request
 
 _logger = logging.getLogger(__name__)
@@ -33,6 +40,9 @@ _logged_caps: set[str] = set()  # kNN-cap warnings this process has logged: each
 
 HEAD_HIDDEN = 1024
 STEM_STRIDE = 16
+STEM_STRIDES: tuple[int, ...] = (1, 2, 4, 8, 16)
+CIFAR_IMG_SIZE = 32
+CIFAR_STEM_STRIDE = 2
 PUBLISHED_IMG_SIZE = 224
 SVIG_START_THRESH = 0.89
 SVIG_DEC = 0.03
@@ -60,12 +70,21 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     return height, width
 
 
-def stem_grid(img_size: int | Sequence[int]) -> tuple[int, int]:
-    """Feature-map size (H', W') the stem gives for an image (H, W): four stride-2 3x3 convs, padding 1."""
+def check_stem_stride(stride: int, allowed: Sequence[int] = STEM_STRIDES) -> int:
+    """``stride`` if it is one of ``allowed`` (an int, not a bool), else ValueError naming the allowed values."""
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride not in allowed:
+        raise ValueError(f"stem_stride must be one of {', '.join(map(str, allowed))}, got {stride!r}")
+    return stride
+
+
+def stem_grid(img_size: int | Sequence[int], stride: int = STEM_STRIDE) -> tuple[int, int]:
+    """Feature-map size (H', W') the stem gives for an image (H, W): log2(stride) stride-2 3x3 convs,
+    padding 1 (the other downsampling convs of the four run at stride 1 and keep the size)."""
+    check_stem_stride(stride)
     height, width = _pair(img_size)
     if height < 1 or width < 1:
         raise ValueError(f"img_size must be positive, got {img_size}")
-    for _ in range(4):
+    for _ in range(stride.bit_length() - 1):
         height, width = (height + 1) // 2, (width + 1) // 2
     return height, width
 
@@ -119,14 +138,20 @@ def _drop_path(rate: float) -> nn.Module:
 
 
 class Stem(nn.Module):
-    """Convolutional stem: (B, in_chans, H, W) -> (B, C, H/16, W/16) (sizes rounded up)."""
+    """Convolutional stem: (B, in_chans, H, W) -> (B, C, H/s, W/s) for total stride s (sizes rounded up).
 
-    def __init__(self, in_chans: int, channels: int, act: str) -> None:
+    Four 3x3 convs widen in_chans -> C/8 -> C/4 -> C/2 -> C (the first log2(s) at stride 2, the rest at
+    stride 1), each with BN and activation, then a 3x3 conv C -> C with BN. Every s gives the same parameters.
+    """
+
+    def __init__(self, in_chans: int, channels: int, act: str, stride: int = STEM_STRIDE) -> None:
         super().__init__()
+        halvings = check_stem_stride(stride).bit_length() - 1
         widths = [in_chans, channels // 8, channels // 4, channels // 2, channels]
         layers: list[nn.Module] = []
-        for c_in, c_out in zip(widths[:-1], widths[1:]):
-            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.BatchNorm2d(c_out), act_layer(act)]
+        for index, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:])):
+            conv_stride = 2 if index < halvings else 1
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=conv_stride, padding=1), nn.BatchNorm2d(c_out), act_layer(act)]
         layers += [nn.Conv2d(channels, channels, 3, stride=1, padding=1), nn.BatchNorm2d(channels)]
         self.convs = nn.Sequential(*layers)
 
@@ -215,6 +240,8 @@ class VisionGNN(nn.Module):
         drop_path_rate: stochastic depth of the last block (linear from 0).
         start_thresh, dec: with ``start_thresh`` set, block i uses the similarity-threshold graph with
             t_i = start_thresh - i * dec (SViG) instead of kNN.
+        stem_stride: total stride of the stem, one of `STEM_STRIDES` (16 as published; 2 for 32-px
+            images gives 16 x 16 nodes). Parameters are the same for every stride.
     """
 
     def __init__(
@@ -230,8 +257,10 @@ class VisionGNN(nn.Module):
         drop_path_rate: float = 0.0,
         start_thresh: float | None = None,
         dec: float = SVIG_DEC,
+        stem_stride: int = STEM_STRIDE,
     ) -> None:
         super().__init__()
+        check_stem_stride(stem_stride)
         if channels % 8 or channels < 8 or depth < 1:
             raise ValueError(f"channels must be a positive multiple of 8 and depth >= 1, got {channels}, {depth}")
         if num_classes < 0:
@@ -240,12 +269,13 @@ class VisionGNN(nn.Module):
         self.num_features = channels
         self.head_hidden_size = HEAD_HIDDEN
         self.img_size = _pair(img_size)
-        self.grid_size = stem_grid(img_size)
+        self.stem_stride = stem_stride
+        self.grid_size = stem_grid(img_size, stem_stride)
         self.start_thresh = start_thresh
         self.dec = dec if start_thresh is not None else None
         self.grad_checkpointing = False
 
-        self.stem = Stem(in_chans, channels, act)
+        self.stem = Stem(in_chans, channels, act, stem_stride)
         self.pos_embed = nn.Parameter(torch.zeros(1, channels, *self.grid_size))
         drop_paths = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         if start_thresh is None:
@@ -265,7 +295,7 @@ class VisionGNN(nn.Module):
             self._classifier(num_classes),
         )
         self.feature_info = [
-            dict(num_chs=channels, reduction=STEM_STRIDE, module=f"backbone.{i}") for i in range(depth)
+            dict(num_chs=channels, reduction=stem_stride, module=f"backbone.{i}") for i in range(depth)
         ]
         self.reset_parameters()
 
@@ -317,17 +347,17 @@ class VisionGNN(nn.Module):
         """Stem plus position embedding: (B, in_chans, H, W) -> (B, C, H', W')."""
         if x.dim() != 4:
             raise ValueError(f"images must have shape (B, C, H, W), got {tuple(x.shape)}")
-        grid = stem_grid(tuple(x.shape[-2:]))
+        grid = stem_grid(tuple(x.shape[-2:]), self.stem_stride)
         if grid != tuple(self.pos_embed.shape[-2:]):
             raise ValueError(
-                f"{x.shape[-2]}x{x.shape[-1]} images give a {grid[0]}x{grid[1]} map, but the position embedding is "
-                f"{self.pos_embed.shape[-2]}x{self.pos_embed.shape[-1]} (img_size={self.img_size}); "
-                "create the model with the img_size you feed it"
+                f"{x.shape[-2]}x{x.shape[-1]} images give a {grid[0]}x{grid[1]} map at stem stride {self.stem_stride}, "
+                f"but the position embedding is {self.pos_embed.shape[-2]}x{self.pos_embed.shape[-1]} "
+                f"(img_size={self.img_size}); create the model with the img_size you feed it"
             )
         return self.stem(x) + self.pos_embed
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, H, W) -> final feature map (B, C, H/16, W/16)."""
+        """(B, in_chans, H, W) -> final feature map (B, C, H/s, W/s), s = ``stem_stride``."""
         x = self._embed(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self.backbone, x)
@@ -359,7 +389,7 @@ class VisionGNN(nn.Module):
         intermediates_only: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """The feature maps of the levels in `feature_ends` as timm's feature API asks for them: every block's
-        (B, C, H/16, W/16) here, the four stage maps in the pyramid model.
+        (B, C, H/s, W/s) here (s = ``stem_stride``), the four stage maps in the pyramid model.
 
         Args:
             indices: levels to return: None all, an int the last n, a sequence those (negative from the end).
@@ -409,7 +439,7 @@ class VisionGNN(nn.Module):
 
     def extra_repr(self) -> str:
         graph = "knn" if self.start_thresh is None else f"threshold start={self.start_thresh} dec={self.dec}"
-        return f"img_size={self.img_size}, grid={self.grid_size}, graph={graph}"
+        return f"img_size={self.img_size}, stem_stride={self.stem_stride}, grid={self.grid_size}, graph={graph}"
 
 
 _THRESHOLD_ALIASES: dict[str, str] = {"starting_threshold": "start_thresh", "decrement": "dec"}
@@ -445,14 +475,15 @@ def _create(variant: str, size: str, threshold_default: bool, pretrained: bool =
     check_pretrained_source(variant, pretrained, kwargs)
     _graph_kwargs(variant, kwargs, threshold_default)
     dims = SIZES[size]
-    depth = dims.depth
+    channels = kwargs.pop("channels", dims.channels)  # a narrower / shallower copy of the size, e.g. for tests
+    depth = kwargs.pop("depth", dims.depth)
     return build_model_with_cfg(
         VisionGNN,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=kwargs.pop("out_indices", depth), feature_cls="getter"),
-        channels=dims.channels,
+        channels=channels,
         depth=depth,
         **kwargs,
     )
@@ -469,8 +500,16 @@ def published_cfg(**overrides: Any) -> dict[str, Any]:
     }
 
 
+def cifar_cfg(**overrides: Any) -> dict[str, Any]:
+    """Pretrained config of the CIFAR-10 configurations (no published weights): 32 px, crop 1.0, bicubic,
+    CIFAR-10 mean / std, 10 classes; ``overrides`` replace entries."""
+    return published_cfg(**{**dict(num_classes=10, input_size=(3, CIFAR_IMG_SIZE, CIFAR_IMG_SIZE), crop_pct=1.0,
+                                   mean=CIFAR10_MEAN, std=CIFAR10_STD), **overrides})
+
+
 default_cfgs = generate_default_cfgs({
-    f"{prefix}_{size}_224_gelu": published_cfg() for prefix in ("vig", "svig") for size in SIZES
+    **{f"{prefix}_{size}_224_gelu": published_cfg() for prefix in ("vig", "svig") for size in SIZES},
+    **{f"{prefix}_ti_cifar": cifar_cfg() for prefix in ("vig", "svig")},
 })
 
 
@@ -508,3 +547,21 @@ def svig_s_224_gelu(pretrained: bool = False, **kwargs: Any) -> VisionGNN:
 def svig_b_224_gelu(pretrained: bool = False, **kwargs: Any) -> VisionGNN:
     """SViG-B (C=640, 16 blocks), similarity-threshold graph (start 0.89, decrement 0.03)."""
     return _create("svig_b_224_gelu", "b", True, pretrained, **kwargs)
+
+
+def _create_cifar(variant: str, threshold_default: bool, pretrained: bool, kwargs: dict[str, Any]) -> VisionGNN:
+    """A Ti-width CIFAR-10 configuration: stem stride 2, 32 px, 10 classes unless ``kwargs`` say otherwise."""
+    settings = dict(img_size=CIFAR_IMG_SIZE, stem_stride=CIFAR_STEM_STRIDE, num_classes=10)
+    return _create(variant, "ti", threshold_default, pretrained, **{**settings, **kwargs})
+
+
+@register_model
+def vig_ti_cifar(pretrained: bool = False, **kwargs: Any) -> VisionGNN:
+    """ViG-Ti for CIFAR-10: stem stride 2 at 32 px (16 x 16 = 256 nodes), 10 classes, dense dilated kNN graph."""
+    return _create_cifar("vig_ti_cifar", False, pretrained, kwargs)
+
+
+@register_model
+def svig_ti_cifar(pretrained: bool = False, **kwargs: Any) -> VisionGNN:
+    """SViG-Ti for CIFAR-10: stem stride 2 at 32 px (256 nodes), 10 classes, threshold graph (start 0.89, dec 0.03)."""
+    return _create_cifar("svig_ti_cifar", True, pretrained, kwargs)

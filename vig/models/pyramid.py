@@ -10,7 +10,10 @@ layout and parameter names are those of the published pyramid ViG, so its checkp
 (FFN), ``backbone.{i}.conv.{0,1}`` (Downsample between stages), ``prediction.{0,1,4}``.
 See ``../shared/DESIGN.md`` ("Pyramid ViG").
 
-Registered names: ``pvig_{ti,s,m,b}_224_gelu``.
+Registered names: ``pvig_{ti,s,m,b}_224_gelu`` and ``pvig_ti_cifar`` (pyramid ViG-Ti for CIFAR-10: stem
+stride 1 at 32 px, stage maps 32, 16, 8, 4; 10 classes). ``stem_stride`` (1, 2 or 4, default 4 as published)
+keeps the first log2(stem_stride) of the stem's two downsampling convs at stride 2 and runs the other at
+stride 1: the same parameters, a larger map.
 """
 from __future__ import annotations
 
@@ -25,14 +28,15 @@ from torch import nn
 
 from gcn_lib import act_layer, relative_position_table
 from vig.checkpoint import checkpoint_filter_fn
-from vig.models.isotropic import (FFN, HEAD_HIDDEN, PUBLISHED_IMG_SIZE, SVIG_DEC, Grapher, VisionGNN, _graph_kwargs,
-                                  _pair, check_pretrained_source, published_cfg, resize_relative_pos,
-                                  threshold_schedule, warn_cap_once)
+from vig.models.isotropic import (CIFAR_IMG_SIZE, FFN, HEAD_HIDDEN, PUBLISHED_IMG_SIZE, SVIG_DEC, Grapher, VisionGNN,
+                                  _graph_kwargs, _pair, check_pretrained_source, check_stem_stride, cifar_cfg,
+                                  published_cfg, resize_relative_pos, threshold_schedule, warn_cap_once)
 
 _logger = logging.getLogger(__name__)
 
 REDUCTIONS: tuple[int, ...] = (4, 2, 1, 1)  # r of each stage: keys are the map average-pooled by r
 STEM_STRIDE = 4
+STEM_STRIDES: tuple[int, ...] = (1, 2, 4)
 # The published code caps the dilation at 49 // k: the node count of its last stage at 224 px.
 PUBLISHED_DILATION_NODES = 49
 
@@ -53,26 +57,29 @@ SIZES: dict[str, PyramidSize] = {
 }
 
 
-def stage_grids(img_size: int | Sequence[int]) -> list[tuple[int, int]]:
-    """Map size (H_s, W_s) of each stage for an image (H, W): the stem's two stride-2 convs give stage 0,
-    each stride-2 Downsample (3x3, padding 1) the next; sizes rounded up."""
+def stage_grids(img_size: int | Sequence[int], stem_stride: int = STEM_STRIDE) -> list[tuple[int, int]]:
+    """Map size (H_s, W_s) of each stage for an image (H, W): the stem's log2(stem_stride) stride-2 convs
+    give stage 0, each stride-2 Downsample (3x3, padding 1) the next; sizes rounded up."""
+    check_stem_stride(stem_stride, STEM_STRIDES)
     height, width = _pair(img_size)
     if height < 1 or width < 1:
         raise ValueError(f"img_size must be positive, got {img_size}")
     grids = []
-    for halvings in (2, 1, 1, 1):
+    for halvings in (stem_stride.bit_length() - 1, 1, 1, 1):
         for _ in range(halvings):
             height, width = (height + 1) // 2, (width + 1) // 2
         grids.append((height, width))
     return grids
 
 
-def key_grids(img_size: int | Sequence[int]) -> list[tuple[int, int]]:
+def key_grids(img_size: int | Sequence[int], stem_stride: int = STEM_STRIDE) -> list[tuple[int, int]]:
     """Size (H_s // r_s, W_s // r_s) of each stage's pooled key map; ValueError where one is empty."""
-    keys = [(h // r, w // r) for (h, w), r in zip(stage_grids(img_size), REDUCTIONS)]
+    grids = stage_grids(img_size, stem_stride)
+    keys = [(h // r, w // r) for (h, w), r in zip(grids, REDUCTIONS)]
     if min(min(grid) for grid in keys) < 1:
-        raise ValueError(f"img_size {img_size} is too small for pyramid ViG: the stage maps "
-                         f"{stage_grids(img_size)} pooled by r = {REDUCTIONS} leave no key node; use 32 px or more")
+        minimum = 32 * stem_stride // STEM_STRIDE
+        raise ValueError(f"img_size {img_size} is too small for pyramid ViG at stem stride {stem_stride}: the stage "
+                         f"maps {grids} pooled by r = {REDUCTIONS} leave no key node; use {minimum} px or more")
     return keys
 
 
@@ -113,16 +120,17 @@ def published_relative_pos(channels: int, side: int, r: int) -> torch.Tensor:
 
 
 class PyramidStem(nn.Module):
-    """Stem: (B, in_chans, H, W) -> (B, C, H/4, W/4): 3x3 convs to C/2 (stride 2) and C (stride 2), each with
-    BN and activation, then a 3x3 conv C -> C with BN."""
+    """Stem: (B, in_chans, H, W) -> (B, C, H/s, W/s) for total stride s: 3x3 convs to C/2 and C (the first
+    log2(s) at stride 2, the other at stride 1), each with BN and activation, then a 3x3 conv C -> C with BN."""
 
-    def __init__(self, in_chans: int, channels: int, act: str) -> None:
+    def __init__(self, in_chans: int, channels: int, act: str, stride: int = STEM_STRIDE) -> None:
         super().__init__()
+        halvings = check_stem_stride(stride, STEM_STRIDES).bit_length() - 1
         self.convs = nn.Sequential(
-            nn.Conv2d(in_chans, channels // 2, 3, stride=2, padding=1),
+            nn.Conv2d(in_chans, channels // 2, 3, stride=2 if halvings > 0 else 1, padding=1),
             nn.BatchNorm2d(channels // 2),
             act_layer(act),
-            nn.Conv2d(channels // 2, channels, 3, stride=2, padding=1),
+            nn.Conv2d(channels // 2, channels, 3, stride=2 if halvings > 1 else 1, padding=1),
             nn.BatchNorm2d(channels),
             act_layer(act),
             nn.Conv2d(channels, channels, 3, stride=1, padding=1),
@@ -167,6 +175,8 @@ class PyramidVisionGNN(VisionGNN):
             counted) uses the similarity-threshold graph with t_i = start_thresh - i * dec instead of kNN,
             over the same pooled keys and with the same ``relative_pos`` term; parameters and state-dict
             keys are those of the kNN model.
+        stem_stride: total stride of the stem, one of `STEM_STRIDES` (4 as published; 1 for 32-px images
+            gives stage maps 32, 16, 8, 4). Parameters are the same for every stride.
     """
 
     def __init__(
@@ -182,8 +192,10 @@ class PyramidVisionGNN(VisionGNN):
         drop_path_rate: float = 0.0,
         start_thresh: float | None = None,
         dec: float = SVIG_DEC,
+        stem_stride: int = STEM_STRIDE,
     ) -> None:
         nn.Module.__init__(self)
+        check_stem_stride(stem_stride, STEM_STRIDES)
         channels, blocks = tuple(channels), tuple(blocks)
         if len(channels) != len(REDUCTIONS) or len(blocks) != len(REDUCTIONS):
             raise ValueError(f"channels and blocks need one entry per stage ({len(REDUCTIONS)}), "
@@ -196,14 +208,15 @@ class PyramidVisionGNN(VisionGNN):
         self.num_features = channels[-1]
         self.head_hidden_size = HEAD_HIDDEN
         self.img_size = _pair(img_size)
-        self.stage_grids = stage_grids(img_size)
-        keys = key_grids(img_size)
+        self.stem_stride = stem_stride
+        self.stage_grids = stage_grids(img_size, stem_stride)
+        keys = key_grids(img_size, stem_stride)
         self.grid_size = self.stage_grids[0]
         self.start_thresh = start_thresh
         self.dec = dec if start_thresh is not None else None
         self.grad_checkpointing = False
 
-        self.stem = PyramidStem(in_chans, channels[0], act)
+        self.stem = PyramidStem(in_chans, channels[0], act, stem_stride)
         published_grids = stage_grids(PUBLISHED_IMG_SIZE)
         self.pos_embed = nn.Parameter(torch.zeros(1, channels[0], *self.grid_size))
         depth = sum(blocks)
@@ -230,7 +243,7 @@ class PyramidVisionGNN(VisionGNN):
                     FFN(width, act, rate),
                 ))
             self.stage_ends.append(len(layers) - 1)
-            self.feature_info.append(dict(num_chs=width, reduction=STEM_STRIDE * 2**stage,
+            self.feature_info.append(dict(num_chs=width, reduction=stem_stride * 2**stage,
                                           module=f"backbone.{len(layers) - 1}"))
         self.backbone = nn.Sequential(*layers)
         self.prediction = nn.Sequential(
@@ -243,11 +256,11 @@ class PyramidVisionGNN(VisionGNN):
         self.reset_parameters()
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Stem plus position embedding: (B, in_chans, H, W) -> (B, C0, H/4, W/4); the embedding is resized
-        bicubically for the call when the map is not the size the model was built for."""
+        """Stem plus position embedding: (B, in_chans, H, W) -> (B, C0, H/s, W/s), s = ``stem_stride``; the
+        embedding is resized bicubically for the call when the map is not the size the model was built for."""
         if x.dim() != 4:
             raise ValueError(f"images must have shape (B, C, H, W), got {tuple(x.shape)}")
-        key_grids(tuple(x.shape[-2:]))
+        key_grids(tuple(x.shape[-2:]), self.stem_stride)
         x = self.stem(x)
         pos_embed = self.pos_embed
         if tuple(x.shape[-2:]) != tuple(pos_embed.shape[-2:]):
@@ -256,7 +269,8 @@ class PyramidVisionGNN(VisionGNN):
 
     def feature_ends(self) -> list[int]:
         """Index in ``backbone`` of the last block of each stage (its map is the stage's feature, strides
-        4, 8, 16, 32); `forward_intermediates` and `prune_intermediate_layers` are the isotropic model's."""
+        4, 8, 16, 32 at the published stem stride); `forward_intermediates` and `prune_intermediate_layers`
+        are the isotropic model's."""
         return list(self.stage_ends)
 
     def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
@@ -281,7 +295,8 @@ class PyramidVisionGNN(VisionGNN):
 
     def extra_repr(self) -> str:
         graph = "knn" if self.start_thresh is None else f"threshold start={self.start_thresh} dec={self.dec}"
-        return f"img_size={self.img_size}, stage_grids={self.stage_grids}, graph={graph}"
+        return (f"img_size={self.img_size}, stem_stride={self.stem_stride}, stage_grids={self.stage_grids}, "
+                f"graph={graph}")
 
 
 def _create(variant: str, size: str, pretrained: bool = False, **kwargs: Any) -> PyramidVisionGNN:
@@ -306,6 +321,7 @@ default_cfgs = generate_default_cfgs({
     "pvig_s_224_gelu": published_cfg(fixed_input_size=False),
     "pvig_m_224_gelu": published_cfg(fixed_input_size=False),
     "pvig_b_224_gelu": published_cfg(fixed_input_size=False, crop_pct=0.95),
+    "pvig_ti_cifar": cifar_cfg(fixed_input_size=False),
 })
 
 
@@ -331,3 +347,10 @@ def pvig_m_224_gelu(pretrained: bool = False, **kwargs: Any) -> PyramidVisionGNN
 def pvig_b_224_gelu(pretrained: bool = False, **kwargs: Any) -> PyramidVisionGNN:
     """Pyramid ViG-B (channels 128 / 256 / 512 / 1024, blocks 2 / 2 / 18 / 2), kNN graph with pooled keys."""
     return _create("pvig_b_224_gelu", "b", pretrained, **kwargs)
+
+
+@register_model
+def pvig_ti_cifar(pretrained: bool = False, **kwargs: Any) -> PyramidVisionGNN:
+    """Pyramid ViG-Ti for CIFAR-10: stem stride 1 at 32 px (stage maps 32, 16, 8, 4), 10 classes, kNN graph."""
+    settings = dict(img_size=CIFAR_IMG_SIZE, stem_stride=1, num_classes=10)
+    return _create("pvig_ti_cifar", "ti", pretrained, **{**settings, **kwargs})
