@@ -39,12 +39,17 @@ from vig.checkpoint import checkpoint_filter_fn
 from vig.errors import RunError
 
 __all__ = ["BatchGraphHead", "BatchGraphNet", "EdgeNet", "NodeNet", "aggregate_neighbours", "edge_targets",
-           "label_to_edge"]
+           "has_edge_head", "label_to_edge"]
 
 _LOGGER = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "mobilenetv3_small_100"
 _WEIGHT_SOURCES = ("file", "url", "hf_hub_id", "state_dict")
+
+
+def has_edge_head(model_name: str) -> bool:
+    """Whether the timm model ``model_name`` is one of this module's (returns edges, takes the edge loss)."""
+    return model_name in timm.list_models(module="batch_graph")
 
 
 def label_to_edge(labels: torch.Tensor) -> torch.Tensor:
