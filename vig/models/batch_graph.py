@@ -272,7 +272,10 @@ class BatchGraphNet(nn.Module):
 
     def forward(self, x: torch.Tensor,
                 return_edges: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Images (B, C, H, W) -> logits (B, num_classes); with ``return_edges`` (logits, edge_sim (B, B))."""
+        """Images (B, C, H, W) -> logits (B, num_classes); with ``return_edges`` (logits, edge_sim (B, B)).
+        A training batch needs B >= 2 (ValueError)."""
+        if self.training and x.shape[0] < 2:
+            raise ValueError("batch-graph head: BatchNorm needs at least 2 samples per training batch, got 1")
         return self.forward_head(self.forward_features(x), return_edges=return_edges)
 
 
