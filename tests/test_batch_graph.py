@@ -3,6 +3,9 @@ edge targets (hard, soft, mixup with smoothing), gradients, transductive equivar
 checkpoints and backbone weights (local file; a failed download is one line)."""
 from __future__ import annotations
 
+import csv
+import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,9 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from timm.data.mixup import mixup_target
 from torch.testing import assert_close
 
+import train
+from tests.shared_files import shared_path
+from tests.train_helpers import last_json_line
 from vig.errors import RunError
 from vig.models.batch_graph import (BatchGraphNet, EdgeNet, NodeNet, aggregate_neighbours, edge_targets,
                                     has_edge_head, label_to_edge)
@@ -214,3 +220,74 @@ def test_node_features_are_the_pooled_backbone_map(backbone: str, width: int) ->
                      model.backbone.forward_features(images).mean(dim=(2, 3)))
     assert model.num_features == width
     assert not any("conv_head" in key for key in model.state_dict())
+
+
+def _real_images(root: Path, train_per_class: int, test_per_class: int, classes: int = 3) -> Path:
+    """root/{train,test}/<class>/ with the first images of the shared CIFAR-10 subset (32 x 32)."""
+    source = shared_path("data", "cifar10-subset")
+    for name in sorted(entry.name for entry in (source / "train").iterdir())[:classes]:
+        for split, count in (("train", train_per_class), ("test", test_per_class)):
+            (root / split / name).mkdir(parents=True)
+            for image in sorted((source / split / name).iterdir())[:count]:
+                shutil.copy(image, root / split / name / image.name)
+    return root
+
+
+TINY = ["--model", "bgnn", "--model-kwargs", f"backbone={BACKBONE}", "edge_features=8", "--img-size", "32",
+        "-j", "0", "--val-split", "test"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", [["--edge-loss-weight", "0.5", "--mixup", "0.8", "--smoothing", "0.1"],
+                                    ["--edge-loss-weight", "0"]])
+def test_one_epoch_through_train_py_then_evaluate_reports_its_batches(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+        recipe: list[str]) -> None:
+    caplog.set_level(logging.INFO)
+    data = _real_images(tmp_path / "data", train_per_class=4, test_per_class=3)  # 12 train, 9 test images
+    assert train.main([str(data), *TINY, "--train-split", "train", "-b", "4", "--epochs", "1", "--warmup-epochs",
+                       "0", *recipe, "--output", str(tmp_path / "out"), "--experiment", "run"]) == 0
+    folder = tmp_path / "out" / "run"
+    with open(folder / "summary.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["epoch"] for row in rows] == ["0"]
+    assert 0 < float(rows[0]["train_edge_loss"]) < 10
+    assert (folder / "curves.png").is_file()
+    assert "(edge loss" in caplog.text and f"weight {float(recipe[1]):g})" in caplog.text
+    caplog.clear()
+
+    assert train.main([str(data), *TINY, "-b", "4", "--pretrain_path", str(folder / "last.pth.tar"),
+                       "--evaluate"]) == 0
+    captured = capsys.readouterr()
+    result = last_json_line(captured.out)
+    assert (result["count"], result["batch_size"], result["last_batch_sizes"]) == (9, 4, [1])
+    assert "transductive" in caplog.text
+    # the training run validated in the same batches (4, 4, 1), so the checkpoint scores the same
+    assert result["top1"] == pytest.approx(float(rows[0]["eval_top1"]))
+    assert result["loss"] == pytest.approx(float(rows[0]["eval_loss"]), rel=1e-5)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "resnet10t", "--edge-loss-weight", "1"], "--edge-loss-weight needs a model with a batch-graph"),
+    (["--model", "bgnn", "--edge-loss-weight", "-1"], "--edge-loss-weight must be >= 0"),
+    (["--model", "bgnn", "-b", "1"], "--batch-size must be >= 2"),
+])
+def test_edge_loss_usage_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                             argv: list[str], message: str) -> None:
+    data = _real_images(tmp_path / "data", train_per_class=1, test_per_class=1, classes=2)
+    assert train.main([str(data), "--train-split", "train", "--val-split", "test", "-j", "0", *argv,
+                       "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
+    assert not any(line.startswith("Traceback") for line in err)
+
+
+@pytest.mark.usefixtures("offline")
+def test_pretrained_backbone_without_a_network_is_one_line_through_train_py(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = _real_images(tmp_path / "data", train_per_class=1, test_per_class=1, classes=2)
+    assert train.main([str(data), "--train-split", "train", "--val-split", "test", "-j", "0", "--model", "bgnn",
+                       "--model-kwargs", f"backbone={BACKBONE}", "pretrained=True",
+                       "--output", str(tmp_path / "out")]) == 1
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "error" in line.lower()]
+    assert len(err) == 1 and err[0].startswith("error: cannot download the pretrained") and "backbone_file=PATH" in err[0]
