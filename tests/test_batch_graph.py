@@ -20,6 +20,8 @@ import train
 from tests.shared_files import shared_path
 from tests.train_helpers import last_json_line
 from vig.errors import RunError
+from vig.trainer.distributed import DistributedContext
+from vig.trainer.engine import Precision, train_one_epoch
 from vig.models.batch_graph import (BatchGraphNet, EdgeNet, NodeNet, aggregate_neighbours, edge_targets,
                                     has_edge_head, label_to_edge)
 
@@ -220,6 +222,25 @@ def test_node_features_are_the_pooled_backbone_map(backbone: str, width: int) ->
                      model.backbone.forward_features(images).mean(dim=(2, 3)))
     assert model.num_features == width
     assert not any("conv_head" in key for key in model.state_dict())
+
+
+@pytest.mark.parametrize("weight", [0.5, 2.0])
+def test_the_trainer_adds_the_weighted_edge_loss_and_backpropagates_it(weight: float) -> None:
+    torch.manual_seed(0)
+    batch = (torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 0, 2, 1, 0]))
+    ctx = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    results = {}
+    for edge_weight in (0.0, weight):
+        model = _model(seed=0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        stats = train_one_epoch(0, model, [batch], optimizer, torch.nn.CrossEntropyLoss(), ctx,
+                                Precision("cpu", None, None), 0, edge_loss_weight=edge_weight)
+        results[edge_weight] = (stats, model.backbone.conv_stem.weight.detach().clone())
+    (plain, plain_stem), (weighted, weighted_stem) = results[0.0], results[weight]
+    assert plain.edge_loss == pytest.approx(weighted.edge_loss) and plain.edge_loss > 0
+    # one step: both losses are taken before the update, from the same weights and batch
+    assert weighted.loss == pytest.approx(plain.loss + weight * plain.edge_loss, rel=1e-6)
+    assert not torch.equal(weighted_stem, plain_stem)  # the edge term changed the backbone's update
 
 
 def _real_images(root: Path, train_per_class: int, test_per_class: int, classes: int = 3) -> Path:
