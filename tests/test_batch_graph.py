@@ -311,4 +311,5 @@ def test_pretrained_backbone_without_a_network_is_one_line_through_train_py(
                        "--model-kwargs", f"backbone={BACKBONE}", "pretrained=True",
                        "--output", str(tmp_path / "out")]) == 1
     err = [line for line in capsys.readouterr().err.strip().splitlines() if "error" in line.lower()]
-    assert len(err) == 1 and err[0].startswith("error: cannot download the pretrained") and "backbone_file=PATH" in err[0]
+    assert len(err) == 1 and err[0].startswith("error: cannot download the pretrained")
+    assert "backbone_file=PATH" in err[0]

@@ -26,7 +26,6 @@ least two samples, so a training batch of one raises ValueError.
 from __future__ import annotations
 
 import copy
-import logging
 from typing import Any, Sequence
 
 import timm
@@ -40,8 +39,6 @@ from vig.errors import RunError
 
 __all__ = ["BatchGraphHead", "BatchGraphNet", "EdgeNet", "NodeNet", "aggregate_neighbours", "edge_targets",
            "has_edge_head", "label_to_edge"]
-
-_LOGGER = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "mobilenetv3_small_100"
 _WEIGHT_SOURCES = ("file", "url", "hf_hub_id", "state_dict")
