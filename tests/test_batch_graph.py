@@ -20,6 +20,7 @@ import train
 from tests.shared_files import shared_path
 from tests.train_helpers import last_json_line
 from vig.errors import RunError
+from vig.trainer.curves import draw_curves, read_summary
 from vig.trainer.distributed import DistributedContext
 from vig.trainer.engine import Precision, train_one_epoch
 from vig.models.batch_graph import (BatchGraphNet, EdgeNet, NodeNet, aggregate_neighbours, edge_targets,
@@ -313,3 +314,16 @@ def test_pretrained_backbone_without_a_network_is_one_line_through_train_py(
     err = [line for line in capsys.readouterr().err.strip().splitlines() if "error" in line.lower()]
     assert len(err) == 1 and err[0].startswith("error: cannot download the pretrained")
     assert "backbone_file=PATH" in err[0]
+
+
+@pytest.mark.parametrize("with_edge_loss", [True, False])
+def test_curves_draw_the_edge_loss_when_the_summary_has_it(tmp_path: Path, with_edge_loss: bool) -> None:
+    header = "epoch,train_loss,eval_loss,eval_top1,lr" + (",train_edge_loss" if with_edge_loss else "")
+    rows = ["0,2.0,1.9,30,0.001" + (",0.7" if with_edge_loss else ""), "1,1.8,1.7,35,0.0005" +
+            (",0.6" if with_edge_loss else "")]
+    (tmp_path / "summary.csv").write_text("\n".join([header, *rows]) + "\n")
+    run = read_summary(tmp_path / "summary.csv")
+    loss_panel = draw_curves([run]).axes[0]
+    assert len(loss_panel.get_lines()) == (3 if with_edge_loss else 2)
+    if with_edge_loss:
+        assert run.columns["train_edge_loss"] == [0.7, 0.6]
