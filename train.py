@@ -28,7 +28,9 @@ def _print_result(result: dict[str, Any]) -> None:
     rows = [("model", result["model"]), ("checkpoint", result["checkpoint"] + (" (EMA)" if result["ema"] else "")),
             ("input", f"{result['img_size']} px, {result['num_classes']} classes"),
             ("graph", result["graph"]), ("flip TTA", "on" if result["tta"] else "off"),
-            ("images", result["count"]), ("loss", f"{result['loss']:.4f}"),
+            ("images", result["count"]),
+            ("batches", f"{result['batch_size']} images, last {', '.join(map(str, result['last_batch_sizes']))}"),
+            ("loss", f"{result['loss']:.4f}"),
             ("top-1 %", f"{result['top1']:.2f}"), ("top-5 %", f"{result['top5']:.2f}")]
     print(format_table(rows))
     print(json.dumps(result), flush=True)

@@ -23,6 +23,8 @@ from vig.complexity import count_saved_activations
 
 # construction arguments that keep each test fast on a CPU; models not listed are built with their defaults
 SMALL: dict[str, dict[str, Any]] = {
+    "bgnn": dict(backbone="mobilenetv3_small_050", edge_features=8),
+    "bgnn_mobilenetv3_small_100": dict(edge_features=8),
     "cnn_gat_cifar": dict(hidden=16, heads=2, embed_dim=16, num_blocks=2),
     "convmixer_cifar": dict(dim=16, depth=4),
     "convmixer_xl_cifar": dict(dim=16, depth=3),  # the smaller: the API runs through the residual groups

@@ -134,6 +134,35 @@ def test_two_ranks_train_to_bit_identical_weights_and_log_the_knn_cap_once(tmp_p
         assert not unchanged, f"{entry}: still the initial weights in {unchanged[:5]}"
 
 
+BGNN_FLAGS = ("--model bgnn --model-kwargs backbone=mobilenetv3_small_050 edge_features=8 --img-size 32 --epochs 1 "
+              "--warmup-epochs 0 --lr 1e-3 -b 4 -j 0 --mixup 0.8 --edge-loss-weight 1").split()
+
+
+@pytest.mark.slow
+def test_two_ranks_train_bgnn_in_step_with_the_edge_loss_over_each_ranks_own_batch(tmp_path: Path,
+                                                                                   image_folder: Path) -> None:
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    command = [sys.executable, *_launcher("torchrun"), str(REPO_ROOT / "tests" / "train_worker.py"), str(weights),
+               str(image_folder), *BGNN_FLAGS, "--output", str(tmp_path / "out"), "--experiment", "run"]
+    result = subprocess.run(command, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    ranks = [torch.load(weights / f"rank{rank}.pth", weights_only=True) for rank in (0, 1)]
+    for rank in ranks:  # 9 images per rank in batches of 4: 2 steps, each an edge target over 4 images, not 8
+        assert [edge.shape for _, edge in rank["edge_targets"]] == [(4, 4), (4, 4)]
+        for targets, edge in rank["edge_targets"]:
+            assert targets.shape == (4, 2)  # this rank's mixed label vectors
+    shards = [torch.cat([targets for targets, _ in rank["edge_targets"]]) for rank in ranks]
+    assert not torch.equal(shards[0], shards[1])  # each rank built its target from its own batch
+    unequal = [key for key, value in ranks[0]["model"].items() if not torch.equal(value, ranks[1]["model"][key])]
+    assert not unequal, f"rank 0 and rank 1 differ in {unequal[:5]}"
+    unchanged = [key for key, value in ranks[0]["initial"].items()
+                 if value.is_floating_point() and torch.equal(ranks[0]["model"][key], value)]
+    assert not unchanged, f"still the initial weights in {unchanged[:5]}"
+    with open(tmp_path / "out" / "run" / "summary.csv", newline="") as handle:
+        assert float(next(csv.DictReader(handle))["train_edge_loss"]) > 0
+
+
 def _old_group_completed(store: dist.Store, world_size: int) -> None:
     _agree_in_threads(store, world_size, timedelta(seconds=10))
 

@@ -3,8 +3,10 @@
 Usage: torchrun ... tests/train_worker.py OUT_DIR TRAIN_PY_ARGS...
 
 Runs `train.main(TRAIN_PY_ARGS)` unchanged, watching two calls of vig.trainer.run: the model as this rank
-created it (before DDP makes every rank start from rank 0's), and what `train` returns. Writes
-OUT_DIR/rank<RANK>.pth holding the state dicts "initial", "model" and "ema" (None without --model-ema).
+created it (before DDP makes every rank start from rank 0's), and what `train` returns, and the edge
+targets the training loop builds (models with an edge head). Writes OUT_DIR/rank<RANK>.pth holding the
+state dicts "initial", "model" and "ema" (None without --model-ema), and "edge_targets": one (targets,
+edge target (B, B)) pair per training step of this rank.
 """
 from __future__ import annotations
 
@@ -13,19 +15,27 @@ import copy
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 import train
+from vig.trainer import engine as trainer_engine
 from vig.trainer import run as trainer_run
 from vig.trainer.distributed import DistributedContext
 
 
 def main(out_dir: Path, train_argv: list[str]) -> int:
-    seen: dict[str, dict[str, torch.Tensor] | None] = {}
+    seen: dict[str, Any] = {"edge_targets": []}
     create_model = trainer_run.create_model_from_args
     train_loop = trainer_run.train
+    edge_targets = trainer_engine.edge_targets
+
+    def watched_edge_targets(targets: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+        edge = edge_targets(targets, smoothing)
+        seen["edge_targets"].append((targets.detach().clone(), edge.detach().clone()))
+        return edge
 
     def watched_create_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
         model = create_model(args, num_classes)
@@ -40,6 +50,7 @@ def main(out_dir: Path, train_argv: list[str]) -> int:
 
     trainer_run.create_model_from_args = watched_create_model
     trainer_run.train = watched_train
+    trainer_engine.edge_targets = watched_edge_targets
     status = train.main(train_argv)
     if status == 0:
         torch.save(seen, out_dir / f"rank{os.environ['RANK']}.pth")

@@ -1,7 +1,8 @@
 """Vision GNN models; importing this package registers them with timm."""
+from .batch_graph import BatchGraphNet
 from .cifar_gat import CnnGatCifar, predict_flip_tta
 from .convmixer_cifar import ConvMixerCifar
 from .isotropic import SIZES, VisionGNN
 from .pyramid import PyramidVisionGNN
 
-__all__ = ["SIZES", "CnnGatCifar", "ConvMixerCifar", "PyramidVisionGNN", "VisionGNN", "predict_flip_tta"]
+__all__ = ["SIZES", "BatchGraphNet", "CnnGatCifar", "ConvMixerCifar", "PyramidVisionGNN", "VisionGNN", "predict_flip_tta"]

@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     aug.add_argument("--mixup-switch-prob", type=float, default=0.5, help="probability of cutmix when both on")
     aug.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     aug.add_argument("--tta", action="store_true", help="flip test-time augmentation in validation")
+    aug.add_argument("--edge-loss-weight", type=float, default=None, metavar="W",
+                     help="weight of the batch-graph edge loss, BCE(edge_sim, same-class matrix), added to the "
+                          "classification loss (models with an edge head, e.g. bgnn; default 1)")
 
     run = parser.add_argument_group("run")
     run.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 where supported, else float16)")
@@ -290,6 +293,8 @@ def validate_args(args: argparse.Namespace) -> None:
     _require(not args.force_color_jitter or bool(args.aa),
              "--force-color-jitter keeps --color-jitter alongside --aa; without --aa the jitter is always on")
     _require(args.mixup >= 0 and args.cutmix >= 0, "--mixup and --cutmix must be >= 0")
+    _require(args.edge_loss_weight is None or (math.isfinite(args.edge_loss_weight) and args.edge_loss_weight >= 0),
+             f"--edge-loss-weight must be >= 0, got {args.edge_loss_weight}")
     _require(0 < args.model_ema_decay < 1, f"--model-ema-decay must be in (0, 1), got {args.model_ema_decay}")
     for name in ("drop", "drop_path"):
         value = getattr(args, name)

@@ -5,7 +5,8 @@ that holds its CSV (the ``vig-plot`` tool). The trainer calls `write_curves` at 
 epoch; it logs a warning instead of raising. Files are read by `vig.trainer.saver.read_summary_rows`.
 
 A summary.csv has one row per epoch and at least the columns ``epoch, train_loss, eval_loss,
-eval_top1, lr``; a column named ``<column>_ema`` (e.g. ``eval_top1_ema``), or ``ema_<column>``, is
+eval_top1, lr``; an optional ``train_edge_loss`` (models with a batch-graph edge head) is drawn in the
+loss panel, dotted-dashed. A column named ``<column>_ema`` (e.g. ``eval_top1_ema``), or ``ema_<column>``, is
 drawn as the EMA variant of ``<column>``. Other columns are ignored; empty cells are drawn as gaps.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from vig.trainer.saver import read_summary_rows
 logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("epoch", "train_loss", "eval_loss", "eval_top1", "lr")
+OPTIONAL_COLUMNS: tuple[str, ...] = ("train_edge_loss",)  # drawn when the summary has them
 EMA_SUFFIX = "_ema"
 EMA_PREFIX = "ema_"
 CURVES_SIZE_PX: tuple[int, int] = (1500, 480)
@@ -34,12 +36,14 @@ LOG_SCALE_SPAN = 20.0  # a log-scale panel goes logarithmic only when its values
 
 # (title, y label, columns drawn, log-scale y when the values span LOG_SCALE_SPAN) of each panel, left to right.
 PANELS: tuple[tuple[str, str, tuple[str, ...], bool], ...] = (
-    ("loss", "loss", ("train_loss", "eval_loss"), False),
+    ("loss", "loss", ("train_loss", "eval_loss", "train_edge_loss"), False),
     ("top-1 accuracy", "eval top-1", ("eval_top1",), False),
     ("learning rate", "lr", ("lr",), True),
 )
-SERIES_STYLE: dict[str, str] = {"train_loss": "-", "eval_loss": "--", "eval_top1": "-", "lr": "-"}
-SERIES_LABEL: dict[str, str] = {"train_loss": "train", "eval_loss": "eval", "eval_top1": "eval", "lr": "lr"}
+SERIES_STYLE: dict[str, str] = {"train_loss": "-", "eval_loss": "--", "train_edge_loss": "-.", "eval_top1": "-",
+                                "lr": "-"}
+SERIES_LABEL: dict[str, str] = {"train_loss": "train", "eval_loss": "eval", "train_edge_loss": "train edge",
+                                "eval_top1": "eval", "lr": "lr"}
 EMA_STYLE = ":"
 
 
@@ -85,7 +89,7 @@ def read_summary(path: Path, name: str | None = None) -> RunCurves:
     """
     path = Path(path)
     header, rows = read_summary_rows(path, REQUIRED_COLUMNS)
-    drawn = {c: c for c in REQUIRED_COLUMNS}
+    drawn = {c: c for c in (*REQUIRED_COLUMNS, *(c for c in OPTIONAL_COLUMNS if c in header))}
     drawn.update({_ema_key(c): c for c in header if _ema_key(c)})
     columns: dict[str, list[float]] = {key: [] for key in drawn}
     for line, row in enumerate(rows, start=2):
@@ -128,7 +132,7 @@ def draw_curves(runs: Sequence[RunCurves]) -> Figure:
                         continue
                     ax.plot(run.epochs, run.columns[key], linestyle=style, color=colour, marker=marker, markersize=3)
                     styles[label] = style
-        values = [v for run in runs for column in series for v in run.columns[column] if math.isfinite(v)]
+        values = [v for run in runs for column in series for v in run.columns.get(column, ()) if math.isfinite(v)]
         if log_y and values and min(values) > 0 and max(values) / min(values) >= LOG_SCALE_SPAN:
             ax.set_yscale("log")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

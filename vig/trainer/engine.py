@@ -11,6 +11,11 @@ rank at the next log step or at the end of the epoch, whichever comes first, alw
 update and up to ``log_interval - 1`` further updates run on weights that are no longer finite;
 they are thrown away with the run. ``skip_nonfinite`` has to decide at every step whether to update,
 so with it the finite-loss flag is reduced over ranks and read at every step (one read per step).
+
+Models with a batch-graph edge head (`vig.models.batch_graph`) train on the classification loss plus
+``edge_loss_weight`` x BCE(edge_sim, `edge_targets`): each rank's edges link the images of its own batch
+only (features are not gathered across ranks). With mixup / cutmix the edge target is Y Y^T of the mixed
+label vectors with the label smoothing undone.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from vig.errors import RunError
+from vig.models.batch_graph import edge_targets
 from vig.trainer.distributed import DistributedContext, all_reduce_sum
 from vig.tta import predict_flip_tta
 
@@ -129,7 +135,8 @@ class EpochProgress:
 @dataclass
 class TrainStats:
     """Epoch figures over all ranks: mean loss per image, images seen, updates so far, last lr, images/s,
-    and the steps skipped for a non-finite loss (`skip_nonfinite`)."""
+    the steps skipped for a non-finite loss (`skip_nonfinite`) and the mean edge loss (unweighted BCE; None
+    without an edge loss)."""
 
     loss: float
     images: int
@@ -137,6 +144,7 @@ class TrainStats:
     lr: float
     images_per_second: float
     skipped_steps: int = 0
+    edge_loss: float | None = None
 
 
 def _to_device(images: torch.Tensor, targets: torch.Tensor, device: torch.device,
@@ -149,23 +157,25 @@ def _to_device(images: torch.Tensor, targets: torch.Tensor, device: torch.device
 
 @dataclass
 class _Reading:
-    """Epoch figures so far, summed over ranks: loss * batch, images, and for each rank the first step
-    whose loss was not finite (0: none)."""
+    """Epoch figures so far, summed over ranks: loss * batch, edge loss * batch, images, and for each rank
+    the first step whose loss was not finite (0: none)."""
 
     loss_sum: float
+    edge_loss_sum: float
     images: int
     first_non_finite: list[int]
 
 
-def _read_back(loss_sum: torch.Tensor, first_non_finite: torch.Tensor, images: int,
+def _read_back(loss_sum: torch.Tensor, edge_loss_sum: torch.Tensor, first_non_finite: torch.Tensor, images: int,
                ctx: DistributedContext) -> _Reading:
     """One all-reduce and one host copy of this rank's device tallies (0-dim float64 tensors)."""
-    local = torch.zeros(2 + ctx.world_size, dtype=torch.float64, device=loss_sum.device)
+    local = torch.zeros(3 + ctx.world_size, dtype=torch.float64, device=loss_sum.device)
     local[0] = loss_sum
-    local[1] = images
-    local[2 + ctx.rank] = first_non_finite
+    local[1] = edge_loss_sum
+    local[2] = images
+    local[3 + ctx.rank] = first_non_finite
     values = all_reduce_sum(local, ctx).tolist()
-    return _Reading(values[0], int(values[1]), [int(value) for value in values[2:]])
+    return _Reading(values[0], values[1], int(values[2]), [int(value) for value in values[3:]])
 
 
 def _stop_if_non_finite(reading: _Reading, epoch: int, step: int, total: int, ctx: DistributedContext) -> None:
@@ -195,6 +205,7 @@ def train_one_epoch(
     channels_last: bool = False,
     log_interval: int = 50,
     skip_nonfinite: bool = False,
+    edge_loss_weight: float | None = None,
 ) -> TrainStats:
     """One pass over this rank's shard. Images (B, 3, H, W), targets (B,) class indices; a PrefetchLoader
     (`vig.trainer.data.prefetch_to_device`) delivers them normalised on the device already.
@@ -206,11 +217,18 @@ def train_one_epoch(
     them. With `skip_nonfinite` the flag is reduced and read at every step instead, and a bad step is
     skipped on every rank (no update, no EMA / schedule step) and counted in `TrainStats.skipped_steps`.
     The progress line shows the epoch's mean loss so far over all ranks.
+
+    With `edge_loss_weight` (models with an edge head) the model is called as ``model(images,
+    return_edges=True)`` (through DDP's forward) and the loss is the classification loss plus
+    ``edge_loss_weight`` x BCE(edge_sim (B, B), `edge_targets` of this rank's batch), computed in float32
+    outside autocast; its unweighted mean is `TrainStats.edge_loss`.
     """
     model.train()
     unwrapped = unwrap_model(model)
     progress = EpochProgress(f"train {epoch}", len(loader), ctx.is_primary, log_interval)
     loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    edge_loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    smoothing = mixup.label_smoothing if mixup is not None else 0.0  # inside the mixed targets
     first_non_finite = torch.zeros((), dtype=torch.float64, device=ctx.device)
     images_seen = 0
     skipped_steps = 0
@@ -227,7 +245,14 @@ def train_one_epoch(
         if mixup is not None:
             images, targets = mixup(images, targets)
         with precision.autocast():
-            loss = loss_fn(model(images), targets)
+            if edge_loss_weight is None:
+                loss = loss_fn(model(images), targets)
+            else:
+                logits, edge_sim = model(images, return_edges=True)
+                loss = loss_fn(logits, targets)
+        if edge_loss_weight is not None:
+            edge_loss = F.binary_cross_entropy(edge_sim.float(), edge_targets(targets, smoothing))
+            loss = loss + edge_loss_weight * edge_loss
         non_finite = ~torch.isfinite(loss.detach())
         if skip_nonfinite and all_reduce_sum(non_finite.double(), ctx).item() > 0:
             skipped_steps += 1
@@ -253,18 +278,22 @@ def train_one_epoch(
                 scheduler.step_update(num_updates=num_updates)
             batch = images.shape[0]
             loss_sum += loss.detach().double() * batch
+            if edge_loss_weight is not None:
+                edge_loss_sum += edge_loss.detach().double() * batch
             images_seen += batch
         if progress.due(step):
-            reading, read_at = _read_back(loss_sum, first_non_finite, images_seen, ctx), step
+            reading, read_at = _read_back(loss_sum, edge_loss_sum, first_non_finite, images_seen, ctx), step
             _stop_if_non_finite(reading, epoch, step, len(loader), ctx)
         progress.update(step, fields)
     elapsed = time.perf_counter() - start
     if reading is None or read_at != step:  # an empty loader, or one that ended before its len()
-        reading = _read_back(loss_sum, first_non_finite, images_seen, ctx)
+        reading = _read_back(loss_sum, edge_loss_sum, first_non_finite, images_seen, ctx)
         _stop_if_non_finite(reading, epoch, step, len(loader), ctx)
     return TrainStats(loss=reading.loss_sum / max(reading.images, 1), images=reading.images,
                       num_updates=num_updates, lr=optimizer.param_groups[0]["lr"],
-                      images_per_second=reading.images / max(elapsed, 1e-9), skipped_steps=skipped_steps)
+                      images_per_second=reading.images / max(elapsed, 1e-9), skipped_steps=skipped_steps,
+                      edge_loss=reading.edge_loss_sum / max(reading.images, 1) if edge_loss_weight is not None
+                      else None)
 
 
 @dataclass

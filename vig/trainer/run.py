@@ -37,6 +37,7 @@ from vig.complexity import count_macs, count_parameters
 from vig.console import require_model
 from vig.errors import UsageError
 from vig.graph_info import describe_graph
+from vig.models.batch_graph import has_edge_head
 from vig.trainer.cli import DEFAULT_MODEL
 from vig.trainer.curves import write_curves
 from vig.trainer.data import (ShardedEvalSampler, build_dataset, build_loader, device_normalizes, eval_transform,
@@ -168,19 +169,27 @@ def evaluate(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     precision = resolve_precision(args.amp, args.amp_dtype, ctx.device)
-    loader = build_loader(val_set, ShardedEvalSampler(len(val_set), ctx.world_size, ctx.rank), args.batch_size,
-                          args.workers, is_training=False, device=ctx.device)
+    sampler = ShardedEvalSampler(len(val_set), ctx.world_size, ctx.rank)
+    loader = build_loader(val_set, sampler, args.batch_size, args.workers, is_training=False, device=ctx.device)
+    last_batches = [size % args.batch_size or min(size, args.batch_size)
+                    for size in all_gather_objects(len(sampler), ctx)]
     if device_normalize:
         loader = prefetch_to_device(loader, config, ctx.device)
     stats = validate(model, loader, ctx, precision, tta=args.tta, channels_last=args.channels_last,
                      log_interval=args.log_interval)
     if not ctx.is_primary:
         return None
+    _LOGGER.info("evaluated in batches of %d images; the last batch of each process (%s) is evaluated as the "
+                 "smaller batch it is, not dropped or padded%s", args.batch_size,
+                 ", ".join(str(size) for size in last_batches),
+                 "; predictions are transductive (they depend on the other images of the batch)"
+                 if has_edge_head(args.model) else "")
     graph = describe_graph(model)
     return {"model": args.model, "checkpoint": args.initial_checkpoint, "ema": args.model_ema,
             "img_size": config.input_size[-1], "num_classes": _num_classes(args, classes),
             "graph": graph.label, "start_thresh": graph.start_thresh, "dec": graph.dec,
-            "tta": args.tta, "top1": stats.top1, "top5": stats.top5, "loss": stats.loss, "count": stats.count}
+            "tta": args.tta, "top1": stats.top1, "top5": stats.top5, "loss": stats.loss, "count": stats.count,
+            "batch_size": args.batch_size, "last_batch_sizes": last_batches}
 
 
 def _optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
@@ -204,6 +213,20 @@ def _loss_and_mixup(args: argparse.Namespace, num_classes: int) -> tuple[nn.Modu
     if args.smoothing > 0:
         return LabelSmoothingCrossEntropy(smoothing=args.smoothing), None
     return nn.CrossEntropyLoss(), None
+
+
+def resolve_edge_loss_weight(args: argparse.Namespace) -> float | None:
+    """--edge-loss-weight for a model with a batch-graph edge head (default 1), None for other models; a
+    weight given for another model, or a training batch of one image (BatchNorm over the batch), is a
+    UsageError."""
+    if not has_edge_head(args.model):
+        if args.edge_loss_weight is not None:
+            raise UsageError(f"--edge-loss-weight needs a model with a batch-graph edge head (bgnn, "
+                             f"bgnn_mobilenetv3_small_100); {args.model} has none")
+        return None
+    if args.batch_size < 2:
+        raise UsageError(f"{args.model} trains on a graph over the batch: --batch-size must be >= 2, got 1")
+    return 1.0 if args.edge_loss_weight is None else args.edge_loss_weight
 
 
 def _output_folder(args: argparse.Namespace, ctx: DistributedContext) -> Path:
@@ -304,6 +327,7 @@ class TrainingRun:
     loss_fn: nn.Module | None = None
     mixup: Mixup | None = None
     saver: CheckpointSaver | None = None
+    edge_loss_weight: float | None = None
 
 
 def set_up_training(args: argparse.Namespace, ctx: DistributedContext) -> TrainingRun:
@@ -317,6 +341,7 @@ def set_up_training(args: argparse.Namespace, ctx: DistributedContext) -> Traini
     require_same_classes(args, classes, val_classes)
     num_classes = _num_classes(args, classes)
     require_model(args.model)
+    edge_loss_weight = resolve_edge_loss_weight(args)
     folder = _output_folder(args, ctx)  # before the model is built: a used folder stops the run first
     model = create_model_from_args(args, num_classes)
     if checkpoint is not None:
@@ -358,7 +383,7 @@ def set_up_training(args: argparse.Namespace, ctx: DistributedContext) -> Traini
     return TrainingRun(model=model, model_ema=model_ema, optimizer=optimizer, scheduler=scheduler,
                        precision=precision, train_set=train_set, val_set=val_set, sampler=sampler,
                        train_loader=train_loader, val_loader=val_loader, num_classes=num_classes,
-                       num_epochs=num_epochs, folder=folder)
+                       num_epochs=num_epochs, folder=folder, edge_loss_weight=edge_loss_weight)
 
 
 def resume_training(run: TrainingRun, args: argparse.Namespace, ctx: DistributedContext) -> None:
@@ -418,7 +443,8 @@ def run_epoch(run: TrainingRun, args: argparse.Namespace, ctx: DistributedContex
     stats = train_one_epoch(epoch, run.model, run.train_loader, run.optimizer, run.loss_fn, ctx, run.precision,
                             num_updates, scheduler=run.scheduler, mixup=run.mixup, model_ema=run.model_ema,
                             clip_grad=args.clip_grad, clip_mode=args.clip_mode, channels_last=args.channels_last,
-                            log_interval=args.log_interval, skip_nonfinite=args.skip_nonfinite)
+                            log_interval=args.log_interval, skip_nonfinite=args.skip_nonfinite,
+                            edge_loss_weight=run.edge_loss_weight)
     shard_images = all_gather_objects(len(run.sampler), ctx)
     if ctx.distributed:
         distribute_bn(run.model, ctx.world_size, reduce=True)
@@ -428,6 +454,8 @@ def run_epoch(run: TrainingRun, args: argparse.Namespace, ctx: DistributedContex
                           channels_last=args.channels_last, log_interval=args.log_interval)
     row: dict[str, Any] = {"epoch": epoch, "train_loss": stats.loss, "eval_loss": eval_stats.loss,
                            "eval_top1": eval_stats.top1, "eval_top5": eval_stats.top5, "lr": stats.lr}
+    if stats.edge_loss is not None:
+        row["train_edge_loss"] = stats.edge_loss
     metric = eval_stats.top1
     if run.model_ema is not None:
         ema_stats = validate(run.model_ema.module, run.val_loader, ctx, run.precision, tta=args.tta,
@@ -453,8 +481,10 @@ def record_epoch(run: TrainingRun, args: argparse.Namespace, ctx: DistributedCon
         _LOGGER.warning("epoch %d: skipped %d corrupt training and %d corrupt validation image reads "
                         "(--skip-corrupt)", epoch, int(result.corrupt[0]), int(result.corrupt[1]))
     left_out = sum(result.shard_images) - stats.images - stats.skipped_steps * args.batch_size * ctx.world_size
-    _LOGGER.info("epoch %d: train loss %.4f = mean over the %d images trained in this epoch by %d process(es)%s, "
+    _LOGGER.info("epoch %d: train loss %.4f%s = mean over the %d images trained in this epoch by %d process(es)%s, "
                  "%.1f img/s; validation %d images: loss %.4f top1 %.2f top5 %.2f%s", epoch, stats.loss,
+                 f" (edge loss {stats.edge_loss:.4f}, weight {run.edge_loss_weight:g})" if stats.edge_loss is not None
+                 else "",
                  stats.images, ctx.world_size,
                  f" ({left_out} more in incomplete last batches, not trained)" if left_out > 0 else "",
                  stats.images_per_second, eval_stats.count, eval_stats.loss, eval_stats.top1, eval_stats.top5,
