@@ -283,6 +283,7 @@ def test_one_epoch_through_train_py_then_evaluate_reports_its_batches(
     captured = capsys.readouterr()
     result = last_json_line(captured.out)
     assert (result["count"], result["batch_size"], result["last_batch_sizes"]) == (9, 4, [1])
+    assert result["eval_order"] == "shuffled (seed 42)"
     assert "transductive" in caplog.text
     # the training run validated in the same batches (4, 4, 1), so the checkpoint scores the same
     assert result["top1"] == pytest.approx(float(rows[0]["eval_top1"]))

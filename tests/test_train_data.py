@@ -1,6 +1,7 @@
 """Data pieces of the trainer: sharding, repeated augmentation, split fallback, synthetic set; saver files."""
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 from collections import Counter
@@ -14,6 +15,7 @@ from timm.data.auto_augment import RandAugment
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
+from torchvision.datasets import ImageFolder
 
 from tests.shared_files import shared_path
 from tests.train_helpers import make_image_folder
@@ -21,6 +23,7 @@ from vig.trainer.cli import parse_args
 from vig.trainer.data import (DataConfig, ShardedEvalSampler, SyntheticPatterns, find_split_folder, train_sampler,
                               train_transform)
 from vig.trainer.distributed import DistributedContext
+from vig.trainer.run import eval_sampler
 from vig.errors import UsageError
 from vig.trainer.saver import CheckpointSaver, append_summary, prepare_output_dir
 
@@ -34,6 +37,30 @@ def test_eval_shards_cover_every_image_exactly_once(num_samples: int, world_size
     shards = [list(ShardedEvalSampler(num_samples, world_size, rank)) for rank in range(world_size)]
     assert sorted(i for shard in shards for i in shard) == list(range(num_samples))
     assert [len(ShardedEvalSampler(num_samples, world_size, r)) for r in range(world_size)] == [len(s) for s in shards]
+
+
+@pytest.mark.parametrize(("num_samples", "world_size"), [(7, 2), (10, 3), (2, 4), (0, 2), (50, 1)])
+def test_shuffled_eval_shards_cover_every_image_once_in_one_fixed_order(num_samples: int, world_size: int) -> None:
+    def shards(seed: int) -> list[list[int]]:
+        return [list(ShardedEvalSampler(num_samples, world_size, rank, shuffle_seed=seed)) for rank in range(world_size)]
+
+    assert sorted(i for shard in shards(3) for i in shard) == list(range(num_samples))
+    assert shards(3) == shards(3)
+    assert [len(ShardedEvalSampler(num_samples, world_size, r, 3)) for r in range(world_size)] == [
+        len(s) for s in shards(3)]
+    if num_samples >= 10:
+        assert shards(3) != shards(4)
+        assert [i for shard in shards(3) for i in shard] != list(range(num_samples))
+
+
+@pytest.mark.parametrize(("model", "mixes_classes"), [("bgnn", True), ("resnet10t", False)])
+def test_batch_dependent_models_evaluate_class_sorted_folders_in_mixed_batches(model: str, mixes_classes: bool) -> None:
+    test_set = ImageFolder(str(shared_path("data", "cifar10-subset", "test")))
+    sampler = eval_sampler(argparse.Namespace(model=model, seed=42), len(test_set), _ctx(0, 1))
+    first_batch = list(sampler)[:64]
+    classes = {test_set.targets[i] for i in first_batch}
+    assert (len(classes) >= 8) == mixes_classes
+    assert sorted(sampler) == list(range(len(test_set)))
 
 
 def test_training_shards_are_disjoint_and_reshuffled_per_epoch() -> None:

@@ -107,15 +107,25 @@ SYNTHETIC_SIZES = {"train": 768, "val": 256}
 
 
 class ShardedEvalSampler(Sampler[int]):
-    """Indices rank, rank + world_size, ... of a dataset: every index on exactly one rank, no padding."""
+    """Positions rank, rank + world_size, ... of the evaluation order: every index on exactly one rank, no padding.
 
-    def __init__(self, num_samples: int, world_size: int, rank: int) -> None:
+    The order is the dataset's own, or with ``shuffle_seed`` one fixed permutation drawn from that seed (the
+    same in every epoch and every run with the seed). Models whose predictions depend on the other images
+    of their batch (the batch-graph head) are evaluated in the shuffled order, so that their batches are not
+    the class-sorted runs of an ImageFolder.
+    """
+
+    def __init__(self, num_samples: int, world_size: int, rank: int, shuffle_seed: int | None = None) -> None:
         self.num_samples = num_samples
         self.world_size = world_size
         self.rank = rank
+        self.shuffle_seed = shuffle_seed
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.num_samples, self.world_size))
+        if self.shuffle_seed is None:
+            return iter(range(self.rank, self.num_samples, self.world_size))
+        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.shuffle_seed))
+        return iter(order[self.rank::self.world_size].tolist())
 
     def __len__(self) -> int:
         return len(range(self.rank, self.num_samples, self.world_size))

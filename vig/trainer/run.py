@@ -156,6 +156,14 @@ def _num_classes(args: argparse.Namespace, classes: list[str]) -> int:
     return args.num_classes
 
 
+def eval_sampler(args: argparse.Namespace, num_samples: int, ctx: DistributedContext) -> ShardedEvalSampler:
+    """This rank's share of the validation images: in the dataset's order, or, for a model whose predictions
+    depend on its batch (an edge head), in one fixed order shuffled from --seed, so that its batches mix
+    classes instead of following a class-sorted folder."""
+    seed = args.seed if has_edge_head(args.model) else None
+    return ShardedEvalSampler(num_samples, ctx.world_size, ctx.rank, shuffle_seed=seed)
+
+
 def evaluate(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any] | None:
     """Evaluate --pretrain_path on the validation split; the result dict on the primary rank, else None."""
     checkpoint = apply_checkpoint_settings(args, use_class_count=True)
@@ -169,7 +177,7 @@ def evaluate(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     precision = resolve_precision(args.amp, args.amp_dtype, ctx.device)
-    sampler = ShardedEvalSampler(len(val_set), ctx.world_size, ctx.rank)
+    sampler = eval_sampler(args, len(val_set), ctx)
     loader = build_loader(val_set, sampler, args.batch_size, args.workers, is_training=False, device=ctx.device)
     last_batches = [size % args.batch_size or min(size, args.batch_size)
                     for size in all_gather_objects(len(sampler), ctx)]
@@ -182,14 +190,15 @@ def evaluate(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any
     _LOGGER.info("evaluated in batches of %d images; the last batch of each process (%s) is evaluated as the "
                  "smaller batch it is, not dropped or padded%s", args.batch_size,
                  ", ".join(str(size) for size in last_batches),
-                 "; predictions are transductive (they depend on the other images of the batch)"
-                 if has_edge_head(args.model) else "")
+                 f"; predictions are transductive (they depend on the other images of the batch), the images "
+                 f"in one fixed order shuffled from --seed {args.seed}" if has_edge_head(args.model) else "")
     graph = describe_graph(model)
     return {"model": args.model, "checkpoint": args.initial_checkpoint, "ema": args.model_ema,
             "img_size": config.input_size[-1], "num_classes": _num_classes(args, classes),
             "graph": graph.label, "start_thresh": graph.start_thresh, "dec": graph.dec,
             "tta": args.tta, "top1": stats.top1, "top5": stats.top5, "loss": stats.loss, "count": stats.count,
-            "batch_size": args.batch_size, "last_batch_sizes": last_batches}
+            "batch_size": args.batch_size, "last_batch_sizes": last_batches,
+            "eval_order": "dataset" if sampler.shuffle_seed is None else f"shuffled (seed {sampler.shuffle_seed})"}
 
 
 def _optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
@@ -368,8 +377,8 @@ def set_up_training(args: argparse.Namespace, ctx: DistributedContext) -> Traini
 
     sampler = train_sampler(train_set, ctx, args.repeated_aug, args.seed)
     train_loader = build_loader(train_set, sampler, args.batch_size, args.workers, True, ctx.device)
-    val_loader = build_loader(val_set, ShardedEvalSampler(len(val_set), ctx.world_size, ctx.rank),
-                              args.batch_size, args.workers, False, ctx.device)
+    val_loader = build_loader(val_set, eval_sampler(args, len(val_set), ctx), args.batch_size, args.workers, False,
+                              ctx.device)
     if device_normalize:
         train_loader = prefetch_to_device(train_loader, config, ctx.device, args.reprob, args.remode, args.recount)
         val_loader = prefetch_to_device(val_loader, config, ctx.device)
