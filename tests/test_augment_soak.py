@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import random
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pytest
@@ -126,11 +126,21 @@ def test_every_op_at_every_magnitude_goes_through_the_training_transform(
     transform = train_transform(_args("--aa", policy), _config(size))
     op = _narrowed(transform, name)
     start = (POLICIES.index(policy) * 7 + len(name)) % len(cifar_images)
+    failures = _soak(transform, lambda magnitude: setattr(op, "magnitude", magnitude), MAGNITUDES,
+                     IMAGES_PER_MAGNITUDE, cifar_images, start, size)
+    assert not failures, f"{policy} {name} at {size} px: " + "; ".join(failures)
+
+
+def _soak(transform: Callable, set_magnitude: Callable[[float], None], magnitudes: Sequence[float],
+          images_per_magnitude: int, cifar_images: list[Image.Image], start: int, size: int) -> list[str]:
+    """Run ``transform`` on ``images_per_magnitude`` real images at each magnitude (set through
+    ``set_magnitude``), checking each output is a finite float (3, size, size) tensor; return the
+    failing magnitudes (the first error of each) instead of stopping at the first."""
     failures = []
-    for step, magnitude in enumerate(MAGNITUDES):
-        op.magnitude = magnitude
-        for k in range(IMAGES_PER_MAGNITUDE):
-            image = cifar_images[(start + step * IMAGES_PER_MAGNITUDE + k) % len(cifar_images)]
+    for step, magnitude in enumerate(magnitudes):
+        set_magnitude(magnitude)
+        for k in range(images_per_magnitude):
+            image = cifar_images[(start + step * images_per_magnitude + k) % len(cifar_images)]
             try:
                 out = transform(image)
             except Exception as err:  # the soak lists every failing magnitude, not just the first
@@ -138,7 +148,7 @@ def test_every_op_at_every_magnitude_goes_through_the_training_transform(
                 break
             assert out.shape == (3, size, size) and out.dtype == torch.float32
             assert bool(torch.isfinite(out).all())
-    assert not failures, f"{policy} {name} at {size} px: " + "; ".join(failures)
+    return failures
 
 
 def _keeps_no_bits(op: AugmentOp, magnitude: float) -> bool:
@@ -214,16 +224,7 @@ def test_every_torchvision_op_at_every_magnitude_goes_through_the_training_trans
     space = policy._augmentation_space
     policy._augmentation_space = lambda bins, image_size: {name: space(bins, image_size)[name]}  # always this op
     start = (TV_RAND_OPS.index(name) * 7) % len(cifar_images)
-    failures = []
-    for magnitude in range(TV_RAND_BINS):
-        policy.magnitude = magnitude
-        for k in range(2):  # both signs of a signed op, most of the time
-            image = cifar_images[(start + 2 * magnitude + k) % len(cifar_images)]
-            try:
-                out = transform(image)
-            except Exception as err:  # the soak lists every failing magnitude, not just the first
-                failures.append(f"m={magnitude}: {type(err).__name__}: {err}")
-                break
-            assert out.shape == (3, size, size) and out.dtype == torch.float32
-            assert bool(torch.isfinite(out).all())
+    # two images per magnitude: both signs of a signed op, most of the time
+    failures = _soak(transform, lambda magnitude: setattr(policy, "magnitude", magnitude), range(TV_RAND_BINS),
+                     2, cifar_images, start, size)
     assert not failures, f"torchvision {name} at {size} px: " + "; ".join(failures)

@@ -105,6 +105,19 @@ def test_recipe_under_distributed_launch_with_dated_folder(tmp_path: Path, image
     _check_log(result.stderr)
 
 
+def _train_two_workers(tmp_path: Path, image_folder: Path, flags: list[str]) -> tuple[list[dict], str]:
+    """Train with tests/train_worker.py on 2 torchrun ranks into tmp_path/out/run; each rank's saved record
+    (initial and final weights, ...) and the launcher's whole output."""
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    command = [sys.executable, *_launcher("torchrun"), str(REPO_ROOT / "tests" / "train_worker.py"), str(weights),
+               str(image_folder), *flags, "--output", str(tmp_path / "out"), "--experiment", "run"]
+    result = subprocess.run(command, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    return [torch.load(weights / f"rank{rank}.pth", weights_only=True) for rank in (0, 1)], output
+
+
 SYNC_FLAGS = ("--model vig_ti_224_gelu --img-size 32 --epochs 1 --warmup-epochs 0 --lr 1e-3 -b 4 -j 0 "
               "--model-ema --model-ema-decay 0.9").split()
 
@@ -112,26 +125,25 @@ SYNC_FLAGS = ("--model vig_ti_224_gelu --img-size 32 --epochs 1 --warmup-epochs 
 @pytest.mark.slow
 def test_two_ranks_train_to_bit_identical_weights_and_log_the_knn_cap_once(tmp_path: Path,
                                                                           image_folder: Path) -> None:
-    weights = tmp_path / "weights"
-    weights.mkdir()
-    command = [sys.executable, *_launcher("torchrun"), str(REPO_ROOT / "tests" / "train_worker.py"), str(weights),
-               str(image_folder), *SYNC_FLAGS, "--output", str(tmp_path / "out"), "--experiment", "run"]
-    result = subprocess.run(command, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
+    ranks, output = _train_two_workers(tmp_path, image_folder, SYNC_FLAGS)
     # 32 px gives 2 x 2 graph nodes: both ranks build the model, the cap warning appears once in all their output
     assert output.count("4 graph nodes cap the kNN schedule") == 1, output[-4000:]
 
-    ranks = [torch.load(weights / f"rank{rank}.pth", weights_only=True) for rank in (0, 1)]
     initial = ranks[0]["initial"]
     assert any(not torch.equal(value, ranks[1]["initial"][key]) for key, value in initial.items())  # seeded by rank
     for entry in ("model", "ema"):
-        assert ranks[0][entry].keys() == ranks[1][entry].keys() == initial.keys()
-        unequal = [key for key in initial if not torch.equal(ranks[0][entry][key], ranks[1][entry][key])]
-        assert not unequal, f"{entry}: rank 0 and rank 1 differ in {unequal[:5]}"
-        unchanged = [key for key, value in initial.items()
-                     if value.is_floating_point() and torch.equal(ranks[0][entry][key], value)]
-        assert not unchanged, f"{entry}: still the initial weights in {unchanged[:5]}"
+        _assert_in_step_and_trained(ranks, entry)
+
+
+def _assert_in_step_and_trained(ranks: list[dict], entry: str) -> None:
+    """Both ranks' final ``entry`` weights are bit-identical, and every floating tensor left rank 0's start."""
+    initial = ranks[0]["initial"]
+    assert ranks[0][entry].keys() == ranks[1][entry].keys() == initial.keys()
+    unequal = [key for key in initial if not torch.equal(ranks[0][entry][key], ranks[1][entry][key])]
+    assert not unequal, f"{entry}: rank 0 and rank 1 differ in {unequal[:5]}"
+    unchanged = [key for key, value in initial.items()
+                 if value.is_floating_point() and torch.equal(ranks[0][entry][key], value)]
+    assert not unchanged, f"{entry}: still the initial weights in {unchanged[:5]}"
 
 
 BGNN_FLAGS = ("--model bgnn --model-kwargs backbone=mobilenetv3_small_050 edge_features=8 --img-size 32 --epochs 1 "
@@ -141,24 +153,14 @@ BGNN_FLAGS = ("--model bgnn --model-kwargs backbone=mobilenetv3_small_050 edge_f
 @pytest.mark.slow
 def test_two_ranks_train_bgnn_in_step_with_the_edge_loss_over_each_ranks_own_batch(tmp_path: Path,
                                                                                    image_folder: Path) -> None:
-    weights = tmp_path / "weights"
-    weights.mkdir()
-    command = [sys.executable, *_launcher("torchrun"), str(REPO_ROOT / "tests" / "train_worker.py"), str(weights),
-               str(image_folder), *BGNN_FLAGS, "--output", str(tmp_path / "out"), "--experiment", "run"]
-    result = subprocess.run(command, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    ranks = [torch.load(weights / f"rank{rank}.pth", weights_only=True) for rank in (0, 1)]
+    ranks, _ = _train_two_workers(tmp_path, image_folder, BGNN_FLAGS)
     for rank in ranks:  # 9 images per rank in batches of 4: 2 steps, each an edge target over 4 images, not 8
         assert [edge.shape for _, edge in rank["edge_targets"]] == [(4, 4), (4, 4)]
         for targets, edge in rank["edge_targets"]:
             assert targets.shape == (4, 2)  # this rank's mixed label vectors
     shards = [torch.cat([targets for targets, _ in rank["edge_targets"]]) for rank in ranks]
     assert not torch.equal(shards[0], shards[1])  # each rank built its target from its own batch
-    unequal = [key for key, value in ranks[0]["model"].items() if not torch.equal(value, ranks[1]["model"][key])]
-    assert not unequal, f"rank 0 and rank 1 differ in {unequal[:5]}"
-    unchanged = [key for key, value in ranks[0]["initial"].items()
-                 if value.is_floating_point() and torch.equal(ranks[0]["model"][key], value)]
-    assert not unchanged, f"still the initial weights in {unchanged[:5]}"
+    _assert_in_step_and_trained(ranks, "model")
     with open(tmp_path / "out" / "run" / "summary.csv", newline="") as handle:
         assert float(next(csv.DictReader(handle))["train_edge_loss"]) > 0
 
