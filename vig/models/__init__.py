@@ -5,4 +5,5 @@ from .convmixer_cifar import ConvMixerCifar
 from .isotropic import SIZES, VisionGNN
 from .pyramid import PyramidVisionGNN
 
-__all__ = ["SIZES", "BatchGraphNet", "CnnGatCifar", "ConvMixerCifar", "PyramidVisionGNN", "VisionGNN", "predict_flip_tta"]
+__all__ = ["SIZES", "BatchGraphNet", "CnnGatCifar", "ConvMixerCifar", "PyramidVisionGNN", "VisionGNN",
+           "predict_flip_tta"]

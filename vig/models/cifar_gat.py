@@ -54,14 +54,13 @@ from torch.utils.checkpoint import checkpoint
 
 from gcn_lib import drop_edge, grid_edges, sparse_knn, to_pyg
 from vig.checkpoint import checkpoint_filter_fn
+from vig.models.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR_IMG_SIZE
 from vig.models.features import check_feature_request
 from vig.tta import predict_flip_tta
 
 __all__ = ["CnnGatCifar", "GRAPH_LAYERS", "cnn_gat_cifar", "predict_flip_tta"]
 
 GRAPH_LAYERS = ("gat", "gatv2", "gcn", "sage")
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 HEAD_WIDTH = 128
 DEFAULT_BLOCKS = 3
 
@@ -338,7 +337,7 @@ def _check_classes(num_classes: int) -> None:
 default_cfgs = generate_default_cfgs({
     "cnn_gat_cifar": {
         "num_classes": 10,
-        "input_size": (3, 32, 32),
+        "input_size": (3, CIFAR_IMG_SIZE, CIFAR_IMG_SIZE),
         "pool_size": None,
         "crop_pct": 1.0,
         "interpolation": "bilinear",

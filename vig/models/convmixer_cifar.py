@@ -33,11 +33,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vig.checkpoint import checkpoint_filter_fn
+from vig.models.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR_IMG_SIZE
 
 __all__ = ["BlockSequence", "ConvMixerCifar", "convmixer_cifar", "convmixer_xl_cifar"]
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
 class BlockSequence(nn.Sequential):
@@ -159,7 +158,7 @@ class ConvMixerCifar(ConvMixer):
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {"num_classes": 10, "input_size": (3, 32, 32), "pool_size": None, "crop_pct": 1.0,
+    return {"num_classes": 10, "input_size": (3, CIFAR_IMG_SIZE, CIFAR_IMG_SIZE), "pool_size": None, "crop_pct": 1.0,
             "interpolation": "bilinear", "mean": CIFAR10_MEAN, "std": CIFAR10_STD, "first_conv": "stem.0",
             "classifier": "head", **kwargs}
 

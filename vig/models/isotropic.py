@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gcn_lib import DynConv2d, act_layer, init_convs_
 from vig.checkpoint import checkpoint_filter_fn
-from vig.models.cifar_gat import CIFAR10_MEAN, CIFAR10_STD
+from vig.models.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR_IMG_SIZE
 from vig.models.features import check_feature_request
 
 _logger = logging.getLogger(__name__)
@@ -41,7 +41,6 @@ _logged_caps: set[str] = set()  # kNN-cap warnings this process has logged: each
 HEAD_HIDDEN = 1024
 STEM_STRIDE = 16
 STEM_STRIDES: tuple[int, ...] = (1, 2, 4, 8, 16)
-CIFAR_IMG_SIZE = 32
 CIFAR_STEM_STRIDE = 2
 PUBLISHED_IMG_SIZE = 224
 SVIG_START_THRESH = 0.89
@@ -124,7 +123,8 @@ def threshold_schedule(start_thresh: float, dec: float, depth: int) -> list[floa
         raise ValueError(f"dec must be a number, got {dec!r}")
     thresholds = [start_thresh - i * dec for i in range(depth)]
     if max(thresholds) >= 1:
-        raise ValueError(f"start_thresh={start_thresh}, dec={dec} give a threshold >= 1 in block {thresholds.index(max(thresholds))}")
+        raise ValueError(f"start_thresh={start_thresh}, dec={dec} give a threshold >= 1 in block "
+                         f"{thresholds.index(max(thresholds))}")
     return thresholds
 
 
