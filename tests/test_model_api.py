@@ -75,9 +75,14 @@ RUN = smallest_of_each_class()
 
 
 def test_the_registry_holds_every_model_family() -> None:
-    assert {"vig_ti_224_gelu", "svig_ti_224_gelu", "cnn_gat_cifar", "convmixer_cifar",
-            "convmixer_xl_cifar"} <= set(MODELS)
-    assert {"vig_ti_224_gelu", "cnn_gat_cifar", "convmixer_xl_cifar"} <= set(RUN)
+    assert {"vig_ti_224_gelu", "svig_ti_224_gelu", "pvig_ti_224_gelu", "vig_ti_cifar", "svig_ti_cifar",
+            "pvig_ti_cifar", "cnn_gat_cifar", "convmixer_cifar", "convmixer_xl_cifar", "bgnn"} <= set(MODELS)
+    # every model class of the package runs for real, the isotropic one with both graph rules
+    with torch.device("meta"):
+        run = [timm.create_model(name, **SMALL.get(name, {})) for name in RUN]
+    classes = [cls for cls in vars(vig.models).values() if isinstance(cls, type) and issubclass(cls, nn.Module)]
+    assert {type(model) for model in run} == set(classes)
+    assert {model.start_thresh is None for model in run if type(model) is vig.models.VisionGNN} == {True, False}
 
 
 @pytest.mark.parametrize("name", MODELS)
