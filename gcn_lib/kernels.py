@@ -23,12 +23,14 @@ and a ``triton_op`` body cannot be traced when ``TRITON_INTERPRET=1`` (``wrap_tr
 back the raw interpreted kernel), so the compiled path could not be tested on the CPU.
 
 Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is first imported) runs the kernel
-on CPU tensors when called directly, which is how the tests check its logic without a GPU;
+on CPU tensors when called directly, which is how the tests check its logic without a GPU (where
+`interpreter_works`: Triton 3.6.0's interpreter fails under NumPy 2.4 and later);
 `gcn_lib.DynConv2d` dispatches to it on CUDA tensors only, and only for the square graph: pyramid ViG's
 rectangular graph (keys pooled by r > 1, or a relative_pos term) takes the torch path.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -43,6 +45,8 @@ except ImportError:  # pragma: no cover - triton ships with the CUDA builds of t
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+log = logging.getLogger(__name__)
+
 
 def interpreted() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
@@ -56,13 +60,34 @@ def available(x: torch.Tensor) -> bool:
 
 
 def runnable(x: torch.Tensor) -> bool:
-    """Whether the kernel can run on ``x`` at all: `available`, or a CPU float tensor under the interpreter."""
+    """Whether the kernel can run on ``x`` at all: `available`, or a CPU float tensor under an interpreter
+    that `interpreter_works`."""
     if triton is None or x.dtype not in _KERNEL_DTYPES:
         return False
-    return x.is_cuda or (interpreted() and x.device.type == "cpu")
+    return x.is_cuda or (interpreted() and x.device.type == "cpu" and interpreter_works())
+
+
+def interpreter_works() -> bool:
+    """Whether Triton's CPU interpreter can run a loop bounded by a runtime integer, as the kernel's key loop is.
+
+    Triton 3.6.0's interpreter (the one torch 2.11 installs) turns a (1,)-shaped NumPy array into a Python
+    int for ``range``, which NumPy 2.4 and later refuse (triton-lang/triton#9171); Triton 3.8.0 works. Where
+    it fails, CPU tensors take the torch path (logged at debug level). Probed once, at import under
+    ``TRITON_INTERPRET=1``, so that torch.compile reads a constant rather than tracing a kernel launch;
+    False without the interpreter.
+    """
+    return _INTERPRETER_WORKS
 
 
 if triton is not None:
+
+    @triton.jit
+    def _count_loop_kernel(count_ptr, bound):
+        """Probe for `interpreter_works`: stores the trip count of ``range(0, bound)``."""
+        total = 0
+        for _ in range(0, bound):
+            total += 1
+        tl.store(count_ptr, total)
 
     @triton.jit
     def _threshold_max_kernel(
@@ -107,6 +132,23 @@ if triton is not None:
         out_base = b * num_channels * num_nodes
         tl.store(out_ptr + out_base + out_offs, result, mask=io_mask)
         tl.store(arg_ptr + out_base + out_offs, best_j, mask=io_mask)
+
+
+def _probe_interpreter() -> bool:
+    """Run `_count_loop_kernel` in the interpreter; log once and answer False if it fails."""
+    if triton is None or not interpreted():
+        return False
+    count = torch.zeros(1, dtype=torch.int32)
+    try:
+        _count_loop_kernel[(1,)](count, 3)
+    except Exception as err:  # the interpreter wraps whatever NumPy raised in its own InterpreterError
+        log.debug("Triton %s's interpreter cannot run the fused kernel (%s; triton-lang/triton#9171): "
+                    "CPU tensors take the torch path; a newer triton fixes it", triton.__version__, err)
+        return False
+    return int(count) == 3
+
+
+_INTERPRETER_WORKS = _probe_interpreter()
 
 
 def _launch(x: torch.Tensor, sim: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, q: float,
