@@ -123,8 +123,10 @@ def reduced_keys(x: torch.Tensor, r: int) -> torch.Tensor | None:
     return F.avg_pool2d(x, r, r)
 
 
+@torch.compiler.assume_constant_result
 def threshold_quantile(t: float) -> float:
-    """Standard normal quantile Phi^-1(t) in float64 (``torch.special.ndtri``)."""
+    """Standard normal quantile Phi^-1(t) in float64 (``torch.special.ndtri``); a constant to torch.compile
+    (torch 2.8's dynamo breaks the graph at the ``float()`` of a tensor; 2.11 and later do not)."""
     return float(torch.special.ndtri(torch.tensor(t, dtype=torch.float64)))
 
 
