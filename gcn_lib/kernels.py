@@ -143,7 +143,7 @@ def _probe_interpreter() -> bool:
         _count_loop_kernel[(1,)](count, 3)
     except Exception as err:  # the interpreter wraps whatever NumPy raised in its own InterpreterError
         log.debug("Triton %s's interpreter cannot run the fused kernel (%s; triton-lang/triton#9171): "
-                    "CPU tensors take the torch path; a newer triton fixes it", triton.__version__, err)
+                  "CPU tensors take the torch path; a newer triton fixes it", triton.__version__, err)
         return False
     return int(count) == 3
 

@@ -162,7 +162,6 @@ def test_kernel_not_used_where_it_cannot_run(kernels, monkeypatch):
         kernels.threshold_max_relative(torch.randn(1, 16, 4, 1), 0.5)
 
 
-
 def test_interpreter_probe_counts_the_loop_and_reports_a_failing_interpreter(kernels, monkeypatch, caplog):
     assert kernels._probe_interpreter()
 
@@ -176,6 +175,7 @@ def test_interpreter_probe_counts_the_loop_and_reports_a_failing_interpreter(ker
     with caplog.at_level("DEBUG", logger="gcn_lib.kernels"):
         assert not kernels._probe_interpreter()
     assert "triton-lang/triton#9171" in caplog.text and "torch path" in caplog.text
+
 
 # --- torch.compile ----------------------------------------------------------------------------------------
 # The kernel is the custom operator gcn_lib::threshold_max. On CPU the compile tests use the "aot_eager"
