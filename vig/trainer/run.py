@@ -191,7 +191,8 @@ def evaluate(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any
                  "smaller batch it is, not dropped or padded%s", args.batch_size,
                  ", ".join(str(size) for size in last_batches),
                  f"; predictions are transductive (they depend on the other images of the batch), the images "
-                 f"in one fixed order shuffled from --seed {args.seed}" if has_edge_head(args.model) else "")
+                 f"in one fixed order shuffled from --seed {sampler.shuffle_seed}" if sampler.shuffle_seed is not None
+                 else "")
     graph = describe_graph(model)
     return {"model": args.model, "checkpoint": args.initial_checkpoint, "ema": args.model_ema,
             "img_size": config.input_size[-1], "num_classes": _num_classes(args, classes),
