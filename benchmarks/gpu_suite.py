@@ -1,4 +1,4 @@
-"""The whole GPU measurement of issue #15 in one command, each piece in its own process with its own time limit.
+"""The whole GPU measurement (docs/BENCHMARKS.md) in one command, each piece in its own process with its own time limit.
 
     python benchmarks/gpu_suite.py --out output/gpu-suite                      # everything, at most 23 minutes
     python benchmarks/gpu_suite.py --out output/gpu-suite --budget-s 540       # the same in calls of 9 minutes
