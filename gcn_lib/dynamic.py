@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 
 import torch
 from torch import nn
@@ -10,6 +11,9 @@ from . import kernels
 from .conv import CONVS, MASK_CONVS, graph_conv
 from .graph import check_threshold, dense_knn, reduced_keys, threshold_mask
 from .layers import interleave_channels
+
+_logger = logging.getLogger(__name__)
+_logged_caps: set[tuple[int, int, int, int, int]] = set()  # run-time kNN caps this process has logged
 
 GRAPHS: tuple[str, ...] = ("knn", "threshold")
 # DynConv2d arguments that only the kNN graph uses, and what each is; graph='threshold' refuses them
@@ -110,7 +114,9 @@ class DynConv2d(nn.Module):
         the distance by both."""
         if self.graph == "threshold":
             return threshold_mask(x, self.threshold, y=y, relative_pos=relative_pos)
-        return dense_knn(x, self.k, self.dilation, y=y, relative_pos=relative_pos,
+        num_keys = (x if y is None else y).shape[-2] * (x if y is None else y).shape[-1]
+        k, dilation = capped_knn(self.k, self.dilation, num_keys)
+        return dense_knn(x, k, dilation, y=y, relative_pos=relative_pos,
                          stochastic=self.stochastic and self.training, epsilon=self.epsilon)
 
     def forward(self, x: torch.Tensor, relative_pos: torch.Tensor | None = None) -> torch.Tensor:
@@ -131,6 +137,24 @@ class DynConv2d(nn.Module):
         if self.graph == "threshold":
             return f"conv={self.conv}, graph=threshold, t={self.threshold}, r={self.r}"
         return f"conv={self.conv}, graph=knn, k={self.k}, dilation={self.dilation}, r={self.r}"
+
+
+def capped_knn(k: int, dilation: int, num_keys: int) -> tuple[int, int]:
+    """(k, dilation) of a kNN graph over ``num_keys`` key nodes: unchanged when k * dilation <= num_keys,
+    else k' = min(k, num_keys) and dilation' = min(dilation, num_keys // k'), so that k' * dilation' <= num_keys.
+
+    A model built for large maps thus runs on smaller ones (fewer nodes than its schedule asks for);
+    each distinct cap is logged once per process as a warning.
+    """
+    if k * dilation <= num_keys:
+        return k, dilation
+    capped_k = min(k, num_keys)
+    capped_dilation = max(1, min(dilation, num_keys // capped_k))
+    if (key := (k, dilation, num_keys, capped_k, capped_dilation)) not in _logged_caps:
+        _logged_caps.add(key)
+        _logger.warning("%d key nodes cap the kNN graph at run time: (k, dilation) (%d, %d) -> (%d, %d)",
+                        num_keys, k, dilation, capped_k, capped_dilation)
+    return capped_k, capped_dilation
 
 
 def _refuse_knn_arguments(**given: object) -> None:

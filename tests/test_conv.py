@@ -1,8 +1,13 @@
 """Graph convolution modules: published layout, per-operator math against loops, graph forms, errors."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
+from torch.testing import assert_close
+
+import gcn_lib.dynamic
 
 from gcn_lib import (CONVS, MASK_CONVS, BasicConv, DynConv2d, act_layer, dense_knn, graph_conv, interleave_channels,
                      knn_to_edge_index, knn_to_mask, norm_layer, threshold_mask)
@@ -204,9 +209,28 @@ def test_dynamic_conv_rejects_wrong_rank():
         DynConv2d(8, 8)(torch.randn(2, 8, 16))
 
 
-def test_dynamic_conv_k_larger_than_nodes():
+@pytest.mark.parametrize("k, dilation, side, capped", [(9, 1, 2, (4, 1)), (9, 3, 5, (9, 2)), (4, 4, 3, (4, 2)),
+                                                        (9, 2, 5, (9, 2))])
+def test_dynamic_conv_caps_knn_to_the_nodes_of_the_call_with_one_warning(
+        k: int, dilation: int, side: int, capped: tuple[int, int], caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gcn_lib.dynamic, "_logged_caps", set())  # a cap another test logged is logged again here
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, side, side, dtype=torch.float64)
+    layer = DynConv2d(8, 16, kernel_size=k, dilation=dilation).double().eval()
+    reference = DynConv2d(8, 16, kernel_size=capped[0], dilation=capped[1]).double().eval()
+    reference.load_state_dict(layer.state_dict())
+    with caplog.at_level(logging.WARNING, logger="gcn_lib.dynamic"):
+        out = layer(x)
+        layer(x)
+    assert_close(out, reference(x), rtol=0, atol=0)
+    warnings = [r.getMessage() for r in caplog.records if "cap the kNN graph" in r.getMessage()]
+    assert len(warnings) == (0 if capped == (k, dilation) else 1)
+
+
+def test_dense_knn_itself_refuses_k_beyond_the_nodes():
     with pytest.raises(ValueError, match="exceeds the number of nodes"):
-        DynConv2d(8, 8, kernel_size=9)(torch.randn(1, 8, 2, 2))
+        dense_knn(torch.randn(1, 8, 2, 2), 9)
 
 
 @pytest.mark.parametrize("name", ["relu", "gelu", "leakyrelu", "prelu", "hswish", "GELU"])

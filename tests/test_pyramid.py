@@ -57,8 +57,7 @@ def test_trainable_parameter_counts_are_the_published_ones(name: str, trainable:
     with torch.device("meta"):
         model = timm.create_model(name)
     assert sum(param.numel() for param in model.parameters() if param.requires_grad) == trainable
-    frozen = [key for key, param in model.named_parameters() if not param.requires_grad]
-    assert frozen and all(key.endswith(".0.relative_pos") for key in frozen)
+    assert all(param.requires_grad for param in model.parameters())
 
 
 def test_state_dict_layout_is_the_published_one(checkpoint_path: Path) -> None:
@@ -282,3 +281,29 @@ def test_short_training_run_with_each_graph(tmp_path: Path, graph: list[str]) ->
     model = timm.create_model("pvig_ti_224_gelu", img_size=64, num_classes=2)
     model.load_state_dict(saved["state_dict"], strict=True)  # the kNN model's keys, whichever graph trained
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("size", [(160, 160), (96, 96), (64, 64), (250, 250), (96, 160), (33, 47)])
+def test_a_224_model_runs_at_smaller_and_odd_sizes_with_the_knn_capped_at_run_time(size: tuple[int, int]) -> None:
+    model = PyramidVisionGNN(channels=(8, 16, 24, 32), blocks=(1, 1, 1, 3)).eval()
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        logits = model(x)
+        maps = model.forward_intermediates(x, intermediates_only=True)
+    assert logits.shape == (2, 1000) and torch.isfinite(logits).all()
+    assert [tuple(m.shape[-2:]) for m in maps] == [tuple(g) for g in stage_grids(size)]
+
+
+def test_sizes_whose_stage_maps_leave_no_key_node_are_one_value_error() -> None:
+    model = PyramidVisionGNN(channels=(8, 16, 24, 32), blocks=(1, 1, 1, 1)).eval()
+    with pytest.raises(ValueError, match="too small for pyramid ViG"):
+        model(torch.randn(1, 3, 8, 8))
+
+
+def test_relative_pos_is_a_persistent_buffer_and_no_parameter_is_frozen(checkpoint_path: Path) -> None:
+    model = timm.create_model("pvig_ti_224_gelu")
+    assert sum(not p.requires_grad for p in model.parameters()) == 0
+    buffers = dict(model.named_buffers())
+    assert all(key in buffers for key in model.state_dict() if key.endswith(".relative_pos"))
+    assert sum(key.endswith(".relative_pos") for key in model.state_dict()) == 12
+    model.load_state_dict(torch.load(checkpoint_path, map_location="cpu", weights_only=True), strict=True)

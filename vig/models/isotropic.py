@@ -175,8 +175,9 @@ class Grapher(nn.Module):
     (pyramid ViG, either graph) ``r``.
 
     ``relative_pos`` (pyramid ViG): a (1, N, M) term added to the distances of the N = H W centres to
-    the M = (H // r) (W // r) keys by either graph, kept as a frozen parameter (a checkpoint entry, as
-    published). On a map of another size it is resized bicubically to that map's (N, M) for the call.
+    the M = (H // r) (W // r) keys by either graph, kept as a persistent buffer (a checkpoint entry under
+    the published key ``relative_pos``, never trained). On a map of another size it is resized bicubically
+    to that map's (N, M) for the call.
     """
 
     def __init__(self, channels: int, act: str, drop_path: float, relative_pos: torch.Tensor | None = None,
@@ -188,7 +189,7 @@ class Grapher(nn.Module):
         self.drop_path = _drop_path(drop_path)
         if relative_pos is not None and (relative_pos.dim() != 3 or relative_pos.shape[0] != 1):
             raise ValueError(f"relative_pos must have shape (1, N, M), got {tuple(relative_pos.shape)}")
-        self.relative_pos = None if relative_pos is None else nn.Parameter(relative_pos, requires_grad=False)
+        self.register_buffer("relative_pos", relative_pos)
 
     def relative_pos_for(self, height: int, width: int) -> torch.Tensor | None:
         """The relative-position term (1, N, M) for an (height, width) map, resized if the stored one differs."""

@@ -165,8 +165,8 @@ class PyramidVisionGNN(VisionGNN):
         in_chans: image channels.
         img_size: image size the position embedding and the ``relative_pos`` terms are sized for. Other
             sizes are 224-px tables resized bicubically; a forward pass on another size resizes them
-            for that call (any input whose stage maps leave key nodes, e.g. sides that are multiples
-            of 32, non-square included).
+            for that call (any input whose stage maps leave key nodes, odd and non-square sizes
+            included; kNN graphs with fewer keys than k x dilation are capped in the forward pass).
         act: activation name (``gelu`` in the published models).
         num_knn: k of every block's kNN graph.
         drop_rate: dropout before the classifier.
