@@ -53,7 +53,7 @@ def test_grad_accumulation_matches_the_full_batch_on_one_process(tmp_path: Path,
 
 def _torchrun_weights(tmp_path: Path, data: Path, flags: list[str]) -> dict:
     weights = tmp_path / "weights"
-    weights.mkdir()
+    weights.mkdir(parents=True)
     command = [sys.executable, *_launcher("torchrun"), str(REPO_ROOT / "tests" / "train_worker.py"), str(weights),
                str(data), *flags, "--output", str(tmp_path / "out"), "--experiment", "run"]
     result = subprocess.run(command, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300)
