@@ -234,7 +234,7 @@ def test_missing_logging_package_is_one_error_line(tmp_path: Path, cifar: Path, 
     assert train.main([str(cifar), "--val-split", "test", "--model", "test_vit", "--img-size", "32", "-b", "8",
                        "-j", "0", "--epochs", "1", "--log-wandb", "--output", str(tmp_path)]) == 2
     error = capsys.readouterr().err.strip().splitlines()
-    assert error == ["error: --log-wandb needs the package wandb: pip install 'vig[logging]'"]
+    assert error == ["error: --log-wandb needs the package wandb: pip install 'vig-toolkit[logging]'"]
 
 
 def test_help_shows_every_default() -> None:

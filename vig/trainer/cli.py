@@ -1,7 +1,8 @@
 """Command-line flags of train.py, the `-c config.yaml` defaults, and validation of user input.
 
-Flag names and meanings follow timm's published training script, plus the ViG/SViG additions
-(`--pretrain_path`, `--start-thresh`, `--dec`, `--repeated-aug`, `--tta`). Every user mistake found
+Flag names and meanings follow timm's published training script (README "timm train.py flags" lists
+where they differ), plus the ViG/SViG additions (`--pretrain_path`, `--start-thresh`, `--dec`,
+`--repeated-aug`, `--tta`) and `--kd-pretrained-path` / `--log-tensorboard`. Every user mistake found
 here raises `UsageError` with a one-line message.
 """
 from __future__ import annotations
@@ -17,7 +18,8 @@ import yaml
 
 from vig.console import OneLineErrorParser
 from vig.errors import UsageError
-from vig.trainer.data import REPEATED_AUG_REPEATS, SYNTHETIC_DATASET, TRAIN_CROPS, TV_RAND_PREFIX, is_tv_rand_policy, tv_rand_augment
+from vig.trainer.data import (REPEATED_AUG_REPEATS, SYNTHETIC_DATASET, TRAIN_CROPS, TV_RAND_PREFIX, is_tv_rand_policy,
+                              tv_rand_augment)
 from vig.trainer.schedule import ONECYCLE_LINEAR
 
 DEFAULT_MODEL = "vig_ti_224_gelu"
@@ -227,13 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="training device type (default: cuda when available, else cpu; cuda:LOCAL_RANK "
                           "per process)")
     run.add_argument("--log-wandb", action="store_true",
-                     help="log each epoch's summary row to Weights & Biases (pip install 'vig[logging]'; "
+                     help="log each epoch's summary row to Weights & Biases (pip install 'vig-toolkit[logging]'; "
                           "WANDB_MODE=offline honoured)")
     run.add_argument("--wandb-project", default=None, help="W&B project (default: wandb's)")
     run.add_argument("--wandb-tags", nargs="*", default=[], help="W&B run tags")
     run.add_argument("--log-tensorboard", default=None, metavar="DIR",
                      help="write each epoch's summary row as TensorBoard scalars into DIR "
-                          "(pip install 'vig[logging]')")
+                          "(pip install 'vig-toolkit[logging]')")
     run.add_argument("--checkpoint-hist", type=int, default=10, help="number of best epoch checkpoints kept")
     run.add_argument("--output", default="", metavar="DIR", help="output root (default ./output/train)")
     run.add_argument("--experiment", default="", help="run folder name under --output (default: dated)")

@@ -2,8 +2,8 @@
 
 summary.csv stays the record of a run; these sinks receive the same per-epoch row (every number in it,
 keyed by its column name, at step = epoch) on the primary rank. Both packages are optional
-(``pip install 'vig[logging]'``); asking for a sink whose package is missing is a one-line UsageError
-before training starts. wandb honours its own environment (WANDB_MODE=offline writes the run under
+(``pip install 'vig-toolkit[logging]'``); asking for a sink whose package is missing is a one-line
+UsageError before training starts. wandb honours its own environment (WANDB_MODE=offline writes the run under
 ./wandb, or WANDB_DIR, without a network).
 """
 from __future__ import annotations
@@ -21,11 +21,11 @@ __all__ = ["ExperimentLoggers"]
 _LOGGER = logging.getLogger(__name__)
 
 
-def _import(module: str, flag: str) -> Any:
+def _import(module: str, package: str, flag: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise UsageError(f"{flag} needs the package {module.split('.')[0]}: pip install 'vig[logging]'") from None
+        raise UsageError(f"{flag} needs the package {package}: pip install 'vig-toolkit[logging]'") from None
 
 
 class ExperimentLoggers:
@@ -37,12 +37,12 @@ class ExperimentLoggers:
         if not enabled:
             return
         if args.log_wandb:
-            wandb = _import("wandb", "--log-wandb")
+            wandb = _import("wandb", "wandb", "--log-wandb")
             self.wandb_run = wandb.init(project=args.wandb_project, name=run_name, tags=list(args.wandb_tags),
                                         config={key: value for key, value in vars(args).items()
                                                 if isinstance(value, (str, int, float, bool, list, type(None)))})
         if args.log_tensorboard:
-            tensorboard = _import("torch.utils.tensorboard", "--log-tensorboard")
+            tensorboard = _import("torch.utils.tensorboard", "tensorboard", "--log-tensorboard")
             folder = Path(args.log_tensorboard)
             self.writer = tensorboard.SummaryWriter(log_dir=str(folder))
             _LOGGER.info("TensorBoard event files in %s", folder)

@@ -613,7 +613,8 @@ def record_epoch(run: TrainingRun, args: argparse.Namespace, ctx: DistributedCon
     if projection is not None:
         state[PROJECTION_KEY] = projection
     best_epoch, best_metric = run.saver.save(state, epoch, result.metric)
-    _LOGGER.info("best %s %.4f at epoch %d", args.eval_metric, best_metric, best_epoch)
+    _LOGGER.info("best %s %s at epoch %d", args.eval_metric,
+                 f"{best_metric:.4f}" if args.eval_metric == "loss" else f"{best_metric:.2f}", best_epoch)
     write_curves(run.folder / SUMMARY_NAME, run.folder / CURVES_NAME)
 
 
