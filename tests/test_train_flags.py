@@ -245,3 +245,51 @@ def test_help_shows_every_default() -> None:
     for shown in ("--grad-accum-steps N accumulate", "(default: 1)", "--lr-base-size LR_BASE_SIZE", "(default: 256)",
                   "--kd-temperature KD_TEMPERATURE", "(default: 4.0)", "--eval-metric {top1,top5,loss}"):
         assert shown in text, shown
+
+
+def test_teacher_sees_the_batch_in_its_own_normalisation(cifar: Path, teacher: Path) -> None:
+    """convmixer_cifar (CIFAR mean / std) distils from test_vit (0.5 / 0.5): the teacher re-normalises, runs in
+    eval mode and gets no gradients."""
+    from vig.trainer.data import resolve_preprocessing
+    from vig.trainer.distill import build_distillation_task, build_teacher
+
+    args = parse_args([str(cifar), "--model", "convmixer_cifar", "--model-kwargs", "dim=16", "depth=2", *KD_COMMON,
+                       "--kd-pretrained-path", str(teacher)])
+    student = create_model_from_args(args, 10)
+    config = resolve_preprocessing(args, student)
+    task = build_distillation_task(args, student, build_teacher(args, 10, torch.device("cpu"), None),
+                                   torch.nn.CrossEntropyLoss(), config.mean, config.std, torch.device("cpu"), None,
+                                   verbose=False)
+    raw = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    mean, std = (torch.tensor(values, dtype=torch.float64).view(1, 3, 1, 1) for values in (config.mean, config.std))
+    seen = task.teacher.normalize_input((raw - mean) / std, task.student_mean.double(), task.student_std.double())
+    torch.testing.assert_close(seen, (raw - 0.5) / 0.5)
+    task.train()
+    assert student.training and not task.teacher.training
+    assert not any(parameter.requires_grad for parameter in task.teacher.parameters())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--grad-accum-steps", "0"], "--grad-accum-steps must be positive"),
+    (["--kd-model-name", "test_vit"], "--kd-model-name and --kd-pretrained-path go together"),
+    (["--input-size", "1", "32", "32"], "--input-size must be 3 H H"),
+    (["--input-size", "3", "32", "32", "--img-size", "48"], "--input-size 32 px and --img-size 48 differ"),
+    (["--aug-repeats", "1"], "--aug-repeats 1 repeats nothing"),
+    (["--repeated-aug", "--aug-repeats", "2"], "--repeated-aug means --aug-repeats 3"),
+    (["--model-dtype", "float64", "--amp"], "--model-dtype float64 and --amp exclude each other"),
+    (["--bce-sum"], "need --bce-loss"),
+    (["--layer-decay", "0"], "--layer-decay must be in (0, 1]"),
+    (["--data-dir", "/elsewhere"], "and --data-dir /elsewhere differ"),
+    (["--pretrained-path", "/no/such.pth"], "--pretrained-path: no such file"),
+])
+def test_bad_new_flags_are_one_line_usage_errors(tmp_path: Path, flags: list[str], message: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert train.main([str(tmp_path), *flags, "--output", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0], error
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_device_cuda_without_cuda_is_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert train.main(["--device", "cuda", "--epochs", "1", "--output", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == "error: --device cuda: no CUDA device is available (use --device cpu)"
