@@ -293,3 +293,28 @@ def test_bad_new_flags_are_one_line_usage_errors(tmp_path: Path, flags: list[str
 def test_device_cuda_without_cuda_is_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert train.main(["--device", "cuda", "--epochs", "1", "--output", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == "error: --device cuda: no CUDA device is available (use --device cpu)"
+
+
+def test_feature_distillation_resumes_exactly_with_its_projection(tmp_path: Path, cifar: Path, teacher: Path) -> None:
+    common = [str(cifar), "--model", "convmixer_cifar", "--model-kwargs", "dim=16", "depth=2", *KD_COMMON,
+              "--kd-pretrained-path", str(teacher), "--kd-distill-type", "feature", "--epochs", "2",
+              "--output", str(tmp_path)]
+    assert train.main([*common, "--experiment", "full"]) == 0
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(tmp_path / "full" / "checkpoint-0.pth.tar", tmp_path / "resumed" / "last.pth.tar")
+    assert train.main([*common, "--experiment", "resumed", "--resume", "auto"]) == 0
+    full = torch.load(tmp_path / "full" / "last.pth.tar", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "last.pth.tar", weights_only=True)
+    for entry in ("state_dict", "kd_projection", "optimizer"):
+        torch.testing.assert_close(resumed[entry], full[entry], rtol=0, atol=0)
+
+
+def test_logit_distillation_on_two_gloo_processes_keeps_the_ranks_in_step(tmp_path: Path, cifar: Path,
+                                                                          teacher: Path) -> None:
+    ranks = _torchrun_weights(tmp_path, cifar, ["--model", "convmixer_cifar", "--model-kwargs", "dim=16", "depth=2",
+                                                *KD_COMMON, "--kd-pretrained-path", str(teacher),
+                                                "--grad-accum-steps", "2", "-b", "4"])
+    assert ranks[0]["model"].keys() == ranks[1]["model"].keys() == ranks[0]["initial"].keys()
+    assert _max_difference(ranks[0]["model"], ranks[1]["model"]) == 0
+    assert _max_difference(ranks[0]["model"], ranks[0]["initial"]) > 0
+    assert [rank["no_sync"] for rank in ranks] == [2, 2]  # 20 images per rank, 5 batches of 4: groups 2, 2, 1
