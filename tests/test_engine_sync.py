@@ -171,3 +171,30 @@ def test_two_ranks_stop_together_and_validation_says_whose_share(tmp_path: Path)
                                      "found at step 4;")
     assert "eval (rank 0's share) 2/3 loss" in (tmp_path / "log0").read_text()
     assert not (tmp_path / "log1").read_text()
+
+
+@pytest.mark.parametrize("steps, accum, bad_step", [(6, 2, None), (7, 3, None), (6, 2, 3), (7, 3, 7)])
+def test_gradient_accumulation_updates_once_per_group_and_skips_a_bad_group(steps: int, accum: int,
+                                                                           bad_step: int | None) -> None:
+    """Groups of `accum` batches (the last one smaller) give one SGD update each, with the gradient of the
+    group's mean loss (float64: equal up to summation order); a non-finite loss skips its whole group."""
+    model, reference = _model().double(), _model().double()
+    loader = [(images.double(), targets) for images, targets in _batches(steps)]
+    loss_fn = _NaNAt(bad_step) if bad_step is not None else nn.CrossEntropyLoss()
+    stats = train_one_epoch(0, model, loader, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, CPU, FLOAT32,
+                            num_updates=0, log_interval=2, skip_nonfinite=bad_step is not None,
+                            grad_accum_steps=accum)
+    groups = [loader[start:start + accum] for start in range(0, steps, accum)]
+    kept = [group for index, group in enumerate(groups)
+            if bad_step is None or not index * accum < bad_step <= (index + 1) * accum]
+    assert stats.num_updates == len(kept)
+    assert stats.skipped_steps == sum(len(group) for group in groups) - sum(len(group) for group in kept)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for group in kept:
+        optimizer.zero_grad()
+        images = torch.cat([images for images, _ in group])
+        targets = torch.cat([targets for _, targets in group])
+        nn.functional.cross_entropy(reference(images), targets).backward()
+        optimizer.step()
+    for got, expected in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-15)

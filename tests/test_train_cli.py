@@ -64,7 +64,7 @@ def test_config_file_sets_defaults_and_flags_win(tmp_path: Path) -> None:
     ("epochs", "ten", "argument --epochs: invalid int value: 'ten'"),
     ("epochs", 10.5, "argument --epochs: invalid int value: '10.5'"),
     ("lr", [1], "--lr takes one value, got [1]"),
-    ("lr", None, "--lr takes a value, not null"),
+    ("weight_decay", None, "--weight-decay takes a value, not null"),
     ("batch-size", True, "--batch-size takes one value, got True"),
     ("model", ["a", "b"], "--model takes one value"),
     ("data_dir", {"root": "x"}, "DIR takes one value"),

@@ -4,9 +4,10 @@ Usage: torchrun ... tests/train_worker.py OUT_DIR TRAIN_PY_ARGS...
 
 Runs `train.main(TRAIN_PY_ARGS)` unchanged, watching two calls of vig.trainer.run: the model as this rank
 created it (before DDP makes every rank start from rank 0's), and what `train` returns, and the edge
-targets the training loop builds (models with an edge head). Writes OUT_DIR/rank<RANK>.pth holding the
-state dicts "initial", "model" and "ema" (None without --model-ema), and "edge_targets": one (targets,
-edge target (B, B)) pair per training step of this rank.
+targets the training loop builds (models with an edge head), and how often DDP's no_sync was entered. Writes
+OUT_DIR/rank<RANK>.pth holding the state dicts "initial", "model" and "ema" (None without --model-ema),
+"edge_targets": one (targets, edge target (B, B)) pair per training step of this rank, and "no_sync": the
+number of no_sync entries (backward passes without gradient all-reduce).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 import train
 from vig.trainer import engine as trainer_engine
@@ -27,7 +29,13 @@ from vig.trainer.distributed import DistributedContext
 
 
 def main(out_dir: Path, train_argv: list[str]) -> int:
-    seen: dict[str, Any] = {"edge_targets": []}
+    seen: dict[str, Any] = {"edge_targets": [], "no_sync": 0}
+    no_sync = DistributedDataParallel.no_sync
+
+    def watched_no_sync(self: DistributedDataParallel):  # noqa: ANN202 - a context manager
+        seen["no_sync"] += 1
+        return no_sync(self)
+
     create_model = trainer_run.create_model_from_args
     train_loop = trainer_run.train
     edge_targets = trainer_engine.edge_targets
@@ -48,6 +56,7 @@ def main(out_dir: Path, train_argv: list[str]) -> int:
         seen["ema"] = model_ema.state_dict() if model_ema is not None else None
         return model, model_ema
 
+    DistributedDataParallel.no_sync = watched_no_sync
     trainer_run.create_model_from_args = watched_create_model
     trainer_run.train = watched_train
     trainer_engine.edge_targets = watched_edge_targets

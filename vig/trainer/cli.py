@@ -1,7 +1,8 @@
 """Command-line flags of train.py, the `-c config.yaml` defaults, and validation of user input.
 
-Flag names and meanings follow timm's published training script, plus the ViG/SViG additions
-(`--pretrain_path`, `--start-thresh`, `--dec`, `--repeated-aug`, `--tta`). Every user mistake found
+Flag names and meanings follow timm's published training script (README "timm train.py flags" lists
+where they differ), plus the ViG/SViG additions (`--pretrain_path`, `--start-thresh`, `--dec`,
+`--repeated-aug`, `--tta`) and `--kd-pretrained-path` / `--log-tensorboard`. Every user mistake found
 here raises `UsageError` with a one-line message.
 """
 from __future__ import annotations
@@ -17,10 +18,12 @@ import yaml
 
 from vig.console import OneLineErrorParser
 from vig.errors import UsageError
-from vig.trainer.data import SYNTHETIC_DATASET, TRAIN_CROPS, TV_RAND_PREFIX, is_tv_rand_policy, tv_rand_augment
+from vig.trainer.data import (REPEATED_AUG_REPEATS, SYNTHETIC_DATASET, TRAIN_CROPS, TV_RAND_PREFIX, is_tv_rand_policy,
+                              tv_rand_augment)
 from vig.trainer.schedule import ONECYCLE_LINEAR
 
 DEFAULT_MODEL = "vig_ti_224_gelu"
+DEFAULT_LR = 1e-3
 # the names timm.scheduler.create_scheduler_v2 builds (timm 1.0)
 TIMM_SCHEDULES = ("cosine", "tanh", "step", "constant", "multistep", "plateau", "poly", "wsd", "rsqrt")
 
@@ -44,12 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog="train.py",
         description="Train or evaluate ViG / SViG (or any timm) models, on one device or distributed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("-c", "--config", default="", metavar="FILE",
                         help="YAML file whose keys (flag names, - or _) set defaults, values checked as the "
                              "flags' own; flags given win")
     parser.add_argument("data_dir", nargs="?", default=None, metavar="DIR",
                         help="dataset root (omit for the embedded synthetic demo set)")
+    parser.add_argument("--data-dir", dest="data_dir_option", default=None, metavar="DIR",
+                        help="dataset root, as the positional DIR (timm's spelling)")
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="",
@@ -60,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--num-classes", type=int, default=None,
                       help="classifier outputs (default: number of classes in the data)")
     data.add_argument("--img-size", type=int, default=None, help="input image size (default: the model's)")
+    data.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
+                      help="input dimensions 3 H W with H = W: the same as --img-size H")
     data.add_argument("--crop-pct", type=float, default=None, help="centre-crop fraction for validation")
     data.add_argument("--mean", type=float, nargs=3, default=None, metavar="M", help="normalisation mean")
     data.add_argument("--std", type=float, nargs=3, default=None, metavar="S", help="normalisation std")
@@ -67,7 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("-j", "--workers", type=int, default=4, help="data loading processes per training process")
     data.add_argument("-b", "--batch-size", type=int, default=128, help="batch size per process")
     data.add_argument("--repeated-aug", action="store_true",
-                      help="repeated augmentation: each image 3 times per epoch, copies on different ranks")
+                      help="repeated augmentation: each image 3 times per epoch, copies on different ranks "
+                           "(the same as --aug-repeats 3)")
+    data.add_argument("--aug-repeats", type=int, default=0, metavar="N",
+                      help="repeated augmentation with N copies of each image per epoch (0 = off)")
     data.add_argument("--skip-corrupt", action="store_true",
                       help="replace an image file that does not decode by the next readable one and count it "
                            "(default: stop, naming the file)")
@@ -77,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"timm model name (default: the --pretrain_path checkpoint's, else {DEFAULT_MODEL})")
     model.add_argument("--model-kwargs", nargs="*", default=[], metavar="K=V",
                        help="extra keyword arguments for timm.create_model")
+    model.add_argument("--pretrained", action="store_true",
+                       help="start from the model's pretrained weights (timm's pretrained loading: the hub / cache "
+                            "unless --pretrained-path); the head is reset when --num-classes differs")
+    model.add_argument("--pretrained-path", default=None, metavar="FILE",
+                       help="load FILE as the model's pretrained weights (implies --pretrained): through the "
+                            "model's checkpoint_filter_fn, the classifier reset when its class count differs")
     model.add_argument("--initial-checkpoint", "--pretrain_path", "--pretrain-path", dest="initial_checkpoint",
                        default="", metavar="PATH", help="weights to start from (required with --evaluate)")
     model.add_argument("--resume", default="", metavar="PATH|auto",
@@ -99,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model-ema", action="store_true",
                        help="keep an EMA of the weights (training); evaluate the EMA weights (--evaluate)")
     model.add_argument("--model-ema-decay", type=float, default=0.9998, help="EMA decay")
+    model.add_argument("--model-ema-warmup", action="store_true",
+                       help="EMA decay warm-up: min(decay, (1 + updates) / (10 + updates)) (timm's ModelEmaV3)")
+    model.add_argument("--model-dtype", default=None, choices=("float32", "float64", "bfloat16"),
+                       help="train and evaluate with weights and inputs in this dtype (not with --amp; "
+                            "default: float32)")
 
     optim = parser.add_argument_group("optimizer")
     optim.add_argument("--opt", default="adamw", help="timm optimizer name")
@@ -109,7 +131,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weight decay (not applied to norms, biases, position embeddings)")
     optim.add_argument("--clip-grad", type=float, default=None, help="gradient clipping threshold")
     optim.add_argument("--clip-mode", default="norm", choices=("norm", "value", "agc"), help="gradient clipping mode")
-    optim.add_argument("--lr", type=float, default=1e-3, help="learning rate (absolute, not scaled by batch)")
+    optim.add_argument("--lr", type=float, default=None,
+                       help=f"learning rate; wins over --lr-base (unset and no --lr-base: {DEFAULT_LR:g})")
+    optim.add_argument("--lr-base", type=float, default=None,
+                       help="base learning rate: lr = lr_base * (global batch / --lr-base-size), the ratio "
+                            "square-rooted with --lr-base-scale sqrt; used only without --lr")
+    optim.add_argument("--lr-base-size", type=int, default=256,
+                       help="global batch size (batch x processes x --grad-accum-steps) at which lr = lr_base")
+    optim.add_argument("--lr-base-scale", default="", choices=("", "linear", "sqrt"),
+                       help="'' = sqrt for Ada* / Lamb optimizers, linear otherwise (timm's rule)")
+    optim.add_argument("--layer-decay", type=float, default=None,
+                       help="layer-wise learning-rate decay: the model's group_matcher layers, the head at lr, "
+                            "each layer below at decay x the one above")
+    optim.add_argument("--grad-accum-steps", type=int, default=1, metavar="N",
+                       help="accumulate the gradients of N batches per optimizer update (the schedule counts "
+                            "updates; the last group of an epoch may be smaller)")
 
     sched = parser.add_argument_group("schedule")
     sched.add_argument("--sched", default="cosine", choices=(*TIMM_SCHEDULES, ONECYCLE_LINEAR),
@@ -146,10 +182,35 @@ def build_parser() -> argparse.ArgumentParser:
     aug.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixup or cutmix per batch")
     aug.add_argument("--mixup-switch-prob", type=float, default=0.5, help="probability of cutmix when both on")
     aug.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    aug.add_argument("--bce-loss", action="store_true",
+                     help="binary cross-entropy on the (smoothed / mixed) targets instead of cross-entropy "
+                          "(timm's BinaryCrossEntropy)")
+    aug.add_argument("--bce-target-thresh", type=float, default=None,
+                     help="--bce-loss: binarise the soft targets at this threshold")
+    aug.add_argument("--bce-sum", action="store_true", help="--bce-loss: sum over classes instead of the mean")
+    aug.add_argument("--bce-pos-weight", type=float, default=None, help="--bce-loss: weight of positive targets")
     aug.add_argument("--tta", action="store_true", help="flip test-time augmentation in validation")
     aug.add_argument("--edge-loss-weight", type=float, default=None, metavar="W",
                      help="weight of the batch-graph edge loss, BCE(edge_sim, same-class matrix), added to the "
                           "classification loss (models with an edge head, e.g. bgnn; default 1)")
+
+    kd = parser.add_argument_group("knowledge distillation (timm.task)")
+    kd.add_argument("--kd-model-name", default=None, metavar="MODEL",
+                    help="teacher model (timm name); needs --kd-pretrained-path")
+    kd.add_argument("--kd-pretrained-path", default=None, metavar="FILE",
+                    help="the teacher's weights: a train.py checkpoint or a state dict (never downloaded)")
+    kd.add_argument("--kd-model-kwargs", nargs="*", default=[], metavar="K=V",
+                    help="extra keyword arguments for the teacher's timm.create_model")
+    kd.add_argument("--kd-distill-type", default="logit", choices=("logit", "feature", "token"),
+                    help="logit: KL of the softened logits; feature: MSE of the pooled pre-logits (a learned "
+                         "projection when widths differ); token: the student's distillation head (DeiT-style)")
+    kd.add_argument("--kd-token-distill-type", default="soft", choices=("soft", "hard"),
+                    help="token distillation: soft = KL with temperature, hard = CE with the teacher's argmax")
+    kd.add_argument("--kd-temperature", type=float, default=4.0, help="softmax temperature of logit / token KD")
+    kd.add_argument("--distill-loss-weight", type=float, default=None,
+                    help="weight of the distillation loss (1 when only it or neither weight is given)")
+    kd.add_argument("--task-loss-weight", type=float, default=None,
+                    help="weight of the classification loss; given alone, the distillation weight is 1 - it")
 
     run = parser.add_argument_group("run")
     run.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 where supported, else float16)")
@@ -159,6 +220,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--skip-nonfinite", action="store_true",
                      help="skip a training step whose loss is NaN / infinite and count it (default: stop)")
     run.add_argument("--log-interval", type=int, default=50, help="batches between log lines")
+    run.add_argument("--val-interval", type=int, default=1, metavar="N",
+                     help="validate and save checkpoints every N epochs (and after the last)")
+    run.add_argument("--eval-metric", default="top1", choices=("top1", "top5", "loss"),
+                     help="validation figure that ranks checkpoints (loss: lower is better; of the EMA with "
+                          "--model-ema)")
+    run.add_argument("--device", default=None, choices=("cpu", "cuda"),
+                     help="training device type (default: cuda when available, else cpu; cuda:LOCAL_RANK "
+                          "per process)")
+    run.add_argument("--log-wandb", action="store_true",
+                     help="log each epoch's summary row to Weights & Biases (pip install 'vig-toolkit[logging]'; "
+                          "WANDB_MODE=offline honoured)")
+    run.add_argument("--wandb-project", default=None, help="W&B project (default: wandb's)")
+    run.add_argument("--wandb-tags", nargs="*", default=[], help="W&B run tags")
+    run.add_argument("--log-tensorboard", default=None, metavar="DIR",
+                     help="write each epoch's summary row as TensorBoard scalars into DIR "
+                          "(pip install 'vig-toolkit[logging]')")
     run.add_argument("--checkpoint-hist", type=int, default=10, help="number of best epoch checkpoints kept")
     run.add_argument("--output", default="", metavar="DIR", help="output root (default ./output/train)")
     run.add_argument("--experiment", default="", help="run folder name under --output (default: dated)")
@@ -213,12 +290,12 @@ def _config_value(parser: argparse.ArgumentParser, action: argparse.Action, valu
         if action.default is not None:
             raise UsageError(f"{_flag_name(action)} takes a value, not null (its default is {action.default!r})")
         return None
-    if action.dest == "model_kwargs" and isinstance(value, dict):
+    if action.dest in ("model_kwargs", "kd_model_kwargs") and isinstance(value, dict):
         if not all(isinstance(key, str) for key in value):
             raise UsageError(f"--model-kwargs takes a mapping with string keys, got {value!r}")
         return dict(value)
     parsed = getattr(parser.parse_args(_flag_tokens(action, value)), action.dest)
-    return _parse_model_kwargs(parsed) if action.dest == "model_kwargs" else parsed
+    return _parse_model_kwargs(parsed) if action.dest in ("model_kwargs", "kd_model_kwargs") else parsed
 
 
 def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
@@ -254,8 +331,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     else:
         model_kwargs = _parse_model_kwargs(args.model_kwargs)
     args.model_kwargs = model_kwargs
+    if not isinstance(args.kd_model_kwargs, dict):
+        args.kd_model_kwargs = _parse_model_kwargs(args.kd_model_kwargs)
     validate_args(args)
+    _merge_aliases(args)
     return args
+
+
+def _merge_aliases(args: argparse.Namespace) -> None:
+    """Fold timm's spellings into the flags they repeat: --data-dir into DIR, --input-size into --img-size,
+    --repeated-aug into --aug-repeats 3, --pretrained-path into --pretrained; UsageError on a contradiction."""
+    if args.data_dir_option is not None:
+        _require(args.data_dir in (None, args.data_dir_option),
+                 f"DIR {args.data_dir} and --data-dir {args.data_dir_option} differ; give one of them")
+        args.data_dir = args.data_dir_option
+    if args.input_size is not None:
+        channels, height, width = args.input_size
+        _require(channels == 3 and height == width > 0,
+                 f"--input-size must be 3 H H (RGB, square), got {channels} {height} {width}")
+        _require(args.img_size in (None, height), f"--input-size {height} px and --img-size {args.img_size} differ")
+        args.img_size = height
+    if args.repeated_aug:
+        _require(args.aug_repeats in (0, REPEATED_AUG_REPEATS),
+                 f"--repeated-aug means --aug-repeats {REPEATED_AUG_REPEATS}, got --aug-repeats {args.aug_repeats}")
+        args.aug_repeats = REPEATED_AUG_REPEATS
+    if args.pretrained_path:
+        args.pretrained = True
 
 
 def _require(condition: bool, message: str) -> None:
@@ -268,7 +369,27 @@ def validate_args(args: argparse.Namespace) -> None:
     _require(args.batch_size > 0, f"--batch-size must be positive, got {args.batch_size}")
     _require(args.workers >= 0, f"--workers must be >= 0, got {args.workers}")
     _require(args.epochs > 0, f"--epochs must be positive, got {args.epochs}")
-    _require(args.lr > 0, f"--lr must be positive, got {args.lr}")
+    _require(args.lr is None or args.lr > 0, f"--lr must be positive, got {args.lr}")
+    _require(args.lr_base is None or args.lr_base > 0, f"--lr-base must be positive, got {args.lr_base}")
+    _require(args.lr_base_size > 0, f"--lr-base-size must be positive, got {args.lr_base_size}")
+    _require(args.layer_decay is None or 0 < args.layer_decay <= 1,
+             f"--layer-decay must be in (0, 1], got {args.layer_decay}")
+    _require(args.grad_accum_steps > 0, f"--grad-accum-steps must be positive, got {args.grad_accum_steps}")
+    _require(args.val_interval > 0, f"--val-interval must be positive, got {args.val_interval}")
+    _require(args.aug_repeats >= 0, f"--aug-repeats must be >= 0, got {args.aug_repeats}")
+    _require(args.aug_repeats != 1, "--aug-repeats 1 repeats nothing: use 0 (off) or >= 2")
+    _require(args.model_dtype in (None, "float32") or not (args.amp or args.amp_dtype),
+             f"--model-dtype {args.model_dtype} and --amp exclude each other")
+    _require(args.kd_temperature > 0, f"--kd-temperature must be positive, got {args.kd_temperature}")
+    _require(bool(args.kd_model_name) == bool(args.kd_pretrained_path),
+             "--kd-model-name and --kd-pretrained-path go together (the teacher's weights are read from a file)")
+    for flag, path in (("--pretrained-path", args.pretrained_path), ("--kd-pretrained-path", args.kd_pretrained_path)):
+        if path:
+            _require(Path(path).is_file(), f"{flag}: no such file {path}")
+    _require(not (args.pretrained and args.initial_checkpoint),
+             "--pretrained / --pretrained-path and --initial-checkpoint both give starting weights; give one")
+    _require(args.bce_loss or (args.bce_target_thresh is None and not args.bce_sum and args.bce_pos_weight is None),
+             "--bce-target-thresh / --bce-sum / --bce-pos-weight need --bce-loss")
     _require(args.log_interval > 0, f"--log-interval must be positive, got {args.log_interval}")
     _require(args.checkpoint_hist > 0, f"--checkpoint-hist must be positive, got {args.checkpoint_hist}")
     _require(args.num_classes is None or args.num_classes > 0,

@@ -456,12 +456,14 @@ class SeededRepeatAugSampler(RepeatAugSampler):
             self.epoch = epoch
 
 
-def train_sampler(dataset: Dataset, ctx: DistributedContext, repeated_aug: bool, seed: int) -> Sampler[int]:
+def train_sampler(dataset: Dataset, ctx: DistributedContext, repeated_aug: bool, seed: int,
+                  num_repeats: int = REPEATED_AUG_REPEATS) -> Sampler[int]:
     """Per-epoch shuffled shard of this rank (call `set_epoch`), the order drawn from seed + epoch;
-    repeated augmentation spreads the copies of an image over ranks."""
+    repeated augmentation (`num_repeats` copies of each image, --aug-repeats) spreads the copies of an
+    image over ranks."""
     if repeated_aug:
         return SeededRepeatAugSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank,
-                                      num_repeats=REPEATED_AUG_REPEATS, seed=seed)
+                                      num_repeats=num_repeats, seed=seed)
     return DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed)
 
 

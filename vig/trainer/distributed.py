@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from vig.errors import UsageError
+
 _LOGGER = logging.getLogger(__name__)
 
 ROUND_KEY = "vig/round"
@@ -47,16 +49,20 @@ class DistributedContext:
         return self.rank == 0
 
 
-def init_distributed(local_rank_flag: int | None = None) -> DistributedContext:
+def init_distributed(local_rank_flag: int | None = None, device_type: str | None = None) -> DistributedContext:
     """Start the process group when launched with WORLD_SIZE > 1; otherwise a single process on one device.
 
     Args:
         local_rank_flag: the value of `--local-rank` (used only when LOCAL_RANK is not in the environment).
+        device_type: `--device`: 'cuda' (cuda:LOCAL_RANK, nccl), 'cpu' (gloo), or None for cuda when
+            available, else cpu. 'cuda' without a CUDA device is a UsageError.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", local_rank_flag if local_rank_flag is not None else 0))
     rank = int(os.environ.get("RANK", local_rank if world_size > 1 else 0))
-    if torch.cuda.is_available():
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available (use --device cpu)")
+    if device_type != "cpu" and torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"

@@ -19,6 +19,7 @@ label vectors with the label smoothing undone.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -148,11 +149,22 @@ class TrainStats:
 
 
 def _to_device(images: torch.Tensor, targets: torch.Tensor, device: torch.device,
-               channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               channels_last: bool, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (B, C, H, W) and targets on ``device``; images cast to ``dtype`` (--model-dtype) when given."""
     images = images.to(device, non_blocking=True)
+    if dtype is not None:
+        images = images.to(dtype)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, targets.to(device, non_blocking=True)
+
+
+def accumulation_groups(num_batches: int, accum_steps: int) -> list[int]:
+    """Sizes of the consecutive accumulation groups of an epoch of ``num_batches`` batches: groups of
+    ``accum_steps`` batches, the last one smaller when ``accum_steps`` does not divide the epoch (one optimizer
+    update per group, as timm's loop)."""
+    full, rest = divmod(num_batches, accum_steps)
+    return [accum_steps] * full + ([rest] if rest else [])
 
 
 @dataclass
@@ -206,6 +218,10 @@ def train_one_epoch(
     log_interval: int = 50,
     skip_nonfinite: bool = False,
     edge_loss_weight: float | None = None,
+    grad_accum_steps: int = 1,
+    task: nn.Module | None = None,
+    model_dtype: torch.dtype | None = None,
+    ema_source: nn.Module | None = None,
 ) -> TrainStats:
     """One pass over this rank's shard. Images (B, 3, H, W), targets (B,) class indices; a PrefetchLoader
     (`vig.trainer.data.prefetch_to_device`) delivers them normalised on the device already.
@@ -218,18 +234,40 @@ def train_one_epoch(
     skipped on every rank (no update, no EMA / schedule step) and counted in `TrainStats.skipped_steps`.
     The progress line shows the epoch's mean loss so far over all ranks.
 
+    Gradient accumulation (`grad_accum_steps` N > 1, timm's ``--grad-accum-steps``): the batches form
+    groups of N (`accumulation_groups`; the last group of an epoch may be smaller); each batch's loss is
+    divided by its group's size before its backward pass, so that a group's summed gradient is the gradient
+    of the mean loss over its images, and the optimizer, gradient clipping, EMA and per-update schedule step
+    once per group. Under DDP the backward passes before a group's last run in ``no_sync``: gradients are
+    all-reduced once per update. With `skip_nonfinite` a non-finite loss in a group skips the whole group
+    (no update; all its batches count as skipped).
+
     With `edge_loss_weight` (models with an edge head) the model is called as ``model(images,
     return_edges=True)`` (through DDP's forward) and the loss is the classification loss plus
     ``edge_loss_weight`` x BCE(edge_sim (B, B), `edge_targets` of this rank's batch), computed in float32
     outside autocast; its unweighted mean is `TrainStats.edge_loss`.
+
+    With `task` (a `timm.task` distillation task whose trainable module is `model`) the loss is the task's
+    ``task(images, targets)["loss"]`` (task loss and distillation loss, weighted); `loss_fn` is then unused.
+    `model_dtype` (--model-dtype) casts the images to the model's floating dtype. `model_ema` follows
+    `ema_source` (default: `model` without its DDP wrapper; with feature distillation, the student alone).
     """
     model.train()
-    unwrapped = unwrap_model(model)
+    if task is not None:
+        task.train()
+    unwrapped = ema_source if ema_source is not None else unwrap_model(model)
     progress = EpochProgress(f"train {epoch}", len(loader), ctx.is_primary, log_interval)
     loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
     edge_loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
     smoothing = mixup.label_smoothing if mixup is not None else 0.0  # inside the mixed targets
     first_non_finite = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    groups = accumulation_groups(len(loader), grad_accum_steps)
+    group_index = in_group = 0
+    group_bad = False
+    group_loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    group_edge_loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    group_images = 0
+    can_defer_sync = ctx.distributed and hasattr(model, "no_sync")
     images_seen = 0
     skipped_steps = 0
     reading: _Reading | None = None
@@ -241,46 +279,72 @@ def train_one_epoch(
                 f"{reading.images / max(time.perf_counter() - start, 1e-9):.1f} img/s")
 
     for step, (images, targets) in enumerate(loader, start=1):
-        images, targets = _to_device(images, targets, ctx.device, channels_last)
-        if mixup is not None:
-            images, targets = mixup(images, targets)
-        with precision.autocast():
-            if edge_loss_weight is None:
-                loss = loss_fn(model(images), targets)
-            else:
-                logits, edge_sim = model(images, return_edges=True)
-                loss = loss_fn(logits, targets)
-        if edge_loss_weight is not None:
-            edge_loss = F.binary_cross_entropy(edge_sim.float(), edge_targets(targets, smoothing))
-            loss = loss + edge_loss_weight * edge_loss
-        non_finite = ~torch.isfinite(loss.detach())
-        if skip_nonfinite and all_reduce_sum(non_finite.double(), ctx).item() > 0:
-            skipped_steps += 1
-            if ctx.is_primary:
-                _LOGGER.warning("epoch %d, step %d: non-finite loss, step skipped (%d this epoch)",
-                                epoch, step, skipped_steps)
-        else:
-            if not skip_nonfinite:
-                first_non_finite = torch.where(non_finite & (first_non_finite == 0), step, first_non_finite)
+        group_size = groups[group_index] if group_index < len(groups) else 1  # past len(): one-batch groups
+        in_group += 1
+        last_in_group = in_group == group_size
+        if in_group == 1:
             optimizer.zero_grad(set_to_none=True)
-            if precision.scaler is not None:
-                precision.scaler(loss, optimizer, clip_grad=clip_grad, clip_mode=clip_mode,
-                                 parameters=model.parameters())
-            else:
-                loss.backward()
-                if clip_grad is not None:
-                    dispatch_clip_grad(model.parameters(), clip_grad, mode=clip_mode)
-                optimizer.step()
-            num_updates += 1
-            if model_ema is not None:
-                model_ema.update(unwrapped, step=num_updates)
-            if scheduler is not None:
-                scheduler.step_update(num_updates=num_updates)
-            batch = images.shape[0]
-            loss_sum += loss.detach().double() * batch
-            if edge_loss_weight is not None:
-                edge_loss_sum += edge_loss.detach().double() * batch
-            images_seen += batch
+        if group_bad:
+            skipped_steps += 1
+        else:
+            images, targets = _to_device(images, targets, ctx.device, channels_last, model_dtype)
+            if mixup is not None:
+                images, targets = mixup(images, targets)
+            defer_sync = can_defer_sync and not last_in_group
+            with model.no_sync() if defer_sync else contextlib.nullcontext():
+                with precision.autocast():
+                    if task is not None:
+                        loss = task(images, targets)["loss"]
+                    elif edge_loss_weight is None:
+                        loss = loss_fn(model(images), targets)
+                    else:
+                        logits, edge_sim = model(images, return_edges=True)
+                        loss = loss_fn(logits, targets)
+                if edge_loss_weight is not None:
+                    edge_loss = F.binary_cross_entropy(edge_sim.float(), edge_targets(targets, smoothing))
+                    loss = loss + edge_loss_weight * edge_loss
+                non_finite = ~torch.isfinite(loss.detach())
+                if skip_nonfinite and all_reduce_sum(non_finite.double(), ctx).item() > 0:
+                    group_bad = True
+                    skipped_steps += in_group
+                    if ctx.is_primary:
+                        _LOGGER.warning("epoch %d, step %d: non-finite loss, %s skipped (%d steps this epoch)",
+                                        epoch, step, "step" if group_size == 1 else
+                                        f"accumulation group of {group_size} steps", skipped_steps
+                                        + group_size - in_group)
+                else:
+                    if not skip_nonfinite:
+                        first_non_finite = torch.where(non_finite & (first_non_finite == 0), step, first_non_finite)
+                    scaled = loss / group_size if group_size > 1 else loss
+                    if precision.scaler is not None:
+                        precision.scaler(scaled, optimizer, clip_grad=clip_grad, clip_mode=clip_mode,
+                                         parameters=model.parameters(), need_update=last_in_group)
+                    else:
+                        scaled.backward()
+                    batch = images.shape[0]
+                    group_loss += loss.detach().double() * batch
+                    if edge_loss_weight is not None:
+                        group_edge_loss += edge_loss.detach().double() * batch
+                    group_images += batch
+            if last_in_group and not group_bad:
+                if precision.scaler is None:
+                    if clip_grad is not None:
+                        dispatch_clip_grad(model.parameters(), clip_grad, mode=clip_mode)
+                    optimizer.step()
+                num_updates += 1
+                if model_ema is not None:
+                    model_ema.update(unwrapped, step=num_updates)
+                if scheduler is not None:
+                    scheduler.step_update(num_updates=num_updates)
+                loss_sum += group_loss
+                edge_loss_sum += group_edge_loss
+                images_seen += group_images
+        if last_in_group:
+            if group_bad:
+                optimizer.zero_grad(set_to_none=True)
+            group_index, in_group, group_bad, group_images = group_index + 1, 0, False, 0
+            group_loss.zero_()
+            group_edge_loss.zero_()
         if progress.due(step):
             reading, read_at = _read_back(loss_sum, edge_loss_sum, first_non_finite, images_seen, ctx), step
             _stop_if_non_finite(reading, epoch, step, len(loader), ctx)
@@ -316,12 +380,14 @@ def validate(
     channels_last: bool = False,
     log_interval: int = 50,
     title: str = "eval",
+    model_dtype: torch.dtype | None = None,
 ) -> EvalStats:
     """Cross-entropy and top-k accuracy of `model` on every image of the loader's split (each exactly once).
 
     With `tta`, logits (B, classes) are the mean of the image's and its horizontal flip's logits
     (`vig.tta.predict_flip_tta`). Sums stay on the device; the progress line (primary rank, log steps
-    only) shows the running figures of rank 0's shard, the result is reduced over all ranks.
+    only) shows the running figures of rank 0's shard, the result is reduced over all ranks. `model_dtype`
+    (--model-dtype) casts the images to the model's floating dtype.
     """
     model.eval()
     shown = f"{title} (rank 0's share)" if ctx.distributed else title
@@ -334,7 +400,7 @@ def validate(
         return f"loss {loss / max(count, 1):.4f} top1 {100 * top1 / max(count, 1):.2f}"
 
     for step, (images, targets) in enumerate(loader, start=1):
-        images, targets = _to_device(images, targets, ctx.device, channels_last)
+        images, targets = _to_device(images, targets, ctx.device, channels_last, model_dtype)
         with precision.autocast():
             logits = predict_flip_tta(model, images) if tta else model(images)
         logits = logits.float()

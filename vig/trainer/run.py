@@ -23,7 +23,7 @@ import numpy as np
 import timm
 import torch
 from timm.data import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import get_pretrained_cfg
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -31,21 +31,25 @@ from timm.utils import ModelEmaV3, distribute_bn, unwrap_model
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from vig.checkpoint import (CheckpointError, ModelSettings, extract_state_dict, load_state_dict_into, merge_settings,
-                            read_checkpoint, recorded_settings)
+from vig.checkpoint import (CheckpointError, ModelSettings, classifier_outputs, extract_state_dict,
+                            load_state_dict_into, merge_settings, read_checkpoint, recorded_settings)
 from vig.complexity import count_macs, count_parameters
 from vig.console import require_model
 from vig.errors import UsageError
 from vig.graph_info import describe_graph
 from vig.models.batch_graph import has_edge_head
-from vig.trainer.cli import DEFAULT_MODEL
+from vig.trainer.cli import DEFAULT_LR, DEFAULT_MODEL
 from vig.trainer.curves import write_curves
 from vig.trainer.data import (ShardedEvalSampler, build_dataset, build_loader, device_normalizes, eval_transform,
                               prefetch_to_device, require_same_classes, resolve_preprocessing, take_corrupt_count,
                               train_sampler, train_transform)
 from vig.trainer.distributed import (DistributedContext, all_gather_objects, all_reduce_sum, broadcast_object,
                                      init_distributed, shutdown_distributed)
-from vig.trainer.engine import EvalStats, TrainStats, resolve_precision, train_one_epoch, validate
+from vig.trainer.distill import (PROJECTION_KEY, build_distillation_task, build_teacher, load_projection_state,
+                                 projection_state)
+from vig.trainer.engine import (EvalStats, TrainStats, accumulation_groups, resolve_precision, train_one_epoch,
+                                validate)
+from vig.trainer.explog import ExperimentLoggers
 from vig.trainer.saver import (CURVES_NAME, LAST_NAME, SUMMARY_NAME, CheckpointSaver, append_summary,
                                prepare_output_dir, require_fresh_or_resumable, run_folder_name, write_args_yaml)
 from vig.trainer.schedule import ONECYCLE_LINEAR, OneCycleLinearScheduler
@@ -66,9 +70,11 @@ def seed_everything(seed: int, *streams: int) -> None:
 
 
 def create_model_from_args(args: argparse.Namespace, num_classes: int) -> nn.Module:
-    """timm.create_model with the flags' classes, dropout, SViG thresholds, image size and --model-kwargs."""
+    """timm.create_model with the flags' classes, dropout, SViG thresholds, image size and --model-kwargs;
+    with --pretrained, timm's pretrained loading (`pretrained_kwargs`)."""
     require_model(args.model)
-    kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_rate": args.drop}
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_rate": args.drop,
+                              **pretrained_kwargs(args, getattr(args, "pretrained", False))}
     if args.drop_path is not None:
         kwargs["drop_path_rate"] = args.drop_path
     if args.start_thresh is not None:
@@ -89,6 +95,42 @@ def create_model_from_args(args: argparse.Namespace, num_classes: int) -> nn.Mod
         return timm.create_model(args.model, **kwargs)
     except (TypeError, ValueError) as err:  # constructors reject bad arguments with these
         raise UsageError(f"model {args.model}: {err}") from None
+
+
+def pretrained_kwargs(args: argparse.Namespace, pretrained: bool) -> dict[str, Any]:
+    """timm.create_model arguments for --pretrained / --pretrained-path: ``pretrained=True`` and, for a file,
+    ``pretrained_cfg_overlay`` naming it, with the class count of its classifier weights, so that timm's
+    `load_pretrained` passes it through the model's ``pretrained_filter_fn`` (this project's models:
+    `vig.checkpoint.checkpoint_filter_fn`, which also resizes position embeddings) and resets the head
+    exactly when the run's class count differs (an unknown count: always reset)."""
+    if not pretrained:
+        return {}
+    if not args.pretrained_path:
+        return {"pretrained": True}
+    try:
+        state_dict, _ = extract_state_dict(read_checkpoint(args.pretrained_path), source=args.pretrained_path)
+    except CheckpointError as err:
+        raise UsageError(f"--pretrained-path: {err}") from None
+    classes = classifier_outputs(args.model, state_dict)
+    return {"pretrained": True,
+            "pretrained_cfg_overlay": {"file": args.pretrained_path, "num_classes": classes if classes else -1}}
+
+
+def resolve_lr(args: argparse.Namespace, world_size: int) -> float:
+    """--lr when given; else with --lr-base timm's rule lr = lr_base x (global batch / --lr-base-size), the
+    ratio square-rooted for --lr-base-scale sqrt ('' = sqrt for Ada* / Lamb optimizers, linear otherwise),
+    the global batch being batch x processes x --grad-accum-steps; else `DEFAULT_LR`."""
+    if args.lr is not None:
+        return args.lr
+    if args.lr_base is None:
+        return DEFAULT_LR
+    global_batch = args.batch_size * world_size * args.grad_accum_steps
+    scale = args.lr_base_scale or ("sqrt" if any(name in args.opt.lower() for name in ("ada", "lamb")) else "linear")
+    ratio = global_batch / args.lr_base_size
+    lr = args.lr_base * (ratio ** 0.5 if scale == "sqrt" else ratio)
+    _LOGGER.info("learning rate %g from --lr-base %g and the global batch %d (%s scaling, --lr-base-size %d)",
+                 lr, args.lr_base, global_batch, scale, args.lr_base_size)
+    return lr
 
 
 def apply_checkpoint_settings(args: argparse.Namespace, use_class_count: bool) -> dict[str, Any] | None:
@@ -203,9 +245,14 @@ def evaluate(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any
 
 
 def _optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
-    """timm optimizer; no weight decay on 1-d parameters (norms, biases) and the model's no_weight_decay() set
-    (the position embedding of the ViG models)."""
+    """timm optimizer at the resolved --lr; no weight decay on 1-d parameters (norms, biases) and the model's
+    no_weight_decay() set (the position embedding of the ViG models); with --layer-decay, timm's layer-wise
+    groups from the model's group_matcher."""
     extra: dict[str, Any] = {}
+    if args.layer_decay is not None:
+        if not hasattr(model, "group_matcher"):
+            raise UsageError(f"--layer-decay needs a model with a group_matcher; {args.model} has none")
+        extra["layer_decay"] = args.layer_decay
     if args.opt_eps is not None:
         extra["eps"] = args.opt_eps
     if args.opt_betas is not None:
@@ -215,10 +262,18 @@ def _optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimi
 
 
 def _loss_and_mixup(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, Mixup | None]:
+    """The training loss (timm's choice: soft-target CE with mixup / cutmix, label-smoothing CE, else CE;
+    timm's BinaryCrossEntropy instead with --bce-loss) and the Mixup transform (None when off)."""
+    mixup = None
     if args.mixup > 0 or args.cutmix > 0:
         mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
                       switch_prob=args.mixup_switch_prob, mode="batch", label_smoothing=args.smoothing,
                       num_classes=num_classes)
+    if args.bce_loss:
+        return BinaryCrossEntropy(smoothing=0.0 if mixup is not None else args.smoothing,
+                                  target_threshold=args.bce_target_thresh, sum_classes=args.bce_sum,
+                                  pos_weight=args.bce_pos_weight), mixup
+    if mixup is not None:
         return SoftTargetCrossEntropy(), mixup
     if args.smoothing > 0:
         return LabelSmoothingCrossEntropy(smoothing=args.smoothing), None
@@ -338,11 +393,17 @@ class TrainingRun:
     mixup: Mixup | None = None
     saver: CheckpointSaver | None = None
     edge_loss_weight: float | None = None
+    task: nn.Module | None = None  # timm.task distillation task (--kd-model-name)
+    train_module: nn.Module | None = None  # what the optimizer trains: the (DDP) model, or the task's module
+    model_dtype: torch.dtype | None = None
+    updates_per_epoch: int = 0
+    loggers: ExperimentLoggers | None = None
 
 
 def set_up_training(args: argparse.Namespace, ctx: DistributedContext) -> TrainingRun:
     """Data, model (from --initial-checkpoint when given), EMA, optimizer, schedule and the run folder."""
     checkpoint = apply_checkpoint_settings(args, use_class_count=False)
+    args.lr = resolve_lr(args, ctx.world_size)
     if args.sched != ONECYCLE_LINEAR and args.warmup_epochs >= args.epochs and ctx.is_primary:
         _LOGGER.warning("--warmup-epochs %d >= --epochs %d: the learning rate never reaches --lr %g",
                         args.warmup_epochs, args.epochs, args.lr)
@@ -369,31 +430,46 @@ def set_up_training(args: argparse.Namespace, ctx: DistributedContext) -> Traini
         if ctx.device.type != "cuda":
             raise UsageError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU implementation)")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(ctx.device)
+    model_dtype = getattr(torch, args.model_dtype) if args.model_dtype else None
+    model.to(device=ctx.device, dtype=model_dtype)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = _optimizer(args, model)
+    loss_fn, mixup = _loss_and_mixup(args, num_classes)
+    loss_fn = loss_fn.to(ctx.device)
+    task = None
+    train_module = model
+    if args.kd_model_name:
+        teacher = build_teacher(args, num_classes, ctx.device, model_dtype)
+        task = build_distillation_task(args, model, teacher, loss_fn, config.mean, config.std, ctx.device,
+                                       model_dtype, verbose=ctx.is_primary)
+        train_module = task.get_trainable_module()
+    optimizer = _optimizer(args, train_module)
     precision = resolve_precision(args.amp, args.amp_dtype, ctx.device)
-    model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+    model_ema = (ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
+                 if args.model_ema else None)
 
-    sampler = train_sampler(train_set, ctx, args.repeated_aug, args.seed)
+    sampler = train_sampler(train_set, ctx, args.aug_repeats > 0, args.seed, num_repeats=args.aug_repeats)
     train_loader = build_loader(train_set, sampler, args.batch_size, args.workers, True, ctx.device)
     val_loader = build_loader(val_set, eval_sampler(args, len(val_set), ctx), args.batch_size, args.workers, False,
                               ctx.device)
     if device_normalize:
         train_loader = prefetch_to_device(train_loader, config, ctx.device, args.reprob, args.remode, args.recount)
         val_loader = prefetch_to_device(val_loader, config, ctx.device)
+    # the schedule counts optimizer updates: one per accumulation group of --grad-accum-steps batches
+    updates_per_epoch = len(accumulation_groups(len(train_loader), args.grad_accum_steps))
     if args.sched == ONECYCLE_LINEAR:
-        scheduler, num_epochs = OneCycleLinearScheduler(optimizer, args.epochs * len(train_loader)), args.epochs
+        scheduler, num_epochs = OneCycleLinearScheduler(optimizer, args.epochs * updates_per_epoch), args.epochs
     else:
         scheduler, num_epochs = create_scheduler_v2(
             optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
             decay_rate=args.decay_rate, cooldown_epochs=args.cooldown_epochs, min_lr=args.min_lr,
-            warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, updates_per_epoch=len(train_loader))
+            warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, updates_per_epoch=updates_per_epoch)
     return TrainingRun(model=model, model_ema=model_ema, optimizer=optimizer, scheduler=scheduler,
                        precision=precision, train_set=train_set, val_set=val_set, sampler=sampler,
                        train_loader=train_loader, val_loader=val_loader, num_classes=num_classes,
-                       num_epochs=num_epochs, folder=folder, edge_loss_weight=edge_loss_weight)
+                       num_epochs=num_epochs, folder=folder, loss_fn=loss_fn, mixup=mixup,
+                       edge_loss_weight=edge_loss_weight, task=task, train_module=train_module,
+                       model_dtype=model_dtype, updates_per_epoch=updates_per_epoch)
 
 
 def resume_training(run: TrainingRun, args: argparse.Namespace, ctx: DistributedContext) -> None:
@@ -403,6 +479,7 @@ def resume_training(run: TrainingRun, args: argparse.Namespace, ctx: Distributed
         state = _read_training_checkpoint(resume, args.model)
         _restore_training_state(resume, state, run.model, run.model_ema, run.optimizer, run.scheduler,
                                 run.precision.scaler, weights_only=args.no_resume_opt)
+        load_projection_state(run.task, state, resume)
         run.start_epoch = state["epoch"] + 1
         saved_seed = state.get("args", {}).get("seed") if isinstance(state.get("args"), dict) else None
         if saved_seed not in (None, args.seed):
@@ -416,19 +493,30 @@ def resume_training(run: TrainingRun, args: argparse.Namespace, ctx: Distributed
 
 
 def prepare_loop(run: TrainingRun, args: argparse.Namespace, ctx: DistributedContext) -> None:
-    """DDP / torch.compile wrappers, loss and mixup, the checkpoint saver and args.yaml (primary rank)."""
-    if ctx.distributed:
-        run.model = DistributedDataParallel(run.model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
-    if args.torchcompile:
-        run.model = torch.compile(run.model, backend=args.torchcompile)
-    loss_fn, run.mixup = _loss_and_mixup(args, run.num_classes)
-    run.loss_fn = loss_fn.to(ctx.device)
+    """DDP / torch.compile wrappers, the checkpoint saver, args.yaml and the experiment logs (primary rank).
+
+    With distillation the task wraps its trainable module in DDP (the teacher stays unwrapped) and the
+    student (`run.model`) is validated and saved unwrapped."""
+    device_ids = [ctx.device] if ctx.device.type == "cuda" else None
+    if run.task is not None:
+        if args.torchcompile:
+            raise UsageError("--torchcompile is not supported with --kd-model-name")
+        if ctx.distributed:
+            run.task.prepare_distributed(device_ids=device_ids)
+        run.train_module = run.task.get_trainable_module()
+    else:
+        if ctx.distributed:
+            run.model = DistributedDataParallel(run.model, device_ids=device_ids)
+        if args.torchcompile:
+            run.model = torch.compile(run.model, backend=args.torchcompile)
+        run.train_module = run.model
     if ctx.is_primary:
-        run.saver = CheckpointSaver(run.folder, args.checkpoint_hist)
+        run.saver = CheckpointSaver(run.folder, args.checkpoint_hist, decreasing=args.eval_metric == "loss")
         write_args_yaml(run.folder, vars(args))
         _LOGGER.info("output: %s; %d training / %d validation images, %d classes, %d process(es), "
                      "%d epochs from epoch %d", run.folder, len(run.train_set), len(run.val_set), run.num_classes,
                      ctx.world_size, run.num_epochs, run.start_epoch)
+    run.loggers = ExperimentLoggers(args, run.folder.name, ctx.is_primary)
 
 
 @dataclass
@@ -444,34 +532,47 @@ class EpochResult:
 
 
 def run_epoch(run: TrainingRun, args: argparse.Namespace, ctx: DistributedContext, epoch: int,
-              num_updates: int) -> EpochResult:
-    """Train one epoch, synchronise BatchNorm statistics, validate (model and EMA), step the schedule."""
+              num_updates: int) -> EpochResult | TrainStats:
+    """Train one epoch, synchronise BatchNorm statistics, validate (model and EMA), step the schedule.
+
+    An epoch that --val-interval leaves out (not every N-th, not the last) is not validated: it returns
+    its TrainStats alone, after stepping the schedule without a metric, as timm's loop does."""
     # every generator (augmentation, mixup, drop-path, loader workers) and the sampler start each epoch
     # from (seed, epoch, rank) alone, so a resumed run repeats the uninterrupted run's randomness
     seed_everything(args.seed, epoch, ctx.rank)
     run.sampler.set_epoch(epoch)
-    stats = train_one_epoch(epoch, run.model, run.train_loader, run.optimizer, run.loss_fn, ctx, run.precision,
-                            num_updates, scheduler=run.scheduler, mixup=run.mixup, model_ema=run.model_ema,
-                            clip_grad=args.clip_grad, clip_mode=args.clip_mode, channels_last=args.channels_last,
-                            log_interval=args.log_interval, skip_nonfinite=args.skip_nonfinite,
-                            edge_loss_weight=run.edge_loss_weight)
+    stats = train_one_epoch(epoch, run.train_module, run.train_loader, run.optimizer, run.loss_fn, ctx,
+                            run.precision, num_updates, scheduler=run.scheduler, mixup=run.mixup,
+                            model_ema=run.model_ema, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                            channels_last=args.channels_last, log_interval=args.log_interval,
+                            skip_nonfinite=args.skip_nonfinite, edge_loss_weight=run.edge_loss_weight,
+                            grad_accum_steps=args.grad_accum_steps, task=run.task, model_dtype=run.model_dtype,
+                            ema_source=unwrap_model(run.model))
     shard_images = all_gather_objects(len(run.sampler), ctx)
     if ctx.distributed:
         distribute_bn(run.model, ctx.world_size, reduce=True)
         if run.model_ema is not None:  # the EMA follows each rank's own batch statistics: average them too
             distribute_bn(run.model_ema, ctx.world_size, reduce=True)
+    if (epoch + 1) % args.val_interval != 0 and epoch + 1 != run.num_epochs:
+        if ctx.is_primary:
+            _LOGGER.info("epoch %d: train loss %.4f; not validated or saved (--val-interval %d)", epoch, stats.loss,
+                         args.val_interval)
+        run.scheduler.step(epoch + 1, None)
+        return stats
     eval_stats = validate(run.model, run.val_loader, ctx, run.precision, tta=args.tta,
-                          channels_last=args.channels_last, log_interval=args.log_interval)
+                          channels_last=args.channels_last, log_interval=args.log_interval,
+                          model_dtype=run.model_dtype)
     row: dict[str, Any] = {"epoch": epoch, "train_loss": stats.loss, "eval_loss": eval_stats.loss,
                            "eval_top1": eval_stats.top1, "eval_top5": eval_stats.top5, "lr": stats.lr}
     if stats.edge_loss is not None:
         row["train_edge_loss"] = stats.edge_loss
-    metric = eval_stats.top1
+    metric = getattr(eval_stats, args.eval_metric)
     if run.model_ema is not None:
         ema_stats = validate(run.model_ema.module, run.val_loader, ctx, run.precision, tta=args.tta,
-                             channels_last=args.channels_last, log_interval=args.log_interval, title="eval EMA")
+                             channels_last=args.channels_last, log_interval=args.log_interval, title="eval EMA",
+                             model_dtype=run.model_dtype)
         row.update(ema_eval_loss=ema_stats.loss, ema_eval_top1=ema_stats.top1, ema_eval_top5=ema_stats.top5)
-        metric = ema_stats.top1
+        metric = getattr(ema_stats, args.eval_metric)
     run.scheduler.step(epoch + 1, metric)
     corrupt = all_reduce_sum(torch.tensor([take_corrupt_count(run.train_set), take_corrupt_count(run.val_set)],
                                           dtype=torch.float64), ctx)
@@ -500,14 +601,20 @@ def record_epoch(run: TrainingRun, args: argparse.Namespace, ctx: DistributedCon
                  stats.images_per_second, eval_stats.count, eval_stats.loss, eval_stats.top1, eval_stats.top5,
                  f"; EMA top1 {result.row['ema_eval_top1']:.2f}" if run.model_ema is not None else "")
     append_summary(run.folder, result.row)
+    if run.loggers is not None:
+        run.loggers.log(result.row)
     state = {"epoch": epoch, "arch": args.model, "state_dict": unwrap_model(run.model).state_dict(),
              "state_dict_ema": run.model_ema.module.state_dict() if run.model_ema is not None else None,
              "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
              "args": vars(args), "metric": result.metric, "version": 2}
     if run.precision.scaler is not None:
         state[run.precision.scaler.state_dict_key] = run.precision.scaler.state_dict()
+    projection = projection_state(run.task)
+    if projection is not None:
+        state[PROJECTION_KEY] = projection
     best_epoch, best_metric = run.saver.save(state, epoch, result.metric)
-    _LOGGER.info("best top1 %.2f at epoch %d", best_metric, best_epoch)
+    _LOGGER.info("best %s %s at epoch %d", args.eval_metric,
+                 f"{best_metric:.4f}" if args.eval_metric == "loss" else f"{best_metric:.2f}", best_epoch)
     write_curves(run.folder / SUMMARY_NAME, run.folder / CURVES_NAME)
 
 
@@ -520,18 +627,25 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> tuple[nn.Module,
     training = set_up_training(args, ctx)
     resume_training(training, args, ctx)
     prepare_loop(training, args, ctx)
-    num_updates = training.start_epoch * len(training.train_loader)
-    for epoch in range(training.start_epoch, training.num_epochs):
-        result = run_epoch(training, args, ctx, epoch, num_updates)
-        num_updates = result.train.num_updates
-        record_epoch(training, args, ctx, epoch, result)
+    num_updates = training.start_epoch * training.updates_per_epoch
+    try:
+        for epoch in range(training.start_epoch, training.num_epochs):
+            result = run_epoch(training, args, ctx, epoch, num_updates)
+            if isinstance(result, TrainStats):
+                num_updates = result.num_updates
+                continue
+            num_updates = result.train.num_updates
+            record_epoch(training, args, ctx, epoch, result)
+    finally:
+        if training.loggers is not None:
+            training.loggers.close()
     ema = training.model_ema.module if training.model_ema is not None else None
     return unwrap_model(training.model), ema
 
 
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
     """Train, or evaluate with --evaluate (returns the result dict on the primary rank)."""
-    ctx = init_distributed(args.local_rank)
+    ctx = init_distributed(args.local_rank, getattr(args, "device", None))
     try:
         seed_everything(args.seed, ctx.rank)
         if args.evaluate:

@@ -230,11 +230,13 @@ def append_summary(folder: Path, row: dict[str, Any]) -> None:
 
 
 class CheckpointSaver:
-    """Saves last / best / best-k epoch checkpoints of one run folder (higher metric is better)."""
+    """Saves last / best / best-k epoch checkpoints of one run folder (higher metric is better, lower with
+    ``decreasing``, e.g. --eval-metric loss)."""
 
-    def __init__(self, folder: Path, max_history: int) -> None:
+    def __init__(self, folder: Path, max_history: int, decreasing: bool = False) -> None:
         self.folder = folder
         self.max_history = max_history
+        self.decreasing = decreasing
         self.history: list[tuple[int, float]] = []  # (epoch, metric), best first
         self.best: tuple[int, float] | None = None
         self._remove_stale_temporaries()
@@ -265,10 +267,13 @@ class CheckpointSaver:
                 found = self._epoch_and_metric(path)
                 if found is not None:
                     self.history.append((int(match.group(1)), found[1]))
-        self.history.sort(key=lambda item: item[1], reverse=True)
+        self.history.sort(key=lambda item: item[1], reverse=not self.decreasing)
         best_path = self.folder / BEST_NAME
         if best_path.exists():
             self.best = self._epoch_and_metric(best_path)
+
+    def _better(self, metric: float, other: float) -> bool:
+        return metric < other if self.decreasing else metric > other
 
     def save(self, state: dict[str, Any], epoch: int, metric: float) -> tuple[int, float]:
         """Write last.pth.tar, and checkpoint-<epoch> / model_best when `metric` earns it; returns the best.
@@ -289,14 +294,14 @@ class CheckpointSaver:
         atomic_write(last, lambda handle: torch.save(state, handle))
         self.history = [item for item in self.history if item[0] != epoch]
         worst = self.history[-1][1] if len(self.history) >= self.max_history else None
-        if worst is None or metric > worst:
+        if worst is None or self._better(metric, worst):
             atomic_duplicate(last, self.folder / f"checkpoint-{epoch}.pth.tar")
             self.history.append((epoch, metric))
-            self.history.sort(key=lambda item: item[1], reverse=True)
+            self.history.sort(key=lambda item: item[1], reverse=not self.decreasing)
             for old_epoch, _ in self.history[self.max_history:]:
                 (self.folder / f"checkpoint-{old_epoch}.pth.tar").unlink(missing_ok=True)
             self.history = self.history[: self.max_history]
-        if self.best is None or metric > self.best[1]:
+        if self.best is None or self._better(metric, self.best[1]):
             atomic_duplicate(last, self.folder / BEST_NAME)
             self.best = (epoch, metric)
         return self.best

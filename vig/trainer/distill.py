@@ -1,0 +1,129 @@
+"""Knowledge distillation for train.py through timm's `timm.task` (the `--kd-*` flags).
+
+The teacher is a timm model built from ``--kd-model-name`` with the weights of ``--kd-pretrained-path``
+(a train.py checkpoint, whose recorded flags give its input size and kwargs, or a bare state dict; never a
+hub download). It runs in eval mode without gradients inside timm's `DistillationTeacher`, which
+re-normalises the student's input to the teacher's mean / std when they differ. The task computes
+``task_loss_weight * task loss + distill_loss_weight * distillation loss`` (timm's weighting rules):
+
+- ``logit``: `LogitDistillationTask`, KL of the temperature-softened logits;
+- ``feature``: `FeatureDistillationTask`, MSE of the pooled pre-logits, with a trained linear projection
+  when the widths differ (saved as ``kd_projection`` in the student's checkpoints);
+- ``token``: `TokenDistillationTask`, for students with a distillation head (``set_distilled_training``).
+
+The teacher is not part of the student's checkpoints.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+import timm
+import torch
+from timm.task import FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask, TrainingTask
+from timm.utils import unwrap_model
+from torch import nn
+
+from vig.checkpoint import (CheckpointError, ModelSettings, extract_state_dict, load_state_dict_into, merge_settings,
+                            read_checkpoint, recorded_settings)
+from vig.console import require_model
+from vig.errors import UsageError
+
+__all__ = ["build_teacher", "build_distillation_task", "projection_state", "load_projection_state"]
+
+_LOGGER = logging.getLogger(__name__)
+PROJECTION_KEY = "kd_projection"
+
+
+def build_teacher(args: argparse.Namespace, num_classes: int, device: torch.device,
+                  dtype: torch.dtype | None) -> nn.Module:
+    """The --kd-model-name teacher with the --kd-pretrained-path weights (strict), eval mode, frozen.
+
+    Its input size and kwargs come from the file's recorded train.py flags unless --kd-model-kwargs sets
+    them; its class count must be the student's (``num_classes``): logit and token distillation compare
+    the two over the same classes.
+    """
+    path = args.kd_pretrained_path
+    require_model(args.kd_model_name)
+    try:
+        checkpoint = read_checkpoint(path)
+        state_dict, entry = extract_state_dict(checkpoint, source=path)
+        recorded = recorded_settings(checkpoint, state_dict, model_name=args.kd_model_name)
+        given = ModelSettings(model=args.kd_model_name, num_classes=num_classes,
+                              model_kwargs=dict(args.kd_model_kwargs))
+        merged = merge_settings(given, recorded, path)
+    except CheckpointError as err:
+        raise UsageError(f"--kd-pretrained-path: {err}") from None
+    kwargs: dict[str, Any] = {"num_classes": num_classes, **merged.model_kwargs}
+    if merged.img_size is not None and "img_size" not in kwargs:
+        kwargs["img_size"] = merged.img_size
+    for name in ("start_thresh", "dec"):
+        if getattr(merged, name) is not None:
+            kwargs[name] = getattr(merged, name)
+    try:
+        teacher = timm.create_model(args.kd_model_name, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"teacher {args.kd_model_name}: {err}") from None
+    try:
+        load_state_dict_into(teacher, state_dict, path, entry)
+    except CheckpointError as err:
+        raise UsageError(f"--kd-pretrained-path: {err}") from None
+    teacher.to(device=device, dtype=dtype)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    _LOGGER.info("KD teacher %s (%s) loaded from %s", args.kd_model_name, ", ".join(
+        f"{key}={value}" for key, value in kwargs.items()), path)
+    return teacher
+
+
+def build_distillation_task(args: argparse.Namespace, student: nn.Module, teacher: nn.Module,
+                            criterion: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
+                            device: torch.device, dtype: torch.dtype | None, verbose: bool) -> TrainingTask:
+    """The timm.task distillation task of --kd-distill-type around ``student`` (not yet DDP-wrapped).
+
+    ``mean`` / ``std`` are the student's normalisation as this run's data pipeline applies it (which
+    --mean / --std may set): the task's student buffers are set to them, so that the teacher's
+    re-normalisation starts from what the batches really hold.
+    """
+    common: dict[str, Any] = {"student_model": student, "teacher_model": teacher, "criterion": criterion,
+                              "distill_loss_weight": args.distill_loss_weight,
+                              "task_loss_weight": args.task_loss_weight, "device": device, "dtype": dtype,
+                              "verbose": verbose}
+    try:
+        if args.kd_distill_type == "logit":
+            task = LogitDistillationTask(temperature=args.kd_temperature, **common)
+        elif args.kd_distill_type == "feature":
+            task = FeatureDistillationTask(**common)
+        else:
+            task = TokenDistillationTask(distill_type=args.kd_token_distill_type, temperature=args.kd_temperature,
+                                         **common)
+    except ValueError as err:  # e.g. a student without a distillation head for token distillation
+        raise UsageError(f"--kd-distill-type {args.kd_distill_type}: {' '.join(str(err).split())}") from None
+    float_dtype = dtype or torch.float32
+    task.student_mean = torch.tensor(mean, device=device, dtype=float_dtype).view(1, -1, 1, 1)
+    task.student_std = torch.tensor(std, device=device, dtype=float_dtype).view(1, -1, 1, 1)
+    return task
+
+
+
+
+def projection_state(task: TrainingTask | None) -> dict[str, torch.Tensor] | None:
+    """The feature projection's weights (feature distillation with differing widths), else None."""
+    if not isinstance(task, FeatureDistillationTask):
+        return None
+    projection = unwrap_model(task.get_trainable_module()).projection
+    return projection.state_dict() if projection is not None else None
+
+
+def load_projection_state(task: TrainingTask | None, state: dict[str, Any], path: str) -> None:
+    """Restore the feature projection from a resumed checkpoint's ``kd_projection`` entry."""
+    if not isinstance(task, FeatureDistillationTask):
+        return
+    projection = unwrap_model(task.get_trainable_module()).projection
+    if projection is None:
+        return
+    saved = state.get(PROJECTION_KEY)
+    if not isinstance(saved, dict):
+        raise UsageError(f"--resume: {path} has no {PROJECTION_KEY} (the feature-distillation projection)")
+    projection.load_state_dict(saved)
