@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.shared_files import shared_path
 from tests.train_helpers import REPO_ROOT, child_env, last_json_line, run_train
@@ -80,6 +81,25 @@ def test_wds_train_then_evaluate_one_process(tmp_path: Path, shards: Path) -> No
                             str(output / "run" / "model_best.pth.tar")])
     assert evaluation.returncode == 0, evaluation.stderr[-4000:]
     assert last_json_line(evaluation.stdout)["count"] == IMAGES
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_wds_resume_repeats_the_uninterrupted_run(tmp_path: Path, shards: Path, workers: str) -> None:
+    """Epoch 1 resumed from epoch 0's checkpoint gives the uninterrupted run's weights: the stream's shard and
+    sample order of an epoch follow from --seed and the epoch alone, also when read in the main process (-j 0)."""
+    common = [str(shards), "--dataset", "wds/cifar", *BASE, "-j", workers, "--epochs", "2", "--output",
+              str(tmp_path / "out")]
+    full = run_train([*common, "--experiment", "full"])
+    assert full.returncode == 0, full.stderr[-4000:]
+    resumed_folder = tmp_path / "out" / "resumed"
+    resumed_folder.mkdir()
+    shutil.copy(tmp_path / "out" / "full" / "checkpoint-0.pth.tar", resumed_folder / "last.pth.tar")
+    resumed = run_train([*common, "--experiment", "resumed", "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    expected = torch.load(tmp_path / "out" / "full" / "last.pth.tar", weights_only=True)
+    actual = torch.load(resumed_folder / "last.pth.tar", weights_only=True)
+    assert actual["epoch"] == expected["epoch"] == 1
+    torch.testing.assert_close(actual["state_dict"], expected["state_dict"], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -189,7 +189,12 @@ class StreamShard:
         self.dataset = dataset
 
     def set_epoch(self, epoch: int) -> None:
+        """Seed epoch `epoch`'s shard shuffle (--seed + epoch) and drop the pipeline a main-process read (-j 0)
+        built, whose sample-shuffle generator would carry one epoch's draws into the next: every epoch's order
+        then follows from the seed and the epoch alone, so a resumed run repeats the uninterrupted one.
+        (Loader workers build their pipeline afresh each epoch, seeded from the per-epoch torch seed.)"""
         self.dataset.set_epoch(epoch)
+        self.dataset.reader.ds = None
 
     def __len__(self) -> int:
         return len(self.dataset)
