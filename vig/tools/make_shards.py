@@ -63,7 +63,10 @@ def encoded(path: Path) -> tuple[str, bytes]:
 def write_split(root: Path, source: str, name: str, out: Path, shard_size: int, seed: int,
                 limit: int | None) -> tuple[dict, list[str]]:
     """Write the shards of one split; its timm split-info dict and its class names."""
-    import webdataset as wds
+    try:
+        import webdataset as wds
+    except ImportError:
+        raise UsageError("vig-make-shards needs the webdataset package (pip install 'vig-toolkit[data]')") from None
 
     samples, classes = list_split(root / source)
     random.Random(seed).shuffle(samples)

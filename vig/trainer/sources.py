@@ -56,7 +56,7 @@ def _wds_reader_class() -> type:
     from timm.data.readers import reader_wds  # needs webdataset: imported only for wds/ sources
 
     if reader_wds.wds is None:
-        raise UsageError("--dataset wds/... needs the webdataset package (pip install webdataset)")
+        raise UsageError("--dataset wds/... needs the webdataset package (pip install 'vig-toolkit[data]')")
 
     class CheckedWdsReader(reader_wds.ReaderWds):
         """timm's ReaderWds whose undecodable samples stop the run naming shard and key, or with
