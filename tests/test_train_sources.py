@@ -68,6 +68,7 @@ def test_make_shards_refuses_a_used_folder(shards: Path, capsys: pytest.CaptureF
     assert "exists" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_wds_train_then_evaluate_one_process(tmp_path: Path, shards: Path) -> None:
     output = tmp_path / "out"
     result = run_train([str(shards), "--dataset", "wds/cifar", *BASE, "--output", str(output)])
@@ -83,6 +84,7 @@ def test_wds_train_then_evaluate_one_process(tmp_path: Path, shards: Path) -> No
     assert last_json_line(evaluation.stdout)["count"] == IMAGES
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_wds_resume_repeats_the_uninterrupted_run(tmp_path: Path, shards: Path, workers: str) -> None:
     """Epoch 1 resumed from epoch 0's checkpoint gives the uninterrupted run's weights: the stream's shard and
@@ -113,6 +115,7 @@ def test_wds_usage_errors_are_one_line(tmp_path: Path, shards: Path, flags: list
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_wds_two_ranks_see_each_image_once_per_epoch(tmp_path: Path, shards: Path) -> None:
     """2 ranks x 2 workers = 4 slots over 4 equal shards: every epoch the ranks' training targets (the samples'
     indices, --target-key index) are disjoint and together every image once, in an order that changes from
@@ -188,6 +191,7 @@ def _parquet_dataset(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_hfds_train_then_evaluate(tmp_path: Path) -> None:
     folder = _parquet_dataset(tmp_path / "hf")
     output, cache = tmp_path / "out", tmp_path / "cache"
