@@ -130,15 +130,15 @@ def test_mixup_and_a_training_step_work_on_device_normalised_batches() -> None:
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-def test_feed_rate_script_reports_both_paths(capsys: pytest.CaptureFixture[str]) -> None:
+def test_feed_rate_script_reports_both_paths_of_every_source(capsys: pytest.CaptureFixture[str]) -> None:
     spec = importlib.util.spec_from_file_location("feed_rate", REPO_ROOT / "benchmarks" / "feed_rate.py")
     feed_rate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(feed_rate)
     source = shared_path("data", "cifar10-subset")
     assert feed_rate.main(["--source", str(source), "--images", "16", "--batch-size", "8", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
-    rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in out.splitlines()
-            if line.startswith(("| float", "| uint8"))}
-    assert set(rows) == {"float", "uint8"}
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line.split("|")[3:5] for line in out.splitlines()
+            if line.startswith(("| folder", "| wds", "| hfds"))}
+    assert set(rows) == {(source, path) for source in ("folder", "wds", "hfds") for path in ("float", "uint8")}
     assert all(float(value) > 0 for values in rows.values() for value in values)
     assert out.startswith("16 JPEGs of 400 x 300, batch 8, 1 worker(s)")

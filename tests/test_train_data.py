@@ -56,7 +56,7 @@ def test_shuffled_eval_shards_cover_every_image_once_in_one_fixed_order(num_samp
 @pytest.mark.parametrize(("model", "mixes_classes"), [("bgnn", True), ("resnet10t", False)])
 def test_batch_dependent_models_evaluate_class_sorted_folders_in_mixed_batches(model: str, mixes_classes: bool) -> None:
     test_set = ImageFolder(str(shared_path("data", "cifar10-subset", "test")))
-    sampler = eval_sampler(argparse.Namespace(model=model, seed=42), len(test_set), _ctx(0, 1))
+    sampler = eval_sampler(argparse.Namespace(model=model, seed=42), test_set, _ctx(0, 1))
     first_batch = list(sampler)[:64]
     classes = {test_set.targets[i] for i in first_batch}
     assert (len(classes) >= 8) == mixes_classes

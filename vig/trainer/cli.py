@@ -59,7 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="",
-                      help="'' = ImageFolder under DIR; torch/cifar10, torch/cifar100; synthetic (embedded demo)")
+                      help="'' = ImageFolder under DIR; torch/cifar10, torch/cifar100; wds/NAME (webdataset shards "
+                           "in DIR with DIR/_info.json); hfds/FOLDER (a local Hugging Face dataset folder); "
+                           "synthetic (embedded demo)")
+    data.add_argument("--train-num-samples", type=int, default=None, metavar="N",
+                      help="wds: training images per epoch (default: the split's count in _info.json)")
+    data.add_argument("--val-num-samples", type=int, default=None, metavar="N",
+                      help="wds: validation images (default: the split's count in _info.json)")
+    data.add_argument("--input-key", default=None,
+                      help="wds / hfds: the image field (default: jpg;png;webp for wds, image for hfds)")
+    data.add_argument("--input-img-mode", default="RGB", help="wds / hfds: PIL mode the images are converted to")
+    data.add_argument("--target-key", default=None,
+                      help="wds: a field of the json sidecar (default: the .cls file); hfds: the label "
+                           "feature (default: label)")
+    data.add_argument("--dataset-trust-remote-code", action="store_true",
+                      help="hfds: let datasets run a loading script in the dataset folder")
     data.add_argument("--dataset-download", action="store_true", help="download torch/* datasets into DIR")
     data.add_argument("--train-split", default="train", help="training split folder / name")
     data.add_argument("--val-split", default="val", help="validation split ('val' falls back to 'validation')")
@@ -440,7 +454,14 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.dataset.startswith("torch/"):
         _require(args.dataset in ("torch/cifar10", "torch/cifar100"),
                  f"--dataset {args.dataset!r} is not supported (torch/cifar10, torch/cifar100)")
+    elif args.dataset.startswith(("wds/", "hfds/")):
+        _require(len(args.dataset.split("/", 1)[1]) > 0, f"--dataset {args.dataset!r}: name the dataset after the /")
     else:
         _require(args.dataset in ("", SYNTHETIC_DATASET),
                  f"--dataset {args.dataset!r} is not supported ('' = ImageFolder, torch/cifar10, "
-                 f"torch/cifar100, {SYNTHETIC_DATASET})")
+                 f"torch/cifar100, wds/NAME, hfds/FOLDER, {SYNTHETIC_DATASET})")
+    for flag in ("train_num_samples", "val_num_samples"):
+        value = getattr(args, flag)
+        _require(value is None or value > 0, f"--{flag.replace('_', '-')} must be positive, got {value}")
+        _require(value is None or args.dataset.startswith("wds/"),
+                 f"--{flag.replace('_', '-')} sets the epoch length of a wds/ stream; other sources have a length")

@@ -35,6 +35,8 @@ from torchvision import transforms
 
 from vig.errors import CorruptImageError, UsageError
 from vig.trainer.distributed import DistributedContext
+from vig.trainer.sources import (HFDS_PREFIX, WDS_PREFIX, StreamShard, UNDECODABLE, check_even_shards, hfds_dataset,
+                                 is_stream, take_stream_corrupt_count, wds_dataset)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -132,7 +134,10 @@ class ShardedEvalSampler(Sampler[int]):
 
 
 def dataset_kind(args: argparse.Namespace) -> str:
-    """'synthetic', 'folder' or the torch/* name, from --dataset and whether a data folder was given."""
+    """'synthetic', 'folder', 'wds', 'hfds' or the torch/* name, from --dataset and whether a data folder was given."""
+    for prefix in (WDS_PREFIX, HFDS_PREFIX):
+        if args.dataset.startswith(prefix):
+            return prefix[:-1]
     if args.dataset == SYNTHETIC_DATASET or (args.dataset == "" and args.data_dir is None):
         return SYNTHETIC_DATASET
     return args.dataset or "folder"
@@ -190,12 +195,9 @@ def require_same_classes(args: argparse.Namespace, train_classes: list[str], val
                      f"({len(val_classes)} classes): {'; '.join(differences) or 'same names, other order'}")
 
 
-# what PIL raises for a file that is not a decodable image (truncated, garbage, unreadable)
-_UNDECODABLE = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
-
-
 class CheckedImageFolder(Dataset):
-    """The images of an ImageFolder split (timm reader), fully decoded when read, corrupt files named.
+    """The images of a map-style timm reader (ImageFolder, Hugging Face dataset), fully decoded when read,
+    corrupt files named.
 
     Items are (transform(PIL RGB image) or the image, class index). A file that does not decode raises
     `CorruptImageError` naming it; with `skip_corrupt` it is replaced by the next readable image of the
@@ -203,14 +205,19 @@ class CheckedImageFolder(Dataset):
     with `take_corrupt_count`.
     """
 
-    def __init__(self, reader: Any, skip_corrupt: bool, transform: Callable[[Image.Image], Any] | None = None) -> None:
+    def __init__(self, reader: Any, skip_corrupt: bool, transform: Callable[[Image.Image], Any] | None = None,
+                 source: str = "") -> None:
         self.reader = reader
         self.skip_corrupt = skip_corrupt
         self.transform = transform
+        self.source = source or str(reader.root)
         self._corrupt_count = multiprocessing.Value("q", 0)
 
     def __len__(self) -> int:
-        return len(self.reader.samples)
+        return len(self.reader)
+
+    def _name(self, index: int) -> str:
+        return self.reader._filename(index, absolute=True) or f"{self.source} item {index}"
 
     def take_corrupt_count(self) -> int:
         """Corrupt files met (in this process and its loader workers) since the last call; resets to 0."""
@@ -220,12 +227,14 @@ class CheckedImageFolder(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         for offset in range(len(self)):
-            path, target = self.reader.samples[(index + offset) % len(self)]
+            position = (index + offset) % len(self)
+            source, target = self.reader[position][:2]
             try:
-                with Image.open(path) as opened:
+                with source, Image.open(source) as opened:
                     image = opened.convert("RGB")
-            except _UNDECODABLE as err:
+            except UNDECODABLE as err:
                 reason = " ".join(str(err).split()) or type(err).__name__
+                path = self._name(position)
                 if not self.skip_corrupt:
                     raise CorruptImageError(f"corrupt image {path}: {reason} "
                                             "(remove or replace it, or pass --skip-corrupt)") from None
@@ -234,11 +243,13 @@ class CheckedImageFolder(Dataset):
                 _LOGGER.warning("skipping corrupt image %s: %s", path, reason)
                 continue
             return (self.transform(image) if self.transform is not None else image), target
-        raise CorruptImageError(f"no image under {self.reader.root} could be decoded")
+        raise CorruptImageError(f"no image under {self.source} could be decoded")
 
 
 def take_corrupt_count(dataset: Dataset) -> int:
     """Corrupt files skipped by `dataset` since the last call (0 for sources that are not image files)."""
+    if is_stream(dataset):
+        return take_stream_corrupt_count(dataset)
     return dataset.take_corrupt_count() if isinstance(dataset, CheckedImageFolder) else 0
 
 
@@ -253,6 +264,11 @@ def build_dataset(args: argparse.Namespace, split: str, is_training: bool) -> tu
         key = "train" if is_training else "val"
         dataset = SyntheticPatterns(key, SYNTHETIC_SIZES[key], seed=0)
         return dataset, list(SyntheticPatterns.classes)
+    if kind == "wds":
+        return wds_dataset(args, split, is_training)
+    if kind == "hfds":
+        dataset, classes = hfds_dataset(args, SPLIT_FALLBACKS.get(split, (split,)))
+        return CheckedImageFolder(dataset.reader, args.skip_corrupt, source=args.dataset), classes
     if kind == "folder":
         folder = find_split_folder(args.data_dir, split)
         dataset = create_dataset("", root=str(folder), split=split, search_split=False, is_training=is_training)
@@ -457,19 +473,42 @@ class SeededRepeatAugSampler(RepeatAugSampler):
 
 
 def train_sampler(dataset: Dataset, ctx: DistributedContext, repeated_aug: bool, seed: int,
-                  num_repeats: int = REPEATED_AUG_REPEATS) -> Sampler[int]:
+                  num_repeats: int = REPEATED_AUG_REPEATS) -> Sampler[int] | StreamShard:
     """Per-epoch shuffled shard of this rank (call `set_epoch`), the order drawn from seed + epoch;
     repeated augmentation (`num_repeats` copies of each image, --aug-repeats) spreads the copies of an
-    image over ranks."""
+    image over ranks. A stream shards and shuffles itself (`StreamShard`, see `vig.trainer.sources`)."""
+    if is_stream(dataset):
+        if repeated_aug:
+            raise UsageError("--repeated-aug / --aug-repeats need random access to the images; a wds/ stream "
+                             "has none (drop them)")
+        return StreamShard(dataset)
     if repeated_aug:
         return SeededRepeatAugSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank,
                                       num_repeats=num_repeats, seed=seed)
     return DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed)
 
 
-def build_loader(dataset: Dataset, sampler: Sampler[int], batch_size: int, workers: int,
+def eval_shard(dataset: Dataset, world_size: int, rank: int,
+               shuffle_seed: int | None = None) -> ShardedEvalSampler | StreamShard:
+    """This rank's share of the validation images: `ShardedEvalSampler`, or for a stream its own shards."""
+    if is_stream(dataset):
+        return StreamShard(dataset)
+    return ShardedEvalSampler(len(dataset), world_size, rank, shuffle_seed=shuffle_seed)
+
+
+def build_loader(dataset: Dataset, sampler: Sampler[int] | StreamShard, batch_size: int, workers: int,
                  is_training: bool, device: torch.device) -> DataLoader:
-    """DataLoader over this rank's shard; training drops the last incomplete batch."""
+    """DataLoader over this rank's shard; training drops the last incomplete batch. A stream (no sampler)
+    is told the worker count first: its per-epoch length depends on it."""
+    if isinstance(sampler, StreamShard):
+        dataset.set_loader_cfg(num_workers=workers)
+        reader = dataset.reader
+        check_even_shards(dataset, reader.dist_num_replicas, workers, batch_size, is_training)
+        if is_training and len(sampler) < batch_size:
+            raise UsageError(f"the training stream of each process has {len(sampler)} images, fewer than "
+                             f"--batch-size {batch_size}; lower the batch size or add data")
+        return DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                          drop_last=is_training)
     if is_training and len(sampler) < batch_size:
         raise UsageError(f"the training shard of each process has {len(sampler)} images, fewer than "
                          f"--batch-size {batch_size}; lower the batch size or add data")

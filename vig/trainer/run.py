@@ -40,7 +40,8 @@ from vig.graph_info import describe_graph
 from vig.models.batch_graph import has_edge_head
 from vig.trainer.cli import DEFAULT_LR, DEFAULT_MODEL
 from vig.trainer.curves import write_curves
-from vig.trainer.data import (ShardedEvalSampler, build_dataset, build_loader, device_normalizes, eval_transform,
+from vig.trainer.data import (ShardedEvalSampler, StreamShard, build_dataset, build_loader, device_normalizes,
+                              eval_shard, eval_transform,
                               prefetch_to_device, require_same_classes, resolve_preprocessing, take_corrupt_count,
                               train_sampler, train_transform)
 from vig.trainer.distributed import (DistributedContext, all_gather_objects, all_reduce_sum, broadcast_object,
@@ -198,12 +199,12 @@ def _num_classes(args: argparse.Namespace, classes: list[str]) -> int:
     return args.num_classes
 
 
-def eval_sampler(args: argparse.Namespace, num_samples: int, ctx: DistributedContext) -> ShardedEvalSampler:
+def eval_sampler(args: argparse.Namespace, val_set: Any, ctx: DistributedContext) -> ShardedEvalSampler | StreamShard:
     """This rank's share of the validation images: in the dataset's order, or, for a model whose predictions
     depend on its batch (an edge head), in one fixed order shuffled from --seed, so that its batches mix
-    classes instead of following a class-sorted folder."""
+    classes instead of following a class-sorted folder. A wds/ stream is read in its shards' order."""
     seed = args.seed if has_edge_head(args.model) else None
-    return ShardedEvalSampler(num_samples, ctx.world_size, ctx.rank, shuffle_seed=seed)
+    return eval_shard(val_set, ctx.world_size, ctx.rank, shuffle_seed=seed)
 
 
 def evaluate(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any] | None:
@@ -219,7 +220,7 @@ def evaluate(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     precision = resolve_precision(args.amp, args.amp_dtype, ctx.device)
-    sampler = eval_sampler(args, len(val_set), ctx)
+    sampler = eval_sampler(args, val_set, ctx)
     loader = build_loader(val_set, sampler, args.batch_size, args.workers, is_training=False, device=ctx.device)
     last_batches = [size % args.batch_size or min(size, args.batch_size)
                     for size in all_gather_objects(len(sampler), ctx)]
@@ -450,7 +451,7 @@ def set_up_training(args: argparse.Namespace, ctx: DistributedContext) -> Traini
 
     sampler = train_sampler(train_set, ctx, args.aug_repeats > 0, args.seed, num_repeats=args.aug_repeats)
     train_loader = build_loader(train_set, sampler, args.batch_size, args.workers, True, ctx.device)
-    val_loader = build_loader(val_set, eval_sampler(args, len(val_set), ctx), args.batch_size, args.workers, False,
+    val_loader = build_loader(val_set, eval_sampler(args, val_set, ctx), args.batch_size, args.workers, False,
                               ctx.device)
     if device_normalize:
         train_loader = prefetch_to_device(train_loader, config, ctx.device, args.reprob, args.remode, args.recount)
