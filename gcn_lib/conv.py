@@ -76,9 +76,10 @@ class MRConv2d(nn.Module):
         if y is not None and form != "mask":
             raise ValueError("a separate key set y needs neighbour indices (B, N, k) or a bool mask (B, N, M)")
         if form == "mask":
-            # Rectangular masks (pyramid ViG's pooled keys) and compiled code take the ranked keys: their operator
-            # compiles whole, while an edge list has a data-dependent size. All mask paths give the same values.
-            if y is not None or torch.compiler.is_compiling():
+            # Rectangular masks (pyramid ViG's pooled keys), compiled code and tensors without data (the meta
+            # device) take the ranked keys: their operator compiles whole and has a fake implementation, while an
+            # edge list has a data-dependent size. All mask paths give the same values.
+            if y is not None or torch.compiler.is_compiling() or graph.is_meta:
                 return max_relative_ranked(x, graph, y)
             if graph.count_nonzero() >= SCATTER_BELOW_DENSITY * graph.numel():
                 return max_relative_ranked(x, graph)

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
+from timm.layers import DropPath, SelectAdaptivePool2d
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
@@ -33,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from gcn_lib import DynConv2d, act_layer, init_convs_
 from vig.checkpoint import checkpoint_filter_fn
 from vig.models.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR_IMG_SIZE
+from vig.models.factory_args import parent_device_dtype, takes_device_and_dtype
 from vig.models.features import check_feature_request
 
 _logger = logging.getLogger(__name__)
@@ -159,6 +160,17 @@ class Stem(nn.Module):
         return self.convs(x)
 
 
+HEAD_POOLS: tuple[str, ...] = ("avg", "max", "avgmax", "")
+
+
+def head_pool(pool_type: str) -> SelectAdaptivePool2d:
+    """The pooling before the conv head (B, C, h, w) -> (B, C, 1, 1): a timm pool type of `HEAD_POOLS`, or
+    ``''`` for none (maps pass through). ``catavgmax`` would double the channels the head's first conv takes."""
+    if pool_type not in HEAD_POOLS:
+        raise ValueError(f"global_pool must be one of {', '.join(map(repr, HEAD_POOLS))}, got {pool_type!r}")
+    return SelectAdaptivePool2d(pool_type=pool_type, flatten=False)
+
+
 def resize_relative_pos(relative_pos: torch.Tensor, num_nodes: int, num_keys: int) -> torch.Tensor:
     """Bicubic resize (align_corners=False) of a relative-position term (1, N, M) -> (1, num_nodes, num_keys),
     as the published pyramid ViG does when its input size changes; computed in float32 at least."""
@@ -243,8 +255,14 @@ class VisionGNN(nn.Module):
             t_i = start_thresh - i * dec (SViG) instead of kNN.
         stem_stride: total stride of the stem, one of `STEM_STRIDES` (16 as published; 2 for 32-px
             images gives 16 x 16 nodes). Parameters are the same for every stride.
+        global_pool: pooling before the head, a timm pool type (``'avg'`` as published, ``'max'``,
+            ``'avgmax'``), or ``''`` for none: the head's 1x1 convs then act on every position and `forward`
+            returns maps (B, num_classes or 1024, h, w).
+        device, dtype: where and in what floating-point type the parameters are created (timm's factory
+            arguments).
     """
 
+    @takes_device_and_dtype
     def __init__(
         self,
         channels: int,
@@ -259,6 +277,7 @@ class VisionGNN(nn.Module):
         start_thresh: float | None = None,
         dec: float = SVIG_DEC,
         stem_stride: int = STEM_STRIDE,
+        global_pool: str = "avg",
     ) -> None:
         super().__init__()
         check_stem_stride(stem_stride)
@@ -267,8 +286,10 @@ class VisionGNN(nn.Module):
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.num_features = channels
         self.head_hidden_size = HEAD_HIDDEN
+        self.global_pool = head_pool(global_pool)
         self.img_size = _pair(img_size)
         self.stem_stride = stem_stride
         self.grid_size = stem_grid(img_size, stem_stride)
@@ -331,17 +352,20 @@ class VisionGNN(nn.Module):
         """The last layer of the head: Conv2d(1024, num_classes, 1), or Identity for num_classes=0."""
         return self.prediction[-1]
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier by a freshly initialised one with ``num_classes`` outputs (0: none)."""
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier by a freshly initialised one with ``num_classes`` outputs (0: none), on the
+        model's device and dtype; ``global_pool`` (a timm pool type, ``''`` for none) replaces the pooling,
+        None keeps it."""
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
-        classifier = self._classifier(num_classes)
+        if global_pool is not None:
+            self.global_pool = head_pool(global_pool).train(self.training)
+        with torch.device(parent_device_dtype(self).get("device", "cpu")):
+            classifier = self._classifier(num_classes)
         if isinstance(classifier, nn.Conv2d):
             nn.init.kaiming_normal_(classifier.weight)
             nn.init.zeros_(classifier.bias)
-        device = self.pos_embed.device
-        dtype = self.pos_embed.dtype
-        self.prediction[-1] = classifier.to(device=device, dtype=dtype)
+        self.prediction[-1] = classifier.to(**parent_device_dtype(self)).train(self.training)
         self.num_classes = num_classes
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -365,12 +389,13 @@ class VisionGNN(nn.Module):
         return self.backbone(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Feature map (B, C, h, w) -> logits (B, num_classes), or (B, 1024) with ``pre_logits``."""
-        x = F.adaptive_avg_pool2d(x, 1)
+        """Feature map (B, C, h, w) -> logits (B, num_classes), or (B, 1024) with ``pre_logits``; without
+        global pooling (``global_pool=''``) the maps (B, num_classes or 1024, h, w)."""
+        x = self.global_pool(x)
         x = self.prediction[:-1](x)
         if not pre_logits:
             x = self.prediction[-1](x)
-        return x.flatten(1)
+        return x if self.global_pool.is_identity() else x.flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> logits (B, num_classes)."""
@@ -491,10 +516,10 @@ def _create(variant: str, size: str, threshold_default: bool, pretrained: bool =
 
 
 def published_cfg(**overrides: Any) -> dict[str, Any]:
-    """Pretrained config as published (ViG and pyramid ViG): 224 px, crop 0.9, bicubic, mean = std = 0.5;
-    ``overrides`` replace entries."""
+    """Pretrained config as published (ViG and pyramid ViG): 224 px, crop 0.9, bicubic, mean = std = 0.5,
+    final map 14 x 14 (the isotropic model's; pyramid configs override it); ``overrides`` replace entries."""
     return {
-        **dict(url="", num_classes=1000, input_size=(3, PUBLISHED_IMG_SIZE, PUBLISHED_IMG_SIZE), pool_size=None,
+        **dict(url="", num_classes=1000, input_size=(3, PUBLISHED_IMG_SIZE, PUBLISHED_IMG_SIZE), pool_size=(14, 14),
                crop_pct=0.9, interpolation="bicubic", fixed_input_size=True, mean=(0.5, 0.5, 0.5),
                std=(0.5, 0.5, 0.5), first_conv="stem.convs.0", classifier="prediction.4"),
         **overrides,
@@ -505,6 +530,7 @@ def cifar_cfg(**overrides: Any) -> dict[str, Any]:
     """Pretrained config of the CIFAR-10 configurations (no published weights): 32 px, crop 1.0, bicubic,
     CIFAR-10 mean / std, 10 classes; ``overrides`` replace entries."""
     return published_cfg(**{**dict(num_classes=10, input_size=(3, CIFAR_IMG_SIZE, CIFAR_IMG_SIZE), crop_pct=1.0,
+                                   pool_size=stem_grid(CIFAR_IMG_SIZE, CIFAR_STEM_STRIDE),
                                    mean=CIFAR10_MEAN, std=CIFAR10_STD), **overrides})
 
 

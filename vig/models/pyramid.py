@@ -30,7 +30,8 @@ from gcn_lib import act_layer, relative_position_table
 from vig.checkpoint import checkpoint_filter_fn
 from vig.models.isotropic import (CIFAR_IMG_SIZE, FFN, HEAD_HIDDEN, PUBLISHED_IMG_SIZE, SVIG_DEC, Grapher, VisionGNN,
                                   _graph_kwargs, _pair, check_pretrained_source, check_stem_stride, cifar_cfg,
-                                  published_cfg, resize_relative_pos, threshold_schedule, warn_cap_once)
+                                  head_pool, published_cfg, resize_relative_pos, threshold_schedule, warn_cap_once)
+from vig.models.factory_args import takes_device_and_dtype
 
 _logger = logging.getLogger(__name__)
 
@@ -177,8 +178,10 @@ class PyramidVisionGNN(VisionGNN):
             keys are those of the kNN model.
         stem_stride: total stride of the stem, one of `STEM_STRIDES` (4 as published; 1 for 32-px images
             gives stage maps 32, 16, 8, 4). Parameters are the same for every stride.
+        global_pool, device, dtype: as in `VisionGNN`.
     """
 
+    @takes_device_and_dtype
     def __init__(
         self,
         channels: Sequence[int],
@@ -193,6 +196,7 @@ class PyramidVisionGNN(VisionGNN):
         start_thresh: float | None = None,
         dec: float = SVIG_DEC,
         stem_stride: int = STEM_STRIDE,
+        global_pool: str = "avg",
     ) -> None:
         nn.Module.__init__(self)
         check_stem_stride(stem_stride, STEM_STRIDES)
@@ -205,8 +209,10 @@ class PyramidVisionGNN(VisionGNN):
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.num_features = channels[-1]
         self.head_hidden_size = HEAD_HIDDEN
+        self.global_pool = head_pool(global_pool)
         self.img_size = _pair(img_size)
         self.stem_stride = stem_stride
         self.stage_grids = stage_grids(img_size, stem_stride)
@@ -317,11 +323,11 @@ def _create(variant: str, size: str, pretrained: bool = False, **kwargs: Any) ->
 
 default_cfgs = generate_default_cfgs({
     # any input size runs (pos_embed and relative_pos are resized); B is evaluated with crop 0.95
-    "pvig_ti_224_gelu": published_cfg(fixed_input_size=False),
-    "pvig_s_224_gelu": published_cfg(fixed_input_size=False),
-    "pvig_m_224_gelu": published_cfg(fixed_input_size=False),
-    "pvig_b_224_gelu": published_cfg(fixed_input_size=False, crop_pct=0.95),
-    "pvig_ti_cifar": cifar_cfg(fixed_input_size=False),
+    "pvig_ti_224_gelu": published_cfg(fixed_input_size=False, pool_size=(7, 7)),
+    "pvig_s_224_gelu": published_cfg(fixed_input_size=False, pool_size=(7, 7)),
+    "pvig_m_224_gelu": published_cfg(fixed_input_size=False, pool_size=(7, 7)),
+    "pvig_b_224_gelu": published_cfg(fixed_input_size=False, pool_size=(7, 7), crop_pct=0.95),
+    "pvig_ti_cifar": cifar_cfg(fixed_input_size=False, pool_size=stage_grids(CIFAR_IMG_SIZE, 1)[-1]),
 })
 
 
