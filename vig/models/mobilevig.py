@@ -194,7 +194,7 @@ class DistilledConvNet(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """New ``head`` / ``dist_head`` for ``num_classes`` (0: pre-logits), on the model's device and dtype;
         ``global_pool`` '' keeps the map (B, emb, H, W)."""
-        reference = next(self.prediction.parameters(), None) or next(self.parameters())
+        reference = next(self.parameters())
         dd = dict(device=reference.device, dtype=reference.dtype)
         if global_pool is not None:
             self._check_pool(global_pool)
