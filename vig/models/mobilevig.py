@@ -152,9 +152,6 @@ class DistilledConvNet(nn.Module):
     training returns the pair (head, dist_head).
     """
 
-    num_classes: int
-    distilled_training: bool
-
     def _build_head(self, in_dim: int, emb_dims: int, num_classes: int, drop_rate: float, global_pool: str,
                     **dd: Any) -> None:
         self._check_pool(global_pool)
@@ -291,17 +288,20 @@ class MobileViG(DistilledConvNet):
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         return dict(stem=r"^stem", blocks=[(r"^local_backbone\.(\d+)", None), (r"^backbone\.(\d+)", (1000,))])
 
-    def _run(self, layers: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-        for layer in layers:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> last map (B, C, H/32, W/32)."""
+        x = self.stem(x)
+        for layer in self.local_backbone:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
+        for layer in self.backbone:
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
             else:
                 x = layer(x)
         return x
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, H, W) -> last map (B, C, H/32, W/32)."""
-        return self._run(self.backbone, self._run(self.local_backbone, self.stem(x)))
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
