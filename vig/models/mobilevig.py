@@ -226,7 +226,7 @@ class DistilledConvNet(nn.Module):
             return head, dist
         return (head + dist) / 2
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x):  # unannotated: a string annotation would name no type in an fx graph's TorchScript
         return self.forward_head(self.forward_features(x))
 
     def _prune_head(self) -> None:
