@@ -13,7 +13,7 @@ from torch.testing import assert_close
 
 import vig
 from tests.shared_files import shared_path
-from vig.checkpoint import CheckpointError, extract_state_dict
+from vig.checkpoint import CheckpointError, extract_state_dict, read_checkpoint, recorded_settings
 from vig.models import VisionGNN
 
 
@@ -181,3 +181,25 @@ def test_extract_state_dict_prefers_state_dict_over_model() -> None:
     weights = {"w": torch.ones(1)}
     state_dict, entry = extract_state_dict({"state_dict": weights, "model": {"w": torch.zeros(1)}})
     assert entry == "state_dict" and state_dict == weights
+
+
+@pytest.mark.parametrize("name, recorded", [("mobilevig_ti", "mobilevig_ti"), ("greedyvig_s", "GreedyViG_S")])
+@pytest.mark.parametrize("use_ema", [False, True])
+def test_efficient_training_script_layout(tmp_path: Path, name: str, recorded: str, use_ema: bool) -> None:
+    """The dict MobileViG's / GreedyViG's main.py saves: the recorded model name maps to ours, --model-ema
+    picks ``state_dict_ema``, and the weights load strictly."""
+    state = torch.load(shared_path("fixtures", f"{name}_checkpoint.pth"), map_location="cpu")
+    ema = {key: value + 1 if key == "head.bias" else value for key, value in state.items()}
+    layout = dict(state_dict=state, state_dict_ema=ema, optimizer={"state": {}, "param_groups": []},
+                  lr_scheduler={"base_values": [2e-3]}, epoch=299, scaler={"scale": 65536.0, "_growth_tracker": 0},
+                  args=argparse.Namespace(model=recorded, nb_classes=1000, input_size=224, model_ema=True))
+    path = tmp_path / "checkpoint.pth"
+    torch.save(layout, path)
+    checkpoint = read_checkpoint(path)
+    weights, entry = extract_state_dict(checkpoint, use_ema=use_ema)
+    assert entry == ("state_dict_ema" if use_ema else "state_dict")
+    settings = recorded_settings(checkpoint, weights)
+    assert (settings.model, settings.num_classes) == (name, 1000)
+    model = timm.create_model(settings.model, num_classes=settings.num_classes)
+    model.load_state_dict(weights, strict=True)
+    torch.testing.assert_close(model.head.bias, (ema if use_ema else state)["head.bias"])

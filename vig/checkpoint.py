@@ -50,6 +50,11 @@ SAFE_GLOBALS: list[Any] = [
 _WEIGHT_KEYS: tuple[str, ...] = ("state_dict", "model")
 _EMA_KEYS: tuple[str, ...] = ("state_dict_ema", "model_ema")
 _DDP_PREFIX = "module."
+# ``args.model`` of the published MobileViG / GreedyViG training scripts -> the name registered here
+# (MobileViG registered the same names; GreedyViG registered GreedyViG_{S,M,B}).
+PUBLISHED_MODEL_NAMES: dict[str, str] = {
+    "GreedyViG_S": "greedyvig_s", "GreedyViG_M": "greedyvig_m", "GreedyViG_B": "greedyvig_b",
+}
 _LISTED_KEYS = 5
 
 
@@ -308,7 +313,7 @@ def recorded_settings(checkpoint: dict[str, Any], state_dict: dict[str, torch.Te
         return kind(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
     model = checkpoint.get("arch") if isinstance(checkpoint.get("arch"), str) else args.get("model")
-    model = model if isinstance(model, str) and model else None
+    model = PUBLISHED_MODEL_NAMES.get(model, model) if isinstance(model, str) and model else None
     num_classes = number("num_classes", int)
     if num_classes is None:
         num_classes = classifier_outputs(model or model_name, state_dict)

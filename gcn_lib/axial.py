@@ -1,0 +1,191 @@
+"""Axial graphs on the (B, C, H, W) grid: MobileViG's SVGA and GreedyViG's DAGA.
+
+Both graphs connect a node only to nodes of its own row and column, at offsets that are multiples of a
+stride K, cyclically (the grid wraps around). They act on the map itself, not on a flat node list, and
+are computed by rolling the map: ``roll(x, i, dim)[h] = x[(h - i) mod H]``, so offset i along H links
+node (h, w) to node ((h - i) mod H, w), the node i rows above it, wrapping.
+
+* SVGA (sparse vision graph attention, MobileViG): a fixed graph, offsets ``range(K, H, K)`` rows and
+  ``range(K, W, K)`` columns; aggregation ``max(0, max_j (x_i - x_j))`` (note the sign: x_i - x_j).
+* DAGA (dynamic axial graph construction, GreedyViG): offsets ``range(0, H, K)`` / ``range(0, W, K)``, an
+  edge kept only where the L1 distance over channels is below a per-image threshold ``mean - std``;
+  aggregation ``max(0, max_j (x_j - x_i))`` over the kept edges.
+
+`svga_mask` and `daga_mask` give the same graphs as dense (N, N) / (B, N, N) masks over the row-major
+node index n = h * W + w (for pictures and for tests); the aggregations never build them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _check_map(x: torch.Tensor) -> None:
+    if x.dim() != 4:
+        raise ValueError("x must be a map of shape (B, C, H, W), got " + str(x.dim()) + " dimensions")
+
+
+def _check_stride(k: int) -> None:
+    if k < 1:
+        raise ValueError("the axial stride K must be >= 1, got " + str(k))
+
+
+def svga_aggregate(x: torch.Tensor, k: int = 2) -> torch.Tensor:
+    r"""SVGA max-relative aggregation over MobileViG's fixed axial graph.
+
+    .. math::
+        m_i = \max\Big(0, \max_{j \in S(i)} (x_i - x_j)\Big), \qquad
+        S(h, w) = \{(h - a \bmod H, w) : a \in \{K, 2K, \dots\} < H\}
+                  \cup \{(h, w - b \bmod W) : b \in \{K, 2K, \dots\} < W\}
+
+    per channel. Computed as ``relu(x - min_j x_j)``: subtracting is monotone in x_j, so this equals the
+    maximum of the differences exactly, also in floating point. A node with no neighbour (H, W <= K)
+    gets 0.
+
+    Args:
+        x: node features as a map.
+        k: the stride K of the offsets (2 in the published models).
+
+    Shapes:
+        x: (B, C, H, W) -> (B, C, H, W).
+    """
+    _check_map(x)
+    _check_stride(k)
+    height, width = x.shape[2], x.shape[3]
+    lowest = x
+    for offset in range(k, height, k):
+        lowest = torch.minimum(lowest, torch.roll(x, offset, 2))
+    for offset in range(k, width, k):
+        lowest = torch.minimum(lowest, torch.roll(x, offset, 3))
+    return torch.relu(x - lowest)
+
+
+def daga_threshold(x: torch.Tensor) -> torch.Tensor:
+    r"""GreedyViG's per-image distance threshold t = mean - std.
+
+    The reference distance of node (h, w) is :math:`\|x_{h,w} - x_{h - s_H, w - s_W}\|_1` (over channels,
+    indices mod H, W) with :math:`s_H = \lceil H/2 \rceil`, :math:`s_W = \lceil W/2 \rceil`: the published
+    code rolls by ``-H//2``, which Python reads as ``(-H) // 2``, so an odd side rolls by the larger half
+    (4 rows of a 7-row map, not 3). The mean and the unbiased standard deviation over the H W nodes give
+    t; a 1 x 1 map has no standard deviation and gets NaN, which keeps no edge.
+
+    Args:
+        x: node features as a map.
+
+    Shapes:
+        x: (B, C, H, W) -> t: (B, 1, 1, 1).
+    """
+    _check_map(x)
+    shifts = ((x.shape[2] + 1) // 2, (x.shape[3] + 1) // 2)
+    distance = torch.linalg.vector_norm(x - torch.roll(x, shifts, (2, 3)), ord=1, dim=1, keepdim=True)
+    return torch.mean(distance, dim=(2, 3), keepdim=True) - torch.std(distance, dim=(2, 3), keepdim=True)
+
+
+def daga_aggregate(x: torch.Tensor, k: int) -> torch.Tensor:
+    r"""DAGA max-relative aggregation over GreedyViG's dynamic axial graph.
+
+    .. math::
+        m_i = \max\Big(0, \max_{j \in S(i),\ \|x_i - x_j\|_1 < t} (x_j - x_i)\Big), \qquad
+        S(h, w) = \{(h - a \bmod H, w) : a \in \{0, K, 2K, \dots\} < H\}
+                  \cup \{(h, w - b \bmod W) : b \in \{0, K, 2K, \dots\} < W\}
+
+    per channel, with t = `daga_threshold` (x) per image and a strict ``<``. Offset 0 is the node itself
+    and contributes 0. Computed as ``max(x, max_j x_j) - x`` over the kept edges, which equals the
+    published ``max(0, max_j (x_j - x_i) * mask)`` exactly.
+
+    Args:
+        x: node features as a map.
+        k: the stride K of the offsets (8, 4, 2, 1 in the four GreedyViG stages).
+
+    Shapes:
+        x: (B, C, H, W) -> (B, C, H, W).
+    """
+    _check_map(x)
+    _check_stride(k)
+    threshold = daga_threshold(x)
+    height, width = x.shape[2], x.shape[3]
+    highest = x
+    for offset in range(k, height, k):
+        rolled = torch.roll(x, offset, 2)
+        keep = torch.linalg.vector_norm(x - rolled, ord=1, dim=1, keepdim=True) < threshold
+        highest = torch.maximum(highest, torch.where(keep, rolled, x))
+    for offset in range(k, width, k):
+        rolled = torch.roll(x, offset, 3)
+        keep = torch.linalg.vector_norm(x - rolled, ord=1, dim=1, keepdim=True) < threshold
+        highest = torch.maximum(highest, torch.where(keep, rolled, x))
+    return highest - x
+
+
+def _axial_offsets_mask(height: int, width: int, k: int, start: int, device: torch.device | None) -> torch.Tensor:
+    """(N, N) bool: centre n = h W + w -> neighbour ((h - a) mod H, w) for a in range(start, H, k) and
+    (h, (w - b) mod W) for b in range(start, W, k)."""
+    rows = torch.arange(height, device=device)
+    cols = torch.arange(width, device=device)
+    row_hit = ((rows[:, None] - rows[None, :]) % height) % k == 0  # (H, H): centre row -> neighbour row
+    col_hit = ((cols[:, None] - cols[None, :]) % width) % k == 0
+    if start > 0:
+        row_hit &= rows[:, None] != rows[None, :]
+        col_hit &= cols[:, None] != cols[None, :]
+    same_row = torch.eye(height, dtype=torch.bool, device=device)
+    same_col = torch.eye(width, dtype=torch.bool, device=device)
+    # (H, W, H', W'): same column and row offset hit, or same row and column offset hit
+    mask = (row_hit[:, None, :, None] & same_col[None, :, None, :]) | (same_row[:, None, :, None]
+                                                                       & col_hit[None, :, None, :])
+    return mask.reshape(height * width, height * width)
+
+
+def svga_mask(height: int, width: int, k: int = 2, device: torch.device | None = None) -> torch.Tensor:
+    """The SVGA graph as a dense mask: ``mask[n, j]`` is True where node j is a neighbour of node n.
+
+    Shapes:
+        -> (H W, H W) bool over row-major node indices; no self loops.
+    """
+    _check_stride(k)
+    return _axial_offsets_mask(height, width, k, start=k, device=device)
+
+
+def daga_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The DAGA graph of each image as a dense mask: the axial offsets ``range(0, ., k)`` whose L1 distance
+    is below `daga_threshold`. The diagonal (offset 0) is set where 0 < t; it contributes 0 to the
+    aggregation either way.
+
+    Shapes:
+        x: (B, C, H, W) -> (B, H W, H W) bool over row-major node indices.
+    """
+    _check_map(x)
+    _check_stride(k)
+    batch, height, width = x.shape[0], x.shape[2], x.shape[3]
+    axial = _axial_offsets_mask(height, width, k, start=0, device=x.device)
+    nodes = x.flatten(2)  # (B, C, N)
+    distance = (nodes[:, :, :, None] - nodes[:, :, None, :]).abs().sum(1)  # (B, N, N)
+    return axial[None] & (distance < daga_threshold(x).reshape(batch, 1, 1))
+
+
+class SVGA(nn.Module):
+    """`svga_aggregate` as a module (no parameters): (B, C, H, W) -> (B, C, H, W)."""
+
+    def __init__(self, k: int = 2) -> None:
+        super().__init__()
+        _check_stride(k)
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return svga_aggregate(x, self.k)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}"
+
+
+class DAGA(nn.Module):
+    """`daga_aggregate` as a module (no parameters): (B, C, H, W) -> (B, C, H, W)."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        _check_stride(k)
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return daga_aggregate(x, self.k)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}"

@@ -1,0 +1,70 @@
+"""MobileViG and GreedyViG: exact parameter counts, the published fixtures in float64, the DeiT-style
+distillation head and the feature API."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import vig  # noqa: F401  (registers the models)
+from tests.shared_files import shared_path
+
+PARAMS = {"mobilevig_ti": 5_271_074, "mobilevig_s": 7_276_538, "mobilevig_m": 14_075_786, "mobilevig_b": 26_868_506,
+          "greedyvig_s": 11_983_376, "greedyvig_m": 21_928_112, "greedyvig_b": 30_905_296}
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_trainable_parameter_count(name: str) -> None:
+    model = timm.create_model(name, device="meta")
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == PARAMS[name]
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize("name", ["mobilevig_ti", "greedyvig_s"])
+def test_published_fixture_float64(name: str) -> None:
+    state = torch.load(shared_path("fixtures", f"{name}_checkpoint.pth"), map_location="cpu")
+    reference = torch.load(shared_path("fixtures", f"{name}_reference_outputs.pt"), map_location="cpu")
+    model = timm.create_model(name).double().eval()
+    model.load_state_dict(state, strict=True)
+    x = reference["input"][:2].double()
+    with torch.no_grad():
+        logits = model(x)
+        maps = model.forward_intermediates(x, intermediates_only=True)
+    assert _rel(logits, reference["logits"][:2]) < 1e-6
+    assert [m.shape[-1] for m in maps] == [56, 28, 14, 7]
+    for got, expected in zip(maps, reference["features"]):
+        assert _rel(got, expected[:2]) < 1e-6
+
+
+@pytest.mark.parametrize("name", ["mobilevig_ti", "greedyvig_s"])
+def test_distillation_head_as_deit(name: str) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=5)
+    x = torch.randn(2, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        mean = model(x)
+        features = model.prediction(model.forward_features(x))
+        head, dist = model.head(features).flatten(1), model.dist_head(features).flatten(1)
+    torch.testing.assert_close(mean, (head + dist) / 2)
+    model.train()
+    assert torch.is_tensor(model(x))
+    model.set_distilled_training(True)
+    pair = model(x)
+    assert isinstance(pair, tuple) and [p.shape for p in pair] == [(2, 5), (2, 5)]
+    model.eval()
+    assert torch.is_tensor(model(x))
+
+
+@pytest.mark.parametrize("name", ["mobilevig_ti", "greedyvig_s"])
+def test_features_only_strides(name: str) -> None:
+    model = timm.create_model(name, features_only=True).eval()
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+    with torch.no_grad():
+        maps = model(torch.randn(1, 3, 64, 96))
+    assert [tuple(m.shape[-2:]) for m in maps] == [(16, 24), (8, 12), (4, 6), (2, 3)]
+    assert [m.shape[1] for m in maps] == model.feature_info.channels()

@@ -1,0 +1,225 @@
+"""GreedyViG (dynamic axial graph construction, DAGA), registered with timm.
+
+Module layout and parameter names are those of the published GreedyViG (SLDGroup/GreedyViG
+``models/greedyvig.py``), so its checkpoints load strictly: ``stem.stem.*``, ``backbone.{stage}.{i}``
+(Downsample ``.conv.*``, inverted residual ``.dws.*`` / ``.layer_scale_2``, graph block ``.mixer.*`` /
+``.ffn.*`` / ``.layer_scale_{1,2}``), ``prediction.{1,2}``, ``head``, ``dist_head``. Stage maps are the ends
+of the four stages (strides 4, 8, 16, 32). See ``../shared/DESIGN.md`` ("Efficient ViG family").
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from timm.layers import DropPath
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from torch import nn
+
+from gcn_lib import DAGA
+from vig.checkpoint import checkpoint_filter_fn
+from vig.models.features import check_feature_request
+from vig.models.mobilevig import DistilledConvNet, Downsample, Stem, conv_bn, efficient_cfg
+
+STAGE_K: tuple[int, ...] = (8, 4, 2, 1)
+
+
+class DepthWiseSeparable(nn.Module):
+    """1x1 expand 4x, BN, GELU, 3x3 depthwise, BN, GELU, 1x1 project, BN: (B, C, H, W) -> same."""
+
+    def __init__(self, dim: int, **dd: Any) -> None:
+        super().__init__()
+        hidden = dim * 4
+        self.pw1 = nn.Conv2d(dim, hidden, 1, **dd)
+        self.norm1 = nn.BatchNorm2d(hidden, **dd)
+        self.act1 = nn.GELU()
+        self.dw = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, **dd)
+        self.norm2 = nn.BatchNorm2d(hidden, **dd)
+        self.act2 = nn.GELU()
+        self.pw2 = nn.Conv2d(hidden, dim, 1, **dd)
+        self.norm3 = nn.BatchNorm2d(dim, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.norm1(self.pw1(x)))
+        x = self.act2(self.norm2(self.dw(x)))
+        return self.norm3(self.pw2(x))
+
+
+class InvertedResidual(nn.Module):
+    """x + drop_path(layer_scale_2 * dws(x)), layer scale of shape (C,)."""
+
+    def __init__(self, dim: int, drop_path: float = 0.0, layer_scale: float = 1e-5, **dd: Any) -> None:
+        super().__init__()
+        self.dws = DepthWiseSeparable(dim, **dd)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.layer_scale_2 = nn.Parameter(torch.full((dim,), layer_scale, **dd))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.layer_scale_2[:, None, None] * self.dws(x))
+
+
+class DAGAConv(nn.Module):
+    """cat([x, DAGA(x)]) -> 1x1 conv 2C -> C, BN, GELU: (B, C, H, W) -> (B, C, H, W)."""
+
+    def __init__(self, dim: int, k: int, **dd: Any) -> None:
+        super().__init__()
+        self.aggregate = DAGA(k)
+        self.nn = nn.Sequential(nn.Conv2d(dim * 2, dim, 1, **dd), nn.BatchNorm2d(dim, **dd), nn.GELU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.nn(torch.cat([x, self.aggregate(x)], 1))
+
+
+class ConditionalPositionEncoding(nn.Module):
+    """x + depthwise 7x7 conv (x)."""
+
+    def __init__(self, dim: int, kernel_size: int = 7, **dd: Any) -> None:
+        super().__init__()
+        self.pe = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pe(x) + x
+
+
+class Grapher(nn.Module):
+    """fc2(DAGAConv(fc1(cpe(x)))); the residual is the block's."""
+
+    def __init__(self, dim: int, k: int, **dd: Any) -> None:
+        super().__init__()
+        self.cpe = ConditionalPositionEncoding(dim, **dd)
+        self.fc1 = conv_bn(dim, dim, **dd)
+        self.graph_conv = DAGAConv(dim, k, **dd)
+        self.fc2 = conv_bn(dim, dim, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.graph_conv(self.fc1(self.cpe(x))))
+
+
+class GraphBlock(nn.Module):
+    """x + dp(ls1 * mixer(x)), then + dp(ls2 * ffn(x)); ffn: 1x1 C -> 4C, BN, GELU, 1x1 4C -> C, BN."""
+
+    def __init__(self, dim: int, drop_path: float = 0.0, k: int = 2, layer_scale: float = 1e-5, **dd: Any) -> None:
+        super().__init__()
+        self.mixer = Grapher(dim, k, **dd)
+        self.ffn = nn.Sequential(nn.Conv2d(dim, dim * 4, 1, **dd), nn.BatchNorm2d(dim * 4, **dd), nn.GELU(),
+                                 nn.Conv2d(dim * 4, dim, 1, **dd), nn.BatchNorm2d(dim, **dd))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.layer_scale_1 = nn.Parameter(torch.full((dim,), layer_scale, **dd))
+        self.layer_scale_2 = nn.Parameter(torch.full((dim,), layer_scale, **dd))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.layer_scale_1[:, None, None] * self.mixer(x))
+        return x + self.drop_path(self.layer_scale_2[:, None, None] * self.ffn(x))
+
+
+class GreedyStage(nn.Sequential):
+    """[Downsample,] local inverted residuals, then DAGA graph blocks; keys ``backbone.{stage}.{i}``."""
+
+
+class GreedyViG(DistilledConvNet):
+    """GreedyViG: images (B, in_chans, H, W) -> logits (B, num_classes).
+
+    Args:
+        blocks: (local, graph) block counts of each of the four stages.
+        channels: channels of each stage.
+        emb_dims, k (DAGA stride K per stage), num_classes, in_chans, drop_rate, drop_path_rate, global_pool,
+        device, dtype: as `vig.models.mobilevig.MobileViG`.
+    """
+
+    def __init__(self, blocks: Sequence[Sequence[int]], channels: Sequence[int], emb_dims: int = 768,
+                 k: Sequence[int] = STAGE_K, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, global_pool: str = "avg", device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.in_chans = in_chans
+        self.grad_checkpointing = False
+        depth = sum(sum(b) for b in blocks)
+        rates = iter(torch.linspace(0, drop_path_rate, depth, device="cpu").tolist())
+        self.stem = Stem(in_chans, channels[0], **dd)
+        stages: list[nn.Module] = []
+        self.feature_info: list[dict[str, Any]] = []
+        for i, ((local, graph), width) in enumerate(zip(blocks, channels)):
+            layers: list[nn.Module] = [Downsample(channels[i - 1], width, **dd)] if i > 0 else []
+            layers.extend(InvertedResidual(width, next(rates), **dd) for _ in range(local))
+            layers.extend(GraphBlock(width, next(rates), k[i], **dd) for _ in range(graph))
+            stages.append(GreedyStage(*layers))
+            self.feature_info.append(dict(num_chs=width, reduction=4 * 2**i, module=f"backbone.{i}"))
+        self.backbone = nn.Sequential(*stages)
+        self._build_head(channels[-1], emb_dims, num_classes, drop_rate, global_pool, **dd)
+        self._init_convs()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        pattern = r"^backbone\.(\d+)" if coarse else r"^backbone\.(\d+)\.(\d+)"
+        return dict(stem=r"^stem", blocks=[(pattern, None)])
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> last map (B, C, H/32, W/32)."""
+        x = self.stem(x)
+        for stage in self.backbone:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)
+            else:
+                x = stage(x)
+        return x
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """Stage maps at strides 4, 8, 16, 32 (the end of each stage)."""
+        check_feature_request(output_fmt, norm)
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        intermediates: list[torch.Tensor] = []
+        x = self.stem(x)
+        for i, stage in enumerate(self.backbone):
+            x = stage(x)
+            if i in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last one in ``indices`` (and the head); returns the kept indices."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        self.backbone = self.backbone[:max_index + 1]
+        self.feature_info = self.feature_info[:max_index + 1]
+        self.num_features = self.feature_info[-1]["num_chs"]
+        if prune_head:
+            self._prune_head()
+        return take_indices
+
+
+SIZES: dict[str, dict[str, Any]] = {
+    "greedyvig_s": dict(blocks=((2, 2), (2, 2), (6, 2), (2, 2)), channels=(48, 96, 192, 384)),
+    "greedyvig_m": dict(blocks=((3, 3), (3, 3), (9, 3), (3, 3)), channels=(56, 112, 224, 448)),
+    "greedyvig_b": dict(blocks=((4, 4), (4, 4), (12, 4), (3, 3)), channels=(64, 128, 256, 512)),
+}
+
+default_cfgs = generate_default_cfgs({name: efficient_cfg() for name in SIZES})
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> GreedyViG:
+    return build_model_with_cfg(GreedyViG, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(out_indices=kwargs.pop("out_indices", (0, 1, 2, 3)),
+                                                 feature_cls="getter"),
+                                **{**SIZES[variant], "drop_path_rate": 0.1, **kwargs})
+
+
+@register_model
+def greedyvig_s(pretrained: bool = False, **kwargs: Any) -> GreedyViG:
+    """GreedyViG-S: stages (2, 2) / (2, 2) / (6, 2) / (2, 2) blocks of 48 / 96 / 192 / 384, emb 768 (11.98 M)."""
+    return _create("greedyvig_s", pretrained, **kwargs)
+
+
+@register_model
+def greedyvig_m(pretrained: bool = False, **kwargs: Any) -> GreedyViG:
+    """GreedyViG-M: stages (3, 3) / (3, 3) / (9, 3) / (3, 3) blocks of 56 / 112 / 224 / 448, emb 768 (21.93 M)."""
+    return _create("greedyvig_m", pretrained, **kwargs)
+
+
+@register_model
+def greedyvig_b(pretrained: bool = False, **kwargs: Any) -> GreedyViG:
+    """GreedyViG-B: stages (4, 4) / (4, 4) / (12, 4) / (3, 3) blocks of 64 / 128 / 256 / 512, emb 768 (30.91 M)."""
+    return _create("greedyvig_b", pretrained, **kwargs)
