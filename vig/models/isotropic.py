@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, SelectAdaptivePool2d
+from timm.layers import DropPath, SelectAdaptivePool2d, register_notrace_function, register_notrace_module
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
@@ -179,6 +179,7 @@ def resize_relative_pos(relative_pos: torch.Tensor, num_nodes: int, num_keys: in
     return resized.squeeze(0).to(relative_pos.dtype)
 
 
+@register_notrace_module
 class Grapher(nn.Module):
     """Graph block: fc1, dynamic max-relative graph conv C -> 2C, fc2, drop path, residual. (B, C, H, W) -> same.
 
@@ -237,6 +238,21 @@ class FFN(nn.Module):
         shortcut = x
         x = self.fc2(self.act(self.fc1(x)))
         return self.drop_path(x) + shortcut
+
+
+@register_notrace_function
+def check_image_grid(x: torch.Tensor, pos_embed: torch.Tensor, stem_stride: int, img_size: tuple[int, int]) -> None:
+    """ValueError unless images x (B, C, H, W) give, at ``stem_stride``, the grid of ``pos_embed`` (1, C, H', W').
+    A leaf of timm's fx tracing (its test depends on the input's shape)."""
+    if x.dim() != 4:
+        raise ValueError(f"images must have shape (B, C, H, W), got {tuple(x.shape)}")
+    grid = stem_grid(tuple(x.shape[-2:]), stem_stride)
+    if grid != tuple(pos_embed.shape[-2:]):
+        raise ValueError(
+            f"{x.shape[-2]}x{x.shape[-1]} images give a {grid[0]}x{grid[1]} map at stem stride {stem_stride}, "
+            f"but the position embedding is {pos_embed.shape[-2]}x{pos_embed.shape[-1]} "
+            f"(img_size={img_size}); create the model with the img_size you feed it"
+        )
 
 
 class VisionGNN(nn.Module):
@@ -370,15 +386,7 @@ class VisionGNN(nn.Module):
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """Stem plus position embedding: (B, in_chans, H, W) -> (B, C, H', W')."""
-        if x.dim() != 4:
-            raise ValueError(f"images must have shape (B, C, H, W), got {tuple(x.shape)}")
-        grid = stem_grid(tuple(x.shape[-2:]), self.stem_stride)
-        if grid != tuple(self.pos_embed.shape[-2:]):
-            raise ValueError(
-                f"{x.shape[-2]}x{x.shape[-1]} images give a {grid[0]}x{grid[1]} map at stem stride {self.stem_stride}, "
-                f"but the position embedding is {self.pos_embed.shape[-2]}x{self.pos_embed.shape[-1]} "
-                f"(img_size={self.img_size}); create the model with the img_size you feed it"
-            )
+        check_image_grid(x, self.pos_embed, self.stem_stride, self.img_size)
         return self.stem(x) + self.pos_embed
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -392,7 +400,8 @@ class VisionGNN(nn.Module):
         """Feature map (B, C, h, w) -> logits (B, num_classes), or (B, 1024) with ``pre_logits``; without
         global pooling (``global_pool=''``) the maps (B, num_classes or 1024, h, w)."""
         x = self.global_pool(x)
-        x = self.prediction[:-1](x)
+        for layer in list(self.prediction)[:-1]:  # a sliced Sequential would be a module fx cannot find in the model
+            x = layer(x)
         if not pre_logits:
             x = self.prediction[-1](x)
         return x if self.global_pool.is_identity() else x.flatten(1)

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_function
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
@@ -118,6 +119,24 @@ def published_relative_pos(channels: int, side: int, r: int) -> torch.Tensor:
     resized = F.interpolate(table[None, None], size=(num_nodes, num_nodes // (r * r)), mode="bicubic",
                             align_corners=False)
     return -resized[0]
+
+
+@register_notrace_function
+def check_pyramid_input(x: torch.Tensor, stem_stride: int) -> None:
+    """ValueError unless x is images (B, C, H, W) whose stage maps leave key nodes (`key_grids`); a leaf of
+    timm's fx tracing (the test depends on the input's shape)."""
+    if x.dim() != 4:
+        raise ValueError(f"images must have shape (B, C, H, W), got {tuple(x.shape)}")
+    key_grids(tuple(x.shape[-2:]), stem_stride)
+
+
+@register_notrace_function
+def pos_embed_for(pos_embed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The position embedding (1, C, h, w) for a stem map x (B, C, H, W): itself, or resized bicubically to
+    (H, W); a leaf of timm's fx tracing (the choice depends on the input's shape)."""
+    if tuple(x.shape[-2:]) == tuple(pos_embed.shape[-2:]):
+        return pos_embed
+    return F.interpolate(pos_embed, size=tuple(x.shape[-2:]), mode="bicubic", align_corners=False)
 
 
 class PyramidStem(nn.Module):
@@ -264,14 +283,15 @@ class PyramidVisionGNN(VisionGNN):
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """Stem plus position embedding: (B, in_chans, H, W) -> (B, C0, H/s, W/s), s = ``stem_stride``; the
         embedding is resized bicubically for the call when the map is not the size the model was built for."""
-        if x.dim() != 4:
-            raise ValueError(f"images must have shape (B, C, H, W), got {tuple(x.shape)}")
-        key_grids(tuple(x.shape[-2:]), self.stem_stride)
+        check_pyramid_input(x, self.stem_stride)
         x = self.stem(x)
-        pos_embed = self.pos_embed
-        if tuple(x.shape[-2:]) != tuple(pos_embed.shape[-2:]):
-            pos_embed = F.interpolate(pos_embed, size=tuple(x.shape[-2:]), mode="bicubic", align_corners=False)
-        return x + pos_embed
+        return x + pos_embed_for(self.pos_embed, x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> logits (B, num_classes). Defined here so that timm's fx tracing, which wraps the
+        notrace functions in the globals of the root's forward, wraps this module's `check_pyramid_input` and
+        `pos_embed_for`."""
+        return self.forward_head(self.forward_features(x))
 
     def feature_ends(self) -> list[int]:
         """Index in ``backbone`` of the last block of each stage (its map is the stage's feature, strides
