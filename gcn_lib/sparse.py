@@ -88,7 +88,8 @@ def grid_edges(height: int, width: int, neighbours: int = 4, batch_size: int = 1
     steps = [(-1, 0), (1, 0), (0, -1), (0, 1)]
     if neighbours == 8:
         steps += [(-1, -1), (-1, 1), (1, -1), (1, 1)]
-    ys, xs = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
+    # built on the CPU (the sizes alone decide it, so tensors without data, e.g. on the meta device, get it too)
+    ys, xs = torch.meshgrid(torch.arange(height, device="cpu"), torch.arange(width, device="cpu"), indexing="ij")
     centres, others = [], []
     for dy, dx in steps:
         ny, nx = ys + dy, xs + dx
@@ -96,8 +97,8 @@ def grid_edges(height: int, width: int, neighbours: int = 4, batch_size: int = 1
         centres.append((ys * width + xs)[inside])
         others.append((ny * width + nx)[inside])
     single = torch.stack((torch.cat(centres), torch.cat(others)))
-    offsets = (torch.arange(batch_size, device=device) * height * width).repeat_interleave(single.shape[1])
-    return single.repeat(1, batch_size) + offsets
+    offsets = (torch.arange(batch_size, device="cpu") * height * width).repeat_interleave(single.shape[1])
+    return (single.repeat(1, batch_size) + offsets).to(device)
 
 
 def _segments(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,6 +55,7 @@ from torch.utils.checkpoint import checkpoint
 from gcn_lib import drop_edge, grid_edges, sparse_knn, to_pyg
 from vig.checkpoint import checkpoint_filter_fn
 from vig.models.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR_IMG_SIZE
+from vig.models.factory_args import takes_device_and_dtype
 from vig.models.features import check_feature_request
 from vig.tta import predict_flip_tta
 
@@ -140,13 +141,18 @@ class CnnGatCifar(nn.Module):
         negative_slope: LeakyReLU slope inside GAT / GATv2 attention.
         use_xy: append each node's (y, x) in [0, 1] to its features.
         drop_rate: timm's name for ``drop``; overrides it when given.
+        global_pool: ``'avg'`` (mean over the nodes of each image, as published) or ``''`` (none: the MLP head
+            acts on every node and `forward` returns maps (B, num_classes or 128, 16, 16)).
+        device, dtype: where and in what floating-point type the parameters are created (timm's factory
+            arguments).
     """
 
+    @takes_device_and_dtype
     def __init__(self, num_classes: int = 10, in_chans: int = 3, conv: str = "gat", embed_dim: int = 128,
                  hidden: int = 256, heads: int = 8, num_blocks: int = DEFAULT_BLOCKS, knn: int = 0,
                  edge_drop: float = 0.0,
                  drop: float = 0.0, attn_drop: float = 0.0, negative_slope: float = 0.2, use_xy: bool = True,
-                 drop_rate: float | None = None) -> None:
+                 drop_rate: float | None = None, global_pool: str = "avg") -> None:
         super().__init__()
         if conv not in GRAPH_LAYERS:
             raise ValueError(f"conv must be one of {', '.join(GRAPH_LAYERS)}; got {conv!r}")
@@ -164,6 +170,8 @@ class CnnGatCifar(nn.Module):
         _check_range("negative_slope", negative_slope, 0.0)
 
         self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = _check_pool(global_pool)
         self.conv_type = conv
         self.embed_dim = embed_dim
         self.hidden = hidden
@@ -227,13 +235,19 @@ class CnnGatCifar(nn.Module):
         """The last linear layer (timm convention); Identity for num_classes=0."""
         return self.head.fc2
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the last layer of the MLP head by a fresh one with ``num_classes`` outputs (0: none, the
-        model then gives the pre-logits); the head's hidden layer keeps its weights, as in timm."""
+        model then gives the pre-logits), on the model's device and dtype and in its train mode; the head's
+        hidden layer keeps its weights, as in timm. ``global_pool`` (``'avg'`` or ``''``) replaces the
+        pooling, None keeps it."""
         _check_classes(num_classes)
+        if global_pool is not None:
+            self.global_pool = _check_pool(global_pool)
         self.num_classes = num_classes
         weight = self.head.fc1.weight
-        self.head.fc2 = self._classifier(num_classes).to(device=weight.device, dtype=weight.dtype)
+        with torch.device(weight.device):
+            classifier = self._classifier(num_classes)
+        self.head.fc2 = classifier.to(dtype=weight.dtype).train(self.training)
 
     @staticmethod
     def _classifier(num_classes: int) -> nn.Module:
@@ -287,14 +301,24 @@ class CnnGatCifar(nn.Module):
         return stages, (h, w)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C_in, H, W) -> per-image mean of the last block's node features (B, hidden)."""
+        """Images (B, C_in, H, W) -> the last block's node features as a map (B, hidden, H/2, W/2)."""
         stages, (h, w) = self._stages(x, len(self.feature_info) - 1)
-        return stages[-1].view(x.shape[0], h * w, -1).mean(dim=1)
+        return stages[-1].view(x.shape[0], h, w, -1).permute(0, 3, 1, 2)
 
-    def forward_head(self, pooled: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pooled features (B, hidden) -> logits (B, num_classes), or the MLP's hidden layer (B, 128) with
-        ``pre_logits``."""
-        return self.head[:-1](pooled) if pre_logits else self.head(pooled)
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Node-feature map (B, hidden, h, w) -> logits (B, num_classes) of the per-image mean, or the MLP's
+        hidden layer (B, 128) with ``pre_logits``; without pooling (``global_pool=''``) the MLP acts on every
+        node and the result is a map (B, num_classes or 128, h, w)."""
+        layers = list(self.head)[:-1] if pre_logits else list(self.head)
+        if self.global_pool == "avg":
+            x = x.mean(dim=(2, 3))
+            for layer in layers:
+                x = layer(x)
+            return x
+        x = x.permute(0, 2, 3, 1)
+        for layer in layers:
+            x = layer(x)
+        return x.permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C_in, H, W) -> logits (B, num_classes)."""
@@ -310,7 +334,7 @@ class CnnGatCifar(nn.Module):
         intermediates_only: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Feature maps (B, C, H/2, W/2) of the stages in `feature_info` (stem, input layer, each block),
-        as timm's feature API asks for them; the final output is the pooled (B, hidden) of `forward_features`.
+        as timm's feature API asks for them; the final output is the map (B, hidden, H/2, W/2) of `forward_features`.
 
         Args:
             indices: stages to return: None all, an int the last n, a sequence those (negative from the end).
@@ -326,7 +350,13 @@ class CnnGatCifar(nn.Module):
         intermediates = [stages[i].view(b, h, w, -1).permute(0, 3, 1, 2) for i in take_indices]
         if intermediates_only:
             return intermediates
-        return stages[-1].view(b, h * w, -1).mean(dim=1), intermediates
+        return stages[-1].view(b, h, w, -1).permute(0, 3, 1, 2), intermediates
+
+
+def _check_pool(global_pool: str) -> str:
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
+    return global_pool
 
 
 def _check_classes(num_classes: int) -> None:
@@ -338,7 +368,7 @@ default_cfgs = generate_default_cfgs({
     "cnn_gat_cifar": {
         "num_classes": 10,
         "input_size": (3, CIFAR_IMG_SIZE, CIFAR_IMG_SIZE),
-        "pool_size": None,
+        "pool_size": (CIFAR_IMG_SIZE // 2, CIFAR_IMG_SIZE // 2),
         "crop_pct": 1.0,
         "interpolation": "bilinear",
         "mean": CIFAR10_MEAN,

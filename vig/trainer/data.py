@@ -479,8 +479,8 @@ def train_sampler(dataset: Dataset, ctx: DistributedContext, repeated_aug: bool,
     image over ranks. A stream shards and shuffles itself (`StreamShard`, see `vig.trainer.sources`)."""
     if is_stream(dataset):
         if repeated_aug:
-            raise UsageError("--repeated-aug / --aug-repeats need random access to the images; a wds/ stream "
-                             "has none (drop them)")
+            raise UsageError("--repeated-aug needs random access to the images; a wds/ stream has none "
+                             "(drop --repeated-aug / --aug-repeats)")
         return StreamShard(dataset)
     if repeated_aug:
         return SeededRepeatAugSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank,
