@@ -36,6 +36,7 @@ from torch import nn
 
 from vig.checkpoint import checkpoint_filter_fn
 from vig.errors import RunError
+from vig.models.factory_args import build_like, takes_device_and_dtype
 
 __all__ = ["BatchGraphHead", "BatchGraphNet", "EdgeNet", "NodeNet", "aggregate_neighbours", "edge_targets",
            "has_edge_head", "label_to_edge"]
@@ -142,10 +143,12 @@ class NodeNet(nn.Module):
         self.classifier: nn.Module = nn.Identity()
         self.reset_classifier(num_classes)
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """A new classifier layer (1x1 conv + BatchNorm) with ``num_classes`` outputs; 0 removes it."""
+    def reset_classifier(self, num_classes: int, like: nn.Module | None = None) -> None:
+        """A new classifier layer (1x1 conv + BatchNorm) with ``num_classes`` outputs, on the device and in the
+        dtype and train mode of ``like`` (default: this net); 0 removes it."""
         self.num_classes = num_classes
-        self.classifier = nn.Sequential(*_conv_bn(self.hidden_size, num_classes)) if num_classes else nn.Identity()
+        self.classifier = build_like(like if like is not None else self, lambda: nn.Sequential(*_conv_bn(self.hidden_size, num_classes))
+                                     if num_classes else nn.Identity())
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         _require_batch(x, self.training)
@@ -170,6 +173,12 @@ class BatchGraphHead(nn.Module):
         return self.node_net(x, weights, pre_logits=pre_logits), edge_sim
 
 
+def _check_pool(global_pool: str) -> str:
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
+    return global_pool
+
+
 def _prefixed(pattern: Any) -> Any:
     """A backbone group_matcher pattern (regex string or timm's list of (regex, order) pairs) for the
     backbone's parameters inside this model (``backbone.`` prefix)."""
@@ -191,15 +200,23 @@ class BatchGraphNet(nn.Module):
         backbone_pretrained: load the backbone's published weights (downloaded from the Hugging Face hub).
         backbone_file: a local file of backbone weights (a timm checkpoint or state dict), loaded by timm;
             the way to pretrained backbones without a network.
+        global_pool: ``'avg'`` (the head pools the backbone's map before it mixes the batch) or ``''``: no
+            pooling, and so no batch graph either: `forward_head` returns the backbone's features unchanged
+            (like timm's early-pool heads, whose pooling cannot be removed without removing the head).
+        device, dtype: where and in what floating-point type the parameters are created (timm's factory
+            arguments).
         **backbone_kwargs: passed to ``timm.create_model(backbone, ...)`` (drop_rate, drop_path_rate, ...).
     """
 
     returns_edges = True  # the trainer adds the edge loss for models with this flag
 
+    @takes_device_and_dtype
     def __init__(self, backbone: str = DEFAULT_BACKBONE, num_classes: int = 1000, edge_features: int = 256,
                  ratio: Sequence[int] = (1,), in_chans: int = 3, backbone_pretrained: bool = False,
-                 backbone_file: str | None = None, **backbone_kwargs: Any) -> None:
+                 backbone_file: str | None = None, global_pool: str = "avg", **backbone_kwargs: Any) -> None:
         super().__init__()
+        self.in_chans = in_chans
+        self.global_pool = _check_pool(global_pool)
         ratio = tuple(ratio)
         if not ratio or any(int(r) != r or r < 1 for r in ratio):
             raise ValueError(f"ratio must be a non-empty sequence of positive integers, got {ratio}")
@@ -243,9 +260,12 @@ class BatchGraphNet(nn.Module):
         return self.head.node_net.classifier
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """New NodeNet classifier layer with ``num_classes`` outputs (0: none); the hidden layers stay."""
+        """New NodeNet classifier layer with ``num_classes`` outputs (0: none); the hidden layers stay.
+        ``global_pool`` (``'avg'`` or ``''``) replaces the pooling, None keeps it."""
+        if global_pool is not None:
+            self.global_pool = _check_pool(global_pool)
         self.num_classes = num_classes
-        self.head.node_net.reset_classifier(num_classes)
+        self.head.node_net.reset_classifier(num_classes, like=self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> the backbone's forward_features output (a map (B, C', H', W') or tokens)."""
@@ -258,7 +278,12 @@ class BatchGraphNet(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False,
                      return_edges: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Backbone features -> logits (B, num_classes), or the classifier's input (B, head_hidden_size)
-        with ``pre_logits``; with ``return_edges`` also edge_sim (B, B)."""
+        with ``pre_logits``; with ``return_edges`` also edge_sim (B, B). Without pooling (``global_pool=''``)
+        the features are returned unchanged (and ``return_edges`` is refused: there is no batch graph)."""
+        if not self.global_pool:
+            if return_edges:
+                raise ValueError("return_edges needs the batch graph, which global_pool='' leaves out")
+            return x
         logits, edge_sim = self.head(self.pool(x), pre_logits=pre_logits)
         return (logits, edge_sim) if return_edges else logits
 
@@ -295,14 +320,15 @@ def _create_backbone(name: str, in_chans: int, pretrained: bool, file: str | Non
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
     """No published weights of the whole model; preprocessing is the backbone's (filled in at creation)."""
-    return {**dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=0.875,
+    return {**dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
                    interpolation="bilinear", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                   first_conv="", classifier="head.node_net.classifier"), **kwargs}
+                   first_conv="backbone.conv_stem", classifier="head.node_net.classifier.0"), **kwargs}
 
 
+# the configs describe the default backbone, mobilenetv3_small_100 (its 7 x 7 map at 224 px)
 default_cfgs = generate_default_cfgs({
     "bgnn": _cfg(),
-    "bgnn_mobilenetv3_small_100": _cfg(first_conv="backbone.conv_stem"),
+    "bgnn_mobilenetv3_small_100": _cfg(),
 })
 
 _PREPROCESSING = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
@@ -322,12 +348,18 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
         for key in ("edge_features", "ratio", "num_classes", "pretrained_cfg_overlay"):
             kwargs.pop(key, None)
         return timm.create_model(backbone, features_only=True, **source, **kwargs)
+    if whole_model and "num_classes" not in overlay:
+        # a whole-model file is the user's own checkpoint: its classifier is taken to have the requested class
+        # count (a mismatch is a strict-loading error), not the 1000 classes the default config describes
+        kwargs["pretrained_cfg_overlay"] = dict(overlay, num_classes=kwargs.get("num_classes", 1000))
     model = build_model_with_cfg(BatchGraphNet, variant, pretrained=whole_model,
                                  pretrained_filter_fn=checkpoint_filter_fn, backbone=backbone,
                                  backbone_pretrained=pretrained and not whole_model, **kwargs)
     backbone_cfg = model.backbone.pretrained_cfg
+    first_conv = backbone_cfg.get("first_conv")
     model.pretrained_cfg = dict(model.pretrained_cfg, backbone=backbone,
-                                **{key: backbone_cfg[key] for key in _PREPROCESSING if key in backbone_cfg})
+                                **{key: backbone_cfg[key] for key in _PREPROCESSING if key in backbone_cfg},
+                                **(dict(first_conv=f"backbone.{first_conv}") if isinstance(first_conv, str) else {}))
     model.default_cfg = model.pretrained_cfg
     return model
 

@@ -55,7 +55,7 @@ from torch.utils.checkpoint import checkpoint
 from gcn_lib import drop_edge, grid_edges, sparse_knn, to_pyg
 from vig.checkpoint import checkpoint_filter_fn
 from vig.models.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR_IMG_SIZE
-from vig.models.factory_args import takes_device_and_dtype
+from vig.models.factory_args import build_like, takes_device_and_dtype
 from vig.models.features import check_feature_request
 from vig.tta import predict_flip_tta
 
@@ -244,10 +244,7 @@ class CnnGatCifar(nn.Module):
         if global_pool is not None:
             self.global_pool = _check_pool(global_pool)
         self.num_classes = num_classes
-        weight = self.head.fc1.weight
-        with torch.device(weight.device):
-            classifier = self._classifier(num_classes)
-        self.head.fc2 = classifier.to(dtype=weight.dtype).train(self.training)
+        self.head.fc2 = build_like(self, lambda: self._classifier(num_classes))
 
     @staticmethod
     def _classifier(num_classes: int) -> nn.Module:

@@ -69,11 +69,14 @@ class ConvMixerCifar(ConvMixer):
             divide ``depth``.
         global_pool: timm pool type of the head.
         drop_rate: dropout before the classifier.
+        device, dtype: where and in what floating-point type the parameters are created (timm's factory
+            arguments).
     """
 
     def __init__(self, num_classes: int = 10, in_chans: int = 3, dim: int = 256, depth: int = 8,
                  kernel_size: int = 5, patch_size: int = 2, act: str | type[nn.Module] = "gelu",
-                 skip_period: int = 0, global_pool: str = "avg", drop_rate: float = 0.0) -> None:
+                 skip_period: int = 0, global_pool: str = "avg", drop_rate: float = 0.0,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         for name, value in (("dim", dim), ("depth", depth), ("kernel_size", kernel_size),
                             ("patch_size", patch_size)):
             if int(value) != value or value < 1:
@@ -86,7 +89,7 @@ class ConvMixerCifar(ConvMixer):
             raise ValueError(f"act: unknown activation {act!r}") from None
         super().__init__(dim, depth, kernel_size=kernel_size, patch_size=patch_size, in_chans=in_chans,
                          num_classes=num_classes, global_pool=global_pool, drop_rate=drop_rate,
-                         act_layer=act_layer)
+                         act_layer=act_layer, device=device, dtype=dtype)
         self.skip_period = skip_period
         blocks = list(self.blocks)
         if skip_period:

@@ -29,9 +29,13 @@ def takes_device_and_dtype(init: Init) -> Init:
     return wrapped  # type: ignore[return-value]
 
 
-def parent_device_dtype(model: nn.Module) -> dict[str, Any]:
-    """``device`` and ``dtype`` of a model's first floating-point parameter, for layers built after it."""
-    for param in model.parameters():
-        if param.is_floating_point():
-            return dict(device=param.device, dtype=param.dtype)
-    return {}
+def build_like(model: nn.Module, factory: Callable[[], nn.Module]) -> nn.Module:
+    """``factory()`` built on the device of ``model``'s first floating-point parameter, cast to its dtype and
+    set to its train mode: for layers replaced after construction (a classifier reset). A model without
+    parameters yet (inside its constructor) builds on the current default device."""
+    first = next((param for param in model.parameters() if param.is_floating_point()), None)
+    with torch.device(first.device) if first is not None else contextlib.nullcontext():
+        layer = factory()
+    if first is not None:
+        layer = layer.to(dtype=first.dtype)
+    return layer.train(model.training)

@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from gcn_lib import DynConv2d, act_layer, init_convs_
 from vig.checkpoint import checkpoint_filter_fn
 from vig.models.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR_IMG_SIZE
-from vig.models.factory_args import parent_device_dtype, takes_device_and_dtype
+from vig.models.factory_args import build_like, takes_device_and_dtype
 from vig.models.features import check_feature_request
 
 _logger = logging.getLogger(__name__)
@@ -376,12 +376,11 @@ class VisionGNN(nn.Module):
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         if global_pool is not None:
             self.global_pool = head_pool(global_pool).train(self.training)
-        with torch.device(parent_device_dtype(self).get("device", "cpu")):
-            classifier = self._classifier(num_classes)
+        classifier = build_like(self, lambda: self._classifier(num_classes))
         if isinstance(classifier, nn.Conv2d):
             nn.init.kaiming_normal_(classifier.weight)
             nn.init.zeros_(classifier.bias)
-        self.prediction[-1] = classifier.to(**parent_device_dtype(self)).train(self.training)
+        self.prediction[-1] = classifier
         self.num_classes = num_classes
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
