@@ -46,8 +46,10 @@ from vig.trainer.data import (ShardedEvalSampler, build_dataset, build_loader, d
 from vig.trainer.distributed import (DistributedContext, all_gather_objects, all_reduce_sum, broadcast_object,
                                      init_distributed, shutdown_distributed)
 from vig.trainer.engine import EvalStats, TrainStats, resolve_precision, train_one_epoch, validate
+from vig.trainer.faults import fault_point
 from vig.trainer.saver import (CURVES_NAME, LAST_NAME, SUMMARY_NAME, CheckpointSaver, append_summary,
-                               prepare_output_dir, require_fresh_or_resumable, run_folder_name, write_args_yaml)
+                               prepare_output_dir, repair_summary, require_fresh_or_resumable, run_folder_name,
+                               write_args_yaml)
 from vig.trainer.schedule import ONECYCLE_LINEAR, OneCycleLinearScheduler
 
 _LOGGER = logging.getLogger(__name__)
@@ -399,8 +401,12 @@ def set_up_training(args: argparse.Namespace, ctx: DistributedContext) -> Traini
 def resume_training(run: TrainingRun, args: argparse.Namespace, ctx: DistributedContext) -> None:
     """Restore --resume's state into ``run`` and set its start epoch (also from --start-epoch)."""
     resume = _resume_path(args, run.folder, ctx) if args.resume else ""
+    if args.resume == "auto" and ctx.is_primary and not resume:
+        repair_summary(run.folder, -1, None)  # rows of a run killed before its first checkpoint was complete
     if resume:
         state = _read_training_checkpoint(resume, args.model)
+        if args.resume == "auto" and ctx.is_primary:
+            repair_summary(run.folder, state["epoch"], state.get("summary_row"))
         _restore_training_state(resume, state, run.model, run.model_ema, run.optimizer, run.scheduler,
                                 run.precision.scaler, weights_only=args.no_resume_opt)
         run.start_epoch = state["epoch"] + 1
@@ -413,6 +419,9 @@ def resume_training(run: TrainingRun, args: argparse.Namespace, ctx: Distributed
         run.start_epoch = args.start_epoch
     if run.start_epoch > 0:
         run.scheduler.step(run.start_epoch)
+    if resume and run.start_epoch >= run.num_epochs and ctx.is_primary:
+        _LOGGER.warning("--resume: %s already finished epoch %d of --epochs %d: nothing to train (raise --epochs "
+                        "to train on)", resume, run.start_epoch - 1, run.num_epochs)
 
 
 def prepare_loop(run: TrainingRun, args: argparse.Namespace, ctx: DistributedContext) -> None:
@@ -499,16 +508,19 @@ def record_epoch(run: TrainingRun, args: argparse.Namespace, ctx: DistributedCon
                  f" ({left_out} more in incomplete last batches, not trained)" if left_out > 0 else "",
                  stats.images_per_second, eval_stats.count, eval_stats.loss, eval_stats.top1, eval_stats.top5,
                  f"; EMA top1 {result.row['ema_eval_top1']:.2f}" if run.model_ema is not None else "")
-    append_summary(run.folder, result.row)
     state = {"epoch": epoch, "arch": args.model, "state_dict": unwrap_model(run.model).state_dict(),
              "state_dict_ema": run.model_ema.module.state_dict() if run.model_ema is not None else None,
              "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-             "args": vars(args), "metric": result.metric, "version": 2}
+             "args": vars(args), "metric": result.metric, "summary_row": result.row, "version": 2}
     if run.precision.scaler is not None:
         state[run.precision.scaler.state_dict_key] = run.precision.scaler.state_dict()
+    # the checkpoint first: a kill before the summary leaves a row that a restart restores from it
     best_epoch, best_metric = run.saver.save(state, epoch, result.metric)
+    append_summary(run.folder, result.row)
+    fault_point("after-summary", epoch)
     _LOGGER.info("best top1 %.2f at epoch %d", best_metric, best_epoch)
     write_curves(run.folder / SUMMARY_NAME, run.folder / CURVES_NAME)
+    fault_point("after-curves", epoch)
 
 
 def train(args: argparse.Namespace, ctx: DistributedContext) -> tuple[nn.Module, nn.Module | None]:
@@ -524,6 +536,7 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> tuple[nn.Module,
     for epoch in range(training.start_epoch, training.num_epochs):
         result = run_epoch(training, args, ctx, epoch, num_updates)
         num_updates = result.train.num_updates
+        fault_point("epoch-end", epoch)
         record_epoch(training, args, ctx, epoch, result)
     ema = training.model_ema.module if training.model_ema is not None else None
     return unwrap_model(training.model), ema

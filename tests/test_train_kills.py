@@ -1,0 +1,170 @@
+"""Restarts after SIGKILL at every step of the save sequence and at random instants (project issue #23).
+
+Each interrupted run is a forked child (a real process, killed by a real SIGKILL: by itself at a
+`vig.trainer.faults` point, or by the test after a random delay); forking after the imports keeps a
+restart cheap. Every restart is the same command plus ``--resume auto``, and the chain must end with
+the weights, summary and history of the uninterrupted run.
+"""
+from __future__ import annotations
+
+import csv
+import multiprocessing
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from tests.train_helpers import make_image_folder
+from vig.trainer.faults import ENV_POINT
+from vig.trainer.saver import CheckpointSaver, append_summary, atomic_write, repair_summary
+
+pytestmark = pytest.mark.usefixtures("fast_in_process_runs")
+
+SMALL = ["--model", "resnet10t", "--img-size", "8", "--warmup-epochs", "0", "--lr", "1e-2", "-b", "4", "-j", "0",
+         "--checkpoint-hist", "2", "--log-interval", "100"]
+SAVE_POINTS = ["epoch-end", "after-last", "after-checkpoint", "after-best", "after-summary", "after-curves"]
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 training images (2 steps of 4) and 2 validation images, 8 x 8 px."""
+    return make_image_folder(tmp_path_factory.mktemp("data"), {"train": {"a": 4, "b": 4}, "val": {"a": 1, "b": 1}},
+                             size=8)
+
+
+def _child(argv: list[str], fault: str | None) -> None:
+    if fault is not None:
+        os.environ[ENV_POINT] = fault
+    else:
+        os.environ.pop(ENV_POINT, None)
+    os._exit(train.main(argv))
+
+
+def _run(argv: list[str], fault: str | None = None, kill_after: float | None = None) -> int:
+    """Exit code of train.main(argv) in a forked child (negative: the signal that ended it)."""
+    child = multiprocessing.get_context("fork").Process(target=_child, args=(argv, fault))
+    child.start()
+    if kill_after is not None:
+        child.join(kill_after)
+        if child.exitcode is None:
+            os.kill(child.pid, signal.SIGKILL)
+    child.join(300)
+    return child.exitcode
+
+
+def _summary_epochs(folder: Path) -> list[int]:
+    with open(folder / "summary.csv", newline="") as handle:
+        return [int(row["epoch"]) for row in csv.DictReader(handle)]
+
+
+def _next_epoch(folder: Path) -> int:
+    last = folder / "last.pth.tar"
+    return torch.load(last, weights_only=True)["epoch"] + 1 if last.exists() else 0
+
+
+def _assert_same_run(folder: Path, reference: Path) -> None:
+    expected = torch.load(reference / "last.pth.tar", weights_only=True)
+    found = torch.load(folder / "last.pth.tar", weights_only=True)
+    assert found["epoch"] == expected["epoch"]
+    unequal = [key for key in expected["state_dict"]
+               if not torch.equal(expected["state_dict"][key], found["state_dict"][key])]
+    assert not unequal, unequal[:5]
+    assert _summary_epochs(folder) == _summary_epochs(reference)
+    names = sorted(path.name for path in folder.iterdir())
+    assert names == sorted(path.name for path in reference.iterdir()), names
+    for name in names:
+        if name.endswith(".pth.tar"):
+            assert (torch.load(folder / name, weights_only=True)["epoch"]
+                    == torch.load(reference / name, weights_only=True)["epoch"]), name
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, small_data: Path) -> Path:
+    """The uninterrupted 3-epoch run."""
+    out = tmp_path_factory.mktemp("reference")
+    assert _run([str(small_data), *SMALL, "--epochs", "3", "--output", str(out), "--experiment", "run"]) == 0
+    return out / "run"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("epoch", [0, 1])
+@pytest.mark.parametrize("point", SAVE_POINTS)
+def test_sigkill_at_a_save_step_then_resume_auto_ends_as_the_uninterrupted_run(
+        tmp_path: Path, small_data: Path, reference: Path, point: str, epoch: int) -> None:
+    argv = [str(small_data), *SMALL, "--epochs", "3", "--output", str(tmp_path), "--experiment", "run",
+            "--resume", "auto"]
+    assert _run(argv, fault=f"{point}:{epoch}") == -signal.SIGKILL
+    assert _run(argv) == 0
+    _assert_same_run(tmp_path / "run", reference)
+
+
+@pytest.mark.slow
+def test_fifty_random_sigkills_across_epoch_ends_each_restart_succeeds(tmp_path: Path, small_data: Path,
+                                                                         tmp_path_factory: pytest.TempPathFactory
+                                                                         ) -> None:
+    epochs, kills = 60, 50
+    out = tmp_path_factory.mktemp("uninterrupted")
+    common = [str(small_data), *SMALL, "--epochs", str(epochs), "--experiment", "run"]
+    assert _run([*common, "--output", str(out)]) == 0
+    argv = [*common, "--output", str(tmp_path), "--resume", "auto"]
+    rng = random.Random(23)
+    folder = tmp_path / "run"
+    start = time.perf_counter()
+    killed = 0
+    while killed < kills:
+        epoch = _next_epoch(folder) if folder.exists() else 0
+        assert epoch < epochs, f"the run finished after {killed} kills"
+        backstop = f"after-curves:{epoch + 1}"  # points after the first may not be reached: the best-k history
+        if rng.random() < 0.25:  # a random instant: start-up, training, validation or saving
+            status = _run(argv, fault=backstop, kill_after=rng.uniform(0.0, 1.5))
+        else:
+            status = _run(argv, fault=f"{rng.choice(SAVE_POINTS)}:{epoch},{backstop}")
+        assert status in (0, -signal.SIGKILL), status
+        killed += status == -signal.SIGKILL
+    assert _run(argv) == 0
+    _assert_same_run(folder, out / "run")
+    print(f"{kills} kills and restarts in {time.perf_counter() - start:.0f} s")
+
+
+@pytest.mark.parametrize("left", ["args-only", "summary-and-curves", "temporary"])
+def test_resume_auto_starts_afresh_in_a_folder_killed_before_its_first_checkpoint(
+        tmp_path: Path, small_data: Path, reference: Path, left: str) -> None:
+    """What a kill (or a full disk, or a corrupt image) in epoch 0 leaves: main refused it forever."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "args.yaml").write_text("lr: 0.5\n")
+    if left != "args-only":
+        (folder / "summary.csv").write_text("epoch,train_loss\n0,0.5\n")
+        (folder / "curves.png").write_bytes(b"half a png")
+    if left == "temporary":
+        (folder / ".last.pth.tar.12345.tmp").write_bytes(b"half a checkpoint")
+    argv = [str(small_data), *SMALL, "--epochs", "3", "--output", str(tmp_path), "--experiment", "run",
+            "--resume", "auto"]
+    assert _run(argv) == 0
+    _assert_same_run(folder, reference)
+
+
+def test_a_restart_relinks_model_best_behind_last(tmp_path: Path) -> None:
+    """Killed after last.pth.tar of a better epoch was renamed into place, before its links were made."""
+    saver = CheckpointSaver(tmp_path, max_history=2)
+    saver.save({"epoch": 0, "metric": 1.0, "state_dict": {"w": torch.zeros(2)}}, 0, 1.0)
+    atomic_write(tmp_path / "last.pth.tar",
+                 lambda handle: torch.save({"epoch": 1, "metric": 2.0, "state_dict": {"w": torch.ones(2)}}, handle))
+    restarted = CheckpointSaver(tmp_path, max_history=2)
+    assert restarted.best == (1, 2.0) and restarted.history == [(1, 2.0), (0, 1.0)]
+    for name in ("model_best.pth.tar", "checkpoint-1.pth.tar"):
+        assert torch.load(tmp_path / name, weights_only=True)["epoch"] == 1
+
+
+def test_a_restart_restores_the_summary_row_of_last(tmp_path: Path) -> None:
+    append_summary(tmp_path, {"epoch": 0, "train_loss": 1.0})
+    repair_summary(tmp_path, 1, {"epoch": 1, "train_loss": 0.5})
+    assert _summary_epochs(tmp_path) == [0, 1]
+    append_summary(tmp_path, {"epoch": 2, "train_loss": 0.25})
+    repair_summary(tmp_path, 1, {"epoch": 1, "train_loss": 0.5})
+    assert _summary_epochs(tmp_path) == [0, 1]
