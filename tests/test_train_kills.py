@@ -12,6 +12,8 @@ import multiprocessing
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,8 +21,8 @@ import pytest
 import torch
 
 import train
-from tests.train_helpers import make_image_folder
-from vig.trainer.faults import ENV_POINT
+from tests.train_helpers import REPO_ROOT, child_env, make_image_folder
+from vig.trainer.faults import ENV_ACTION, ENV_POINT
 from vig.trainer.saver import CheckpointSaver, append_summary, atomic_write, repair_summary
 
 pytestmark = pytest.mark.usefixtures("fast_in_process_runs")
@@ -168,3 +170,50 @@ def test_a_restart_restores_the_summary_row_of_last(tmp_path: Path) -> None:
     append_summary(tmp_path, {"epoch": 2, "train_loss": 0.25})
     repair_summary(tmp_path, 1, {"epoch": 1, "train_loss": 0.5})
     assert _summary_epochs(tmp_path) == [0, 1]
+
+
+def _signalled_run(argv: list[str], point: str, signum: int, marker: Path) -> subprocess.CompletedProcess:
+    """train.py in a real subprocess that pauses at `point` until the test sends it `signum`."""
+    env = {**child_env(), ENV_POINT: point, ENV_ACTION: f"pause:{marker}"}
+    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "train.py"), *argv], cwd=marker.parent, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert marker.exists(), process.communicate(timeout=60)
+        os.kill(process.pid, signum)
+        out, err = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+AUGMENTED = ["--mixup", ".8", "--cutmix", "1.0", "--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.25",
+             "--drop-path", ".1", "--repeated-aug", "--model-ema", "--model-ema-decay", "0.9"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signum", "workers", "epoch"), [(signal.SIGTERM, "0", 0), (signal.SIGUSR1, "2", 1),
+                                                          (signal.SIGINT, "0", 1)])
+def test_a_stop_signal_in_mid_epoch_saves_and_resumes_bitwise(tmp_path: Path, signum: int, workers: str,
+                                                              epoch: int) -> None:
+    data = make_image_folder(tmp_path / "data", {"train": {"a": 6, "b": 6}, "val": {"a": 1, "b": 1}}, size=8)
+    common = [str(data), *SMALL, *AUGMENTED, "-b", "4", "-j", workers, "--epochs", "2", "--output", str(tmp_path)]
+    assert _run([*common, "--experiment", "full"]) == 0
+    argv = [*common, "--experiment", "run", "--resume", "auto"]
+    stopped = _signalled_run(argv, f"train-step:{epoch}:1", signum, tmp_path / "paused")
+    assert stopped.returncode == 128 + signum, stopped.stderr[-3000:]
+    warnings = [line for line in stopped.stderr.splitlines() if " WARNING " in line or "Traceback" in line]
+    folder = tmp_path / "run"
+    assert len(warnings) == 1 and (f"{signal.Signals(signum).name}: stopped after step 1 of 3 of epoch {epoch}; "
+                                   f"saved {folder / 'interrupted.pth.tar'}") in warnings[0], stopped.stderr[-3000:]
+    assert _run(argv) == 0
+    assert not (folder / "interrupted.pth.tar").exists()
+    expected = torch.load(tmp_path / "full" / "last.pth.tar", weights_only=True)
+    found = torch.load(folder / "last.pth.tar", weights_only=True)
+    for entry in ("state_dict", "state_dict_ema"):
+        unequal = [key for key in expected[entry] if not torch.equal(expected[entry][key], found[entry][key])]
+        assert not unequal, f"{entry}: {unequal[:5]}"
+    assert _summary_epochs(folder) == [0, 1]

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from vig.errors import RunError
 from vig.models.batch_graph import edge_targets
 from vig.trainer.distributed import DistributedContext, all_reduce_sum
+from vig.trainer.faults import fault_point
 from vig.tta import predict_flip_tta
 
 _LOGGER = logging.getLogger(__name__)
@@ -145,6 +146,8 @@ class TrainStats:
     images_per_second: float
     skipped_steps: int = 0
     edge_loss: float | None = None
+    stopped_at: int = 0
+    local_sums: tuple[float, float, int, int] = (0.0, 0.0, 0, 0)
 
 
 def _to_device(images: torch.Tensor, targets: torch.Tensor, device: torch.device,
@@ -206,6 +209,8 @@ def train_one_epoch(
     log_interval: int = 50,
     skip_nonfinite: bool = False,
     edge_loss_weight: float | None = None,
+    resume_at: tuple[int, tuple[float, float, int, int], Callable[[], None]] | None = None,
+    should_stop: Callable[[int], bool] | None = None,
 ) -> TrainStats:
     """One pass over this rank's shard. Images (B, 3, H, W), targets (B,) class indices; a PrefetchLoader
     (`vig.trainer.data.prefetch_to_device`) delivers them normalised on the device already.
@@ -222,6 +227,13 @@ def train_one_epoch(
     return_edges=True)`` (through DDP's forward) and the loss is the classification loss plus
     ``edge_loss_weight`` x BCE(edge_sim (B, B), `edge_targets` of this rank's batch), computed in float32
     outside autocast; its unweighted mean is `TrainStats.edge_loss`.
+
+    `should_stop(step)` (the same answer on every rank) is asked after each step but the last; True ends
+    the epoch there, with `TrainStats.stopped_at` = that step and `local_sums` = this rank's (loss sum, edge
+    loss sum, images, skipped steps). ``resume_at = (step, local_sums, restore)`` continues such an epoch:
+    the loader's first `step` batches are drawn and dropped (so loader workers and the sampler reach the
+    same state), then `restore()` puts back the generators' states of the stop, and training goes on at
+    step + 1.
     """
     model.train()
     unwrapped = unwrap_model(model)
@@ -232,8 +244,13 @@ def train_one_epoch(
     first_non_finite = torch.zeros((), dtype=torch.float64, device=ctx.device)
     images_seen = 0
     skipped_steps = 0
+    start_step = 0
+    if resume_at is not None:
+        start_step, (loss_start, edge_start, images_seen, skipped_steps), restore = resume_at
+        loss_sum += loss_start
+        edge_loss_sum += edge_start
     reading: _Reading | None = None
-    read_at = step = 0
+    read_at = step = stopped_at = 0
     start = time.perf_counter()
 
     def fields() -> str:
@@ -241,6 +258,10 @@ def train_one_epoch(
                 f"{reading.images / max(time.perf_counter() - start, 1e-9):.1f} img/s")
 
     for step, (images, targets) in enumerate(loader, start=1):
+        if step <= start_step:
+            if step == start_step:
+                restore()
+            continue
         images, targets = _to_device(images, targets, ctx.device, channels_last)
         if mixup is not None:
             images, targets = mixup(images, targets)
@@ -285,6 +306,10 @@ def train_one_epoch(
             reading, read_at = _read_back(loss_sum, edge_loss_sum, first_non_finite, images_seen, ctx), step
             _stop_if_non_finite(reading, epoch, step, len(loader), ctx)
         progress.update(step, fields)
+        fault_point("train-step", epoch, step)
+        if should_stop is not None and step < len(loader) and should_stop(step):
+            stopped_at = step
+            break
     elapsed = time.perf_counter() - start
     if reading is None or read_at != step:  # an empty loader, or one that ended before its len()
         reading = _read_back(loss_sum, edge_loss_sum, first_non_finite, images_seen, ctx)
@@ -293,7 +318,8 @@ def train_one_epoch(
                       num_updates=num_updates, lr=optimizer.param_groups[0]["lr"],
                       images_per_second=reading.images / max(elapsed, 1e-9), skipped_steps=skipped_steps,
                       edge_loss=reading.edge_loss_sum / max(reading.images, 1) if edge_loss_weight is not None
-                      else None)
+                      else None, stopped_at=stopped_at,
+                      local_sums=(float(loss_sum), float(edge_loss_sum), images_seen, skipped_steps))
 
 
 @dataclass
