@@ -1,4 +1,5 @@
-"""Restarts after SIGKILL at every step of the save sequence and at random instants (project issue #23).
+"""Restarts after SIGKILL at every step of the save sequence and at random instants, stop signals in mid-epoch,
+and skipped non-finite steps in BatchNorm models (project issue #23).
 
 Each interrupted run is a forked child (a real process, killed by a real SIGKILL: by itself at a
 `vig.trainer.faults` point, or by the test after a random delay); forking after the imports keeps a
@@ -19,9 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import train
 from tests.train_helpers import REPO_ROOT, child_env, make_image_folder
+from vig.trainer.distributed import DistributedContext
+from vig.trainer.engine import Precision, train_one_epoch
 from vig.trainer.faults import ENV_ACTION, ENV_POINT
 from vig.trainer.saver import CheckpointSaver, append_summary, atomic_write, repair_summary
 
@@ -217,3 +221,19 @@ def test_a_stop_signal_in_mid_epoch_saves_and_resumes_bitwise(tmp_path: Path, si
         unequal = [key for key in expected[entry] if not torch.equal(expected[entry][key], found[entry][key])]
         assert not unequal, f"{entry}: {unequal[:5]}"
     assert _summary_epochs(folder) == [0, 1]
+
+
+def test_skip_nonfinite_keeps_batchnorm_statistics_finite() -> None:
+    """A NaN image poisons the forward's BatchNorm update before the loss says so: the skip must undo it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2))
+    batches = [(torch.randn(4, 3, 6, 6), torch.tensor([0, 1, 0, 1])) for _ in range(3)]
+    batches[1][0][2, :, 1, 1] = float("nan")
+    ctx = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    before = {name: buffer.clone() for name, buffer in model[1].named_buffers()}
+    stats = train_one_epoch(0, model, batches, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
+                            ctx, Precision("cpu", None, None), 0, skip_nonfinite=True)
+    assert stats.skipped_steps == 1
+    assert all(torch.isfinite(buffer).all() for buffer in model[1].buffers())
+    assert int(model[1].num_batches_tracked) == int(before["num_batches_tracked"]) + 2

@@ -220,7 +220,8 @@ def train_one_epoch(
     bad step, at the next log step (every `log_interval`-th and the last): after the bad update and at
     most ``log_interval - 1`` more, and always before this function returns, so its caller never saves
     them. With `skip_nonfinite` the flag is reduced and read at every step instead, and a bad step is
-    skipped on every rank (no update, no EMA / schedule step) and counted in `TrainStats.skipped_steps`.
+    skipped on every rank (no update, no EMA / schedule step, and the running statistics of its norm
+    layers are put back as they were before its forward) and counted in `TrainStats.skipped_steps`.
     The progress line shows the epoch's mean loss so far over all ranks.
 
     With `edge_loss_weight` (models with an edge head) the model is called as ``model(images,
@@ -237,6 +238,8 @@ def train_one_epoch(
     """
     model.train()
     unwrapped = unwrap_model(model)
+    norm_buffers = [buffer for module in unwrapped.modules() if isinstance(module, nn.modules.batchnorm._NormBase)
+                    for buffer in module.buffers(recurse=False)]
     progress = EpochProgress(f"train {epoch}", len(loader), ctx.is_primary, log_interval)
     loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
     edge_loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
@@ -265,6 +268,8 @@ def train_one_epoch(
         images, targets = _to_device(images, targets, ctx.device, channels_last)
         if mixup is not None:
             images, targets = mixup(images, targets)
+        # the forward of a step that will be skipped must not leave its statistics in the norm layers
+        kept_buffers = [buffer.clone() for buffer in norm_buffers] if skip_nonfinite else []
         with precision.autocast():
             if edge_loss_weight is None:
                 loss = loss_fn(model(images), targets)
@@ -277,6 +282,9 @@ def train_one_epoch(
         non_finite = ~torch.isfinite(loss.detach())
         if skip_nonfinite and all_reduce_sum(non_finite.double(), ctx).item() > 0:
             skipped_steps += 1
+            with torch.no_grad():
+                for buffer, kept in zip(norm_buffers, kept_buffers):
+                    buffer.copy_(kept)
             if ctx.is_primary:
                 _LOGGER.warning("epoch %d, step %d: non-finite loss, step skipped (%d this epoch)",
                                 epoch, step, skipped_steps)
