@@ -12,6 +12,7 @@ import csv
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -237,3 +238,12 @@ def test_skip_nonfinite_keeps_batchnorm_statistics_finite() -> None:
     assert stats.skipped_steps == 1
     assert all(torch.isfinite(buffer).all() for buffer in model[1].buffers())
     assert int(model[1].num_batches_tracked) == int(before["num_batches_tracked"]) + 2
+
+
+def test_resume_auto_on_a_finished_run_says_so(tmp_path: Path, small_data: Path, reference: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    shutil.copytree(reference, tmp_path / "run")
+    argv = [str(small_data), *SMALL, "--epochs", "3", "--output", str(tmp_path), "--experiment", "run",
+            "--resume", "auto"]
+    assert train.main(argv) == 0
+    assert "already finished epoch 2 of --epochs 3: nothing to train" in caplog.text

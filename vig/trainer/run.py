@@ -4,9 +4,11 @@
 with per-epoch validation and checkpointing, or with `--evaluate` measures a checkpoint on the
 validation split and returns the result (primary rank only).
 
-Fault tolerance: `--resume auto` continues from the run folder's last.pth.tar (torchrun
---max-restarts); each epoch reseeds every random generator from (seed, epoch, rank), so a run resumed
-from the checkpoint of epoch k repeats the uninterrupted run bit for bit; a damaged, foreign or
+Fault tolerance: `--resume auto` continues from the run folder's interrupted.pth.tar (left by
+SIGTERM / SIGUSR1 / SIGINT, `vig.trainer.resume`) or last.pth.tar (torchrun --max-restarts), repairing
+what a kill in the save sequence left (`vig.trainer.saver`); each epoch reseeds every random generator
+from (seed, epoch, rank), so a run resumed from the checkpoint of epoch k repeats the uninterrupted run
+bit for bit; a damaged, foreign or
 code-carrying checkpoint, a corrupt image and a non-finite loss end the run with one line.
 """
 from __future__ import annotations
