@@ -13,7 +13,7 @@ from torch.testing import assert_close
 
 import vig
 from tests.shared_files import shared_path
-from vig.checkpoint import CheckpointError, extract_state_dict
+from vig.checkpoint import CheckpointError, extract_state_dict, read_checkpoint
 from vig.models import VisionGNN
 
 
@@ -181,3 +181,23 @@ def test_extract_state_dict_prefers_state_dict_over_model() -> None:
     weights = {"w": torch.ones(1)}
     state_dict, entry = extract_state_dict({"state_dict": weights, "model": {"w": torch.zeros(1)}})
     assert entry == "state_dict" and state_dict == weights
+
+
+def test_a_refused_pickle_never_passes_on_the_advice_to_drop_weights_only(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's message (2.x) ends in advice to load with weights_only=False, the opposite of what is safe."""
+    path = tmp_path / "odd.pth"
+    path.write_bytes(b"anything")
+    reason = ("Unsupported operand 149. Please file an issue with the following so that we can make "
+              "`weights_only=True` compatible with your use case: WeightsUnpickler error: ... "
+              "In PyTorch 2.6, we changed the default value of the `weights_only` argument in `torch.load` "
+              "from `False` to `True`. ... set `weights_only` to False.")
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise pickle.UnpicklingError(f"Weights only load failed. WeightsUnpickler error: {reason}")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(path)
+    message = str(info.value)
+    assert "Unsupported operand 149)" in message and "set `weights_only` to False" not in message, message
