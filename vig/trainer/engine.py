@@ -327,7 +327,8 @@ def train_one_epoch(
                       images_per_second=reading.images / max(elapsed, 1e-9), skipped_steps=skipped_steps,
                       edge_loss=reading.edge_loss_sum / max(reading.images, 1) if edge_loss_weight is not None
                       else None, stopped_at=stopped_at,
-                      local_sums=(float(loss_sum), float(edge_loss_sum), images_seen, skipped_steps))
+                      local_sums=(float(loss_sum), float(edge_loss_sum), images_seen, skipped_steps) if stopped_at
+                      else (0.0, 0.0, 0, 0))
 
 
 @dataclass
