@@ -14,6 +14,7 @@ from vig.console import fail, format_table
 from vig.errors import RunError, UsageError
 from vig.trainer.cli import parse_args
 from vig.trainer.run import run
+from vig.trainer.signals import Interrupted
 
 
 def _setup_logging() -> None:
@@ -54,6 +55,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif err.rank_local:
             print(f"error: rank {rank}: {err}", file=sys.stderr, flush=True)
         return 1
+    except Interrupted as err:  # logged, with the checkpoint it saved, by the primary rank
+        return 128 + err.signum
+    except KeyboardInterrupt:  # Ctrl-C before training started or after it ended
+        if rank == 0:
+            print("error: interrupted (Ctrl-C); nothing of this run's training was lost", file=sys.stderr, flush=True)
+        return 130
     if result is not None:
         _print_result(result)
     return 0

@@ -203,3 +203,23 @@ def test_efficient_training_script_layout(tmp_path: Path, name: str, recorded: s
     model = timm.create_model(settings.model, num_classes=settings.num_classes)
     model.load_state_dict(weights, strict=True)
     torch.testing.assert_close(model.head.bias, (ema if use_ema else state)["head.bias"])
+
+
+def test_a_refused_pickle_never_passes_on_the_advice_to_drop_weights_only(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's message (2.x) ends in advice to load with weights_only=False, the opposite of what is safe."""
+    path = tmp_path / "odd.pth"
+    path.write_bytes(b"anything")
+    reason = ("Unsupported operand 149. Please file an issue with the following so that we can make "
+              "`weights_only=True` compatible with your use case: WeightsUnpickler error: ... "
+              "In PyTorch 2.6, we changed the default value of the `weights_only` argument in `torch.load` "
+              "from `False` to `True`. ... set `weights_only` to False.")
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise pickle.UnpicklingError(f"Weights only load failed. WeightsUnpickler error: {reason}")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(path)
+    message = str(info.value)
+    assert "Unsupported operand 149)" in message and "set `weights_only` to False" not in message, message

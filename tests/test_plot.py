@@ -127,3 +127,10 @@ def test_cli_as_module_writes_png(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert png_size(out) == CURVES_SIZE_PX
+
+
+def test_cli_takes_a_run_folder_for_its_summary(tmp_path: Path) -> None:
+    write_summary(tmp_path / "a", epochs=3, ema=False)
+    out = tmp_path / "curves.png"
+    assert main([str(tmp_path / "a"), "--out", str(out)]) == 0
+    assert png_size(out) == CURVES_SIZE_PX

@@ -160,6 +160,11 @@ def test_model_kwargs_are_parsed_as_literals() -> None:
         (["--ratio", "0", "1"], "--ratio must be two aspect ratios 0 < low <= high, got 0 1"),
         (["--ratio", "2", "1"], "--ratio must be two aspect ratios"),
         (["--force-color-jitter"], "--force-color-jitter keeps --color-jitter alongside --aa"),
+        (["--aa", "foo"], "--aa 'foo' is not a timm augmentation policy"),
+        (["--aa", "rand-x9"], "--aa 'rand-x9' is not a timm augmentation policy"),
+        (["--weight-decay", "-1"], "--weight-decay must be >= 0, got -1"),
+        (["--warmup-epochs", "-1"], "--warmup-epochs must be >= 0, got -1"),
+        (["--mixup-prob", "2"], "--mixup-prob must be in [0, 1], got 2"),
     ],
 )
 def test_bad_flags_raise_one_line_usage_errors(argv: list[str], message: str) -> None:

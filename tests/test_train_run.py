@@ -69,8 +69,8 @@ def test_resume_continues_epochs_optimizer_scheduler_and_ema(tmp_path: Path) -> 
     expected = torch.load(full / "last.pth.tar", weights_only=True)
     resumed = torch.load(interrupted / "last.pth.tar", weights_only=True)
     assert resumed["epoch"] == expected["epoch"] == 1
-    assert [row["epoch"] for row in _summary(interrupted)] == ["1"]
-    assert _summary(interrupted)[0]["lr"] == _summary(full)[1]["lr"]
+    # the summary row of epoch 0 comes back from the last.pth.tar it resumed from
+    assert _summary(interrupted) == _summary(full)
     steps_per_epoch = 2  # 8 images, batch 4
     state = resumed["optimizer"]["state"][0]
     assert int(state["step"]) == 2 * steps_per_epoch

@@ -85,6 +85,11 @@ def _refused_global(message: str) -> str | None:
     return found.group(1) if found else None
 
 
+def _first_sentence(reason: str) -> str:
+    """The unpickler's reason without torch's advice that follows it (which may suggest weights_only=False)."""
+    return re.split(r"(?<=[.!?])\s", reason.strip(), maxsplit=1)[0].rstrip(".")[:200]
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Safely unpickle a checkpoint file onto the CPU and return its top-level dict.
 
@@ -110,7 +115,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         if rejected:
             raise CheckpointError(
                 f"{name}: not a PyTorch checkpoint that loads safely (weights-only unpickler: "
-                f"{rejected.group(1).strip()[:200]}); only torch.save files of tensors and plain data are loaded"
+                f"{_first_sentence(rejected.group(1))}); only torch.save files of tensors and plain data are "
+                "loaded, and no file is ever unpickled with weights_only=False"
             ) from None
         raise CheckpointError(f"{name}: not a readable PyTorch checkpoint ({_one_line(error)[:200]})") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, TypeError,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
+from timm.data import auto_augment
 
 from vig.console import OneLineErrorParser
 from vig.errors import UsageError
@@ -378,6 +379,22 @@ def _require(condition: bool, message: str) -> None:
         raise UsageError(message)
 
 
+def _require_timm_policy(policy: str) -> None:
+    """Build timm's augmentation for `policy` once, so that a malformed one is a usage error, not an assertion
+    deep in the first training batch."""
+    if policy.startswith("rand"):
+        build = auto_augment.rand_augment_transform
+    elif policy.startswith("augmix"):
+        build = auto_augment.augment_and_mix_transform
+    else:
+        build = auto_augment.auto_augment_transform
+    try:
+        build(policy, {"translate_const": 100, "img_mean": (124, 116, 104)})
+    except (AssertionError, ValueError, KeyError, IndexError):
+        raise UsageError(f"--aa {policy!r} is not a timm augmentation policy (e.g. rand-m9-mstd0.5-inc1, "
+                         "augmix-m5-w3, original, v0, 3a) nor tv-rand[-n<ops>][-m<magnitude>][-b<bins>]") from None
+
+
 def validate_args(args: argparse.Namespace) -> None:
     """Reject values that cannot work; filesystem checks of data and output happen where they are used."""
     _require(args.batch_size > 0, f"--batch-size must be positive, got {args.batch_size}")
@@ -425,6 +442,11 @@ def validate_args(args: argparse.Namespace) -> None:
              "--scale / --ratio set the random-resized crop; they do not apply to --train-crop pad")
     if is_tv_rand_policy(args.aa):
         tv_rand_augment(args.aa)
+    elif args.aa:
+        _require_timm_policy(args.aa)
+    _require(args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay:g}")
+    _require(args.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {args.warmup_epochs}")
+    _require(0 <= args.mixup_prob <= 1, f"--mixup-prob must be in [0, 1], got {args.mixup_prob:g}")
     _require(not args.force_color_jitter or bool(args.aa),
              "--force-color-jitter keeps --color-jitter alongside --aa; without --aa the jitter is always on")
     _require(args.mixup >= 0 and args.cutmix >= 0, "--mixup and --cutmix must be >= 0")

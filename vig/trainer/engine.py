@@ -39,6 +39,7 @@ from tqdm import tqdm
 from vig.errors import RunError
 from vig.models.batch_graph import edge_targets
 from vig.trainer.distributed import DistributedContext, all_reduce_sum
+from vig.trainer.faults import fault_point
 from vig.tta import predict_flip_tta
 
 _LOGGER = logging.getLogger(__name__)
@@ -146,6 +147,8 @@ class TrainStats:
     images_per_second: float
     skipped_steps: int = 0
     edge_loss: float | None = None
+    stopped_at: int = 0
+    local_sums: tuple[float, float, int, int] = (0.0, 0.0, 0, 0)
 
 
 def _to_device(images: torch.Tensor, targets: torch.Tensor, device: torch.device,
@@ -222,6 +225,8 @@ def train_one_epoch(
     task: nn.Module | None = None,
     model_dtype: torch.dtype | None = None,
     ema_source: nn.Module | None = None,
+    resume_at: tuple[int, tuple[float, float, int, int], Callable[[], None]] | None = None,
+    should_stop: Callable[[int], bool] | None = None,
 ) -> TrainStats:
     """One pass over this rank's shard. Images (B, 3, H, W), targets (B,) class indices; a PrefetchLoader
     (`vig.trainer.data.prefetch_to_device`) delivers them normalised on the device already.
@@ -231,7 +236,8 @@ def train_one_epoch(
     bad step, at the next log step (every `log_interval`-th and the last): after the bad update and at
     most ``log_interval - 1`` more, and always before this function returns, so its caller never saves
     them. With `skip_nonfinite` the flag is reduced and read at every step instead, and a bad step is
-    skipped on every rank (no update, no EMA / schedule step) and counted in `TrainStats.skipped_steps`.
+    skipped on every rank (no update, no EMA / schedule step, and the running statistics of its norm
+    layers are put back as they were before its forward) and counted in `TrainStats.skipped_steps`.
     The progress line shows the epoch's mean loss so far over all ranks.
 
     Gradient accumulation (`grad_accum_steps` N > 1, timm's ``--grad-accum-steps``): the batches form
@@ -251,11 +257,21 @@ def train_one_epoch(
     ``task(images, targets)["loss"]`` (task loss and distillation loss, weighted); `loss_fn` is then unused.
     `model_dtype` (--model-dtype) casts the images to the model's floating dtype. `model_ema` follows
     `ema_source` (default: `model` without its DDP wrapper; with feature distillation, the student alone).
+
+    `should_stop(step)` (the same answer on every rank) is asked after each accumulation group but the last
+    (each step without accumulation); True ends
+    the epoch there, with `TrainStats.stopped_at` = that step and `local_sums` = this rank's (loss sum, edge
+    loss sum, images, skipped steps). ``resume_at = (step, local_sums, restore)`` continues such an epoch:
+    the loader's first `step` batches are drawn and dropped (so loader workers and the sampler reach the
+    same state), then `restore()` puts back the generators' states of the stop, and training goes on at
+    step + 1.
     """
     model.train()
     if task is not None:
         task.train()
     unwrapped = ema_source if ema_source is not None else unwrap_model(model)
+    norm_buffers = [buffer for module in unwrap_model(model).modules()
+                    if isinstance(module, nn.modules.batchnorm._NormBase) for buffer in module.buffers(recurse=False)]
     progress = EpochProgress(f"train {epoch}", len(loader), ctx.is_primary, log_interval)
     loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
     edge_loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
@@ -270,8 +286,14 @@ def train_one_epoch(
     can_defer_sync = ctx.distributed and hasattr(model, "no_sync")
     images_seen = 0
     skipped_steps = 0
+    start_step = 0
+    if resume_at is not None:
+        start_step, (loss_start, edge_start, images_seen, skipped_steps), restore = resume_at
+        loss_sum += loss_start
+        edge_loss_sum += edge_start
+        group_index = start_step // grad_accum_steps  # a stop falls on a group boundary (see should_stop)
     reading: _Reading | None = None
-    read_at = step = 0
+    read_at = step = stopped_at = 0
     start = time.perf_counter()
 
     def fields() -> str:
@@ -279,10 +301,16 @@ def train_one_epoch(
                 f"{reading.images / max(time.perf_counter() - start, 1e-9):.1f} img/s")
 
     for step, (images, targets) in enumerate(loader, start=1):
+        if step <= start_step:
+            if step == start_step:
+                restore()
+            continue
         group_size = groups[group_index] if group_index < len(groups) else 1  # past len(): one-batch groups
         in_group += 1
         last_in_group = in_group == group_size
         if in_group == 1:
+            # the forwards of a group that will be skipped must not leave their statistics in the norm layers
+            kept_buffers = [buffer.clone() for buffer in norm_buffers] if skip_nonfinite else []
             optimizer.zero_grad(set_to_none=True)
         if group_bad:
             skipped_steps += 1
@@ -307,6 +335,9 @@ def train_one_epoch(
                 if skip_nonfinite and all_reduce_sum(non_finite.double(), ctx).item() > 0:
                     group_bad = True
                     skipped_steps += in_group
+                    with torch.no_grad():
+                        for buffer, kept in zip(norm_buffers, kept_buffers):
+                            buffer.copy_(kept)
                     if ctx.is_primary:
                         _LOGGER.warning("epoch %d, step %d: non-finite loss, %s skipped (%d steps this epoch)",
                                         epoch, step, "step" if group_size == 1 else
@@ -349,6 +380,10 @@ def train_one_epoch(
             reading, read_at = _read_back(loss_sum, edge_loss_sum, first_non_finite, images_seen, ctx), step
             _stop_if_non_finite(reading, epoch, step, len(loader), ctx)
         progress.update(step, fields)
+        fault_point("train-step", epoch, step)
+        if should_stop is not None and last_in_group and step < len(loader) and should_stop(step):
+            stopped_at = step
+            break
     elapsed = time.perf_counter() - start
     if reading is None or read_at != step:  # an empty loader, or one that ended before its len()
         reading = _read_back(loss_sum, edge_loss_sum, first_non_finite, images_seen, ctx)
@@ -357,7 +392,9 @@ def train_one_epoch(
                       num_updates=num_updates, lr=optimizer.param_groups[0]["lr"],
                       images_per_second=reading.images / max(elapsed, 1e-9), skipped_steps=skipped_steps,
                       edge_loss=reading.edge_loss_sum / max(reading.images, 1) if edge_loss_weight is not None
-                      else None)
+                      else None, stopped_at=stopped_at,
+                      local_sums=(float(loss_sum), float(edge_loss_sum), images_seen, skipped_steps) if stopped_at
+                      else (0.0, 0.0, 0, 0))
 
 
 @dataclass

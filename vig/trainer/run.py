@@ -4,9 +4,11 @@
 with per-epoch validation and checkpointing, or with `--evaluate` measures a checkpoint on the
 validation split and returns the result (primary rank only).
 
-Fault tolerance: `--resume auto` continues from the run folder's last.pth.tar (torchrun
---max-restarts); each epoch reseeds every random generator from (seed, epoch, rank), so a run resumed
-from the checkpoint of epoch k repeats the uninterrupted run bit for bit; a damaged, foreign or
+Fault tolerance: `--resume auto` continues from the run folder's interrupted.pth.tar (left by
+SIGTERM / SIGUSR1 / SIGINT, `vig.trainer.resume`) or last.pth.tar (torchrun --max-restarts), repairing
+what a kill in the save sequence left (`vig.trainer.saver`); each epoch reseeds every random generator
+from (seed, epoch, rank), so a run resumed from the checkpoint of epoch k repeats the uninterrupted run
+bit for bit; a damaged, foreign or
 code-carrying checkpoint, a corrupt image and a non-finite loss end the run with one line.
 """
 from __future__ import annotations
@@ -51,9 +53,14 @@ from vig.trainer.distill import (PROJECTION_KEY, build_distillation_task, build_
 from vig.trainer.engine import (EvalStats, TrainStats, accumulation_groups, resolve_precision, train_one_epoch,
                                 validate)
 from vig.trainer.explog import ExperimentLoggers
+from vig.trainer.faults import fault_point
+from vig.trainer.resume import (auto_resume_file, capture_generators, remove_interrupted, restore_generators,
+                                write_interrupted)
 from vig.trainer.saver import (CURVES_NAME, LAST_NAME, SUMMARY_NAME, CheckpointSaver, append_summary,
-                               prepare_output_dir, require_fresh_or_resumable, run_folder_name, write_args_yaml)
+                               prepare_output_dir, repair_summary, require_fresh_or_resumable, run_folder_name,
+                               write_args_yaml)
 from vig.trainer.schedule import ONECYCLE_LINEAR, OneCycleLinearScheduler
+from vig.trainer.signals import Interrupted, catch_stop_signals, signal_name, stop_requested
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -324,8 +331,8 @@ def _resume_path(args: argparse.Namespace, folder: Path, ctx: DistributedContext
     if args.resume != "auto":
         return args.resume
     last = folder / LAST_NAME
-    found = str(last) if ctx.is_primary and last.is_file() else ""
-    found = broadcast_object(found, ctx)
+    chosen = auto_resume_file(folder) if ctx.is_primary else None
+    found = broadcast_object(str(chosen) if chosen is not None else "", ctx)
     if not found:
         _LOGGER.info("--resume auto: no %s yet, starting fresh", last)
     return found
@@ -399,6 +406,7 @@ class TrainingRun:
     model_dtype: torch.dtype | None = None
     updates_per_epoch: int = 0
     loggers: ExperimentLoggers | None = None
+    position: dict[str, Any] | None = None  # where a signal stopped the start epoch (vig.trainer.resume)
 
 
 def set_up_training(args: argparse.Namespace, ctx: DistributedContext) -> TrainingRun:
@@ -476,8 +484,12 @@ def set_up_training(args: argparse.Namespace, ctx: DistributedContext) -> Traini
 def resume_training(run: TrainingRun, args: argparse.Namespace, ctx: DistributedContext) -> None:
     """Restore --resume's state into ``run`` and set its start epoch (also from --start-epoch)."""
     resume = _resume_path(args, run.folder, ctx) if args.resume else ""
+    if args.resume == "auto" and ctx.is_primary and not resume:
+        repair_summary(run.folder, -1, None)  # rows of a run killed before its first checkpoint was complete
     if resume:
         state = _read_training_checkpoint(resume, args.model)
+        if args.resume == "auto" and ctx.is_primary:
+            repair_summary(run.folder, state["epoch"], state.get("summary_row"))
         _restore_training_state(resume, state, run.model, run.model_ema, run.optimizer, run.scheduler,
                                 run.precision.scaler, weights_only=args.no_resume_opt)
         load_projection_state(run.task, state, resume)
@@ -486,11 +498,24 @@ def resume_training(run: TrainingRun, args: argparse.Namespace, ctx: Distributed
         if saved_seed not in (None, args.seed):
             _LOGGER.warning("--resume: %s was trained with --seed %s, this run uses %s: it will not repeat the "
                             "uninterrupted run", resume, saved_seed, args.seed)
-        _LOGGER.info("resumed from %s (epoch %d)", resume, state["epoch"])
+        position = state.get("position")
+        if isinstance(position, dict) and len(position["ranks"]) != ctx.world_size:
+            _LOGGER.warning("--resume: %s stopped in epoch %d with %d process(es), this run has %d: epoch %d "
+                            "starts again", resume, position["epoch"], len(position["ranks"]), ctx.world_size,
+                            position["epoch"])
+        elif isinstance(position, dict):
+            run.position = position
+        _LOGGER.info("resumed from %s (epoch %d%s)", resume, state["epoch"],
+                     f"; continuing epoch {position['epoch']} after step {position['step']}" if run.position else "")
     if args.start_epoch is not None:
         run.start_epoch = args.start_epoch
     if run.start_epoch > 0:
         run.scheduler.step(run.start_epoch)
+    if run.position is not None:
+        run.scheduler.step_update(num_updates=run.position["num_updates"])
+    if resume and run.start_epoch >= run.num_epochs and ctx.is_primary:
+        _LOGGER.warning("--resume: %s already finished epoch %d of --epochs %d: nothing to train (raise --epochs "
+                        "to train on)", resume, run.start_epoch - 1, run.num_epochs)
 
 
 def prepare_loop(run: TrainingRun, args: argparse.Namespace, ctx: DistributedContext) -> None:
@@ -542,13 +567,22 @@ def run_epoch(run: TrainingRun, args: argparse.Namespace, ctx: DistributedContex
     # from (seed, epoch, rank) alone, so a resumed run repeats the uninterrupted run's randomness
     seed_everything(args.seed, epoch, ctx.rank)
     run.sampler.set_epoch(epoch)
+    resume_at = None
+    if run.position is not None and run.position["epoch"] == epoch:
+        mine = run.position["ranks"][ctx.rank]
+        resume_at = (run.position["step"], tuple(mine["sums"]), lambda: restore_generators(mine["generators"]))
+        num_updates = run.position["num_updates"]
+        run.position = None
     stats = train_one_epoch(epoch, run.train_module, run.train_loader, run.optimizer, run.loss_fn, ctx,
                             run.precision, num_updates, scheduler=run.scheduler, mixup=run.mixup,
                             model_ema=run.model_ema, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
                             channels_last=args.channels_last, log_interval=args.log_interval,
                             skip_nonfinite=args.skip_nonfinite, edge_loss_weight=run.edge_loss_weight,
                             grad_accum_steps=args.grad_accum_steps, task=run.task, model_dtype=run.model_dtype,
-                            ema_source=unwrap_model(run.model))
+                            ema_source=unwrap_model(run.model), resume_at=resume_at,
+                            should_stop=lambda step: _agreed_stop(ctx) > 0)
+    if stats.stopped_at:
+        raise _stop_in_epoch(run, args, ctx, epoch, stats)
     shard_images = all_gather_objects(len(run.sampler), ctx)
     if ctx.distributed:
         distribute_bn(run.model, ctx.world_size, reduce=True)
@@ -580,6 +614,46 @@ def run_epoch(run: TrainingRun, args: argparse.Namespace, ctx: DistributedContex
     return EpochResult(stats, eval_stats, row, metric, shard_images, corrupt)
 
 
+def _agreed_stop(ctx: DistributedContext) -> int:
+    """The stop signal any rank has received (0: none); the same answer on every rank (one all-reduce)."""
+    if not ctx.distributed:
+        return stop_requested()
+    flags = torch.zeros(ctx.world_size, dtype=torch.float64, device=ctx.device)
+    flags[ctx.rank] = stop_requested()
+    return next((int(flag) for flag in all_reduce_sum(flags, ctx).tolist() if flag > 0), 0)
+
+
+def _training_state(run: TrainingRun, args: argparse.Namespace, epoch: int) -> dict[str, Any]:
+    """What last.pth.tar holds for `epoch` (without its metric and summary row)."""
+    state = {"epoch": epoch, "arch": args.model, "state_dict": unwrap_model(run.model).state_dict(),
+             "state_dict_ema": run.model_ema.module.state_dict() if run.model_ema is not None else None,
+             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+             "args": vars(args), "version": 2}
+    if run.precision.scaler is not None:
+        state[run.precision.scaler.state_dict_key] = run.precision.scaler.state_dict()
+    projection = projection_state(run.task)
+    if projection is not None:
+        state[PROJECTION_KEY] = projection
+    return state
+
+
+def _stop_in_epoch(run: TrainingRun, args: argparse.Namespace, ctx: DistributedContext, epoch: int,
+                   stats: TrainStats) -> Interrupted:
+    """Write interrupted.pth.tar (primary rank, with every rank's generators and sums); the Interrupted to raise."""
+    signum = _agreed_stop(ctx)
+    ranks = all_gather_objects({"generators": capture_generators(), "sums": list(stats.local_sums)}, ctx)
+    message: str | None = None
+    if ctx.is_primary:
+        state = _training_state(run, args, epoch - 1)
+        state["position"] = {"epoch": epoch, "step": stats.stopped_at, "num_updates": stats.num_updates,
+                             "ranks": ranks}
+        path = write_interrupted(run.folder, state)
+        message = (f"{signal_name(signum)}: stopped after step {stats.stopped_at} of {len(run.train_loader)} of "
+                   f"epoch {epoch}; saved {path}; the same command with --resume auto continues there")
+        _LOGGER.warning("%s", message)
+    return Interrupted(broadcast_object(message, ctx), signum)
+
+
 def record_epoch(run: TrainingRun, args: argparse.Namespace, ctx: DistributedContext, epoch: int,
                  result: EpochResult) -> None:
     """Primary rank: log the epoch, append its summary row, save checkpoints, redraw the curves."""
@@ -601,22 +675,18 @@ def record_epoch(run: TrainingRun, args: argparse.Namespace, ctx: DistributedCon
                  f" ({left_out} more in incomplete last batches, not trained)" if left_out > 0 else "",
                  stats.images_per_second, eval_stats.count, eval_stats.loss, eval_stats.top1, eval_stats.top5,
                  f"; EMA top1 {result.row['ema_eval_top1']:.2f}" if run.model_ema is not None else "")
+    state = {**_training_state(run, args, epoch), "metric": result.metric, "summary_row": result.row}
+    # the checkpoint first: a kill before the summary leaves a row that a restart restores from it
+    best_epoch, best_metric = run.saver.save(state, epoch, result.metric)
     append_summary(run.folder, result.row)
+    fault_point("after-summary", epoch)
     if run.loggers is not None:
         run.loggers.log(result.row)
-    state = {"epoch": epoch, "arch": args.model, "state_dict": unwrap_model(run.model).state_dict(),
-             "state_dict_ema": run.model_ema.module.state_dict() if run.model_ema is not None else None,
-             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-             "args": vars(args), "metric": result.metric, "version": 2}
-    if run.precision.scaler is not None:
-        state[run.precision.scaler.state_dict_key] = run.precision.scaler.state_dict()
-    projection = projection_state(run.task)
-    if projection is not None:
-        state[PROJECTION_KEY] = projection
-    best_epoch, best_metric = run.saver.save(state, epoch, result.metric)
     _LOGGER.info("best %s %s at epoch %d", args.eval_metric,
                  f"{best_metric:.4f}" if args.eval_metric == "loss" else f"{best_metric:.2f}", best_epoch)
     write_curves(run.folder / SUMMARY_NAME, run.folder / CURVES_NAME)
+    fault_point("after-curves", epoch)
+    remove_interrupted(run.folder)
 
 
 def train(args: argparse.Namespace, ctx: DistributedContext) -> tuple[nn.Module, nn.Module | None]:
@@ -630,13 +700,22 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> tuple[nn.Module,
     prepare_loop(training, args, ctx)
     num_updates = training.start_epoch * training.updates_per_epoch
     try:
-        for epoch in range(training.start_epoch, training.num_epochs):
-            result = run_epoch(training, args, ctx, epoch, num_updates)
-            if isinstance(result, TrainStats):
-                num_updates = result.num_updates
-                continue
-            num_updates = result.train.num_updates
-            record_epoch(training, args, ctx, epoch, result)
+        with catch_stop_signals():
+            for epoch in range(training.start_epoch, training.num_epochs):
+                result = run_epoch(training, args, ctx, epoch, num_updates)
+                if isinstance(result, TrainStats):
+                    num_updates = result.num_updates
+                    continue
+                num_updates = result.train.num_updates
+                fault_point("epoch-end", epoch)
+                record_epoch(training, args, ctx, epoch, result)
+                signum = _agreed_stop(ctx)
+                if signum and epoch + 1 < training.num_epochs:  # arrived during validation or saving
+                    message = (f"{signal_name(signum)}: stopped after epoch {epoch}, saved in "
+                               f"{training.folder / LAST_NAME}; the same command with --resume auto continues there")
+                    if ctx.is_primary:
+                        _LOGGER.warning("%s", message)
+                    raise Interrupted(message, signum)
     finally:
         if training.loggers is not None:
             training.loggers.close()

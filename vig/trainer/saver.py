@@ -6,6 +6,12 @@ atomically (temporary file in the same folder, flush + fsync, os.replace, fsync 
 process killed at any instant leaves the previous complete file in place, and a full disk stops the
 run with one line (`RunError`) instead of a truncated file. Weights that are not finite are never
 written. Only the primary rank should call the writers.
+
+An epoch is recorded in this order: last.pth.tar (which carries the epoch's summary row), the history
+links (checkpoint-<epoch>, model_best), summary.csv, curves.png. A restarted run (`CheckpointSaver`)
+repairs whatever a kill between those steps left: it relinks the history from last.pth.tar, prunes it
+to `max_history`, and `repair_summary` puts back a missing row. A run stopped by a signal in mid-epoch
+leaves interrupted.pth.tar next to them (see `vig.trainer.resume`).
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import torch
 import yaml
 
 from vig.errors import RunError, UsageError
+from vig.trainer.faults import fault_point
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -33,11 +40,13 @@ BEST_NAME = "model_best.pth.tar"
 SUMMARY_NAME = "summary.csv"
 ARGS_NAME = "args.yaml"
 CURVES_NAME = "curves.png"
+INTERRUPTED_NAME = "interrupted.pth.tar"
 # what an epoch of a run leaves in its folder (args.yaml alone is written before the first epoch)
 RESULT_NAMES = (SUMMARY_NAME, LAST_NAME, BEST_NAME, CURVES_NAME)
 # temporary files of atomic_write / atomic_duplicate that a killed process left behind
 STALE_TEMPORARY_PATTERN = re.compile(
-    r"^\.(last\.pth\.tar|model_best\.pth\.tar|checkpoint-\d+\.pth\.tar|summary\.csv|args\.yaml)\..+\.tmp$")
+    r"^\.(last\.pth\.tar|model_best\.pth\.tar|checkpoint-\d+\.pth\.tar|interrupted\.pth\.tar|summary\.csv|"
+    r"args\.yaml|curves\.png)\..+\.tmp$")
 
 
 def _default_file_mode() -> int:
@@ -133,7 +142,7 @@ def run_files(folder: Path) -> list[str]:
     """Names of the files of a train.py run in ``folder``: results (see `RESULT_NAMES`), checkpoint-<epoch>
     files and args.yaml, sorted."""
     return sorted(entry.name for entry in folder.iterdir()
-                  if entry.name in (*RESULT_NAMES, ARGS_NAME) or CHECKPOINT_PATTERN.match(entry.name))
+                  if entry.name in (*RESULT_NAMES, ARGS_NAME, INTERRUPTED_NAME) or CHECKPOINT_PATTERN.match(entry.name))
 
 
 def require_fresh_or_resumable(folder: Path, resume: str) -> None:
@@ -141,9 +150,11 @@ def require_fresh_or_resumable(folder: Path, resume: str) -> None:
 
     Without --resume, any file of a run (args.yaml, summary.csv, checkpoints, curves.png) stops the
     run before training: its model_best / checkpoint-<epoch> files would otherwise outlive the new
-    run's. With ``--resume auto`` the folder must hold last.pth.tar when it holds any result (a folder
-    with only args.yaml, left by a run that died in its first epoch, starts afresh). An explicit
-    ``--resume PATH`` continues that checkpoint's run here. Nothing is ever deleted.
+    run's. ``--resume auto`` without last.pth.tar (a run killed or stopped in its first epoch, before
+    its first checkpoint was complete) starts afresh, and its epoch 0 replaces whatever row or curve
+    the killed run had written; only a folder whose model_best / checkpoint-<epoch> files outlived a
+    removed last.pth.tar is refused. An explicit ``--resume PATH`` continues
+    that checkpoint's run here. Nothing is ever deleted here.
 
     Raises:
         UsageError: one line naming the folder, what it holds, and the two ways out.
@@ -155,10 +166,11 @@ def require_fresh_or_resumable(folder: Path, resume: str) -> None:
         shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
         raise UsageError(f"run folder {folder} already holds another run ({shown}); {ways_out}")
     if resume == "auto" and not (folder / LAST_NAME).exists():
-        results = [name for name in found if name != ARGS_NAME]
-        if results:
-            raise UsageError(f"--resume auto: run folder {folder} holds results ({', '.join(results[:4])}) but no "
-                             f"{LAST_NAME} to resume from; choose another --experiment (or --output)")
+        linked = [name for name in found if name == BEST_NAME or CHECKPOINT_PATTERN.match(name)]
+        if linked:  # only ever linked from a last.pth.tar, which someone has removed since
+            raise UsageError(f"--resume auto: run folder {folder} holds results ({', '.join(linked[:4])}) but no "
+                             f"{LAST_NAME} to resume from; resume one of them with --resume PATH or choose another "
+                             "--experiment (or --output)")
 
 
 class SummaryError(ValueError):
@@ -207,6 +219,26 @@ def summary_rows(folder: Path) -> list[dict[str, str]]:
                          "--experiment") from None
 
 
+def repair_summary(folder: Path, last_epoch: int, row: dict[str, Any] | None) -> None:
+    """Make summary.csv end at `last_epoch`, the epoch of last.pth.tar: drop later rows (a run killed before its
+    first checkpoint, or one restarted from an older one) and put back the row of `last_epoch` from the
+    checkpoint when a kill came between the checkpoint and the summary (``row``: None for checkpoints that
+    do not carry it)."""
+    rows = summary_rows(folder)
+    kept = [old for old in rows if int(old["epoch"]) <= last_epoch]
+    has_last = any(int(old["epoch"]) == last_epoch for old in kept)
+    if len(kept) == len(rows) and (has_last or row is None):
+        return
+    if not has_last and row is not None:
+        _LOGGER.warning("summary.csv lacks epoch %d of %s (the run was killed before writing it): row restored",
+                        last_epoch, LAST_NAME)
+        append_summary(folder, row)
+        return
+    _LOGGER.warning("summary.csv has rows after epoch %d of %s: dropped, they are trained again", last_epoch,
+                    LAST_NAME)
+    _write_rows(folder / SUMMARY_NAME, kept)
+
+
 def write_args_yaml(folder: Path, args: dict[str, Any]) -> None:
     """args.yaml: every resolved flag (not -c itself nor the launcher's --local-rank), loadable with `-c`."""
     kept = {key: value for key, value in args.items() if key not in ("config", "local_rank")}
@@ -219,7 +251,15 @@ def append_summary(folder: Path, row: dict[str, Any]) -> None:
     path = folder / SUMMARY_NAME
     rows: list[dict[str, Any]] = [old for old in summary_rows(folder) if int(old["epoch"]) < int(row["epoch"])]
     rows.append(row)
-    fieldnames = list(row)
+    _write_rows(path, rows)
+
+
+def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    """summary.csv with these rows (the newest row's columns first), atomically; an empty list deletes it."""
+    if not rows:
+        path.unlink(missing_ok=True)
+        return
+    fieldnames = list(rows[-1])
     for old in rows:
         fieldnames += [key for key in old if key not in fieldnames]
     buffer = io.StringIO()
@@ -271,6 +311,38 @@ class CheckpointSaver:
         best_path = self.folder / BEST_NAME
         if best_path.exists():
             self.best = self._epoch_and_metric(best_path)
+        last = self.folder / LAST_NAME
+        found = self._epoch_and_metric(last) if last.exists() else None
+        if found is not None:
+            self._link_history(*found, repair=True)
+
+    def _link_history(self, epoch: int, metric: float, repair: bool = False) -> None:
+        """Link last.pth.tar (of `epoch`, `metric`) as checkpoint-<epoch> and model_best where it earns it, then
+        prune the history to `max_history`. With `repair` (a restart) only what a kill left undone is done."""
+        last = self.folder / LAST_NAME
+        kept = [item for item in self.history if item[0] != epoch]
+        linked = len(kept) < len(self.history)
+        worst = kept[-1][1] if len(kept) >= self.max_history else None
+        if (worst is None or self._better(metric, worst)) and not (repair and linked):
+            if repair:
+                _LOGGER.warning("linking %s as checkpoint-%d.pth.tar: the run was killed before it", last, epoch)
+            atomic_duplicate(last, self.folder / f"checkpoint-{epoch}.pth.tar")
+            kept.append((epoch, metric))
+            kept.sort(key=lambda item: item[1], reverse=not self.decreasing)
+            fault_point("after-checkpoint", epoch)
+        elif linked:
+            kept.append((epoch, metric))
+            kept.sort(key=lambda item: item[1], reverse=not self.decreasing)
+        for old_epoch, _ in kept[self.max_history:]:
+            (self.folder / f"checkpoint-{old_epoch}.pth.tar").unlink(missing_ok=True)
+        self.history = kept[: self.max_history]
+        if self.best is None or self._better(metric, self.best[1]):
+            if repair:
+                _LOGGER.warning("%s was behind %s (epoch %d, metric %.4g): the run was killed before linking it; "
+                                "relinked", self.folder / BEST_NAME, last, epoch, metric)
+            atomic_duplicate(last, self.folder / BEST_NAME)
+            self.best = (epoch, metric)
+            fault_point("after-best", epoch)
 
     def _better(self, metric: float, other: float) -> bool:
         return metric < other if self.decreasing else metric > other
@@ -292,16 +364,7 @@ class CheckpointSaver:
                            f"{f' and {len(broken) - 3} more' if len(broken) > 3 else ''}); nothing written, "
                            f"{last} keeps the previous epoch")
         atomic_write(last, lambda handle: torch.save(state, handle))
+        fault_point("after-last", epoch)
         self.history = [item for item in self.history if item[0] != epoch]
-        worst = self.history[-1][1] if len(self.history) >= self.max_history else None
-        if worst is None or self._better(metric, worst):
-            atomic_duplicate(last, self.folder / f"checkpoint-{epoch}.pth.tar")
-            self.history.append((epoch, metric))
-            self.history.sort(key=lambda item: item[1], reverse=not self.decreasing)
-            for old_epoch, _ in self.history[self.max_history:]:
-                (self.folder / f"checkpoint-{old_epoch}.pth.tar").unlink(missing_ok=True)
-            self.history = self.history[: self.max_history]
-        if self.best is None or self._better(metric, self.best[1]):
-            atomic_duplicate(last, self.folder / BEST_NAME)
-            self.best = (epoch, metric)
+        self._link_history(epoch, metric)
         return self.best
