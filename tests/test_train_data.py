@@ -218,3 +218,18 @@ def test_contradictory_crop_flags_are_one_line_errors(argv: list[str], size: int
     with pytest.raises(UsageError) as info:
         train_transform(args, _cifar_config(size))
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("side", [1, 7, 23, 32])
+def test_the_padded_crop_takes_images_smaller_than_the_crop(side: int) -> None:
+    """A 1 x 1 image crashed RandomCrop(32, padding=4) in a loader worker; now it is zero-padded up to the crop,
+    and a 32-px image gets the same crop as before (the same generator state)."""
+    transform = train_transform(parse_args(["--reprob", "0"]), _cifar_config(32))
+    image = _real_image().resize((side, side))
+    torch.manual_seed(0)
+    out = transform(image)
+    assert out.shape == (3, 32, 32) and torch.isfinite(out).all()
+    if side == 32:
+        torch.manual_seed(0)
+        plain = transforms.Compose([transforms.RandomCrop(32, padding=4)] + list(transform.transforms[1:]))(image)
+        torch.testing.assert_close(out, plain, rtol=0, atol=0)

@@ -432,7 +432,8 @@ def train_transform(args: argparse.Namespace, config: DataConfig, device_normali
         use_prefetcher=device_normalize)
     crop_and_flip = list(primary.transforms)
     if crop == "pad":
-        crop_and_flip = [transforms.RandomCrop(CIFAR_SIZE, padding=CIFAR_CROP_PADDING),
+        # images smaller than the crop are zero-padded up to it first, as the evaluation's centre crop does
+        crop_and_flip = [transforms.RandomCrop(CIFAR_SIZE, padding=CIFAR_CROP_PADDING, pad_if_needed=True),
                          transforms.RandomHorizontalFlip()]
     policy = [tv_rand_augment(args.aa)] if tv_rand else []
     return _with_pre_pillow13_ops(
