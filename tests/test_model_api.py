@@ -1,4 +1,7 @@
-"""Every model the project registers with timm offers timm's whole model API (project issue #13).
+"""The project's own checks of timm's model API on every registered model (project issue #13).
+
+These are the project's reading of the API, not timm's: timm's own model test suite is the judge
+(`tests/test_timm_suite.py` runs it on one model per class, `benchmarks/timm_suite.py` on all of them).
 
 The models are found through timm's registry (every module of ``vig.models``), so a newly registered
 model that misses part of the API fails here without being listed. Every registered name is checked

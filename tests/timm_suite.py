@@ -1,0 +1,79 @@
+"""timm's own model tests (``tests/test_models.py`` of the installed timm's sdist) run on this project's models.
+
+Shared by ``tests/test_timm_suite.py`` (one model per model class, in CI) and ``benchmarks/timm_suite.py`` (every
+registered model): fetch the sdist with pip, extract its ``tests/``, run pytest on ``test_models.py`` in a
+subprocess with ``vig`` loaded as a plugin (so that timm's module-level ``list_models`` sees our models), selected
+by model name, and read the per-case outcomes from a JUnit XML report.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import timm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class SuiteUnavailable(RuntimeError):
+    """timm's sdist could not be fetched (no network, no such release)."""
+
+
+def fetch_timm_tests(cache: Path, version: str = timm.__version__) -> Path:
+    """``tests/`` of timm ``version``'s sdist, downloaded with pip into ``cache`` and extracted there once."""
+    tests = cache / f"timm-{version}" / "tests"
+    if (tests / "test_models.py").exists():
+        return tests
+    cache.mkdir(parents=True, exist_ok=True)
+    download = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                               f"timm=={version}", "-d", str(cache), "-q"],
+                              capture_output=True, text=True, timeout=600)
+    archives = sorted(cache.glob(f"timm-{version}.tar.gz"))
+    if download.returncode != 0 or not archives:
+        tail = (download.stderr or download.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise SuiteUnavailable(f"pip download of timm=={version}'s sdist failed: {tail[0]}")
+    with tarfile.open(archives[0]) as archive:
+        members = [m for m in archive.getmembers() if m.name.startswith(f"timm-{version}/tests/")]
+        archive.extractall(cache, members=members, filter="data")
+    if not (tests / "test_models.py").exists():
+        raise SuiteUnavailable(f"timm {version}'s sdist has no tests/test_models.py")
+    return tests
+
+
+def selection(models: list[str]) -> str:
+    """A pytest ``-k`` expression for the cases of ``models`` (parametrised ids end in ``-NAME]``)."""
+    return " or ".join(models)
+
+
+def case_model(case: str, models: list[str]) -> str | None:
+    """The model of a parametrised case id such as ``test_model_forward[1-vig_ti_cifar]``, if it is one of ours."""
+    match = re.search(r"\[(?:[^\]]*-)?([A-Za-z0-9_]+)\]$", case)
+    return match.group(1) if match and match.group(1) in models else None
+
+
+def run_suite(tests: Path, models: list[str], report: Path, workers: int = 0,
+              timeout: int = 3600) -> tuple[dict[str, str], str]:
+    """Run timm's ``test_models.py`` on ``models``; returns ({case id: 'passed' | 'failed' | 'skipped'}, pytest's
+    last output line). Cases of other models that the ``-k`` expression catches are left out of the result."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "vig", "-p", "no:cacheprovider", "-o", "addopts=",
+               f"--junitxml={report}", "-k", selection(models), str(tests / "test_models.py")]
+    if workers:
+        command[4:4] = ["-n", str(workers)]
+    done = subprocess.run(command, cwd=tests.parent, env=env, capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in done.stdout.strip().splitlines() if line.strip()]
+    outcomes: dict[str, str] = {}
+    if report.exists():
+        for case in ET.parse(report).getroot().iter("testcase"):
+            name = case.get("name", "")
+            if case_model(name, models) is None:
+                continue
+            failed = case.find("failure") is not None or case.find("error") is not None
+            outcomes[name] = "failed" if failed else "skipped" if case.find("skipped") is not None else "passed"
+    return outcomes, lines[-1] if lines else done.stderr.strip()[-300:]
