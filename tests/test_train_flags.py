@@ -128,6 +128,9 @@ KD_COMMON = ["--val-split", "test", "--img-size", "32", "-b", "8", "-j", "0", "-
      ["--kd-distill-type", "token", "--kd-token-distill-type", "hard"]),
     (["--model", "deit_tiny_distilled_patch16_224", "--model-kwargs", "depth=1", "embed_dim=24", "num_heads=2"],
      ["--kd-distill-type", "token", "--kd-token-distill-type", "soft", "--grad-accum-steps", "2"]),
+    # the efficient family's published recipe distils hard tokens into its dist_head
+    (["--model", "mobilevig_ti"], ["--kd-distill-type", "token", "--kd-token-distill-type", "hard"]),
+    (["--model", "greedyvig_s"], ["--kd-distill-type", "token", "--kd-token-distill-type", "hard"]),
 ])
 def test_distillation_trains_the_student_and_saves_it_alone(tmp_path: Path, cifar: Path, teacher: Path,
                                                            student: list[str], extra: list[str]) -> None:
@@ -318,3 +321,12 @@ def test_logit_distillation_on_two_gloo_processes_keeps_the_ranks_in_step(tmp_pa
     assert _max_difference(ranks[0]["model"], ranks[1]["model"]) == 0
     assert _max_difference(ranks[0]["model"], ranks[0]["initial"]) > 0
     assert [rank["no_sync"] for rank in ranks] == [2, 2]  # 20 images per rank, 5 batches of 4: groups 2, 2, 1
+
+
+@pytest.mark.parametrize("model", ["mobilevig_ti", "greedyvig_s"])
+def test_efficient_family_trains_an_epoch_without_a_teacher(tmp_path: Path, cifar: Path, model: str) -> None:
+    assert train.main([str(cifar), "--model", model, *KD_COMMON[:KD_COMMON.index("--kd-model-name")],
+                       "--output", str(tmp_path), "--experiment", "plain"]) == 0
+    with open(tmp_path / "plain" / "summary.csv", newline="") as handle:
+        row = next(csv.DictReader(handle))
+    assert float(row["train_loss"]) > 0 and 0 <= float(row["eval_top1"]) <= 100
