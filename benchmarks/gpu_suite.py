@@ -45,6 +45,8 @@ MODELS: dict[str, tuple[str, list[str]]] = {
     "vig_ti": ("vig_ti_224_gelu", []),
     "svig_ti": ("svig_ti_224_gelu", SVIG_THRESHOLDS),
     "dense_floor": ("vig_ti_224_gelu", ["--no-graph"]),
+    "mobilevig_ti": ("mobilevig_ti", []),
+    "greedyvig_s": ("greedyvig_s", []),
 }
 # seconds one process may take: a step starts only while this much of the call's budget (--budget-s) is left
 LIMITS = {"pytest": 360, "eager": 180, "compile": 300, "profile": 150, "graph": 150}

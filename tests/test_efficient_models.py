@@ -68,3 +68,12 @@ def test_features_only_strides(name: str) -> None:
         maps = model(torch.randn(1, 3, 64, 96))
     assert [tuple(m.shape[-2:]) for m in maps] == [(16, 24), (8, 12), (4, 6), (2, 3)]
     assert [m.shape[1] for m in maps] == model.feature_info.channels()
+
+
+@pytest.mark.parametrize("name", ["mobilevig_ti", "greedyvig_s"])
+def test_features_only_takes_a_coco_style_800_by_1216_input(name: str) -> None:
+    model = timm.create_model(name, features_only=True).eval()
+    with torch.no_grad():
+        maps = model(torch.randn(1, 3, 800, 1216))
+    assert [tuple(m.shape[-2:]) for m in maps] == [(800 // s, 1216 // s) for s in (4, 8, 16, 32)]
+    assert all(torch.isfinite(m).all() for m in maps)

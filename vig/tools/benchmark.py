@@ -79,7 +79,9 @@ def _autocast(device: torch.device, amp_dtype: str | None):
 
 def benchmark_model(args: argparse.Namespace, name: str, device: torch.device) -> list[dict]:
     """Train-step and inference rows for one model."""
-    kwargs = {"img_size": args.img_size} if args.img_size else {}
+    # models that take any input size are built as they are; --img-size then only sets the input
+    sized = args.img_size and timm.models.get_pretrained_cfg(name).fixed_input_size
+    kwargs = {"img_size": args.img_size} if sized else {}
     if args.start_thresh is not None:
         kwargs.update(start_thresh=args.start_thresh, dec=args.dec)
     model = timm.create_model(name, **kwargs).to(device)
