@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .aggregate import gather_neighbours, max_relative_gather, max_relative_ranked, max_relative_scatter
+from .aggregate import (gather_neighbours, max_relative_dense, max_relative_gather, max_relative_ranked,
+                        max_relative_scatter)
 from .layers import BasicConv, interleave_channels
 from .sparse import mask_to_edge_index
 
@@ -76,9 +77,13 @@ class MRConv2d(nn.Module):
         if y is not None and form != "mask":
             raise ValueError("a separate key set y needs neighbour indices (B, N, k) or a bool mask (B, N, M)")
         if form == "mask":
-            # Rectangular masks (pyramid ViG's pooled keys), compiled code and tensors without data (the meta
-            # device) take the ranked keys: their operator compiles whole and has a fake implementation, while an
-            # edge list has a data-dependent size. All mask paths give the same values.
+            # torch.export takes the masked dense max: plain aten ops, so the exported program converts to ONNX
+            # (the ranked keys' custom operator has no ONNX translation). Rectangular masks (pyramid ViG's pooled
+            # keys), compiled code and tensors without data (the meta device) take the ranked keys: their operator
+            # compiles whole and has a fake implementation, while an edge list has a data-dependent size. All mask
+            # paths give the same values.
+            if torch.compiler.is_exporting():
+                return max_relative_dense(x, graph, y)
             if y is not None or torch.compiler.is_compiling() or graph.is_meta:
                 return max_relative_ranked(x, graph, y)
             if graph.count_nonzero() >= SCATTER_BELOW_DENSITY * graph.numel():

@@ -88,17 +88,24 @@ def grid_edges(height: int, width: int, neighbours: int = 4, batch_size: int = 1
     steps = [(-1, 0), (1, 0), (0, -1), (0, 1)]
     if neighbours == 8:
         steps += [(-1, -1), (-1, 1), (1, -1), (1, 1)]
-    # built on the CPU (the sizes alone decide it, so tensors without data, e.g. on the meta device, get it too)
-    ys, xs = torch.meshgrid(torch.arange(height, device="cpu"), torch.arange(width, device="cpu"), indexing="ij")
+    # built on the CPU (the sizes alone decide it, so tensors without data, e.g. on the meta device, get it too),
+    # by slicing rather than by a boolean mask, so that every size is static (torch.export traces it)
+    ids = torch.arange(height * width, device="cpu").view(height, width)
     centres, others = [], []
     for dy, dx in steps:
-        ny, nx = ys + dy, xs + dx
-        inside = (ny >= 0) & (ny < height) & (nx >= 0) & (nx < width)
-        centres.append((ys * width + xs)[inside])
-        others.append((ny * width + nx)[inside])
+        rows, cols = _overlap(dy, height), _overlap(dx, width)
+        centres.append(ids[rows[0], cols[0]].reshape(-1))
+        others.append(ids[rows[1], cols[1]].reshape(-1))
     single = torch.stack((torch.cat(centres), torch.cat(others)))
     offsets = (torch.arange(batch_size, device="cpu") * height * width).repeat_interleave(single.shape[1])
     return (single.repeat(1, batch_size) + offsets).to(device)
+
+
+def _overlap(step: int, length: int) -> tuple[slice, slice]:
+    """Slices of the centres and of their neighbours ``step`` positions away along an axis of ``length``."""
+    if step < 0:
+        return slice(-step, length), slice(0, length + step)
+    return slice(0, length - step), slice(step, length)
 
 
 def _segments(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
