@@ -67,7 +67,8 @@ def test_every_file_has_a_layer() -> None:
 
 def test_console_scripts_name_real_entry_points() -> None:
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert set(scripts) == {"vig-macs", "vig-benchmark", "vig-visualize", "vig-plot", "vig-make-shards"}
+    assert set(scripts) == {"vig-macs", "vig-benchmark", "vig-visualize", "vig-plot", "vig-make-shards",
+                            "vig-export"}
     for target in scripts.values():
         module, _, function = target.partition(":")
         assert layer_of(module) == LAYERS["vig.tools"] and callable(getattr(import_module(module), function))
