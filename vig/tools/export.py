@@ -37,7 +37,8 @@ class WithGraphs(nn.Module):
 
     graph_i is what the i-th `gcn_lib.DynConv2d` of the model (in module order) hands to its graph
     convolution: neighbour indices (B, N, k) int64 for kNN, a mask (B, N, M) bool for the threshold graph.
-    A model without such blocks returns (logits,).
+    A model without such blocks returns (logits,), and so does a block that takes the fused GPU threshold
+    kernel (CUDA tensors), which builds no graph tensor: use it on the CPU.
     """
 
     def __init__(self, model: nn.Module) -> None:
