@@ -111,7 +111,8 @@ def test_isotropic_and_pyramid_vig_share_a_base_instead_of_each_other() -> None:
         tree = ast.parse(path.read_text(encoding="utf-8"))
         skipped = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Call)
                    and isinstance(node.func, ast.Attribute) and node.func.attr == "__init__"
-                   and not (isinstance(node.func.value, ast.Call) and getattr(node.func.value.func, "id", "") == "super")]
+                   and not (isinstance(node.func.value, ast.Call)
+                            and getattr(node.func.value.func, "id", "") == "super")]
         assert not skipped, f"{own}.py calls a constructor other than super().__init__ at lines {skipped}"
 
 
@@ -126,4 +127,5 @@ def module_name_lookups(path: Path) -> list[int]:
 def test_no_module_detects_a_model_family_by_its_module_name(path: Path) -> None:
     """Models tell the trainer what they need through `vig.models.training_api` (project issue #23), not through
     the registry module they live in."""
-    assert not module_name_lookups(path), f"{module_name(path)} looks models up by module: lines {module_name_lookups(path)}"
+    lines = module_name_lookups(path)
+    assert not lines, f"{module_name(path)} looks models up by module: lines {lines}"
