@@ -26,13 +26,12 @@ from timm.layers import register_notrace_function
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from gcn_lib import act_layer
 from vig.checkpoint import checkpoint_filter_fn
 from vig.models.cifar import CIFAR_IMG_SIZE
 from vig.models.factory_args import takes_device_and_dtype
-from vig.models.vig_blocks import (FFN, PUBLISHED_IMG_SIZE, SVIG_DEC, Grapher, VisionGNNBase, check_pretrained_source,
-                                   check_stem_stride, cifar_cfg, pair, published_cfg, resolve_graph_kwargs,
-                                   threshold_schedule, warn_cap_once)
+from vig.models.vig_blocks import (FFN, PUBLISHED_IMG_SIZE, SVIG_DEC, ConvStem, Grapher, VisionGNNBase,
+                                   check_pretrained_source, check_stem_stride, cifar_cfg, pair, published_cfg,
+                                   resolve_graph_kwargs, threshold_schedule, warn_cap_once)
 
 STEM_STRIDE = 16
 STEM_STRIDES: tuple[int, ...] = (1, 2, 4, 8, 16)
@@ -87,7 +86,7 @@ def knn_schedule(num_knn: int, depth: int, num_nodes: int) -> list[tuple[int, in
     return list(zip(ks, dilations))
 
 
-class Stem(nn.Module):
+class Stem(ConvStem):
     """Convolutional stem: (B, in_chans, H, W) -> (B, C, H/s, W/s) for total stride s (sizes rounded up).
 
     Four 3x3 convs widen in_chans -> C/8 -> C/4 -> C/2 -> C (the first log2(s) at stride 2, the rest at
@@ -95,18 +94,8 @@ class Stem(nn.Module):
     """
 
     def __init__(self, in_chans: int, channels: int, act: str, stride: int = STEM_STRIDE) -> None:
-        super().__init__()
-        halvings = check_stem_stride(stride, STEM_STRIDES).bit_length() - 1
         widths = [in_chans, channels // 8, channels // 4, channels // 2, channels]
-        layers: list[nn.Module] = []
-        for index, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:])):
-            conv_stride = 2 if index < halvings else 1
-            layers += [nn.Conv2d(c_in, c_out, 3, stride=conv_stride, padding=1), nn.BatchNorm2d(c_out), act_layer(act)]
-        layers += [nn.Conv2d(channels, channels, 3, stride=1, padding=1), nn.BatchNorm2d(channels)]
-        self.convs = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.convs(x)
+        super().__init__(widths, act, check_stem_stride(stride, STEM_STRIDES).bit_length() - 1)
 
 
 @register_notrace_function

@@ -27,13 +27,13 @@ from timm.layers import register_notrace_function
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from gcn_lib import act_layer, relative_position_table
+from gcn_lib import relative_position_table
 from vig.checkpoint import checkpoint_filter_fn
 from vig.models.cifar import CIFAR_IMG_SIZE
 from vig.models.factory_args import takes_device_and_dtype
-from vig.models.vig_blocks import (FFN, PUBLISHED_IMG_SIZE, SVIG_DEC, Grapher, VisionGNNBase, check_pretrained_source,
-                                   check_stem_stride, cifar_cfg, pair, published_cfg, resize_relative_pos,
-                                   resolve_graph_kwargs, threshold_schedule, warn_cap_once)
+from vig.models.vig_blocks import (FFN, PUBLISHED_IMG_SIZE, SVIG_DEC, ConvStem, Grapher, VisionGNNBase,
+                                   check_pretrained_source, check_stem_stride, cifar_cfg, pair, published_cfg,
+                                   resize_relative_pos, resolve_graph_kwargs, threshold_schedule, warn_cap_once)
 
 _logger = logging.getLogger(__name__)
 
@@ -140,26 +140,13 @@ def pos_embed_for(pos_embed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(pos_embed, size=tuple(x.shape[-2:]), mode="bicubic", align_corners=False)
 
 
-class PyramidStem(nn.Module):
+class PyramidStem(ConvStem):
     """Stem: (B, in_chans, H, W) -> (B, C, H/s, W/s) for total stride s: 3x3 convs to C/2 and C (the first
     log2(s) at stride 2, the other at stride 1), each with BN and activation, then a 3x3 conv C -> C with BN."""
 
     def __init__(self, in_chans: int, channels: int, act: str, stride: int = STEM_STRIDE) -> None:
-        super().__init__()
-        halvings = check_stem_stride(stride, STEM_STRIDES).bit_length() - 1
-        self.convs = nn.Sequential(
-            nn.Conv2d(in_chans, channels // 2, 3, stride=2 if halvings > 0 else 1, padding=1),
-            nn.BatchNorm2d(channels // 2),
-            act_layer(act),
-            nn.Conv2d(channels // 2, channels, 3, stride=2 if halvings > 1 else 1, padding=1),
-            nn.BatchNorm2d(channels),
-            act_layer(act),
-            nn.Conv2d(channels, channels, 3, stride=1, padding=1),
-            nn.BatchNorm2d(channels),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.convs(x)
+        widths = [in_chans, channels // 2, channels]
+        super().__init__(widths, act, check_stem_stride(stride, STEM_STRIDES).bit_length() - 1)
 
 
 class Downsample(nn.Module):

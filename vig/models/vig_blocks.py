@@ -1,6 +1,6 @@
 """What the isotropic (`vig.models.isotropic`) and pyramid (`vig.models.pyramid`) ViG models share.
 
-- the blocks: `Grapher` (graph conv with residual) and `FFN`, and their 1x1 conv + BN pieces;
+- the blocks: `ConvStem`, `Grapher` (graph conv with residual) and `FFN`, and their 1x1 conv + BN pieces;
 - the graph schedules and arguments: `threshold_schedule` (SViG), `resolve_graph_kwargs` (published
   aliases and SViG defaults), the kNN-cap warning (`warn_cap_once`), `resize_relative_pos`;
 - the head: `head_pool` and the 1024-wide conv head ``prediction.{0,1,4}``;
@@ -82,6 +82,28 @@ def conv_bn(in_channels: int, out_channels: int) -> nn.Sequential:
 def drop_path_layer(rate: float) -> nn.Module:
     """Stochastic depth with ``rate``, or Identity for 0."""
     return DropPath(rate) if rate > 0 else nn.Identity()
+
+
+class ConvStem(nn.Module):
+    """Convolutional stem (the published ViG stems): (B, widths[0], H, W) -> (B, C, H / 2^h, W / 2^h), sizes
+    rounded up, for C = widths[-1] and h = ``halvings``.
+
+    A 3x3 conv (padding 1) with BN and activation for each step widths[i] -> widths[i + 1], the first
+    ``halvings`` at stride 2 and the rest at stride 1, then a 3x3 conv C -> C with BN; parameters
+    ``convs.{i}.*``, the same for every ``halvings``.
+    """
+
+    def __init__(self, widths: Sequence[int], act: str, halvings: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for index, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:])):
+            conv_stride = 2 if index < halvings else 1
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=conv_stride, padding=1), nn.BatchNorm2d(c_out), act_layer(act)]
+        layers += [nn.Conv2d(widths[-1], widths[-1], 3, stride=1, padding=1), nn.BatchNorm2d(widths[-1])]
+        self.convs = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convs(x)
 
 
 HEAD_POOLS: tuple[str, ...] = ("avg", "max", "avgmax", "")
