@@ -3,8 +3,10 @@ edge targets (hard, soft, mixup with smoothing), gradients, transductive equivar
 checkpoints and backbone weights (local file; a failed download is one line)."""
 from __future__ import annotations
 
+import argparse
 import csv
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -19,12 +21,14 @@ from torch.testing import assert_close
 import train
 from tests.shared_files import shared_path
 from tests.train_helpers import last_json_line
-from vig.errors import RunError
+from vig.errors import RunError, UsageError, WeightsUnavailableError
 from vig.trainer.curves import draw_curves, read_summary
 from vig.trainer.distributed import DistributedContext
 from vig.trainer.engine import Precision, train_one_epoch
+from vig.trainer.run import resolve_edge_loss_weight
 from vig.models.batch_graph import (BatchGraphNet, EdgeNet, NodeNet, aggregate_neighbours, edge_targets,
-                                    has_edge_head, label_to_edge)
+                                    label_to_edge)
+from vig.models.training_api import BatchDependent, ExtraLosses
 
 BACKBONE = "mobilenetv3_small_050"  # smallest timm backbone at hand; 288 pooled features
 
@@ -203,15 +207,56 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.usefixtures("offline")
 @pytest.mark.parametrize("name", ["bgnn", "bgnn_mobilenetv3_small_100"])
 def test_pretrained_without_a_network_fails_with_one_line(name: str) -> None:
-    with pytest.raises(RunError) as caught:
+    with pytest.raises(WeightsUnavailableError) as caught:
         timm.create_model(name, pretrained=True, num_classes=3)
     message = str(caught.value)
+    assert isinstance(caught.value, RunError) and caught.value.argument == "backbone_file"
     assert "\n" not in message and "backbone_file=PATH" in message
+    assert "train.py" not in message and "--" not in message  # the model speaks of its arguments, not of flags
 
 
-def test_model_names_with_an_edge_head() -> None:
-    assert has_edge_head("bgnn") and has_edge_head("bgnn_mobilenetv3_small_100")
-    assert not has_edge_head("resnet10t") and not has_edge_head("vig_ti_224_gelu")
+def test_the_model_tells_the_trainer_its_edge_loss_and_batch_needs() -> None:
+    """The trainer finds the edge loss and the batch-size need through `vig.models.training_api`, and the edge
+    term is BCE(edge_sim, same-class matrix) of the training forward's edges."""
+    model = _model().train()
+    assert isinstance(model, ExtraLosses) and isinstance(model, BatchDependent)
+    assert model.extra_loss_names == ("edge",) and model.min_train_batch_size == 2
+    for other in (timm.create_model("resnet10t", num_classes=3), timm.create_model("vig_ti_cifar", depth=1)):
+        assert not isinstance(other, ExtraLosses) and not isinstance(other, BatchDependent)
+    images, targets = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 2])
+    logits, edge_sim = model(images, **model.extra_forward_kwargs)
+    assert logits.shape == (4, 5) and edge_sim.shape == (4, 4)
+    expected = F.binary_cross_entropy(edge_sim, label_to_edge(targets))
+    assert_close(model.extra_losses(edge_sim, targets), {"edge": expected})
+
+
+class _OtherExtraLoss(torch.nn.Module):
+    """A model with an extra loss term train.py has no weight flag for."""
+
+    extra_forward_kwargs = {"return_depth": True}
+    extra_loss_names = ("depth",)
+
+    def extra_losses(self, extras, targets, label_smoothing=0.0):
+        return {"depth": extras.mean()}
+
+
+@pytest.mark.parametrize("model, flags, expected", [
+    ("bgnn", dict(edge_loss_weight=None), 1.0),
+    ("bgnn", dict(edge_loss_weight=0.25), 0.25),
+    ("resnet10t", dict(edge_loss_weight=None), None),
+    ("resnet10t", dict(edge_loss_weight=1.0), "--edge-loss-weight needs a model with a batch-graph edge head"),
+    ("bgnn", dict(edge_loss_weight=None, batch_size=1), "--batch-size must be >= 2, got 1"),
+    ("other", dict(edge_loss_weight=None), "trains on the loss terms depth; train.py weighs only"),
+])
+def test_the_trainer_resolves_the_edge_loss_weight_from_the_models_protocols(model: str, flags: dict,
+                                                                              expected: float | str | None) -> None:
+    built = {"bgnn": _model, "other": _OtherExtraLoss}.get(model, lambda: timm.create_model(model, num_classes=3))()
+    args = argparse.Namespace(model=model, **{"batch_size": 4, **flags})
+    if isinstance(expected, str):
+        with pytest.raises(UsageError, match=re.escape(expected)):
+            resolve_edge_loss_weight(args, built)
+    else:
+        assert resolve_edge_loss_weight(args, built) == expected
 
 
 @pytest.mark.parametrize("backbone, width", [("resnet10t", 512), ("mobilenetv3_small_100", 576)])
@@ -314,7 +359,7 @@ def test_pretrained_backbone_without_a_network_is_one_line_through_train_py(
                        "--output", str(tmp_path / "out")]) == 1
     err = [line for line in capsys.readouterr().err.strip().splitlines() if "error" in line.lower()]
     assert len(err) == 1 and err[0].startswith("error: cannot download the pretrained")
-    assert "backbone_file=PATH" in err[0]
+    assert err[0].endswith("pass a local weights file: backbone_file=PATH (train.py --model-kwargs backbone_file=PATH)")
 
 
 @pytest.mark.parametrize("with_edge_loss", [True, False])

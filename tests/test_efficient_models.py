@@ -77,3 +77,17 @@ def test_features_only_takes_a_coco_style_800_by_1216_input(name: str) -> None:
         maps = model(torch.randn(1, 3, 800, 1216))
     assert [tuple(m.shape[-2:]) for m in maps] == [(800 // s, 1216 // s) for s in (4, 8, 16, 32)]
     assert all(torch.isfinite(m).all() for m in maps)
+
+
+@pytest.mark.parametrize("name", ["mobilevig_ti", "greedyvig_s"])
+def test_forward_intermediates_stops_after_the_last_requested_stage(name: str) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        last, early = model.forward_intermediates(x, indices=[0, 1], stop_early=True)
+        torch.testing.assert_close(final, model.forward_features(x), rtol=0, atol=0)
+    assert [tuple(m.shape[-2:]) for m in maps] == [(16, 16), (8, 8), (4, 4), (2, 2)]
+    assert len(early) == 2 and all(torch.equal(a, b) for a, b in zip(early, maps[:2]))
+    assert torch.equal(last, maps[1])  # no layer after stage 1 ran

@@ -72,3 +72,61 @@ def test_console_scripts_name_real_entry_points() -> None:
     for target in scripts.values():
         module, _, function = target.partition(":")
         assert layer_of(module) == LAYERS["vig.tools"] and callable(getattr(import_module(module), function))
+
+
+def _project_module(module: str) -> bool:
+    return layer_of(module) is not None
+
+
+def private_imports(path: Path) -> list[str]:
+    """``from <project module> import _name`` in ``path`` (relative imports resolved), as 'module._name'."""
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            source = ".".join([*base, node.module] if node.module else base)
+            found += [f"{source}.{alias.name}" for alias in node.names
+                      if alias.name.startswith("_") and not alias.name.startswith("__") and _project_module(source)]
+    return found
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda path: str(path.relative_to(ROOT)))
+def test_no_module_imports_another_modules_private_names(path: Path) -> None:
+    """What two modules share is public (e.g. `vig.models.vig_blocks` for the isotropic and pyramid ViG), so a
+    module's underscore names stay its own (project issue #23)."""
+    assert not private_imports(path), f"{module_name(path)} imports private names: {private_imports(path)}"
+
+
+def test_isotropic_and_pyramid_vig_share_a_base_instead_of_each_other() -> None:
+    """The pyramid model neither imports the isotropic module nor skips a constructor (``nn.Module.__init__(self)``):
+    both build on `VisionGNNBase` through ``super().__init__``."""
+    from vig.models import PyramidVisionGNN, VisionGNN
+    from vig.models.vig_blocks import VisionGNNBase
+
+    assert issubclass(VisionGNN, VisionGNNBase) and issubclass(PyramidVisionGNN, VisionGNNBase)
+    assert not issubclass(PyramidVisionGNN, VisionGNN) and not issubclass(VisionGNN, PyramidVisionGNN)
+    for own, other in (("pyramid", "isotropic"), ("isotropic", "pyramid")):
+        path = ROOT / "vig" / "models" / f"{own}.py"
+        assert not any(name.startswith(f"vig.models.{other}") for name in imported_modules(path)), own
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        skipped = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Call)
+                   and isinstance(node.func, ast.Attribute) and node.func.attr == "__init__"
+                   and not (isinstance(node.func.value, ast.Call)
+                            and getattr(node.func.value.func, "id", "") == "super")]
+        assert not skipped, f"{own}.py calls a constructor other than super().__init__ at lines {skipped}"
+
+
+def module_name_lookups(path: Path) -> list[int]:
+    """Lines of ``path`` that call ``list_models(..., module=...)`` (timm's registry searched by module name)."""
+    return [node.lineno for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(node, ast.Call) and (getattr(node.func, "attr", None) or getattr(node.func, "id", None))
+            == "list_models" and any(keyword.arg == "module" for keyword in node.keywords)]
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda path: str(path.relative_to(ROOT)))
+def test_no_module_detects_a_model_family_by_its_module_name(path: Path) -> None:
+    """Models tell the trainer what they need through `vig.models.training_api` (project issue #23), not through
+    the registry module they live in."""
+    lines = module_name_lookups(path)
+    assert not lines, f"{module_name(path)} looks models up by module: lines {lines}"

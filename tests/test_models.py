@@ -13,8 +13,9 @@ from torch.testing import assert_close
 import vig
 from tests.shared_files import shared_path
 from vig.models import SIZES, VisionGNN
-from vig.models import isotropic
-from vig.models.isotropic import Grapher, knn_schedule
+from vig.models import vig_blocks
+from vig.models.isotropic import knn_schedule
+from vig.models.vig_blocks import Grapher
 from vig.tools.macs import count_macs, count_parameters
 
 NAMES = [f"{prefix}_{size}_224_gelu" for prefix in ("vig", "svig") for size in ("ti", "s", "b")]
@@ -161,8 +162,8 @@ def test_grapher_refuses_arguments_its_graph_does_not_use(graph: dict, message: 
 
 def test_small_img_size_caps_k_and_dilation_with_a_warning(caplog: pytest.LogCaptureFixture,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(isotropic, "_logged_caps", set())  # as in a fresh process
-    with caplog.at_level(logging.WARNING, logger="vig.models.isotropic"):
+    monkeypatch.setattr(vig_blocks, "_logged_caps", set())  # as in a fresh process
+    with caplog.at_level(logging.WARNING, logger="vig.models.vig_blocks"):
         model = timm.create_model("vig_ti_224_gelu", img_size=64, num_classes=3)
     assert "16 graph nodes cap the kNN schedule" in caplog.text
     assert model.pos_embed.shape == (1, 192, 4, 4)
@@ -170,7 +171,7 @@ def test_small_img_size_caps_k_and_dilation_with_a_warning(caplog: pytest.LogCap
         assert conv.k * conv.dilation <= 16
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 3)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="vig.models.isotropic"):
+    with caplog.at_level(logging.WARNING, logger="vig.models.vig_blocks"):
         published = timm.create_model("vig_ti_224_gelu")
     assert caplog.text == ""
     assert knn_schedule(9, 12, 196) == [(c.k, c.dilation) for c in _graph_convs(published)]
@@ -179,8 +180,8 @@ def test_small_img_size_caps_k_and_dilation_with_a_warning(caplog: pytest.LogCap
 @pytest.mark.parametrize("num_nodes", [4, 16])
 def test_the_knn_cap_warning_is_logged_once_per_process_and_schedule(num_nodes: int, caplog: pytest.LogCaptureFixture,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(isotropic, "_logged_caps", set())
-    with caplog.at_level(logging.WARNING, logger="vig.models.isotropic"):
+    monkeypatch.setattr(vig_blocks, "_logged_caps", set())
+    with caplog.at_level(logging.WARNING, logger="vig.models.vig_blocks"):
         first = [knn_schedule(9, 12, num_nodes) for _ in range(3)]
         other = knn_schedule(9, 12, num_nodes + 1)
     assert first[0] == first[1] == first[2] != other

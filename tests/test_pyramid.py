@@ -17,8 +17,8 @@ from tests.shared_files import shared_path
 from tests.train_helpers import make_image_folder
 from vig.checkpoint import load_state_dict_into
 from vig.complexity import count_macs
-from vig.models import PyramidVisionGNN, isotropic
-from vig.models.isotropic import FFN, Grapher
+from vig.models import PyramidVisionGNN, vig_blocks
+from vig.models.vig_blocks import FFN, Grapher
 from vig.models.pyramid import SIZES, Downsample, key_grids, published_relative_pos, stage_grids
 
 NAMES = [f"pvig_{size}_224_gelu" for size in SIZES]
@@ -186,8 +186,8 @@ def test_forward_intermediates_picks_stages_and_prunes() -> None:
 
 def test_small_img_size_caps_k_and_dilation_with_one_warning(caplog: pytest.LogCaptureFixture,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(isotropic, "_logged_caps", set())  # as in a fresh process
-    with caplog.at_level(logging.WARNING, logger="vig.models.isotropic"):
+    monkeypatch.setattr(vig_blocks, "_logged_caps", set())  # as in a fresh process
+    with caplog.at_level(logging.WARNING, logger="vig.models.vig_blocks"):
         model = timm.create_model("pvig_ti_224_gelu", img_size=64, num_classes=3)
         timm.create_model("pvig_ti_224_gelu", img_size=64, num_classes=3)
     assert len(caplog.records) == 1 and "[16, 16, 16, 4] key nodes" in caplog.text
@@ -195,7 +195,7 @@ def test_small_img_size_caps_k_and_dilation_with_one_warning(caplog: pytest.LogC
     assert [(c.k, c.dilation) for c in convs] == [(9, 1)] * 4 + [(9, 1)] * 6 + [(4, 1)] * 2
     assert model.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 3)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="vig.models.isotropic"):
+    with caplog.at_level(logging.WARNING, logger="vig.models.vig_blocks"):
         timm.create_model("pvig_ti_224_gelu", img_size=224)
     assert caplog.text == ""
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 from timm.data.auto_augment import RandAugment
@@ -53,10 +54,13 @@ def test_shuffled_eval_shards_cover_every_image_once_in_one_fixed_order(num_samp
         assert [i for shard in shards(3) for i in shard] != list(range(num_samples))
 
 
-@pytest.mark.parametrize(("model", "mixes_classes"), [("bgnn", True), ("resnet10t", False)])
-def test_batch_dependent_models_evaluate_class_sorted_folders_in_mixed_batches(model: str, mixes_classes: bool) -> None:
+@pytest.mark.parametrize(("model", "kwargs", "mixes_classes"), [
+    ("bgnn", dict(backbone="mobilenetv3_small_050", edge_features=8), True), ("resnet10t", {}, False)])
+def test_batch_dependent_models_evaluate_class_sorted_folders_in_mixed_batches(model: str, kwargs: dict,
+                                                                               mixes_classes: bool) -> None:
     test_set = ImageFolder(str(shared_path("data", "cifar10-subset", "test")))
-    sampler = eval_sampler(argparse.Namespace(model=model, seed=42), test_set, _ctx(0, 1))
+    built = timm.create_model(model, num_classes=10, **kwargs)
+    sampler = eval_sampler(argparse.Namespace(model=model, seed=42), test_set, _ctx(0, 1), built)
     first_batch = list(sampler)[:64]
     classes = {test_set.targets[i] for i in first_batch}
     assert (len(classes) >= 8) == mixes_classes

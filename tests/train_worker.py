@@ -4,7 +4,8 @@ Usage: torchrun ... tests/train_worker.py OUT_DIR TRAIN_PY_ARGS...
 
 Runs `train.main(TRAIN_PY_ARGS)` unchanged, watching two calls of vig.trainer.run: the model as this rank
 created it (before DDP makes every rank start from rank 0's), and what `train` returns, and the edge
-targets the training loop builds (models with an edge head), and how often DDP's no_sync was entered. Writes
+targets the batch-graph model builds for its edge loss in the training loop (`vig.models.batch_graph.edge_targets`),
+and how often DDP's no_sync was entered. Writes
 OUT_DIR/rank<RANK>.pth holding the state dicts "initial", "model" and "ema" (None without --model-ema),
 "edge_targets": one (targets, edge target (B, B)) pair per training step of this rank, and "no_sync": the
 number of no_sync entries (backward passes without gradient all-reduce).
@@ -23,7 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import train
-from vig.trainer import engine as trainer_engine
+from vig.models import batch_graph
 from vig.trainer import run as trainer_run
 from vig.trainer.distributed import DistributedContext
 
@@ -38,7 +39,7 @@ def main(out_dir: Path, train_argv: list[str]) -> int:
 
     create_model = trainer_run.create_model_from_args
     train_loop = trainer_run.train
-    edge_targets = trainer_engine.edge_targets
+    edge_targets = batch_graph.edge_targets
 
     def watched_edge_targets(targets: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
         edge = edge_targets(targets, smoothing)
@@ -59,7 +60,7 @@ def main(out_dir: Path, train_argv: list[str]) -> int:
     DistributedDataParallel.no_sync = watched_no_sync
     trainer_run.create_model_from_args = watched_create_model
     trainer_run.train = watched_train
-    trainer_engine.edge_targets = watched_edge_targets
+    batch_graph.edge_targets = watched_edge_targets
     status = train.main(train_argv)
     if status == 0:
         torch.save(seen, out_dir / f"rank{os.environ['RANK']}.pth")

@@ -35,3 +35,13 @@ class CorruptImageError(RunError):
         last_line = message.strip().splitlines()[-1] if message.strip() else message
         prefix = f"{CorruptImageError.__module__}.{CorruptImageError.__qualname__}: "
         super().__init__(last_line[len(prefix):] if last_line.startswith(prefix) else message, rank_local=True)
+
+
+class WeightsUnavailableError(RunError):
+    """Published weights a model needs cannot be fetched (no network, not in the cache). `argument` names the
+    model's keyword argument that takes a local weights file instead, so that a front end (train.py, a tool)
+    can say how to pass it with its own flags; the message itself speaks of that argument alone."""
+
+    def __init__(self, message: str, argument: str) -> None:
+        super().__init__(message)
+        self.argument = argument

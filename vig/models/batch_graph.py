@@ -13,7 +13,10 @@ Each image of a batch is a node. With backbone features x (B, D):
   of ``ratio`` but the last, then the classifier (1x1 conv + BatchNorm) to ``num_classes`` logits.
   Because the zero-diagonal normalisation comes last, a row's first normalisation cancels: a_i is the
   edge_sim-weighted mean of the other samples' features.
-- The edge loss (trainer) is BCE(edge_sim, `edge_targets`): the probability that two samples share a class.
+- The edge loss is BCE(edge_sim, `edge_targets`): the probability that two samples share a class. The model
+  gives it to the trainer as its ``edge`` term of the `vig.models.training_api.ExtraLosses` protocol
+  (`BatchGraphNet.extra_losses`); it is also `vig.models.training_api.BatchDependent` (training batches of
+  two images or more).
 
 Features: the backbone's ``forward_features`` output; a (B, C, H, W) map is average-pooled to (B, C) (for
 mobilenetv3_small_100 the 576-channel map, not its 1,024-wide ``conv_head``: the backbone's head layers are
@@ -26,7 +29,8 @@ least two samples, so a training batch of one raises ValueError.
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from types import MappingProxyType
+from typing import Any, Mapping, Sequence
 
 import timm
 import torch
@@ -35,19 +39,15 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 
 from vig.checkpoint import checkpoint_filter_fn
-from vig.errors import RunError
+from vig.errors import WeightsUnavailableError
 from vig.models.factory_args import build_like, takes_device_and_dtype
+from vig.models.training_api import EDGE_LOSS
 
-__all__ = ["BatchGraphHead", "BatchGraphNet", "EdgeNet", "NodeNet", "aggregate_neighbours", "edge_targets",
-           "has_edge_head", "label_to_edge"]
+__all__ = ["BatchGraphHead", "BatchGraphNet", "EdgeNet", "NodeNet", "aggregate_neighbours",
+           "edge_targets", "label_to_edge"]
 
 DEFAULT_BACKBONE = "mobilenetv3_small_100"
 _WEIGHT_SOURCES = ("file", "url", "hf_hub_id", "state_dict")
-
-
-def has_edge_head(model_name: str) -> bool:
-    """Whether the timm model ``model_name`` is one of this module's (returns edges, takes the edge loss)."""
-    return model_name in timm.list_models(module="batch_graph")
 
 
 def label_to_edge(labels: torch.Tensor) -> torch.Tensor:
@@ -208,7 +208,10 @@ class BatchGraphNet(nn.Module):
         **backbone_kwargs: passed to ``timm.create_model(backbone, ...)`` (drop_rate, drop_path_rate, ...).
     """
 
-    returns_edges = True  # the trainer adds the edge loss for models with this flag
+    # the trainer's protocols (vig.models.training_api): the edge loss as an extra term, batches of two or more
+    extra_forward_kwargs: Mapping[str, Any] = MappingProxyType({"return_edges": True})
+    extra_loss_names: tuple[str, ...] = (EDGE_LOSS,)
+    min_train_batch_size = 2
 
     @takes_device_and_dtype
     def __init__(self, backbone: str = DEFAULT_BACKBONE, num_classes: int = 1000, edge_features: int = 256,
@@ -292,6 +295,12 @@ class BatchGraphNet(nn.Module):
         """The backbone's forward_intermediates (the head has no maps)."""
         return self.backbone.forward_intermediates(x, indices=indices, **kwargs)
 
+    def extra_losses(self, extras: torch.Tensor, targets: torch.Tensor,
+                     label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
+        """The edge loss of a batch: ``{'edge': BCE(edge_sim, edge_targets(targets, label_smoothing))}``, in float32,
+        from ``extras`` = edge_sim (B, B) of ``forward(x, return_edges=True)``. Call it outside autocast."""
+        return {EDGE_LOSS: F.binary_cross_entropy(extras.float(), edge_targets(targets, label_smoothing))}
+
     def forward(self, x: torch.Tensor,
                 return_edges: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Images (B, C, H, W) -> logits (B, num_classes); with ``return_edges`` (logits, edge_sim (B, B)).
@@ -304,7 +313,7 @@ class BatchGraphNet(nn.Module):
 def _create_backbone(name: str, in_chans: int, pretrained: bool, file: str | None,
                      kwargs: dict[str, Any]) -> nn.Module:
     """``timm.create_model(name, num_classes=0)``, with published weights (hub) or a local file; a failed
-    download raises RunError with one line saying how to pass a local file."""
+    download raises `WeightsUnavailableError` (one line naming the ``backbone_file`` argument)."""
     options: dict[str, Any] = dict(num_classes=0, in_chans=in_chans, **kwargs)
     if file is not None:
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(file)), **options)
@@ -314,8 +323,9 @@ def _create_backbone(name: str, in_chans: int, pretrained: bool, file: str | Non
         return timm.create_model(name, pretrained=True, **options)
     except OSError as err:  # huggingface_hub's offline / not-found errors and connection errors are OSErrors
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RunError(f"cannot download the pretrained {name} backbone ({reason}); without a network pass a "
-                       f"local weights file: backbone_file=PATH (train.py --model-kwargs backbone_file=PATH)") from None
+        raise WeightsUnavailableError(f"cannot download the pretrained {name} backbone ({reason}); without a "
+                                      "network pass a local weights file: backbone_file=PATH",
+                                      argument="backbone_file") from None
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:

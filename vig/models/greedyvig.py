@@ -12,13 +12,13 @@ from typing import Any, Sequence
 
 import torch
 from timm.layers import DropPath
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
 
 from gcn_lib import DAGA
 from vig.checkpoint import checkpoint_filter_fn
-from vig.models.features import check_feature_request
+from vig.models.features import check_feature_request, forward_taking
 from vig.models.mobilevig import DistilledConvNet, Downsample, Stem, conv_bn, efficient_cfg
 
 STAGE_K: tuple[int, ...] = (8, 4, 2, 1)
@@ -157,24 +157,17 @@ class GreedyViG(DistilledConvNet):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> last map (B, C, H/32, W/32)."""
         x = self.stem(x)
-        for stage in self.backbone:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)
-            else:
-                x = stage(x)
-        return x
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.backbone, x)
+        return self.backbone(x)
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
-        """Stage maps at strides 4, 8, 16, 32 (the end of each stage)."""
+        """Stage maps at strides 4, 8, 16, 32 (the end of each stage); ``stop_early`` runs no stage after the
+        last requested one."""
         check_feature_request(output_fmt, norm)
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        intermediates: list[torch.Tensor] = []
-        x = self.stem(x)
-        for i, stage in enumerate(self.backbone):
-            x = stage(x)
-            if i in take_indices:
-                intermediates.append(x)
+        x, intermediates = forward_taking(self.backbone, self.stem(x), range(len(self.backbone)), indices,
+                                          stop_early, self.grad_checkpointing)
         if intermediates_only:
             return intermediates
         return x, intermediates

@@ -15,14 +15,14 @@ from typing import Any, Sequence
 
 import torch
 from timm.layers import DropPath, SelectAdaptivePool2d
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_module
 from torch import nn
 
 from gcn_lib import SVGA, DAGA
 from vig.checkpoint import checkpoint_filter_fn
-from vig.models.features import check_feature_request
+from vig.models.features import check_feature_request, forward_taking
 
 register_notrace_module(SVGA)
 register_notrace_module(DAGA)
@@ -291,33 +291,27 @@ class MobileViG(DistilledConvNet):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> last map (B, C, H/32, W/32)."""
         x = self.stem(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq([*self.local_backbone, *self.backbone], x)
         for layer in self.local_backbone:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
-            else:
-                x = layer(x)
+            x = layer(x)
         for layer in self.backbone:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
-            else:
-                x = layer(x)
+            x = layer(x)
         return x
+
+    def feature_ends(self) -> list[int]:
+        """Index in local_backbone + backbone (one sequence) of the last layer of each stage map: the three
+        local stage ends and, unless pruned away, the global stage's end."""
+        layers = len(self.local_backbone) + len(self.backbone)
+        return self.local_ends[:len(self.feature_info)] + ([layers - 1] if len(self.backbone) > 0 else [])
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
-        """Stage maps at strides 4, 8, 16, 32 (the local stage ends and the global end)."""
+        """Stage maps at strides 4, 8, 16, 32 (the local stage ends and the global end); ``stop_early`` runs no
+        layer after the last requested one."""
         check_feature_request(output_fmt, norm)
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        intermediates: list[torch.Tensor] = []
-        x = self.stem(x)
-        for i, layer in enumerate(self.local_backbone):
-            x = layer(x)
-            if i in self.local_ends and self.local_ends.index(i) in take_indices:
-                intermediates.append(x)
-        for layer in self.backbone:
-            x = layer(x)
-        if len(self.local_ends) in take_indices and len(self.backbone) > 0:
-            intermediates.append(x)
+        x, intermediates = forward_taking([*self.local_backbone, *self.backbone], self.stem(x), self.feature_ends(),
+                                          indices, stop_early, self.grad_checkpointing)
         if intermediates_only:
             return intermediates
         return x, intermediates

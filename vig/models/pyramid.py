@@ -1,12 +1,12 @@
 """Pyramid Vision GNN (pvig), registered with timm.
 
 One class, `PyramidVisionGNN`, builds every size; `SIZES` is the only size table. Its blocks are the
-isotropic model's `Grapher` and `FFN` (`vig.models.isotropic`), the Grapher taking its kNN keys from
-the map average-pooled by r and adding a frozen relative-position term to the distances. ``start_thresh``
-/ ``dec`` switch any size to the similarity-threshold graph over the same pooled keys and relative-position
-term (the rectangular rule of `gcn_lib.graph.threshold_mask`), with the same weights and keys. The module
-layout and parameter names are those of the published pyramid ViG, so its checkpoints load unchanged:
-``stem.convs.*``, ``pos_embed``, ``backbone.{i}.0`` (Grapher, with ``relative_pos``) / ``backbone.{i}.1``
+`Grapher` and `FFN` it shares with the isotropic model (`vig.models.vig_blocks`), the Grapher taking its
+kNN keys from the map average-pooled by r and adding a frozen relative-position term to the distances.
+``start_thresh`` / ``dec`` switch any size to the similarity-threshold graph over the same pooled keys and
+relative-position term (the rectangular rule of `gcn_lib.graph.threshold_mask`), with the same weights and
+keys. The module layout and parameter names are those of the published pyramid ViG, so its checkpoints load
+unchanged: ``stem.convs.*``, ``pos_embed``, ``backbone.{i}.0`` (Grapher, with ``relative_pos``) / ``backbone.{i}.1``
 (FFN), ``backbone.{i}.conv.{0,1}`` (Downsample between stages), ``prediction.{0,1,4}``.
 See ``../shared/DESIGN.md`` ("Pyramid ViG").
 
@@ -27,12 +27,13 @@ from timm.layers import register_notrace_function
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from gcn_lib import act_layer, relative_position_table
+from gcn_lib import relative_position_table
 from vig.checkpoint import checkpoint_filter_fn
-from vig.models.isotropic import (CIFAR_IMG_SIZE, FFN, HEAD_HIDDEN, PUBLISHED_IMG_SIZE, SVIG_DEC, Grapher, VisionGNN,
-                                  _graph_kwargs, _pair, check_pretrained_source, check_stem_stride, cifar_cfg,
-                                  head_pool, published_cfg, resize_relative_pos, threshold_schedule, warn_cap_once)
+from vig.models.cifar import CIFAR_IMG_SIZE
 from vig.models.factory_args import takes_device_and_dtype
+from vig.models.vig_blocks import (FFN, PUBLISHED_IMG_SIZE, SVIG_DEC, ConvStem, Grapher, VisionGNNBase,
+                                   check_pretrained_source, check_stem_stride, cifar_cfg, pair, published_cfg,
+                                   resize_relative_pos, resolve_graph_kwargs, threshold_schedule, warn_cap_once)
 
 _logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def stage_grids(img_size: int | Sequence[int], stem_stride: int = STEM_STRIDE) -
     """Map size (H_s, W_s) of each stage for an image (H, W): the stem's log2(stem_stride) stride-2 convs
     give stage 0, each stride-2 Downsample (3x3, padding 1) the next; sizes rounded up."""
     check_stem_stride(stem_stride, STEM_STRIDES)
-    height, width = _pair(img_size)
+    height, width = pair(img_size)
     if height < 1 or width < 1:
         raise ValueError(f"img_size must be positive, got {img_size}")
     grids = []
@@ -139,26 +140,13 @@ def pos_embed_for(pos_embed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(pos_embed, size=tuple(x.shape[-2:]), mode="bicubic", align_corners=False)
 
 
-class PyramidStem(nn.Module):
+class PyramidStem(ConvStem):
     """Stem: (B, in_chans, H, W) -> (B, C, H/s, W/s) for total stride s: 3x3 convs to C/2 and C (the first
     log2(s) at stride 2, the other at stride 1), each with BN and activation, then a 3x3 conv C -> C with BN."""
 
     def __init__(self, in_chans: int, channels: int, act: str, stride: int = STEM_STRIDE) -> None:
-        super().__init__()
-        halvings = check_stem_stride(stride, STEM_STRIDES).bit_length() - 1
-        self.convs = nn.Sequential(
-            nn.Conv2d(in_chans, channels // 2, 3, stride=2 if halvings > 0 else 1, padding=1),
-            nn.BatchNorm2d(channels // 2),
-            act_layer(act),
-            nn.Conv2d(channels // 2, channels, 3, stride=2 if halvings > 1 else 1, padding=1),
-            nn.BatchNorm2d(channels),
-            act_layer(act),
-            nn.Conv2d(channels, channels, 3, stride=1, padding=1),
-            nn.BatchNorm2d(channels),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.convs(x)
+        widths = [in_chans, channels // 2, channels]
+        super().__init__(widths, act, check_stem_stride(stride, STEM_STRIDES).bit_length() - 1)
 
 
 class Downsample(nn.Module):
@@ -173,11 +161,11 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
-class PyramidVisionGNN(VisionGNN):
+class PyramidVisionGNN(VisionGNNBase):
     """Pyramid ViG: images (B, in_chans, H, W) -> logits (B, num_classes).
 
-    It shares the isotropic model's head, classifier, grad-checkpointing and parameter-group API and
-    builds its own stem, stages and feature pyramid.
+    The head, classifier, gradient-checkpointing, parameter-group and feature API are `VisionGNNBase`'s (as
+    the isotropic model's); it builds its own stem, stages and feature pyramid.
 
     Args:
         channels, blocks: per-stage channels and block counts (see `SIZES`).
@@ -197,7 +185,7 @@ class PyramidVisionGNN(VisionGNN):
             keys are those of the kNN model.
         stem_stride: total stride of the stem, one of `STEM_STRIDES` (4 as published; 1 for 32-px images
             gives stage maps 32, 16, 8, 4). Parameters are the same for every stride.
-        global_pool, device, dtype: as in `VisionGNN`.
+        global_pool, device, dtype: as in `vig.models.isotropic.VisionGNN`.
     """
 
     @takes_device_and_dtype
@@ -217,7 +205,6 @@ class PyramidVisionGNN(VisionGNN):
         stem_stride: int = STEM_STRIDE,
         global_pool: str = "avg",
     ) -> None:
-        nn.Module.__init__(self)
         check_stem_stride(stem_stride, STEM_STRIDES)
         channels, blocks = tuple(channels), tuple(blocks)
         if len(channels) != len(REDUCTIONS) or len(blocks) != len(REDUCTIONS):
@@ -225,21 +212,10 @@ class PyramidVisionGNN(VisionGNN):
                              f"got {channels}, {blocks}")
         if min(channels) < 4 or any(c % 4 for c in channels) or min(blocks) < 1:
             raise ValueError(f"channels must be positive multiples of 4 and blocks >= 1, got {channels}, {blocks}")
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.num_features = channels[-1]
-        self.head_hidden_size = HEAD_HIDDEN
-        self.global_pool = head_pool(global_pool)
-        self.img_size = _pair(img_size)
-        self.stem_stride = stem_stride
+        super().__init__(num_classes, in_chans, channels[-1], img_size, stem_stride, start_thresh, dec, global_pool)
         self.stage_grids = stage_grids(img_size, stem_stride)
         keys = key_grids(img_size, stem_stride)
         self.grid_size = self.stage_grids[0]
-        self.start_thresh = start_thresh
-        self.dec = dec if start_thresh is not None else None
-        self.grad_checkpointing = False
 
         self.stem = PyramidStem(in_chans, channels[0], act, stem_stride)
         published_grids = stage_grids(PUBLISHED_IMG_SIZE)
@@ -271,13 +247,7 @@ class PyramidVisionGNN(VisionGNN):
             self.feature_info.append(dict(num_chs=width, reduction=stem_stride * 2**stage,
                                           module=f"backbone.{len(layers) - 1}"))
         self.backbone = nn.Sequential(*layers)
-        self.prediction = nn.Sequential(
-            nn.Conv2d(channels[-1], HEAD_HIDDEN, 1),
-            nn.BatchNorm2d(HEAD_HIDDEN),
-            act_layer(act),
-            nn.Dropout(drop_rate),
-            self._classifier(num_classes),
-        )
+        self.prediction = self.build_prediction(channels[-1], act, drop_rate)
         self.reset_parameters()
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -295,8 +265,7 @@ class PyramidVisionGNN(VisionGNN):
 
     def feature_ends(self) -> list[int]:
         """Index in ``backbone`` of the last block of each stage (its map is the stage's feature, strides
-        4, 8, 16, 32 at the published stem stride); `forward_intermediates` and `prune_intermediate_layers`
-        are the isotropic model's."""
+        4, 8, 16, 32 at the published stem stride), for `forward_intermediates` and `prune_intermediate_layers`."""
         return list(self.stage_ends)
 
     def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
@@ -320,14 +289,13 @@ class PyramidVisionGNN(VisionGNN):
         return adapted
 
     def extra_repr(self) -> str:
-        graph = "knn" if self.start_thresh is None else f"threshold start={self.start_thresh} dec={self.dec}"
         return (f"img_size={self.img_size}, stem_stride={self.stem_stride}, stage_grids={self.stage_grids}, "
-                f"graph={graph}")
+                f"graph={self.graph_repr()}")
 
 
 def _create(variant: str, size: str, pretrained: bool = False, **kwargs: Any) -> PyramidVisionGNN:
     check_pretrained_source(variant, pretrained, kwargs)
-    _graph_kwargs(variant, kwargs, threshold_default=False)
+    resolve_graph_kwargs(variant, kwargs, threshold_default=False)
     dims = SIZES[size]
     return build_model_with_cfg(
         PyramidVisionGNN,

@@ -12,9 +12,10 @@ update and up to ``log_interval - 1`` further updates run on weights that are no
 they are thrown away with the run. ``skip_nonfinite`` has to decide at every step whether to update,
 so with it the finite-loss flag is reduced over ranks and read at every step (one read per step).
 
-Models with a batch-graph edge head (`vig.models.batch_graph`) train on the classification loss plus
-``edge_loss_weight`` x BCE(edge_sim, `edge_targets`): each rank's edges link the images of its own batch
-only (features are not gathered across ranks). With mixup / cutmix the edge target is Y Y^T of the mixed
+Models with extra loss terms (`vig.models.training_api.ExtraLosses`: the batch-graph model's ``edge`` term,
+BCE(edge_sim, `vig.models.batch_graph.edge_targets`)) train on the classification loss plus
+``edge_loss_weight`` x that term: each rank's edges link the images of its own batch only (features are
+not gathered across ranks). With mixup / cutmix the edge target is Y Y^T of the mixed
 label vectors with the label smoothing undone.
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from vig.errors import RunError
-from vig.models.batch_graph import edge_targets
+from vig.models.training_api import EDGE_LOSS, ExtraLosses
 from vig.trainer.distributed import DistributedContext, all_reduce_sum
 from vig.trainer.faults import fault_point
 from vig.tta import predict_flip_tta
@@ -248,10 +249,11 @@ def train_one_epoch(
     all-reduced once per update. With `skip_nonfinite` a non-finite loss in a group skips the whole group
     (no update; all its batches count as skipped).
 
-    With `edge_loss_weight` (models with an edge head) the model is called as ``model(images,
-    return_edges=True)`` (through DDP's forward) and the loss is the classification loss plus
-    ``edge_loss_weight`` x BCE(edge_sim (B, B), `edge_targets` of this rank's batch), computed in float32
-    outside autocast; its unweighted mean is `TrainStats.edge_loss`.
+    With `edge_loss_weight` (a model with the `ExtraLosses` ``edge`` term) the model is called as
+    ``model(images, **extra_forward_kwargs)`` -> (logits, extras) (through DDP's forward) and the loss is the
+    classification loss plus ``edge_loss_weight`` x the model's ``extra_losses(extras, targets, smoothing)``
+    edge term (BCE(edge_sim (B, B), edge targets of this rank's batch), float32, outside autocast); its
+    unweighted mean is `TrainStats.edge_loss`.
 
     With `task` (a `timm.task` distillation task whose trainable module is `model`) the loss is the task's
     ``task(images, targets)["loss"]`` (task loss and distillation loss, weighted); `loss_fn` is then unused.
@@ -270,6 +272,9 @@ def train_one_epoch(
     if task is not None:
         task.train()
     unwrapped = ema_source if ema_source is not None else unwrap_model(model)
+    extra_loss_model = unwrap_model(model)
+    if edge_loss_weight is not None and not isinstance(extra_loss_model, ExtraLosses):
+        raise TypeError(f"edge_loss_weight needs a model with extra loss terms, got {type(extra_loss_model).__name__}")
     norm_buffers = [buffer for module in unwrap_model(model).modules()
                     if isinstance(module, nn.modules.batchnorm._NormBase) for buffer in module.buffers(recurse=False)]
     progress = EpochProgress(f"train {epoch}", len(loader), ctx.is_primary, log_interval)
@@ -326,10 +331,10 @@ def train_one_epoch(
                     elif edge_loss_weight is None:
                         loss = loss_fn(model(images), targets)
                     else:
-                        logits, edge_sim = model(images, return_edges=True)
+                        logits, extras = model(images, **extra_loss_model.extra_forward_kwargs)
                         loss = loss_fn(logits, targets)
                 if edge_loss_weight is not None:
-                    edge_loss = F.binary_cross_entropy(edge_sim.float(), edge_targets(targets, smoothing))
+                    edge_loss = extra_loss_model.extra_losses(extras, targets, smoothing)[EDGE_LOSS]
                     loss = loss + edge_loss_weight * edge_loss
                 non_finite = ~torch.isfinite(loss.detach())
                 if skip_nonfinite and all_reduce_sum(non_finite.double(), ctx).item() > 0:

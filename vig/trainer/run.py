@@ -37,9 +37,9 @@ from vig.checkpoint import (CheckpointError, ModelSettings, classifier_outputs, 
                             load_state_dict_into, merge_settings, read_checkpoint, recorded_settings)
 from vig.complexity import count_macs, count_parameters
 from vig.console import require_model
-from vig.errors import UsageError
+from vig.errors import RunError, UsageError, WeightsUnavailableError
 from vig.graph_info import describe_graph
-from vig.models.batch_graph import has_edge_head
+from vig.models.training_api import EDGE_LOSS, BatchDependent, ExtraLosses
 from vig.trainer.cli import DEFAULT_LR, DEFAULT_MODEL
 from vig.trainer.curves import write_curves
 from vig.trainer.data import (ShardedEvalSampler, StreamShard, build_dataset, build_loader, device_normalizes,
@@ -79,7 +79,15 @@ def seed_everything(seed: int, *streams: int) -> None:
 
 def create_model_from_args(args: argparse.Namespace, num_classes: int) -> nn.Module:
     """timm.create_model with the flags' classes, dropout, SViG thresholds, image size and --model-kwargs;
-    with --pretrained, timm's pretrained loading (`pretrained_kwargs`)."""
+    with --pretrained, timm's pretrained loading (`pretrained_kwargs`). Weights the model cannot fetch
+    (`WeightsUnavailableError`) end the run with one line that says which --model-kwargs entry takes a file."""
+    try:
+        return _create_model(args, num_classes)
+    except WeightsUnavailableError as err:
+        raise RunError(f"{err} (train.py --model-kwargs {err.argument}=PATH)") from None
+
+
+def _create_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     require_model(args.model)
     kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_rate": args.drop,
                               **pretrained_kwargs(args, getattr(args, "pretrained", False))}
@@ -206,11 +214,13 @@ def _num_classes(args: argparse.Namespace, classes: list[str]) -> int:
     return args.num_classes
 
 
-def eval_sampler(args: argparse.Namespace, val_set: Any, ctx: DistributedContext) -> ShardedEvalSampler | StreamShard:
+def eval_sampler(args: argparse.Namespace, val_set: Any, ctx: DistributedContext,
+                 model: nn.Module) -> ShardedEvalSampler | StreamShard:
     """This rank's share of the validation images: in the dataset's order, or, for a model whose predictions
-    depend on its batch (an edge head), in one fixed order shuffled from --seed, so that its batches mix
-    classes instead of following a class-sorted folder. A wds/ stream is read in its shards' order."""
-    seed = args.seed if has_edge_head(args.model) else None
+    depend on its batch (`vig.models.training_api.BatchDependent`, e.g. an edge head), in one fixed order
+    shuffled from --seed, so that its batches mix classes instead of following a class-sorted folder. A wds/
+    stream is read in its shards' order."""
+    seed = args.seed if isinstance(unwrap_model(model), BatchDependent) else None
     return eval_shard(val_set, ctx.world_size, ctx.rank, shuffle_seed=seed)
 
 
@@ -227,7 +237,7 @@ def evaluate(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     precision = resolve_precision(args.amp, args.amp_dtype, ctx.device)
-    sampler = eval_sampler(args, val_set, ctx)
+    sampler = eval_sampler(args, val_set, ctx, model)
     loader = build_loader(val_set, sampler, args.batch_size, args.workers, is_training=False, device=ctx.device)
     last_batches = [size % args.batch_size or min(size, args.batch_size)
                     for size in all_gather_objects(len(sampler), ctx)]
@@ -288,17 +298,22 @@ def _loss_and_mixup(args: argparse.Namespace, num_classes: int) -> tuple[nn.Modu
     return nn.CrossEntropyLoss(), None
 
 
-def resolve_edge_loss_weight(args: argparse.Namespace) -> float | None:
-    """--edge-loss-weight for a model with a batch-graph edge head (default 1), None for other models; a
-    weight given for another model, or a training batch of one image (BatchNorm over the batch), is a
-    UsageError."""
-    if not has_edge_head(args.model):
+def resolve_edge_loss_weight(args: argparse.Namespace, model: nn.Module) -> float | None:
+    """--edge-loss-weight for a model whose extra loss terms (`vig.models.training_api.ExtraLosses`) are the
+    batch-graph edge loss (default 1), None for a model without extra terms. A weight given for another model,
+    extra terms train.py has no weight for, or a training batch smaller than a batch-dependent model needs
+    (`vig.models.training_api.BatchDependent`), is a UsageError."""
+    if isinstance(model, BatchDependent) and args.batch_size < model.min_train_batch_size:
+        raise UsageError(f"{args.model} trains on a graph over the batch: --batch-size must be >= "
+                         f"{model.min_train_batch_size}, got {args.batch_size}")
+    if not isinstance(model, ExtraLosses):
         if args.edge_loss_weight is not None:
             raise UsageError(f"--edge-loss-weight needs a model with a batch-graph edge head (bgnn, "
                              f"bgnn_mobilenetv3_small_100); {args.model} has none")
         return None
-    if args.batch_size < 2:
-        raise UsageError(f"{args.model} trains on a graph over the batch: --batch-size must be >= 2, got 1")
+    if tuple(model.extra_loss_names) != (EDGE_LOSS,):
+        raise UsageError(f"{args.model} trains on the loss terms {', '.join(model.extra_loss_names)}; train.py "
+                         f"weighs only the batch-graph '{EDGE_LOSS}' term (--edge-loss-weight)")
     return 1.0 if args.edge_loss_weight is None else args.edge_loss_weight
 
 
@@ -421,9 +436,9 @@ def set_up_training(args: argparse.Namespace, ctx: DistributedContext) -> Traini
     require_same_classes(args, classes, val_classes)
     num_classes = _num_classes(args, classes)
     require_model(args.model)
-    edge_loss_weight = resolve_edge_loss_weight(args)
     folder = _output_folder(args, ctx)  # before the model is built: a used folder stops the run first
     model = create_model_from_args(args, num_classes)
+    edge_loss_weight = resolve_edge_loss_weight(args, model)
     if checkpoint is not None:
         load_weights(model, checkpoint, args.initial_checkpoint, use_ema=False)
     if args.grad_checkpointing:
@@ -459,7 +474,7 @@ def set_up_training(args: argparse.Namespace, ctx: DistributedContext) -> Traini
 
     sampler = train_sampler(train_set, ctx, args.aug_repeats > 0, args.seed, num_repeats=args.aug_repeats)
     train_loader = build_loader(train_set, sampler, args.batch_size, args.workers, True, ctx.device)
-    val_loader = build_loader(val_set, eval_sampler(args, val_set, ctx), args.batch_size, args.workers, False,
+    val_loader = build_loader(val_set, eval_sampler(args, val_set, ctx, model), args.batch_size, args.workers, False,
                               ctx.device)
     if device_normalize:
         train_loader = prefetch_to_device(train_loader, config, ctx.device, args.reprob, args.remode, args.recount)

@@ -1,0 +1,400 @@
+"""What the isotropic (`vig.models.isotropic`) and pyramid (`vig.models.pyramid`) ViG models share.
+
+- the blocks: `ConvStem`, `Grapher` (graph conv with residual) and `FFN`, and their 1x1 conv + BN pieces;
+- the graph schedules and arguments: `threshold_schedule` (SViG), `resolve_graph_kwargs` (published
+  aliases and SViG defaults), the kNN-cap warning (`warn_cap_once`), `resize_relative_pos`;
+- the head: `head_pool` and the 1024-wide conv head ``prediction.{0,1,4}``;
+- `VisionGNNBase`, the timm API both models give: classifier reset, head, gradient checkpointing,
+  parameter groups, `forward_intermediates` / `prune_intermediate_layers`, and the checkpoint-time
+  ``pos_embed`` resize;
+- the pretrained configs (`published_cfg`, `cifar_cfg`) and the factory check `check_pretrained_source`.
+
+The module and parameter names here are those of the published ViG code (``backbone.{i}.0`` Grapher,
+``backbone.{i}.1`` FFN, ``prediction.*``), so that both models' published checkpoints load unchanged.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, SelectAdaptivePool2d, register_notrace_module
+from timm.models import checkpoint_seq
+from timm.models._features import feature_take_indices
+from torch import nn
+
+from gcn_lib import DynConv2d, act_layer, init_convs_
+from vig.models.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR_IMG_SIZE
+from vig.models.factory_args import build_like
+from vig.models.features import check_feature_request, forward_taking
+
+_logger = logging.getLogger(__name__)
+_logged_caps: set[str] = set()  # kNN-cap warnings this process has logged: each distinct one is logged once
+
+HEAD_HIDDEN = 1024
+PUBLISHED_IMG_SIZE = 224
+SVIG_START_THRESH = 0.89
+SVIG_DEC = 0.03
+
+
+def pair(size: int | Sequence[int]) -> tuple[int, int]:
+    """An image size as (height, width): an int is square."""
+    if isinstance(size, int):
+        return size, size
+    height, width = (int(v) for v in size)
+    return height, width
+
+
+def check_stem_stride(stride: int, allowed: Sequence[int]) -> int:
+    """``stride`` if it is one of ``allowed`` (an int, not a bool), else ValueError naming the allowed values."""
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride not in allowed:
+        raise ValueError(f"stem_stride must be one of {', '.join(map(str, allowed))}, got {stride!r}")
+    return stride
+
+
+def warn_cap_once(message: str) -> None:
+    """Log a kNN-cap warning unless this process has logged the same message before."""
+    if message not in _logged_caps:
+        _logged_caps.add(message)
+        _logger.warning(message)
+
+
+def threshold_schedule(start_thresh: float, dec: float, depth: int) -> list[float]:
+    """Similarity threshold t_i = start_thresh - i * dec of each block (SViG)."""
+    if not isinstance(start_thresh, (int, float)) or not start_thresh < 1:
+        raise ValueError(f"start_thresh must be a number below 1, got {start_thresh!r}")
+    if not isinstance(dec, (int, float)) or math.isnan(dec):
+        raise ValueError(f"dec must be a number, got {dec!r}")
+    thresholds = [start_thresh - i * dec for i in range(depth)]
+    if max(thresholds) >= 1:
+        raise ValueError(f"start_thresh={start_thresh}, dec={dec} give a threshold >= 1 in block "
+                         f"{thresholds.index(max(thresholds))}")
+    return thresholds
+
+
+def conv_bn(in_channels: int, out_channels: int) -> nn.Sequential:
+    """1x1 conv with bias followed by BatchNorm: (B, C_in, H, W) -> (B, C_out, H, W)."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1), nn.BatchNorm2d(out_channels))
+
+
+def drop_path_layer(rate: float) -> nn.Module:
+    """Stochastic depth with ``rate``, or Identity for 0."""
+    return DropPath(rate) if rate > 0 else nn.Identity()
+
+
+class ConvStem(nn.Module):
+    """Convolutional stem (the published ViG stems): (B, widths[0], H, W) -> (B, C, H / 2^h, W / 2^h), sizes
+    rounded up, for C = widths[-1] and h = ``halvings``.
+
+    A 3x3 conv (padding 1) with BN and activation for each step widths[i] -> widths[i + 1], the first
+    ``halvings`` at stride 2 and the rest at stride 1, then a 3x3 conv C -> C with BN; parameters
+    ``convs.{i}.*``, the same for every ``halvings``.
+    """
+
+    def __init__(self, widths: Sequence[int], act: str, halvings: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for index, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:])):
+            conv_stride = 2 if index < halvings else 1
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=conv_stride, padding=1), nn.BatchNorm2d(c_out), act_layer(act)]
+        layers += [nn.Conv2d(widths[-1], widths[-1], 3, stride=1, padding=1), nn.BatchNorm2d(widths[-1])]
+        self.convs = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convs(x)
+
+
+HEAD_POOLS: tuple[str, ...] = ("avg", "max", "avgmax", "")
+
+
+def head_pool(pool_type: str) -> SelectAdaptivePool2d:
+    """The pooling before the conv head (B, C, h, w) -> (B, C, 1, 1): a timm pool type of `HEAD_POOLS`, or
+    ``''`` for none (maps pass through). ``catavgmax`` would double the channels the head's first conv takes."""
+    if pool_type not in HEAD_POOLS:
+        raise ValueError(f"global_pool must be one of {', '.join(map(repr, HEAD_POOLS))}, got {pool_type!r}")
+    return SelectAdaptivePool2d(pool_type=pool_type, flatten=False)
+
+
+def resize_relative_pos(relative_pos: torch.Tensor, num_nodes: int, num_keys: int) -> torch.Tensor:
+    """Bicubic resize (align_corners=False) of a relative-position term (1, N, M) -> (1, num_nodes, num_keys),
+    as the published pyramid ViG does when its input size changes; computed in float32 at least."""
+    table = relative_pos if relative_pos.dtype == torch.float64 else relative_pos.float()
+    resized = F.interpolate(table.unsqueeze(0), size=(num_nodes, num_keys), mode="bicubic", align_corners=False)
+    return resized.squeeze(0).to(relative_pos.dtype)
+
+
+@register_notrace_module
+class Grapher(nn.Module):
+    """Graph block: fc1, dynamic max-relative graph conv C -> 2C, fc2, drop path, residual. (B, C, H, W) -> same.
+
+    ``graph`` holds the graph arguments of the `DynConv2d`, and only those that graph uses:
+    ``kernel_size`` and ``dilation`` for kNN, ``graph='threshold'`` and ``threshold`` for SViG, and
+    (pyramid ViG, either graph) ``r``.
+
+    ``relative_pos`` (pyramid ViG): a (1, N, M) term added to the distances of the N = H W centres to
+    the M = (H // r) (W // r) keys by either graph, kept as a persistent buffer (a checkpoint entry under
+    the published key ``relative_pos``, never trained). On a map of another size it is resized bicubically
+    to that map's (N, M) for the call.
+    """
+
+    def __init__(self, channels: int, act: str, drop_path: float, relative_pos: torch.Tensor | None = None,
+                 **graph: Any) -> None:
+        super().__init__()
+        self.fc1 = conv_bn(channels, channels)
+        self.graph_conv = DynConv2d(channels, 2 * channels, conv="mr", act=act, norm="batch", bias=True, **graph)
+        self.fc2 = conv_bn(2 * channels, channels)
+        self.drop_path = drop_path_layer(drop_path)
+        if relative_pos is not None and (relative_pos.dim() != 3 or relative_pos.shape[0] != 1):
+            raise ValueError(f"relative_pos must have shape (1, N, M), got {tuple(relative_pos.shape)}")
+        self.register_buffer("relative_pos", relative_pos)
+
+    def relative_pos_for(self, height: int, width: int) -> torch.Tensor | None:
+        """The relative-position term (1, N, M) for an (height, width) map, resized if the stored one differs."""
+        if self.relative_pos is None:
+            return None
+        r = self.graph_conv.r
+        size = (height * width, (height // r) * (width // r))
+        if tuple(self.relative_pos.shape[-2:]) == size:
+            return self.relative_pos
+        return resize_relative_pos(self.relative_pos, *size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.fc1(x)
+        if self.relative_pos is None:
+            x = self.graph_conv(x)
+        else:
+            x = self.graph_conv(x, self.relative_pos_for(*x.shape[-2:]))
+        return self.drop_path(self.fc2(x)) + shortcut
+
+
+class FFN(nn.Module):
+    """Feed-forward block: 1x1 conv C -> 4C + BN, activation, 1x1 conv 4C -> C + BN, drop path, residual."""
+
+    def __init__(self, channels: int, act: str, drop_path: float, expansion: int = 4) -> None:
+        super().__init__()
+        self.fc1 = conv_bn(channels, expansion * channels)
+        self.act = act_layer(act)
+        self.fc2 = conv_bn(expansion * channels, channels)
+        self.drop_path = drop_path_layer(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.fc2(self.act(self.fc1(x)))
+        return self.drop_path(x) + shortcut
+
+
+class VisionGNNBase(nn.Module):
+    """The timm model API of the isotropic and pyramid ViG: images (B, in_chans, H, W) -> logits (B, num_classes).
+
+    A subclass calls ``super().__init__(...)`` (which sets the attributes below and the head pooling), then
+    builds ``stem``, ``pos_embed`` (1, C0, h, w), ``backbone`` (an nn.Sequential of blocks),
+    ``prediction = self.build_prediction(...)`` and ``feature_info``, and calls `reset_parameters`. It
+    defines `feature_ends` (the ``backbone`` index ending each feature level), ``_embed`` (stem plus position
+    embedding) and ``forward`` (in its own module: timm's fx tracing wraps the notrace functions in the
+    globals of the root's forward).
+
+    Args:
+        num_classes: classifier outputs; 0 gives the pre-logits (B, 1024).
+        in_chans: image channels.
+        num_features: channels of the final feature map.
+        img_size: the image size the model is built for.
+        stem_stride: total stride of the stem.
+        start_thresh, dec: the similarity-threshold graph's schedule (None: kNN).
+        global_pool: pooling before the head (see `head_pool`).
+    """
+
+    def __init__(self, num_classes: int, in_chans: int, num_features: int, img_size: int | Sequence[int],
+                 stem_stride: int, start_thresh: float | None, dec: float, global_pool: str) -> None:
+        super().__init__()
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.num_features = num_features
+        self.head_hidden_size = HEAD_HIDDEN
+        self.global_pool = head_pool(global_pool)
+        self.img_size = pair(img_size)
+        self.stem_stride = stem_stride
+        self.start_thresh = start_thresh
+        self.dec = dec if start_thresh is not None else None
+        self.grad_checkpointing = False
+
+    def build_prediction(self, channels: int, act: str, drop_rate: float) -> nn.Sequential:
+        """The published conv head: 1x1 conv C -> 1024, BN, activation, dropout, classifier (``prediction.4``)."""
+        return nn.Sequential(
+            nn.Conv2d(channels, HEAD_HIDDEN, 1),
+            nn.BatchNorm2d(HEAD_HIDDEN),
+            act_layer(act),
+            nn.Dropout(drop_rate),
+            self._classifier(self.num_classes),
+        )
+
+    @staticmethod
+    def _classifier(num_classes: int) -> nn.Module:
+        return nn.Conv2d(HEAD_HIDDEN, num_classes, 1) if num_classes > 0 else nn.Identity()
+
+    def reset_parameters(self) -> None:
+        """As published: every conv weight kaiming-normal, every conv bias zero; pos_embed zero."""
+        init_convs_(self)
+        nn.init.zeros_(self.pos_embed)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Parameters timm's optimizer factory keeps out of weight decay (besides norms and biases)."""
+        return {"pos_embed"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for layer-wise learning-rate decay (timm): stem and pos_embed, then each block
+        (``backbone.{i}``); the head falls into the last group."""
+        return dict(stem=r"^stem|^pos_embed", blocks=r"^backbone\.(\d+)" if coarse else [(r"^backbone\.(\d+)", None)])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them (less memory,
+        one more forward per block). Outputs and gradients are unchanged; in training, BatchNorm running
+        statistics see each batch twice (once more in the recomputation), as in every timm model."""
+        self.grad_checkpointing = enable
+
+    def get_classifier(self) -> nn.Module:
+        """The last layer of the head: Conv2d(1024, num_classes, 1), or Identity for num_classes=0."""
+        return self.prediction[-1]
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier by a freshly initialised one with ``num_classes`` outputs (0: none), on the
+        model's device and dtype; ``global_pool`` (a timm pool type, ``''`` for none) replaces the pooling,
+        None keeps it."""
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        if global_pool is not None:
+            self.global_pool = head_pool(global_pool).train(self.training)
+        classifier = build_like(self, lambda: self._classifier(num_classes))
+        if isinstance(classifier, nn.Conv2d):
+            nn.init.kaiming_normal_(classifier.weight)
+            nn.init.zeros_(classifier.bias)
+        self.prediction[-1] = classifier
+        self.num_classes = num_classes
+
+    def feature_ends(self) -> list[int]:
+        """Index in ``backbone`` of the last module of each feature level; every subclass gives its own."""
+        raise NotImplementedError(f"{type(self).__name__} does not define its feature levels")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> final feature map (B, C, H', W') (stem and position embedding, then the blocks)."""
+        x = self._embed(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.backbone, x)
+        return self.backbone(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Feature map (B, C, h, w) -> logits (B, num_classes), or (B, 1024) with ``pre_logits``; without
+        global pooling (``global_pool=''``) the maps (B, num_classes or 1024, h, w)."""
+        x = self.global_pool(x)
+        for layer in list(self.prediction)[:-1]:  # a sliced Sequential would be a module fx cannot find in the model
+            x = layer(x)
+        if not pre_logits:
+            x = self.prediction[-1](x)
+        return x if self.global_pool.is_identity() else x.flatten(1)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The feature maps of the levels in `feature_ends` as timm's feature API asks for them: every block's
+        (B, C, H/s, W/s) in the isotropic model (s = ``stem_stride``), the four stage maps in the pyramid model.
+
+        Args:
+            indices: levels to return: None all, an int the last n, a sequence those (negative from the end).
+            norm: must be False (the model has no final norm).
+            stop_early: skip the blocks after the last requested level.
+            output_fmt: ``'NCHW'`` only.
+            intermediates_only: return only the list, not (final map, list).
+        """
+        check_feature_request(output_fmt, norm)
+        x, intermediates = forward_taking(self.backbone, self._embed(x), self.feature_ends(), indices, stop_early,
+                                          self.grad_checkpointing)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last level in ``indices`` (and the classifier); returns the kept indices."""
+        ends = self.feature_ends()
+        take_indices, max_index = feature_take_indices(len(ends), indices)
+        self.backbone = self.backbone[:ends[max_index] + 1]
+        self.feature_info = self.feature_info[:max_index + 1]
+        if prune_head:
+            self.reset_classifier(0)
+        return take_indices
+
+    def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Resize a checkpoint's ``pos_embed`` (1, C, h, w) bicubically to this model's grid; other keys unchanged."""
+        pos_embed = state_dict.get("pos_embed")
+        target = self.pos_embed.shape
+        if pos_embed is None or pos_embed.shape == target or pos_embed.dim() != 4 or pos_embed.shape[:2] != target[:2]:
+            return state_dict
+        _logger.info("resizing pos_embed %s -> %s (bicubic)", tuple(pos_embed.shape), tuple(target))
+        resized = F.interpolate(pos_embed.float(), size=tuple(target[-2:]), mode="bicubic", align_corners=False)
+        return {**state_dict, "pos_embed": resized.to(pos_embed.dtype)}
+
+    def graph_repr(self) -> str:
+        """The graph of the blocks, for ``extra_repr``: ``knn`` or the threshold schedule."""
+        return "knn" if self.start_thresh is None else f"threshold start={self.start_thresh} dec={self.dec}"
+
+
+_THRESHOLD_ALIASES: dict[str, str] = {"starting_threshold": "start_thresh", "decrement": "dec"}
+
+
+def resolve_graph_kwargs(variant: str, kwargs: dict[str, Any], threshold_default: bool) -> None:
+    """Resolve the graph arguments of a factory call in place: published aliases (``starting_threshold``,
+    ``decrement``), the SViG default start with ``threshold_default``, and a refused ``dec`` without
+    ``start_thresh``."""
+    for alias, name in _THRESHOLD_ALIASES.items():
+        if alias in kwargs:
+            if kwargs.get(name) is not None:
+                raise ValueError(f"{variant}: give either {name} or {alias}, not both")
+            kwargs[name] = kwargs.pop(alias)
+    if kwargs.get("start_thresh") is None:
+        kwargs.pop("start_thresh", None)
+        if threshold_default:
+            kwargs["start_thresh"] = SVIG_START_THRESH
+        elif kwargs.get("dec") is not None:
+            raise ValueError(f"{variant}: dec={kwargs['dec']} needs start_thresh (the kNN graph has no threshold)")
+    if kwargs.get("dec") is None:
+        kwargs.pop("dec", None)
+
+
+def check_pretrained_source(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> None:
+    """ValueError for ``pretrained=True`` without a local file: the published weights have no download location."""
+    if pretrained and not any(key in (kwargs.get("pretrained_cfg_overlay") or {}) for key in ("file", "state_dict")):
+        raise ValueError(
+            f"{variant}: no download location is configured; pass pretrained_cfg_overlay=dict(file=PATH) or "
+            "load a published checkpoint with vig.load_checkpoint(model, path)"
+        )
+
+
+def published_cfg(pool_size: tuple[int, int], **overrides: Any) -> dict[str, Any]:
+    """Pretrained config as published (ViG and pyramid ViG): 224 px, crop 0.9, bicubic, mean = std = 0.5,
+    final map ``pool_size``; ``overrides`` replace entries."""
+    return {
+        **dict(url="", num_classes=1000, input_size=(3, PUBLISHED_IMG_SIZE, PUBLISHED_IMG_SIZE), pool_size=pool_size,
+               crop_pct=0.9, interpolation="bicubic", fixed_input_size=True, mean=(0.5, 0.5, 0.5),
+               std=(0.5, 0.5, 0.5), first_conv="stem.convs.0", classifier="prediction.4"),
+        **overrides,
+    }
+
+
+def cifar_cfg(pool_size: tuple[int, int], **overrides: Any) -> dict[str, Any]:
+    """Pretrained config of the CIFAR-10 configurations (no published weights): 32 px, crop 1.0, bicubic,
+    CIFAR-10 mean / std, 10 classes, final map ``pool_size``; ``overrides`` replace entries."""
+    return published_cfg(pool_size, **{**dict(num_classes=10, input_size=(3, CIFAR_IMG_SIZE, CIFAR_IMG_SIZE),
+                                              crop_pct=1.0, mean=CIFAR10_MEAN, std=CIFAR10_STD), **overrides})
