@@ -61,6 +61,7 @@ from vig.trainer.saver import (CURVES_NAME, LAST_NAME, SUMMARY_NAME, CheckpointS
                                write_args_yaml)
 from vig.trainer.schedule import ONECYCLE_LINEAR, OneCycleLinearScheduler
 from vig.trainer.signals import Interrupted, catch_stop_signals, signal_name, stop_requested
+from vig.trainer.threads import set_cpu_threads
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -750,6 +751,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     """Train, or evaluate with --evaluate (returns the result dict on the primary rank)."""
     ctx = init_distributed(args.local_rank, getattr(args, "device", None))
     try:
+        if ctx.device.type == "cpu":
+            set_cpu_threads(args.workers)
         seed_everything(args.seed, ctx.rank)
         if args.evaluate:
             return evaluate(args, ctx)
