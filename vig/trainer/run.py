@@ -244,6 +244,8 @@ def evaluate(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any
     num_classes = evaluation_classes(args, classes)
     model = create_model_from_args(args, num_classes)
     load_weights(model, checkpoint, args.initial_checkpoint, use_ema=args.model_ema)
+    if ctx.device.type == "cpu":  # after the checks of the user's input, whose errors stay the only line
+        set_cpu_threads(args.workers)
     config = resolve_preprocessing(args, model)
     device_normalize = device_normalizes(ctx.device)
     val_set.transform = eval_transform(config, device_normalize)
@@ -722,6 +724,8 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> tuple[nn.Module,
     training = set_up_training(args, ctx)
     resume_training(training, args, ctx)
     prepare_loop(training, args, ctx)
+    if ctx.device.type == "cpu":  # after the checks of the user's input, whose errors stay the only line
+        set_cpu_threads(args.workers)
     num_updates = training.start_epoch * training.updates_per_epoch
     try:
         with catch_stop_signals():
@@ -751,8 +755,6 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     """Train, or evaluate with --evaluate (returns the result dict on the primary rank)."""
     ctx = init_distributed(args.local_rank, getattr(args, "device", None))
     try:
-        if ctx.device.type == "cpu":
-            set_cpu_threads(args.workers)
         seed_everything(args.seed, ctx.rank)
         if args.evaluate:
             return evaluate(args, ctx)
