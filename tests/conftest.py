@@ -13,8 +13,10 @@ if not torch.cuda.is_available():
 
 # Under pytest-xdist every worker already occupies a core: one intra-op thread each avoids
 # oversubscribing the machine (several threads per worker made small CPU passes 5-30x slower).
+# OMP_NUM_THREADS also tells the trainer's run (vig.trainer.threads) to keep that count.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture
@@ -25,6 +27,7 @@ def fast_in_process_runs(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     import vig.trainer.run
 
     monkeypatch.setattr(vig.trainer.run, "log_model_size", lambda model, input_size: None)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the trainer then keeps torch's count (vig.trainer.threads)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

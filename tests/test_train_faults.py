@@ -359,8 +359,9 @@ def test_differing_class_lists_fail_before_training(tmp_path: Path, capsys: pyte
 
 
 def test_missing_split_names_the_folder_and_the_layout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    data = make_image_folder(tmp_path / "data", {"train": {"a": 1}})
+    data = make_image_folder(tmp_path / "data", {"train": {"a": 1}, "test": {"a": 1}})
     line = _one_error_line(train.main([str(data), *TINY]), 2, capsys)
+    assert f"no 'val' split under {data}; it holds test, train: " in line
     assert f"looked for {data / 'val'}/, {data / 'validation'}/" in line
     assert f"expected layout: {data / 'val'}/<class>/<image>" in line
     flat = tmp_path / "flat"
@@ -369,6 +370,29 @@ def test_missing_split_names_the_folder_and_the_layout(tmp_path: Path, capsys: p
     (flat / "train" / "a").rmdir()
     line = _one_error_line(train.main([str(flat), *TINY]), 2, capsys)
     assert f"images lie directly in {flat / 'train'}" in line and "<class>/<image>" in line
+
+
+@pytest.mark.parametrize(("data_classes", "status"), [(2, 0), (4, 2), (5, 2)])
+def test_evaluating_a_head_on_data_of_another_class_count_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                  caplog: pytest.LogCaptureFixture,
+                                                                  data_classes: int, status: int) -> None:
+    """A 3-class checkpoint on 2-class data is scored with a warning; on 4 or 5 classes it is refused."""
+    data = make_image_folder(tmp_path / "data", {"val": {f"c{index}": 1 for index in range(data_classes)}}, size=8)
+    path = tmp_path / "three.pth.tar"
+    torch.save({"epoch": 0, "arch": "resnet10t", "state_dict": timm.create_model("resnet10t", num_classes=3
+                                                                                 ).state_dict()}, path)
+    argv = [str(data), "--evaluate", "--pretrain_path", str(path), "--img-size", "8", "-b", "2", "-j", "0"]
+    found = train.main(argv)
+    where = f"split 'val' of {data} holds {data_classes} classes"
+    if status:
+        line = _one_error_line(found, status, capsys)
+        missing = "label 3 has" if data_classes == 4 else "labels 3 to 4 have"
+        assert line == f"error: {path} has a 3-class head but {where}: {missing} no output", line
+    else:
+        assert found == 0
+        warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+        assert warnings == [f"{path} has a 3-class head but {where}: its labels 0 to 1 are scored against all 3 "
+                            "outputs; is this the data the checkpoint was trained on?"], warnings
 
 
 @pytest.mark.parametrize("content", ["name,score\nx,1\n", "epoch,top1\nlast,1\n", "\x00\xff\xfe"])

@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -247,3 +248,72 @@ def test_resume_auto_on_a_finished_run_says_so(tmp_path: Path, small_data: Path,
             "--resume", "auto"]
     assert train.main(argv) == 0
     assert "already finished epoch 2 of --epochs 3: nothing to train" in caplog.text
+
+
+def _torchrun(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """train.py on 2 gloo processes under torchrun, in a session of its own (its process group is the launcher's)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={port}", str(REPO_ROOT / "train.py"), *argv]
+    return subprocess.Popen(command, cwd=REPO_ROOT, env={**child_env(), **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _finish(launcher: subprocess.Popen) -> str:
+    try:
+        return launcher.communicate(timeout=300)[0]
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signum", "target"), [(signal.SIGTERM, "launcher"), (signal.SIGINT, "process group")])
+def test_a_stop_signal_under_torchrun_saves_once_and_resumes_bitwise(tmp_path: Path, signum: int,
+                                                                     target: str) -> None:
+    """SIGTERM to torchrun (which forwards it to its workers), or Ctrl-C (SIGINT to the launcher and every worker,
+    each worker receiving it twice): both ranks stop after the same step, rank 0 saves and logs one line, no worker
+    prints a traceback. After the SIGTERM, --resume auto on 2 processes ends bit for bit as the uninterrupted
+    2-process run (the Ctrl-C case stops at the same point through the same code; its resume is not repeated)."""
+    data = make_image_folder(tmp_path / "data", {"train": {"a": 6, "b": 6}, "val": {"a": 1, "b": 1}}, size=8)
+    common = [str(data), *SMALL, "-b", "2", "--epochs", "2", "--output", str(tmp_path)]  # 3 steps per rank, epoch
+    argv = [*common, "--experiment", "run", "--resume", "auto"]
+    marker = tmp_path / "paused"
+    stopped = _torchrun(argv, {ENV_POINT: "train-step:1:1", ENV_ACTION: f"pause:{marker}"})
+    resume = signum == signal.SIGTERM
+    reference = _torchrun([*common, "--experiment", "full"]) if resume else None
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists() and stopped.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert marker.exists(), _finish(stopped)[-4000:]
+        if target == "launcher":
+            os.kill(stopped.pid, signum)
+        else:
+            os.killpg(stopped.pid, signum)
+        output = _finish(stopped)
+    finally:
+        reference_output = _finish(reference) if reference is not None else ""
+    folder = tmp_path / "run"
+    ours = [line for line in output.splitlines() if " WARNING " in line or "KeyboardInterrupt" in line]
+    assert stopped.returncode != 0 and len(ours) == 1, output[-4000:]
+    assert (f"{signal.Signals(signum).name}: stopped after step 1 of 3 of epoch 1; "
+            f"saved {folder / 'interrupted.pth.tar'}") in ours[0], output[-4000:]
+    # the only traceback is torchrun's own: its agent re-raises the signal it forwarded (SignalException)
+    assert output.count("Traceback (most recent call last)") <= output.count("SignalException: Process"), output
+    position = torch.load(folder / "interrupted.pth.tar", weights_only=True)["position"]
+    assert (position["epoch"], position["step"], len(position["ranks"])) == (1, 1, 2)
+    if reference is None:
+        return
+    assert reference.returncode == 0, reference_output[-4000:]
+
+    resumed = _torchrun(argv)
+    output = _finish(resumed)
+    assert resumed.returncode == 0, output[-4000:]
+    assert not (folder / "interrupted.pth.tar").exists()
+    expected = torch.load(tmp_path / "full" / "last.pth.tar", weights_only=True)["state_dict"]
+    found = torch.load(folder / "last.pth.tar", weights_only=True)["state_dict"]
+    assert not [key for key in expected if not torch.equal(expected[key], found[key])]
+    assert _summary_epochs(folder) == [0, 1]

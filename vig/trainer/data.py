@@ -171,7 +171,9 @@ def find_split_folder(root: str, split: str) -> Path:
                                  f"(expected {folder}/<class>/<image>)")
             return folder
     tried = ", ".join(f"{root_path / name}/" for name in candidates)
-    raise UsageError(f"no '{split}' split under {root}: looked for {tried} ({layout})")
+    held = sorted(entry.name for entry in os.scandir(root_path) if entry.is_dir() and not entry.name.startswith("."))
+    holds = f"it holds {', '.join(held)}" if held else "it holds no folders"
+    raise UsageError(f"no '{split}' split under {root}; {holds}: looked for {tried} ({layout})")
 
 
 def require_same_classes(args: argparse.Namespace, train_classes: list[str], val_classes: list[str]) -> None:

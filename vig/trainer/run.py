@@ -61,6 +61,7 @@ from vig.trainer.saver import (CURVES_NAME, LAST_NAME, SUMMARY_NAME, CheckpointS
                                write_args_yaml)
 from vig.trainer.schedule import ONECYCLE_LINEAR, OneCycleLinearScheduler
 from vig.trainer.signals import Interrupted, catch_stop_signals, signal_name, stop_requested
+from vig.trainer.threads import set_cpu_threads
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -214,6 +215,28 @@ def _num_classes(args: argparse.Namespace, classes: list[str]) -> int:
     return args.num_classes
 
 
+def evaluation_classes(args: argparse.Namespace, classes: list[str]) -> int:
+    """The class count of the head that evaluates `classes` (the validation split's class names, index order).
+
+    The checkpoint's count (merged into ``args.num_classes``) or, without one, the data's. A head with
+    fewer outputs than the data has classes is a UsageError; one with more is evaluated (labels 0 .. M - 1
+    against all N outputs) with a warning naming both counts.
+    """
+    head = args.num_classes
+    where = f"split {args.val_split!r} of {args.data_dir}" if args.data_dir else f"split {args.val_split!r}"
+    if head is None:
+        return len(classes)
+    if head < len(classes):
+        missing = f"label {head} has" if len(classes) == head + 1 else f"labels {head} to {len(classes) - 1} have"
+        raise UsageError(f"{args.initial_checkpoint} has a {head}-class head but {where} holds {len(classes)} "
+                         f"classes: {missing} no output")
+    if head > len(classes):
+        _LOGGER.warning("%s has a %d-class head but %s holds %d classes: its labels 0 to %d are scored against "
+                        "all %d outputs; is this the data the checkpoint was trained on?", args.initial_checkpoint,
+                        head, where, len(classes), len(classes) - 1, head)
+    return head
+
+
 def eval_sampler(args: argparse.Namespace, val_set: Any, ctx: DistributedContext,
                  model: nn.Module) -> ShardedEvalSampler | StreamShard:
     """This rank's share of the validation images: in the dataset's order, or, for a model whose predictions
@@ -228,8 +251,11 @@ def evaluate(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any
     """Evaluate --pretrain_path on the validation split; the result dict on the primary rank, else None."""
     checkpoint = apply_checkpoint_settings(args, use_class_count=True)
     val_set, classes = build_dataset(args, args.val_split, is_training=False)
-    model = create_model_from_args(args, _num_classes(args, classes))
+    num_classes = evaluation_classes(args, classes)
+    model = create_model_from_args(args, num_classes)
     load_weights(model, checkpoint, args.initial_checkpoint, use_ema=args.model_ema)
+    if ctx.device.type == "cpu":  # after the checks of the user's input, whose errors stay the only line
+        set_cpu_threads(args.workers)
     config = resolve_preprocessing(args, model)
     device_normalize = device_normalizes(ctx.device)
     val_set.transform = eval_transform(config, device_normalize)
@@ -255,7 +281,7 @@ def evaluate(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any
                  else "")
     graph = describe_graph(model)
     return {"model": args.model, "checkpoint": args.initial_checkpoint, "ema": args.model_ema,
-            "img_size": config.input_size[-1], "num_classes": _num_classes(args, classes),
+            "img_size": config.input_size[-1], "num_classes": num_classes,
             "graph": graph.label, "start_thresh": graph.start_thresh, "dec": graph.dec,
             "tta": args.tta, "top1": stats.top1, "top5": stats.top5, "loss": stats.loss, "count": stats.count,
             "batch_size": args.batch_size, "last_batch_sizes": last_batches,
@@ -713,6 +739,8 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> tuple[nn.Module,
     training = set_up_training(args, ctx)
     resume_training(training, args, ctx)
     prepare_loop(training, args, ctx)
+    if ctx.device.type == "cpu":  # after the checks of the user's input, whose errors stay the only line
+        set_cpu_threads(args.workers)
     num_updates = training.start_epoch * training.updates_per_epoch
     try:
         with catch_stop_signals():
