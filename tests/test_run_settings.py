@@ -238,3 +238,14 @@ def test_checkpoint_settings_make_a_new_config_worded_in_flags_by_the_trainer(tr
                                "vig_ti_224_gelu")
     with pytest.raises(UsageError, match="; drop --model to use the checkpoint's$"):
         vig.trainer.run.apply_checkpoint_settings(given.replace(model={"model": "vig_s_224_gelu"}), True)
+
+
+def test_a_recorded_decrement_without_a_threshold_builds_the_knn_model(tmp_path: Path, trained: Path) -> None:
+    """A checkpoint whose flags record --dec but no --start-thresh (a kNN run) still loads: the decrement is
+    dropped, not refused as the flag alone would be."""
+    state = read_checkpoint(trained / "last.pth.tar")
+    state["args"] = {**state["args"], "start_thresh": None}
+    path = tmp_path / "knn.pth.tar"
+    torch.save(state, path)
+    config, _ = vig.trainer.run.apply_checkpoint_settings(parse_args(["--pretrain_path", str(path)]), True)
+    assert (config.model.start_thresh, config.model.dec, config.model.img_size) == (None, None, 64)

@@ -154,8 +154,10 @@ def apply_checkpoint_settings(config: TrainConfig, use_class_count: bool) -> tup
     if not use_class_count:
         recorded.num_classes = None
     merged = merge_flag_settings(config.model.settings(num_classes=config.data.num_classes), recorded, path)
+    # a decrement without a threshold builds nothing (the kNN graph): not carried, as --dec alone is refused
+    decrement = merged.dec if merged.start_thresh is not None else None
     model = {"model": merged.model or DEFAULT_MODEL, "img_size": merged.img_size,
-             "start_thresh": merged.start_thresh, "dec": merged.dec, "model_kwargs": merged.model_kwargs}
+             "start_thresh": merged.start_thresh, "dec": decrement, "model_kwargs": merged.model_kwargs}
     data = {"num_classes": merged.num_classes} if use_class_count else {}
     return config.replace(model=model, data=data), checkpoint
 
