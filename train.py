@@ -43,8 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging()
     rank = int(os.environ.get("RANK", "0"))
     try:
-        args = parse_args(argv)
-        result = run(args)
+        config = parse_args(argv)
+        result = run(config)
     except UsageError as err:
         if rank == 0:
             fail(None, err)

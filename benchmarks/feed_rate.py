@@ -98,11 +98,11 @@ def source_argv(source: str, folders: dict[str, Path]) -> list[str]:
 
 def measure(data_argv: list[str], device_normalize: bool, batch_size: int, workers: int) -> tuple[float, float]:
     """(images per second the loader delivers after its first batch, images per CPU-second in this process)."""
-    args = parse_train_args([*data_argv, *RECIPE, "-b", str(batch_size)])
+    train_config = parse_train_args([*data_argv, *RECIPE, "-b", str(batch_size)])
     config = DataConfig(input_size=(3, 224, 224), interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN,
                         std=IMAGENET_DEFAULT_STD, crop_pct=0.9)
-    dataset, _ = build_dataset(args, "train", is_training=True)
-    dataset.transform = train_transform(args, config, device_normalize)
+    dataset, _ = build_dataset(train_config.data, "train", is_training=True, seed=train_config.loop.seed)
+    dataset.transform = train_transform(train_config.augmentation, config, device_normalize)
     sampler = StreamShard(dataset) if is_stream(dataset) else ShardedEvalSampler(len(dataset), 1, 0)
     loader = build_loader(dataset, sampler, batch_size, workers, is_training=True, device=torch.device("cpu"))
     batches = iter(loader)

@@ -7,7 +7,6 @@ images; Posterize below 2.5); Pillow < 13 returned a black image there, and so m
 """
 from __future__ import annotations
 
-import argparse
 import random
 from typing import Callable, Iterator, Sequence
 
@@ -23,6 +22,7 @@ from torchvision import transforms as torchvision_transforms
 
 from tests.shared_files import shared_path
 from vig.trainer.cli import parse_args
+from vig.trainer.config import AugmentSection, TrainConfig
 from vig.trainer.data import DataConfig, augment_ops, build_dataset, build_loader, train_transform
 
 # every --aa policy family timm 1.0.31's create_transform accepts: RandAugment with each of its op tables
@@ -44,8 +44,12 @@ def _config(size: int) -> DataConfig:
                       std=IMAGENET_DEFAULT_STD, crop_pct=0.9)
 
 
-def _args(*flags: str) -> argparse.Namespace:
+def _args(*flags: str) -> TrainConfig:
     return parse_args([*PUBLISHED_RECIPE, *flags])
+
+
+def _augmentation(*flags: str) -> AugmentSection:
+    return _args(*flags).augmentation
 
 
 def _table_op_names(policy: str) -> set[str]:
@@ -110,7 +114,7 @@ def cifar_images() -> list[Image.Image]:
 
 def test_the_policies_cover_every_table_of_timm() -> None:
     built = {name for policy in POLICIES for name in (op.name for op in augment_ops(
-        train_transform(_args("--aa", policy), _config(224))))}
+        train_transform(_augmentation("--aa", policy), _config(224))))}
     tables = set().union(*(_table_op_names(policy) for policy in POLICIES))
     assert built == tables
     assert {"PosterizeIncreasing", "Posterize", "PosterizeOriginal"} <= built
@@ -123,7 +127,7 @@ def test_every_op_at_every_magnitude_goes_through_the_training_transform(
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
-    transform = train_transform(_args("--aa", policy), _config(size))
+    transform = train_transform(_augmentation("--aa", policy), _config(size))
     op = _narrowed(transform, name)
     start = (POLICIES.index(policy) * 7 + len(name)) % len(cifar_images)
     failures = _soak(transform, lambda magnitude: setattr(op, "magnitude", magnitude), MAGNITUDES,
@@ -162,7 +166,7 @@ def _keeps_no_bits(op: AugmentOp, magnitude: float) -> bool:
     for magnitude in MAGNITUDES if _keeps_no_bits(AugmentOp(name), magnitude)])
 def test_posterize_keeping_no_bits_gives_the_black_image_of_pillow_before_13(
         policy: str, name: str, magnitude: float, size: int, cifar_images: list[Image.Image]) -> None:
-    transform = train_transform(_args("--aa", policy, "--reprob", "0"), _config(size))
+    transform = train_transform(_augmentation("--aa", policy, "--reprob", "0"), _config(size))
     _narrowed(transform, name).magnitude = magnitude
     mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN), torch.tensor(IMAGENET_DEFAULT_STD)
     black = ((0 - mean) / std)[:, None, None].expand(3, size, size)
@@ -172,7 +176,7 @@ def test_posterize_keeping_no_bits_gives_the_black_image_of_pillow_before_13(
 
 @pytest.mark.parametrize("bits", range(-3, 9))
 def test_guarded_posterize_matches_pillow_before_13_bit_for_bit(bits: int, cifar_images: list[Image.Image]) -> None:
-    transform = train_transform(_args("--aa", "rand-inc0"), _config(32))
+    transform = train_transform(_augmentation("--aa", "rand-inc0"), _config(32))
     op = next(op for op in augment_ops(transform) if op.name == "Posterize")
     # Pillow < 13: ImageOps.posterize maps every channel value v to v & ~(2 ** (8 - bits) - 1)
     mask = ~(2 ** (8 - bits) - 1)
@@ -186,8 +190,8 @@ def test_guarded_posterize_matches_pillow_before_13_bit_for_bit(bits: int, cifar
 def test_published_recipe_transforms_every_training_image_of_the_subset() -> None:
     root = shared_path("data", "cifar10-subset")
     args = _args(str(root), "--train-split", "train")
-    dataset, classes = build_dataset(args, "train", is_training=True)
-    dataset.transform = train_transform(args, _config(224))
+    dataset, classes = build_dataset(args.data, "train", is_training=True)
+    dataset.transform = train_transform(args.augmentation, _config(224))
     # is_training=False keeps the last partial batch, so that every image goes through the transform
     loader = build_loader(dataset, SequentialSampler(dataset), batch_size=100, workers=2, is_training=False,
                           device=torch.device("cpu"))
@@ -206,7 +210,7 @@ TV_RAND_OPS = tuple(torchvision_transforms.RandAugment()._augmentation_space(TV_
 
 @pytest.mark.parametrize("bins", [2, 11, TV_RAND_BINS, 101])
 def test_torchvision_posterize_keeps_at_least_four_bits_so_pillow_13_needs_no_guard(bins: int) -> None:
-    transform = train_transform(_args("--aa", f"tv-rand-m0-b{bins}"), _config(32))
+    transform = train_transform(_augmentation("--aa", f"tv-rand-m0-b{bins}"), _config(32))
     policy = next(step for step in transform.transforms if isinstance(step, torchvision_transforms.RandAugment))
     assert policy.num_magnitude_bins == bins
     bits, _ = policy._augmentation_space(bins, (32, 32))["Posterize"]
@@ -218,7 +222,7 @@ def test_torchvision_posterize_keeps_at_least_four_bits_so_pillow_13_needs_no_gu
 def test_every_torchvision_op_at_every_magnitude_goes_through_the_training_transform(
         name: str, size: int, cifar_images: list[Image.Image]) -> None:
     torch.manual_seed(0)
-    transform = train_transform(_args("--aa", "tv-rand-n1", "--force-color-jitter", "--color-jitter", "0.2"),
+    transform = train_transform(_augmentation("--aa", "tv-rand-n1", "--force-color-jitter", "--color-jitter", "0.2"),
                                 _config(size))
     policy = next(step for step in transform.transforms if isinstance(step, torchvision_transforms.RandAugment))
     space = policy._augmentation_space

@@ -3,7 +3,6 @@ edge targets (hard, soft, mixup with smoothing), gradients, transductive equivar
 checkpoints and backbone weights (local file; a failed download is one line)."""
 from __future__ import annotations
 
-import argparse
 import csv
 import logging
 import re
@@ -251,12 +250,12 @@ class _OtherExtraLoss(torch.nn.Module):
 def test_the_trainer_resolves_the_edge_loss_weight_from_the_models_protocols(model: str, flags: dict,
                                                                               expected: float | str | None) -> None:
     built = {"bgnn": _model, "other": _OtherExtraLoss}.get(model, lambda: timm.create_model(model, num_classes=3))()
-    args = argparse.Namespace(model=model, **{"batch_size": 4, **flags})
+    settings = {"batch_size": 4, **flags}
     if isinstance(expected, str):
         with pytest.raises(UsageError, match=re.escape(expected)):
-            resolve_edge_loss_weight(args, built)
+            resolve_edge_loss_weight(settings["edge_loss_weight"], model, settings["batch_size"], built)
     else:
-        assert resolve_edge_loss_weight(args, built) == expected
+        assert resolve_edge_loss_weight(settings["edge_loss_weight"], model, settings["batch_size"], built) == expected
 
 
 @pytest.mark.parametrize("backbone, width", [("resnet10t", 512), ("mobilenetv3_small_100", 576)])

@@ -19,18 +19,21 @@ def _table_args(tmp_path: Path, epochs: int = 3) -> argparse.Namespace:
 
 @pytest.mark.parametrize("model", sorted(cifar_table.RECIPES))
 def test_every_recipe_parses_as_train_py_flags_with_the_shared_settings(tmp_path: Path, model: str) -> None:
-    args = parse_args(cifar_table.train_argv(_table_args(tmp_path), model, ["--seed", "7"])[1:])
-    assert (args.model, args.epochs, args.batch_size, args.workers, args.seed) == (model, 3, 128, 1, 7)
-    assert (args.train_split, args.val_split, args.experiment) == ("train", "test", f"table-{model}-3ep")
+    flags = parse_args(cifar_table.train_argv(_table_args(tmp_path), model, ["--seed", "7"])[1:]).to_flags()
+    assert (flags["model"], flags["epochs"], flags["batch_size"], flags["workers"], flags["seed"]) == (
+        model, 3, 128, 1, 7)
+    assert (flags["train_split"], flags["val_split"], flags["experiment"]) == ("train", "test", f"table-{model}-3ep")
 
 
 @pytest.mark.parametrize("model", ["convmixer_cifar", "convmixer_xl_cifar"])
 def test_the_convmixer_recipe_is_the_published_one(tmp_path: Path, model: str) -> None:
-    args = parse_args(cifar_table.train_argv(_table_args(tmp_path), model, [])[1:])
-    assert (args.opt, args.lr, args.weight_decay, args.smoothing, args.sched) == (
+    flags = parse_args(cifar_table.train_argv(_table_args(tmp_path), model, [])[1:]).to_flags()
+    assert (flags["opt"], flags["lr"], flags["weight_decay"], flags["smoothing"], flags["sched"]) == (
         "adamw", 0.005, 0.01, 0.0, "onecycle-linear")
-    assert (args.train_crop, args.scale, args.ratio, args.aa) == ("rrc", [0.75, 1.0], [1.0, 1.0], "tv-rand-n2-m12")
-    assert (args.color_jitter, args.force_color_jitter, args.reprob, args.remode) == (0.2, True, 0.2, "const")
+    assert (flags["train_crop"], flags["scale"], flags["ratio"], flags["aa"]) == (
+        "rrc", [0.75, 1.0], [1.0, 1.0], "tv-rand-n2-m12")
+    assert (flags["color_jitter"], flags["force_color_jitter"], flags["reprob"], flags["remode"]) == (
+        0.2, True, 0.2, "const")
 
 
 def test_a_finished_run_is_read_back_not_retrained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

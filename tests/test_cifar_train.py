@@ -39,10 +39,10 @@ TINY_MODEL_KWARGS = ["--model-kwargs", "embed_dim=16", "hidden=16", "heads=2", "
 
 def _transforms(argv: list[str]) -> tuple[list, list]:
     """(training, evaluation) transform steps the trainer builds for these flags."""
-    args = parse_args(argv)
-    model = timm.create_model(args.model, num_classes=10, **args.model_kwargs)
-    config = resolve_preprocessing(args, model)
-    return list(train_transform(args, config).transforms), list(eval_transform(config).transforms)
+    run_config = parse_args(argv)
+    model = timm.create_model(run_config.model.model, num_classes=10, **run_config.model.model_kwargs)
+    config = resolve_preprocessing(run_config.data, run_config.model.img_size, model)
+    return list(train_transform(run_config.augmentation, config).transforms), list(eval_transform(config).transforms)
 
 
 def _random_image(size: int, seed: int = 0) -> Image.Image:
@@ -136,7 +136,7 @@ def test_dataset_download_flag_builds_the_torchvision_cifar10(tmp_path: Path, mo
     # the fake files cannot match torchvision's checksums; accept them as a finished download
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: True)
     args = parse_args([str(tmp_path), "--dataset", "torch/cifar10", "--dataset-download", "--val-split", "test",
-                       "--model", "cnn_gat_cifar"])
+                       "--model", "cnn_gat_cifar"]).data
     train_set, classes = build_dataset(args, args.train_split, is_training=True)
     test_set, _ = build_dataset(args, args.val_split, is_training=False)
     assert isinstance(train_set, torchvision.datasets.CIFAR10) and train_set.train
@@ -152,10 +152,11 @@ def test_failed_download_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest
         raise URLError("[Errno -2] Name or service not known")
 
     monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", no_network)
-    args = parse_args([str(tmp_path), "--dataset", "torch/cifar10", "--dataset-download", "--model", "cnn_gat_cifar"])
+    args = parse_args([str(tmp_path), "--dataset", "torch/cifar10", "--dataset-download",
+                       "--model", "cnn_gat_cifar"]).data
     with pytest.raises(UsageError, match=r"^cannot download torch/cifar10 into .*Name or service not known$"):
         build_dataset(args, "train", is_training=True)
-    args = parse_args([str(tmp_path), "--dataset", "torch/cifar10", "--model", "cnn_gat_cifar"])
+    args = parse_args([str(tmp_path), "--dataset", "torch/cifar10", "--model", "cnn_gat_cifar"]).data
     with pytest.raises(UsageError, match=r"torch/cifar10 not found under .*\(add --dataset-download\)$"):
         build_dataset(args, "train", is_training=True)
 

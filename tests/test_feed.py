@@ -3,7 +3,6 @@ normalisation and random erasing on the device with timm's PrefetchLoader) that 
 the feed-rate benchmark script on a few images."""
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import math
 import random
@@ -18,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from tests.shared_files import shared_path
 from tests.train_helpers import REPO_ROOT
 from vig.trainer.cli import parse_args
+from vig.trainer.config import TrainConfig
 from vig.trainer.data import (DataConfig, ShardedEvalSampler, build_dataset, build_loader, device_normalizes,
                               eval_transform, prefetch_to_device, train_sampler, train_transform)
 from vig.trainer.distributed import DistributedContext
@@ -61,13 +61,13 @@ def _config(size: int) -> DataConfig:
                       std=IMAGENET_DEFAULT_STD, crop_pct=0.9)
 
 
-def _args(*flags: str) -> argparse.Namespace:
+def _args(*flags: str) -> TrainConfig:
     return parse_args([str(shared_path("data", "cifar10-subset")), *RECIPE, *flags])
 
 
 def _images(split: str, count: int) -> Dataset:
     """`count` real CIFAR images of the subset's `split` (every class), as the project's folder dataset."""
-    dataset, _ = build_dataset(_args(), split, is_training=split == "train")
+    dataset, _ = build_dataset(_args().data, split, is_training=split == "train")
     return Subset(dataset, range(0, len(dataset), len(dataset) // count)[:count])
 
 
@@ -97,7 +97,7 @@ def test_device_path_training_batches_are_uint8_then_normalised_and_erased_on_th
     config = _config(size)
     mean = torch.tensor(IMAGENET_DEFAULT_MEAN)[:, None, None] * 255
     std = torch.tensor(IMAGENET_DEFAULT_STD)[:, None, None] * 255
-    loader = _loader(_images("train", 8), train_transform(_args(), config, device_normalize=True), 8,
+    loader = _loader(_images("train", 8), train_transform(_args().augmentation, config, device_normalize=True), 8,
                      is_training=True)
     images, targets = next(iter(loader))
     assert images.dtype == torch.uint8 and images.shape == (8, 3, size, size)
@@ -117,9 +117,9 @@ def test_device_path_training_batches_are_uint8_then_normalised_and_erased_on_th
 def test_mixup_and_a_training_step_work_on_device_normalised_batches() -> None:
     config = _config(32)
     torch.manual_seed(0)
-    loader = prefetch_to_device(
-        _loader(_images("train", 16), train_transform(_args(), config, device_normalize=True), 8, is_training=True),
-        config, CPU, re_prob=0.25, re_mode="pixel")
+    transform = train_transform(_args().augmentation, config, device_normalize=True)
+    loader = prefetch_to_device(_loader(_images("train", 16), transform, 8, is_training=True), config, CPU,
+                                re_prob=0.25, re_mode="pixel")
     mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=10)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -15,9 +15,11 @@ import train
 import vig.trainer.run
 import vig.tools.visualize
 from tests.train_helpers import last_json_line, make_image_folder, run_train
-from vig.checkpoint import read_checkpoint
+from vig.checkpoint import ModelSettings, SettingConflict, merge_settings, read_checkpoint, recorded_settings
+from vig.errors import UsageError
 from vig.tools.visualize import graph_convs
 from vig.tools.visualize import main as visualize_main
+from vig.trainer.cli import parse_args
 
 # a model whose every construction setting differs from the defaults: image size, activation, thresholds
 BUILD = ["--model", "vig_ti_224_gelu", "--img-size", "64", "--model-kwargs", "act=relu",
@@ -216,3 +218,34 @@ def test_evaluate_names_the_graph_the_model_was_built_with(data: Path, trained: 
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     result = _evaluate(data, trained / "last.pth.tar", capsys, "--model-kwargs", "start_thresh=0.7", "dec=0.01")
     assert (result["graph"], result["start_thresh"], result["dec"]) == ("threshold start 0.7 dec 0.01", 0.7, 0.01)
+
+
+def test_checkpoint_settings_make_a_new_config_worded_in_flags_by_the_trainer(trained: Path) -> None:
+    """The checkpoint's recorded settings fill a new config (the parsed one is unchanged); the model layer's
+    conflict names settings, the trainer's message names the flag to drop."""
+    checkpoint_path = str(trained / "last.pth.tar")
+    given = parse_args(["--pretrain_path", checkpoint_path, "--img-size", "32", "--num-classes", "3"])
+    merged, checkpoint = vig.trainer.run.apply_checkpoint_settings(given, use_class_count=True)
+    assert (given.model.model, given.model.start_thresh, given.model.model_kwargs) == (None, None, {})
+    assert (merged.model.model, merged.model.img_size, merged.model.start_thresh, merged.model.dec,
+            merged.model.model_kwargs, merged.data.num_classes) == ("vig_ti_224_gelu", 32, 0.8, 0.02, {"act": "relu"}, 3)
+    assert merged.to_flags() == given.to_flags() | {"model": "vig_ti_224_gelu", "start_thresh": 0.8, "dec": 0.02,
+                                                    "model_kwargs": {"act": "relu"}}
+    recorded = recorded_settings(checkpoint, checkpoint["state_dict"])
+    with pytest.raises(SettingConflict) as info:
+        merge_settings(ModelSettings(model="vig_s_224_gelu"), recorded, checkpoint_path)
+    assert str(info.value) == (f"model vig_s_224_gelu contradicts {checkpoint_path}, which holds a model of "
+                               "vig_ti_224_gelu")
+    with pytest.raises(UsageError, match="; drop --model to use the checkpoint's$"):
+        vig.trainer.run.apply_checkpoint_settings(given.replace(model={"model": "vig_s_224_gelu"}), True)
+
+
+def test_a_recorded_decrement_without_a_threshold_builds_the_knn_model(tmp_path: Path, trained: Path) -> None:
+    """A checkpoint whose flags record --dec but no --start-thresh (a kNN run) still loads: the decrement is
+    dropped, not refused as the flag alone would be."""
+    state = read_checkpoint(trained / "last.pth.tar")
+    state["args"] = {**state["args"], "start_thresh": None}
+    path = tmp_path / "knn.pth.tar"
+    torch.save(state, path)
+    config, _ = vig.trainer.run.apply_checkpoint_settings(parse_args(["--pretrain_path", str(path)]), True)
+    assert (config.model.start_thresh, config.model.dec, config.model.img_size) == (None, None, 64)

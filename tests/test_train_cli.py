@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import shlex
 import shutil
@@ -13,8 +14,9 @@ import yaml
 import train
 from tests.shared_files import shared_path
 from tests.train_helpers import make_image_folder, run_train
-from vig.trainer.cli import parse_args
 from vig.errors import UsageError
+from vig.trainer.cli import build_parser, parse_args
+from vig.trainer.config import TrainConfig
 from vig.trainer.saver import write_args_yaml
 
 TRAIN_RECIPE = (
@@ -30,32 +32,36 @@ EVAL_RECIPE = (
 
 
 def test_training_recipe_flags_keep_their_meaning() -> None:
-    args = parse_args(shlex.split(TRAIN_RECIPE) + ["--local-rank=3"])
-    assert (args.data_dir, args.model, args.sched, args.epochs, args.opt) == (
+    flags = parse_args(shlex.split(TRAIN_RECIPE) + ["--local-rank=3"]).to_flags()
+    assert (flags["data_dir"], flags["model"], flags["sched"], flags["epochs"], flags["opt"]) == (
         "/data/imagenet", "vig_ti_224_gelu", "cosine", 300, "adamw")
-    assert (args.workers, args.batch_size, args.lr, args.warmup_lr, args.warmup_epochs) == (8, 128, 2e-3, 1e-6, 20)
-    assert (args.mixup, args.cutmix, args.model_ema, args.model_ema_decay) == (0.8, 1.0, True, 0.99996)
-    assert (args.aa, args.color_jitter, args.opt_eps, args.repeated_aug) == ("rand-m9-mstd0.5-inc1", 0.4, 1e-8, True)
-    assert (args.remode, args.reprob, args.amp, args.weight_decay) == ("pixel", 0.25, True, 0.05)
-    assert (args.drop, args.drop_path, args.output, args.start_thresh, args.dec) == (0.0, 0.1, "/tmp/out", 0.9, 0.01)
-    assert args.local_rank == 3
+    assert (flags["workers"], flags["batch_size"], flags["lr"], flags["warmup_lr"], flags["warmup_epochs"]) == (
+        8, 128, 2e-3, 1e-6, 20)
+    assert (flags["mixup"], flags["cutmix"], flags["model_ema"], flags["model_ema_decay"]) == (0.8, 1.0, True, 0.99996)
+    assert (flags["aa"], flags["color_jitter"], flags["opt_eps"], flags["repeated_aug"]) == (
+        "rand-m9-mstd0.5-inc1", 0.4, 1e-8, True)
+    assert (flags["remode"], flags["reprob"], flags["amp"], flags["weight_decay"]) == ("pixel", 0.25, True, 0.05)
+    assert (flags["drop"], flags["drop_path"], flags["output"], flags["start_thresh"], flags["dec"]) == (
+        0.0, 0.1, "/tmp/out", 0.9, 0.01)
+    assert flags["local_rank"] == 3
 
 
 def test_evaluation_recipe_flags_keep_their_meaning(tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt.pth.tar"
     ckpt.write_bytes(b"x")
-    args = parse_args(shlex.split(EVAL_RECIPE.format(ckpt=ckpt)) + ["--local_rank", "1"])
-    assert args.evaluate and args.model_ema and args.initial_checkpoint == str(ckpt)
-    assert (args.num_classes, args.start_thresh, args.dec, args.local_rank) == (1000, 0.9, 0.01, 1)
+    flags = parse_args(shlex.split(EVAL_RECIPE.format(ckpt=ckpt)) + ["--local_rank", "1"]).to_flags()
+    assert flags["evaluate"] and flags["model_ema"] and flags["initial_checkpoint"] == str(ckpt)
+    assert (flags["num_classes"], flags["start_thresh"], flags["dec"], flags["local_rank"]) == (1000, 0.9, 0.01, 1)
 
 
 def test_config_file_sets_defaults_and_flags_win(tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"lr": 0.5, "batch-size": 16, "model_kwargs": {"k": 3},
                                       "mean": [0.1, 0.2, 0.3], "clip_mode": "value", "amp": True}))
-    args = parse_args(["-c", str(config), "--lr", "0.25", "--mean", "0.4", "0.5", "0.6", "--clip-mode", "agc"])
-    assert (args.lr, args.batch_size, args.model_kwargs) == (0.25, 16, {"k": 3})
-    assert (args.mean, args.clip_mode, args.amp) == ([0.4, 0.5, 0.6], "agc", True)
+    flags = parse_args(["-c", str(config), "--lr", "0.25", "--mean", "0.4", "0.5", "0.6",
+                        "--clip-mode", "agc"]).to_flags()
+    assert (flags["lr"], flags["batch_size"], flags["model_kwargs"]) == (0.25, 16, {"k": 3})
+    assert (flags["mean"], flags["clip_mode"], flags["amp"]) == ([0.4, 0.5, 0.6], "agc", True)
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
@@ -101,7 +107,7 @@ def test_bad_config_values_are_one_line_usage_errors(tmp_path: Path, key: str, v
 def test_config_values_convert_as_flags_do(tmp_path: Path, key: str, value: object, expected: object) -> None:
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({key: value}))
-    assert getattr(parse_args(["-c", str(config)]), key) == expected
+    assert parse_args(["-c", str(config)]).to_flags()[key] == expected
 
 
 @pytest.mark.parametrize("argv", [
@@ -112,15 +118,16 @@ def test_config_values_convert_as_flags_do(tmp_path: Path, key: str, value: obje
 ])
 def test_args_yaml_of_a_run_loads_back_with_c(tmp_path: Path, argv: str) -> None:
     """args.yaml as a run writes it (vig.trainer.saver.write_args_yaml) gives the same arguments through -c."""
-    args = parse_args(shlex.split(argv))
-    write_args_yaml(tmp_path, vars(args))
+    config = parse_args(shlex.split(argv))
+    write_args_yaml(tmp_path, config.to_flags())
     again = parse_args(["-c", str(tmp_path / "args.yaml")])
-    assert vars(again) == vars(args) | {"config": str(tmp_path / "args.yaml")}
+    assert again == dataclasses.replace(config, config=str(tmp_path / "args.yaml"))
+    assert again.to_flags() == config.to_flags() | {"config": str(tmp_path / "args.yaml")}
 
 
 def test_model_kwargs_are_parsed_as_literals() -> None:
-    args = parse_args(["--model-kwargs", "channels=32", "act=gelu", "scale=0.5", "flag=True"])
-    assert args.model_kwargs == {"channels": 32, "act": "gelu", "scale": 0.5, "flag": True}
+    model = parse_args(["--model-kwargs", "channels=32", "act=gelu", "scale=0.5", "flag=True"]).model
+    assert model.model_kwargs == {"channels": 32, "act": "gelu", "scale": 0.5, "flag": True}
 
 
 @pytest.mark.parametrize(
@@ -230,9 +237,9 @@ def test_recipe_optimizer_decays_only_weights() -> None:
 
     from vig.trainer.run import _optimizer
 
-    args = parse_args(shlex.split(TRAIN_RECIPE))
+    config = parse_args(shlex.split(TRAIN_RECIPE))
     model = timm.create_model("vig_ti_224_gelu")
-    optimizer = _optimizer(args, model)
+    optimizer = _optimizer(config.optimiser, model, "vig_ti_224_gelu")
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     undecayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
@@ -274,3 +281,36 @@ def test_convmixer_recipe_flags_train_one_epoch_on_real_images(tmp_path: Path) -
     with open(tmp_path / "out" / "recipe" / "summary.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["epoch"] for row in rows] == ["0"] and math.isfinite(float(rows[0]["train_loss"]))
+
+
+def test_config_sections_hold_every_flag_once_and_serialise_back() -> None:
+    """to_flags gives every flag destination of the parser (args.yaml / a checkpoint's args keep their keys);
+    from_flags reads it back to an equal config; the config and its sections are frozen."""
+    dests = {action.dest for action in build_parser()._actions if action.dest != "help"}
+    config = parse_args(shlex.split(TRAIN_RECIPE))
+    assert set(config.to_flags()) == dests
+    assert TrainConfig.from_flags(config.to_flags()) == config
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.optimiser.lr = 1.0  # type: ignore[misc]
+    with pytest.raises(UsageError, match="unknown settings: learning_rate"):
+        TrainConfig.from_flags({"learning_rate": 0.1})
+
+
+def test_alias_flags_fold_into_the_settings_and_stay_recorded(tmp_path: Path) -> None:
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"x")
+    config = parse_args(["--data-dir", "/d", "--input-size", "3", "48", "48", "--repeated-aug",
+                         "--pretrained-path", str(weights)])
+    assert (config.data.data_dir, config.model.img_size, config.data.aug_repeats, config.model.pretrained) == (
+        "/d", 48, 3, True)
+    flags = config.to_flags()
+    assert (flags["data_dir_option"], flags["input_size"], flags["repeated_aug"]) == ("/d", [3, 48, 48], True)
+    assert config.replace(model={"model": "resnet10t"}).model.img_size == 48
+
+
+def test_pretrained_path_and_initial_checkpoint_are_one_source_of_weights_too(tmp_path: Path) -> None:
+    """--pretrained-path implies --pretrained, so it excludes --initial-checkpoint as --pretrained does."""
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"x")
+    with pytest.raises(UsageError, match="both give starting weights; give one"):
+        parse_args(["--pretrained-path", str(weights), "--initial-checkpoint", str(weights)])

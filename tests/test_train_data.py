@@ -1,7 +1,6 @@
 """Data pieces of the trainer: sharding, repeated augmentation, split fallback, synthetic set; saver files."""
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 from collections import Counter
@@ -60,7 +59,7 @@ def test_batch_dependent_models_evaluate_class_sorted_folders_in_mixed_batches(m
                                                                                mixes_classes: bool) -> None:
     test_set = ImageFolder(str(shared_path("data", "cifar10-subset", "test")))
     built = timm.create_model(model, num_classes=10, **kwargs)
-    sampler = eval_sampler(argparse.Namespace(model=model, seed=42), test_set, _ctx(0, 1), built)
+    sampler = eval_sampler(42, test_set, _ctx(0, 1), built)
     first_batch = list(sampler)[:64]
     classes = {test_set.targets[i] for i in first_batch}
     assert (len(classes) >= 8) == mixes_classes
@@ -173,7 +172,7 @@ RECIPE_TRANSFORM = ["--train-crop", "rrc", "--scale", "0.75", "1", "--ratio", "1
 def test_training_crop_policy_jitter_and_erasing_follow_the_flags(
         argv: list[str], size: int, crop: tuple, tv_rand: tuple | None, jitter: float | None,
         erasing: tuple | None) -> None:
-    transform = train_transform(parse_args(argv), _cifar_config(size))
+    transform = train_transform(parse_args(argv).augmentation, _cifar_config(size))
     steps = list(transform.transforms)
     kind, scale, ratio = crop
     if kind == "pad":
@@ -218,9 +217,9 @@ def test_training_crop_policy_jitter_and_erasing_follow_the_flags(
     ],
 )
 def test_contradictory_crop_flags_are_one_line_errors(argv: list[str], size: int, message: str) -> None:
-    args = parse_args(argv)
+    augmentation = parse_args(argv).augmentation
     with pytest.raises(UsageError) as info:
-        train_transform(args, _cifar_config(size))
+        train_transform(augmentation, _cifar_config(size))
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
@@ -228,7 +227,7 @@ def test_contradictory_crop_flags_are_one_line_errors(argv: list[str], size: int
 def test_the_padded_crop_takes_images_smaller_than_the_crop(side: int) -> None:
     """A 1 x 1 image crashed RandomCrop(32, padding=4) in a loader worker; now it is zero-padded up to the crop,
     and a 32-px image gets the same crop as before (the same generator state)."""
-    transform = train_transform(parse_args(["--reprob", "0"]), _cifar_config(32))
+    transform = train_transform(parse_args(["--reprob", "0"]).augmentation, _cifar_config(32))
     image = _real_image().resize((side, side))
     torch.manual_seed(0)
     out = transform(image)

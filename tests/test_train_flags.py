@@ -18,7 +18,7 @@ from tests.shared_files import shared_path
 from tests.test_train_distributed import _launcher
 from tests.train_helpers import REPO_ROOT, child_env, make_image_folder
 from vig.trainer.cli import parse_args
-from vig.trainer.run import _loss_and_mixup, _optimizer, create_model_from_args, resolve_lr
+from vig.trainer.run import _loss_and_mixup, _optimizer, build_model, resolve_lr
 
 pytestmark = pytest.mark.slow
 
@@ -140,8 +140,8 @@ def test_distillation_trains_the_student_and_saves_it_alone(tmp_path: Path, cifa
     state = torch.load(tmp_path / "kd" / "last.pth.tar", weights_only=True)
     assert not any(key.startswith(("teacher", "model.")) for key in state["state_dict"])
     # the same student built without distillation has exactly these weights: the teacher is not saved
-    args = parse_args([str(cifar), *student, "--img-size", "32"])
-    assert set(state["state_dict"]) == set(create_model_from_args(args, 10).state_dict())
+    config = parse_args([str(cifar), *student, "--img-size", "32"])
+    assert set(state["state_dict"]) == set(build_model(config.model, 10).state_dict())
     # convmixer's 16 pre-logit features against test_vit's 64: feature KD trains a projection, saved beside
     assert ("kd_projection" in state) == ("feature" in extra)
     torch.testing.assert_close(torch.load(teacher, weights_only=True)["state_dict"], teacher_before)
@@ -160,11 +160,11 @@ def test_token_distillation_needs_a_distillation_head(tmp_path: Path, cifar: Pat
 def test_pretrained_path_loads_through_timm_and_resets_a_head_of_another_class_count(cifar: Path,
                                                                                      teacher: Path) -> None:
     saved = torch.load(teacher, weights_only=True)["state_dict"]
-    same = create_model_from_args(parse_args([str(cifar), "--model", "test_vit", "--img-size", "32",
-                                              "--pretrained-path", str(teacher)]), 10).state_dict()
+    same = build_model(parse_args([str(cifar), "--model", "test_vit", "--img-size", "32",
+                                   "--pretrained-path", str(teacher)]).model, 10).state_dict()
     torch.testing.assert_close(same, saved, rtol=0, atol=0)
-    other = create_model_from_args(parse_args([str(cifar), "--model", "test_vit", "--img-size", "32",
-                                               "--pretrained-path", str(teacher)]), 7).state_dict()
+    other = build_model(parse_args([str(cifar), "--model", "test_vit", "--img-size", "32",
+                                    "--pretrained-path", str(teacher)]).model, 7).state_dict()
     assert other["head.weight"].shape == (7, 64)
     torch.testing.assert_close({key: value for key, value in other.items() if not key.startswith("head.")},
                                {key: value for key, value in saved.items() if not key.startswith("head.")},
@@ -173,17 +173,20 @@ def test_pretrained_path_loads_through_timm_and_resets_a_head_of_another_class_c
 
 def test_lr_base_rule_loss_and_layer_decay_follow_timm(cifar: Path) -> None:
     base = [str(cifar), "--model", "test_vit", "--img-size", "32", "-b", "8", "--lr-base", "0.1"]
-    assert resolve_lr(parse_args(base), 2) == pytest.approx(0.1 * (16 / 256) ** 0.5)  # adamw: sqrt
-    assert resolve_lr(parse_args([*base, "--opt", "sgd", "--grad-accum-steps", "4"]), 2) == pytest.approx(
-        0.1 * 64 / 256)
-    assert resolve_lr(parse_args([*base, "--lr-base-scale", "linear", "--lr-base-size", "8"]), 1) == pytest.approx(0.1)
-    assert resolve_lr(parse_args([*base, "--lr", "0.02"]), 2) == 0.02
-    assert resolve_lr(parse_args(base[:-2]), 1) == 1e-3
-    loss, _ = _loss_and_mixup(parse_args([*base, "--bce-loss", "--bce-target-thresh", "0.2"]), 10)
+
+    def lr(argv: list[str], world_size: int) -> float:
+        return resolve_lr(parse_args(argv).optimiser, 8, world_size)
+
+    assert lr(base, 2) == pytest.approx(0.1 * (16 / 256) ** 0.5)  # adamw: sqrt
+    assert lr([*base, "--opt", "sgd", "--grad-accum-steps", "4"], 2) == pytest.approx(0.1 * 64 / 256)
+    assert lr([*base, "--lr-base-scale", "linear", "--lr-base-size", "8"], 1) == pytest.approx(0.1)
+    assert lr([*base, "--lr", "0.02"], 2) == 0.02
+    assert lr(base[:-2], 1) == 1e-3
+    loss, _ = _loss_and_mixup(parse_args([*base, "--bce-loss", "--bce-target-thresh", "0.2"]).augmentation, 10)
     assert isinstance(loss, BinaryCrossEntropy) and loss.target_threshold == 0.2
-    args = parse_args([*base, "--lr", "1", "--layer-decay", "0.5"])
-    model = create_model_from_args(args, 10)
-    scales = sorted({group["lr_scale"] for group in _optimizer(args, model).param_groups})
+    config = parse_args([*base, "--lr", "1", "--layer-decay", "0.5"])
+    model = build_model(config.model, 10)
+    scales = sorted({group["lr_scale"] for group in _optimizer(config.optimiser, model, "test_vit").param_groups})
     layers = len(model.blocks) + 2  # stem, blocks, head (timm's group_matcher layers)
     assert scales == pytest.approx([0.5 ** depth for depth in reversed(range(layers))])
 
@@ -256,11 +259,12 @@ def test_teacher_sees_the_batch_in_its_own_normalisation(cifar: Path, teacher: P
     from vig.trainer.data import resolve_preprocessing
     from vig.trainer.distill import build_distillation_task, build_teacher
 
-    args = parse_args([str(cifar), "--model", "convmixer_cifar", "--model-kwargs", "dim=16", "depth=2", *KD_COMMON,
-                       "--kd-pretrained-path", str(teacher)])
-    student = create_model_from_args(args, 10)
-    config = resolve_preprocessing(args, student)
-    task = build_distillation_task(args, student, build_teacher(args, 10, torch.device("cpu"), None),
+    run_config = parse_args([str(cifar), "--model", "convmixer_cifar", "--model-kwargs", "dim=16", "depth=2",
+                             *KD_COMMON, "--kd-pretrained-path", str(teacher)])
+    student = build_model(run_config.model, 10)
+    config = resolve_preprocessing(run_config.data, run_config.model.img_size, student)
+    distill = run_config.distill
+    task = build_distillation_task(distill, student, build_teacher(distill, 10, torch.device("cpu"), None),
                                    torch.nn.CrossEntropyLoss(), config.mean, config.std, torch.device("cpu"), None,
                                    verbose=False)
     raw = torch.rand(2, 3, 32, 32, dtype=torch.float64)

@@ -88,19 +88,20 @@ def test_resume_continues_epochs_optimizer_scheduler_and_ema(tmp_path: Path) -> 
 def _expected_eval(data: Path, argv: list[str]) -> tuple[float, int]:
     """Mean cross-entropy and top-1 hits computed directly with vig.load_checkpoint (float32); thresholds
     from the flags, else the ones the checkpoint's training flags record."""
-    args = parse_args(argv)
-    recorded = vig.read_checkpoint(args.initial_checkpoint)["args"]
-    thresholds = (args.start_thresh, args.dec) if args.start_thresh else (recorded.start_thresh, recorded.dec)
-    dataset, _ = build_dataset(args, "val", is_training=False)
+    config = parse_args(argv)
+    given = config.model
+    recorded = vig.read_checkpoint(given.initial_checkpoint)["args"]
+    thresholds = (given.start_thresh, given.dec) if given.start_thresh else (recorded.start_thresh, recorded.dec)
+    dataset, _ = build_dataset(config.data, "val", is_training=False)
     model = timm.create_model("vig_ti_224_gelu", num_classes=1000, start_thresh=thresholds[0], dec=thresholds[1])
-    vig.load_checkpoint(model, args.initial_checkpoint, use_ema=args.model_ema)
+    vig.load_checkpoint(model, given.initial_checkpoint, use_ema=given.model_ema)
     model.eval()
-    dataset.transform = eval_transform(resolve_preprocessing(args, model))
+    dataset.transform = eval_transform(resolve_preprocessing(config.data, given.img_size, model))
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     targets = torch.tensor([dataset[i][1] for i in range(len(dataset))])
     with torch.no_grad():
         logits = model(images)
-        if args.tta:
+        if config.loop.tta:
             logits = (logits + model(images.flip(3))) / 2
     return F.cross_entropy(logits, targets).item(), int((logits.argmax(1) == targets).sum())
 

@@ -12,7 +12,6 @@ number of no_sync entries (backward passes without gradient all-reduce).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -26,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 import train
 from vig.models import batch_graph
 from vig.trainer import run as trainer_run
+from vig.trainer.config import ModelSection, TrainConfig
 from vig.trainer.distributed import DistributedContext
 
 
@@ -37,7 +37,7 @@ def main(out_dir: Path, train_argv: list[str]) -> int:
         seen["no_sync"] += 1
         return no_sync(self)
 
-    create_model = trainer_run.create_model_from_args
+    build_model = trainer_run.build_model
     train_loop = trainer_run.train
     edge_targets = batch_graph.edge_targets
 
@@ -46,19 +46,19 @@ def main(out_dir: Path, train_argv: list[str]) -> int:
         seen["edge_targets"].append((targets.detach().clone(), edge.detach().clone()))
         return edge
 
-    def watched_create_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
-        model = create_model(args, num_classes)
+    def watched_build_model(settings: ModelSection, num_classes: int) -> nn.Module:
+        model = build_model(settings, num_classes)
         seen["initial"] = copy.deepcopy(model.state_dict())
         return model
 
-    def watched_train(args: argparse.Namespace, ctx: DistributedContext) -> tuple[nn.Module, nn.Module | None]:
-        model, model_ema = train_loop(args, ctx)
+    def watched_train(config: TrainConfig, ctx: DistributedContext) -> tuple[nn.Module, nn.Module | None]:
+        model, model_ema = train_loop(config, ctx)
         seen["model"] = model.state_dict()
         seen["ema"] = model_ema.state_dict() if model_ema is not None else None
         return model, model_ema
 
     DistributedDataParallel.no_sync = watched_no_sync
-    trainer_run.create_model_from_args = watched_create_model
+    trainer_run.build_model = watched_build_model
     trainer_run.train = watched_train
     batch_graph.edge_targets = watched_edge_targets
     status = train.main(train_argv)

@@ -334,31 +334,58 @@ def recorded_settings(checkpoint: dict[str, Any], state_dict: dict[str, torch.Te
     )
 
 
+@dataclass(frozen=True)
+class SettingOverride:
+    """A setting given for the weights of ``source`` that differs from the one the checkpoint records
+    (``key``: the entry of ``model_kwargs``, else None)."""
+
+    name: str
+    given: Any
+    recorded: Any
+    source: str
+    key: str | None = None
+
+
+class SettingConflict(CheckpointError):
+    """A given model name or class count that contradicts the checkpoint: its weights cannot fit."""
+
+    def __init__(self, conflict: SettingOverride) -> None:
+        self.conflict = conflict
+        super().__init__(f"{conflict.name} {conflict.given} contradicts {conflict.source}, which holds a "
+                         f"{conflict.name.replace('_', ' ')} of {conflict.recorded}")
+
+
+def setting_overrides(given: ModelSettings, recorded: ModelSettings, source: str) -> list[SettingOverride]:
+    """The settings of ``given`` that are set and differ from ``recorded`` (the checkpoint ``source``'s),
+    in `SETTING_NAMES` order, then the differing ``model_kwargs`` entries."""
+    differing = [SettingOverride(name, getattr(given, name), getattr(recorded, name), source)
+                 for name in SETTING_NAMES
+                 if None not in (getattr(given, name), getattr(recorded, name))
+                 and getattr(given, name) != getattr(recorded, name)]
+    differing.extend(SettingOverride("model_kwargs", value, recorded.model_kwargs[key], source, key)
+                     for key, value in given.model_kwargs.items()
+                     if key in recorded.model_kwargs and recorded.model_kwargs[key] != value)
+    return differing
+
+
 def merge_settings(given: ModelSettings, recorded: ModelSettings, source: str) -> ModelSettings:
-    """The settings to build a model for the weights of ``source``: each one from ``given`` (flags) where set,
+    """The settings to build a model for the weights of ``source``: each one from ``given`` where set,
     else from ``recorded`` (the checkpoint, see `recorded_settings`).
 
-    A flag that contradicts the checkpoint: ``model`` and ``num_classes`` are errors (the weights
-    cannot fit another architecture or classifier); ``img_size``, ``start_thresh``, ``dec`` and each
-    ``model_kwargs`` key win with a logged warning (evaluating at another resolution or threshold is
-    a legitimate experiment). The class count of the checkpoint also applies when ``given`` has none.
+    A given ``model`` or ``num_classes`` that contradicts the checkpoint is an error (the weights cannot
+    fit another architecture or classifier); ``img_size``, ``start_thresh``, ``dec`` and each
+    ``model_kwargs`` key win (evaluating at another resolution or threshold is a legitimate
+    experiment; `setting_overrides` lists them, for the caller to report). The class count of the
+    checkpoint also applies when ``given`` has none.
 
     Raises:
-        CheckpointError: ``model`` or ``num_classes`` contradicts the checkpoint (one line naming both).
+        SettingConflict: ``model`` or ``num_classes`` contradicts the checkpoint (one line naming both).
     """
-    merged = ModelSettings(model_kwargs=dict(recorded.model_kwargs))
+    for difference in setting_overrides(given, recorded, source):
+        if difference.name in _BINDING_SETTINGS:
+            raise SettingConflict(difference)
+    merged = ModelSettings(model_kwargs={**recorded.model_kwargs, **given.model_kwargs})
     for name in SETTING_NAMES:
-        flag, saved = getattr(given, name), getattr(recorded, name)
-        if flag is not None and saved is not None and flag != saved:
-            option = f"--{name.replace('_', '-')}"
-            if name in _BINDING_SETTINGS:
-                raise CheckpointError(f"{option} {flag} contradicts {source}, which holds a {name.replace('_', ' ')} "
-                                      f"of {saved}; drop {option} to use the checkpoint's")
-            _logger.warning("%s %s overrides %s of %s (trained with %s)", option, flag, name, source, saved)
-        setattr(merged, name, flag if flag is not None else saved)
-    for key, value in given.model_kwargs.items():
-        if key in recorded.model_kwargs and recorded.model_kwargs[key] != value:
-            _logger.warning("--model-kwargs %s=%r overrides %s of %s (trained with %r)", key, value, key, source,
-                            recorded.model_kwargs[key])
-        merged.model_kwargs[key] = value
+        flag = getattr(given, name)
+        setattr(merged, name, flag if flag is not None else getattr(recorded, name))
     return merged

@@ -25,9 +25,11 @@ import torch
 
 import gcn_lib
 from gcn_lib import DynConv2d, interleave_channels
+from vig.checkpoint import ModelSettings
 from vig.console import OneLineErrorParser, fail, format_table, require_model
 from vig.errors import UsageError
 from vig.graph_info import describe_graph
+from vig.models.factory import create_model
 from vig.models.isotropic import SVIG_DEC
 
 PROG = "vig-benchmark"
@@ -81,10 +83,10 @@ def benchmark_model(args: argparse.Namespace, name: str, device: torch.device) -
     """Train-step and inference rows for one model."""
     # models that take any input size are built as they are; --img-size then only sets the input
     sized = args.img_size and timm.models.get_pretrained_cfg(name).fixed_input_size
-    kwargs = {"img_size": args.img_size} if sized else {}
-    if args.start_thresh is not None:
-        kwargs.update(start_thresh=args.start_thresh, dec=args.dec)
-    model = timm.create_model(name, **kwargs).to(device)
+    threshold = args.start_thresh is not None
+    settings = ModelSettings(model=name, img_size=args.img_size if sized else None, start_thresh=args.start_thresh,
+                             dec=args.dec if threshold else None)
+    model = create_model(settings).to(device)
     size = args.img_size or model.pretrained_cfg["input_size"][-1]
     if args.no_graph:
         _LOGGER.info("replaced the aggregation of %d graph convolutions by zeros", remove_graph(model))

@@ -8,25 +8,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
-import timm
-
+from vig.checkpoint import ModelSettings
 from vig.complexity import count_macs, count_parameters
 from vig.console import OneLineErrorParser, fail, format_table, require_model
 from vig.errors import UsageError
 from vig.graph_info import describe_graph
+from vig.models.factory import create_model
 
 PROG = "vig-macs"
-
-
-def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {}
-    for name in ("start_thresh", "dec", "img_size", "num_classes"):
-        value = getattr(args, name)
-        if value is not None:
-            kwargs[name] = value
-    return kwargs
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,7 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         return fail(PROG, error)
     try:
-        model = timm.create_model(args.model, **_model_kwargs(args))
+        model = create_model(ModelSettings(model=args.model, img_size=args.img_size, num_classes=args.num_classes,
+                                           start_thresh=args.start_thresh, dec=args.dec))
     except (TypeError, ValueError) as error:
         return fail(PROG, f"cannot build {args.model}: {error}")
     img_size = args.img_size or model.pretrained_cfg["input_size"][-1]

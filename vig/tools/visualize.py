@@ -29,10 +29,11 @@ from timm.data import create_transform, resolve_data_config
 from torch import nn
 
 from gcn_lib import DynConv2d, reduced_keys
-from vig.checkpoint import (ModelSettings, extract_state_dict, load_state_dict_into, merge_settings, read_checkpoint,
-                            recorded_settings)
+from vig.checkpoint import ModelSettings, extract_state_dict, load_state_dict_into, read_checkpoint, recorded_settings
 from vig.console import OneLineErrorParser, fail
 from vig.graph_info import describe_conv
+from vig.models.factory import create_model
+from vig.trainer.cli import merge_flag_settings
 
 PROG = "vig-visualize"
 GRAPH_CHOICES: tuple[str, ...] = ("knn", "threshold", "both")
@@ -283,7 +284,7 @@ def resolve_settings(given: ModelSettings,
     """The settings to build the model with, and the checkpoint's weights (None without a checkpoint).
 
     Settings the flags leave open come from the checkpoint's recorded training flags (model, image
-    size, class count, thresholds, model kwargs; `vig.checkpoint.merge_settings`), so a checkpoint
+    size, class count, thresholds, model kwargs; `vig.trainer.cli.merge_flag_settings`), so a checkpoint
     of any class count or input size loads without repeating its training flags.
     """
     if checkpoint is None:
@@ -292,7 +293,7 @@ def resolve_settings(given: ModelSettings,
         return given, None
     state = read_checkpoint(checkpoint)
     weights, _ = extract_state_dict(state, source=str(checkpoint))
-    merged = merge_settings(given, recorded_settings(state, weights, model_name=given.model), str(checkpoint))
+    merged = merge_flag_settings(given, recorded_settings(state, weights, model_name=given.model), str(checkpoint))
     if merged.model is None:
         raise ValueError(f"{checkpoint} does not name its model; give --model")
     return merged, weights
@@ -306,9 +307,7 @@ def build_model(settings: ModelSettings, weights: dict[str, torch.Tensor] | None
     if name is None or not timm.is_model(name):
         known = ", ".join(timm.list_models("*vig_*"))
         raise ValueError(f"unknown model {name!r}" + (f" (registered: {known})" if known else ""))
-    options = {key: getattr(settings, key) for key in ("start_thresh", "dec", "img_size", "num_classes")
-               if getattr(settings, key) is not None}
-    model = timm.create_model(name, pretrained=False, **{**settings.model_kwargs, **options})
+    model = create_model(settings)
     if weights is not None:
         load_state_dict_into(model, weights, source, "weights")
     return model.eval()

@@ -2,31 +2,30 @@
 
 Flag names and meanings follow timm's published training script (README "timm train.py flags" lists
 where they differ), plus the ViG/SViG additions (`--pretrain_path`, `--start-thresh`, `--dec`,
-`--repeated-aug`, `--tta`) and `--kd-pretrained-path` / `--log-tensorboard`. Every user mistake found
-here raises `UsageError` with a one-line message.
+`--repeated-aug`, `--tta`) and `--kd-pretrained-path` / `--log-tensorboard`. `parse_args` returns the
+typed `vig.trainer.config.TrainConfig`, whose sections check the values; every user mistake found
+here or there raises `UsageError` with a one-line message.
 """
 from __future__ import annotations
 
 import argparse
 import ast
-import math
-import os
-from pathlib import Path
+import logging
 from typing import Any, Sequence
 
 import yaml
-from timm.data import auto_augment
 
+from vig.checkpoint import ModelSettings, SettingConflict, SettingOverride, merge_settings, setting_overrides
 from vig.console import OneLineErrorParser
 from vig.errors import UsageError
-from vig.trainer.data import (REPEATED_AUG_REPEATS, SYNTHETIC_DATASET, TRAIN_CROPS, TV_RAND_PREFIX, is_tv_rand_policy,
-                              tv_rand_augment)
+from vig.trainer.config import TIMM_SCHEDULES, TrainConfig
+from vig.trainer.data import TRAIN_CROPS, TV_RAND_PREFIX
 from vig.trainer.schedule import ONECYCLE_LINEAR
+
+_LOGGER = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "vig_ti_224_gelu"
 DEFAULT_LR = 1e-3
-# the names timm.scheduler.create_scheduler_v2 builds (timm 1.0)
-TIMM_SCHEDULES = ("cosine", "tanh", "step", "constant", "multistep", "plateau", "poly", "wsd", "rsqrt")
 
 
 def _parse_model_kwargs(items: Sequence[str]) -> dict[str, Any]:
@@ -332,158 +331,49 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, An
     return defaults
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse flags (after applying `-c config.yaml` defaults) and validate them."""
+def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    """Parse flags (after applying `-c config.yaml` defaults) into the checked, typed run config."""
     parser = build_parser()
     config_parser = OneLineErrorParser(add_help=False)
     config_parser.add_argument("-c", "--config", default="")
     known, _ = config_parser.parse_known_args(argv)
     if known.config:
         parser.set_defaults(**_config_defaults(parser, known.config))
-    args = parser.parse_args(argv)
-    if isinstance(args.model_kwargs, dict):
-        model_kwargs = dict(args.model_kwargs)
-    else:
-        model_kwargs = _parse_model_kwargs(args.model_kwargs)
-    args.model_kwargs = model_kwargs
-    if not isinstance(args.kd_model_kwargs, dict):
-        args.kd_model_kwargs = _parse_model_kwargs(args.kd_model_kwargs)
-    validate_args(args)
-    _merge_aliases(args)
-    return args
+    flags = vars(parser.parse_args(argv))
+    for key in ("model_kwargs", "kd_model_kwargs"):
+        if not isinstance(flags[key], dict):
+            flags[key] = _parse_model_kwargs(flags[key])
+    return TrainConfig.from_flags(flags)
 
 
-def _merge_aliases(args: argparse.Namespace) -> None:
-    """Fold timm's spellings into the flags they repeat: --data-dir into DIR, --input-size into --img-size,
-    --repeated-aug into --aug-repeats 3, --pretrained-path into --pretrained; UsageError on a contradiction."""
-    if args.data_dir_option is not None:
-        _require(args.data_dir in (None, args.data_dir_option),
-                 f"DIR {args.data_dir} and --data-dir {args.data_dir_option} differ; give one of them")
-        args.data_dir = args.data_dir_option
-    if args.input_size is not None:
-        channels, height, width = args.input_size
-        _require(channels == 3 and height == width > 0,
-                 f"--input-size must be 3 H H (RGB, square), got {channels} {height} {width}")
-        _require(args.img_size in (None, height), f"--input-size {height} px and --img-size {args.img_size} differ")
-        args.img_size = height
-    if args.repeated_aug:
-        _require(args.aug_repeats in (0, REPEATED_AUG_REPEATS),
-                 f"--repeated-aug means --aug-repeats {REPEATED_AUG_REPEATS}, got --aug-repeats {args.aug_repeats}")
-        args.aug_repeats = REPEATED_AUG_REPEATS
-    if args.pretrained_path:
-        args.pretrained = True
+def _option(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise UsageError(message)
+def conflict_message(error: SettingConflict) -> str:
+    """The flag advice for a model name / class count that contradicts a checkpoint (one line)."""
+    conflict = error.conflict
+    option = _option(conflict.name)
+    return (f"{option} {conflict.given} contradicts {conflict.source}, which holds a "
+            f"{conflict.name.replace('_', ' ')} of {conflict.recorded}; drop {option} to use the checkpoint's")
 
 
-def _require_timm_policy(policy: str) -> None:
-    """Build timm's augmentation for `policy` once, so that a malformed one is a usage error, not an assertion
-    deep in the first training batch."""
-    if policy.startswith("rand"):
-        build = auto_augment.rand_augment_transform
-    elif policy.startswith("augmix"):
-        build = auto_augment.augment_and_mix_transform
-    else:
-        build = auto_augment.auto_augment_transform
+def override_message(override: SettingOverride) -> str:
+    """The warning for a flag that wins over a checkpoint's recorded setting."""
+    if override.key is not None:
+        return (f"--model-kwargs {override.key}={override.given!r} overrides {override.key} of {override.source} "
+                f"(trained with {override.recorded!r})")
+    return (f"{_option(override.name)} {override.given} overrides {override.name} of {override.source} "
+            f"(trained with {override.recorded})")
+
+
+def merge_flag_settings(given: ModelSettings, recorded: ModelSettings, source: str, prefix: str = "") -> ModelSettings:
+    """`vig.checkpoint.merge_settings` of the flags' settings with a checkpoint's, worded in flags: each flag
+    that overrides a recorded setting logs a warning, a contradiction is a UsageError (``prefix`` + advice)."""
     try:
-        build(policy, {"translate_const": 100, "img_mean": (124, 116, 104)})
-    except (AssertionError, ValueError, KeyError, IndexError):
-        raise UsageError(f"--aa {policy!r} is not a timm augmentation policy (e.g. rand-m9-mstd0.5-inc1, "
-                         "augmix-m5-w3, original, v0, 3a) nor tv-rand[-n<ops>][-m<magnitude>][-b<bins>]") from None
-
-
-def validate_args(args: argparse.Namespace) -> None:
-    """Reject values that cannot work; filesystem checks of data and output happen where they are used."""
-    _require(args.batch_size > 0, f"--batch-size must be positive, got {args.batch_size}")
-    _require(args.workers >= 0, f"--workers must be >= 0, got {args.workers}")
-    _require(args.epochs > 0, f"--epochs must be positive, got {args.epochs}")
-    _require(args.lr is None or args.lr > 0, f"--lr must be positive, got {args.lr}")
-    _require(args.lr_base is None or args.lr_base > 0, f"--lr-base must be positive, got {args.lr_base}")
-    _require(args.lr_base_size > 0, f"--lr-base-size must be positive, got {args.lr_base_size}")
-    _require(args.layer_decay is None or 0 < args.layer_decay <= 1,
-             f"--layer-decay must be in (0, 1], got {args.layer_decay}")
-    _require(args.grad_accum_steps > 0, f"--grad-accum-steps must be positive, got {args.grad_accum_steps}")
-    _require(args.val_interval > 0, f"--val-interval must be positive, got {args.val_interval}")
-    _require(args.aug_repeats >= 0, f"--aug-repeats must be >= 0, got {args.aug_repeats}")
-    _require(args.aug_repeats != 1, "--aug-repeats 1 repeats nothing: use 0 (off) or >= 2")
-    _require(args.model_dtype in (None, "float32") or not (args.amp or args.amp_dtype),
-             f"--model-dtype {args.model_dtype} and --amp exclude each other")
-    _require(args.kd_temperature > 0, f"--kd-temperature must be positive, got {args.kd_temperature}")
-    _require(bool(args.kd_model_name) == bool(args.kd_pretrained_path),
-             "--kd-model-name and --kd-pretrained-path go together (the teacher's weights are read from a file)")
-    for flag, path in (("--pretrained-path", args.pretrained_path), ("--kd-pretrained-path", args.kd_pretrained_path)):
-        if path:
-            _require(Path(path).is_file(), f"{flag}: no such file {path}")
-    _require(not (args.pretrained and args.initial_checkpoint),
-             "--pretrained / --pretrained-path and --initial-checkpoint both give starting weights; give one")
-    _require(args.bce_loss or (args.bce_target_thresh is None and not args.bce_sum and args.bce_pos_weight is None),
-             "--bce-target-thresh / --bce-sum / --bce-pos-weight need --bce-loss")
-    _require(args.log_interval > 0, f"--log-interval must be positive, got {args.log_interval}")
-    _require(args.checkpoint_hist > 0, f"--checkpoint-hist must be positive, got {args.checkpoint_hist}")
-    _require(args.num_classes is None or args.num_classes > 0,
-             f"--num-classes must be positive, got {args.num_classes}")
-    _require(args.img_size is None or args.img_size > 0, f"--img-size must be positive, got {args.img_size}")
-    _require(args.crop_pct is None or 0 < args.crop_pct <= 1, f"--crop-pct must be in (0, 1], got {args.crop_pct}")
-    _require(args.start_epoch is None or args.start_epoch >= 0,
-             f"--start-epoch must be >= 0, got {args.start_epoch}")
-    _require(0 <= args.smoothing < 1, f"--smoothing must be in [0, 1), got {args.smoothing}")
-    _require(0 <= args.reprob <= 1, f"--reprob must be in [0, 1], got {args.reprob}")
-    if args.scale is not None:
-        low, high = args.scale
-        _require(0 < low <= high <= 1, f"--scale must be two fractions 0 < low <= high <= 1, got {low:g} {high:g}")
-    if args.ratio is not None:
-        low, high = args.ratio
-        _require(0 < low <= high and math.isfinite(high),
-                 f"--ratio must be two aspect ratios 0 < low <= high, got {low:g} {high:g}")
-    _require(args.train_crop != "pad" or (args.scale is None and args.ratio is None),
-             "--scale / --ratio set the random-resized crop; they do not apply to --train-crop pad")
-    if is_tv_rand_policy(args.aa):
-        tv_rand_augment(args.aa)
-    elif args.aa:
-        _require_timm_policy(args.aa)
-    _require(args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay:g}")
-    _require(args.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {args.warmup_epochs}")
-    _require(0 <= args.mixup_prob <= 1, f"--mixup-prob must be in [0, 1], got {args.mixup_prob:g}")
-    _require(not args.force_color_jitter or bool(args.aa),
-             "--force-color-jitter keeps --color-jitter alongside --aa; without --aa the jitter is always on")
-    _require(args.mixup >= 0 and args.cutmix >= 0, "--mixup and --cutmix must be >= 0")
-    _require(args.edge_loss_weight is None or (math.isfinite(args.edge_loss_weight) and args.edge_loss_weight >= 0),
-             f"--edge-loss-weight must be >= 0, got {args.edge_loss_weight}")
-    _require(0 < args.model_ema_decay < 1, f"--model-ema-decay must be in (0, 1), got {args.model_ema_decay}")
-    for name in ("drop", "drop_path"):
-        value = getattr(args, name)
-        _require(value is None or 0 <= value < 1, f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
-    if args.start_thresh is not None:
-        _require(math.isfinite(args.start_thresh) and 0 < args.start_thresh < 1,
-                 f"--start-thresh must be in (0, 1), got {args.start_thresh}")
-    if args.dec is not None:
-        _require(args.start_thresh is not None, "--dec needs --start-thresh (it is the SViG threshold decrement)")
-        _require(math.isfinite(args.dec) and args.dec >= 0, f"--dec must be >= 0, got {args.dec}")
-    if (args.mixup > 0 or args.cutmix > 0) and not args.evaluate:
-        _require(args.batch_size % 2 == 0, f"mixup / cutmix need an even --batch-size, got {args.batch_size}")
-    if args.evaluate:
-        _require(bool(args.initial_checkpoint), "--evaluate needs --pretrain_path CHECKPOINT")
-    _require(args.resume != "auto" or bool(args.experiment),
-             "--resume auto needs --experiment NAME (a fixed run folder in which to look for last.pth.tar)")
-    for flag, path in (("--pretrain_path", args.initial_checkpoint),
-                       ("--resume", "" if args.resume == "auto" else args.resume)):
-        if path:
-            _require(Path(path).is_file(), f"{flag}: no such file {path}")
-            _require(os.access(path, os.R_OK), f"{flag}: cannot read {path}")
-    if args.dataset.startswith("torch/"):
-        _require(args.dataset in ("torch/cifar10", "torch/cifar100"),
-                 f"--dataset {args.dataset!r} is not supported (torch/cifar10, torch/cifar100)")
-    elif args.dataset.startswith(("wds/", "hfds/")):
-        _require(len(args.dataset.split("/", 1)[1]) > 0, f"--dataset {args.dataset!r}: name the dataset after the /")
-    else:
-        _require(args.dataset in ("", SYNTHETIC_DATASET),
-                 f"--dataset {args.dataset!r} is not supported ('' = ImageFolder, torch/cifar10, "
-                 f"torch/cifar100, wds/NAME, hfds/FOLDER, {SYNTHETIC_DATASET})")
-    for flag in ("train_num_samples", "val_num_samples"):
-        value = getattr(args, flag)
-        _require(value is None or value > 0, f"--{flag.replace('_', '-')} must be positive, got {value}")
-        _require(value is None or args.dataset.startswith("wds/"),
-                 f"--{flag.replace('_', '-')} sets the epoch length of a wds/ stream; other sources have a length")
+        merged = merge_settings(given, recorded, source)
+    except SettingConflict as err:
+        raise UsageError(prefix + conflict_message(err)) from None
+    for override in setting_overrides(given, recorded, source):
+        _LOGGER.warning("%s", override_message(override))
+    return merged

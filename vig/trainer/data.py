@@ -11,14 +11,13 @@ randomly erases the batches on the device, as timm's prefetcher does.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import multiprocessing
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -37,6 +36,9 @@ from vig.errors import CorruptImageError, UsageError
 from vig.trainer.distributed import DistributedContext
 from vig.trainer.sources import (HFDS_PREFIX, WDS_PREFIX, StreamShard, UNDECODABLE, check_even_shards, hfds_dataset,
                                  is_stream, take_stream_corrupt_count, wds_dataset)
+
+if TYPE_CHECKING:
+    from vig.trainer.config import AugmentSection, DataSection
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -133,14 +135,14 @@ class ShardedEvalSampler(Sampler[int]):
         return len(range(self.rank, self.num_samples, self.world_size))
 
 
-def dataset_kind(args: argparse.Namespace) -> str:
+def dataset_kind(data: DataSection) -> str:
     """'synthetic', 'folder', 'wds', 'hfds' or the torch/* name, from --dataset and whether a data folder was given."""
     for prefix in (WDS_PREFIX, HFDS_PREFIX):
-        if args.dataset.startswith(prefix):
+        if data.dataset.startswith(prefix):
             return prefix[:-1]
-    if args.dataset == SYNTHETIC_DATASET or (args.dataset == "" and args.data_dir is None):
+    if data.dataset == SYNTHETIC_DATASET or (data.dataset == "" and data.data_dir is None):
         return SYNTHETIC_DATASET
-    return args.dataset or "folder"
+    return data.dataset or "folder"
 
 
 def _image_count_hint(folder: Path) -> bool:
@@ -176,15 +178,15 @@ def find_split_folder(root: str, split: str) -> Path:
     raise UsageError(f"no '{split}' split under {root}; {holds}: looked for {tried} ({layout})")
 
 
-def require_same_classes(args: argparse.Namespace, train_classes: list[str], val_classes: list[str]) -> None:
+def require_same_classes(data: DataSection, train_classes: list[str], val_classes: list[str]) -> None:
     """UsageError (one line) when the training and validation splits do not hold the same class names."""
     if train_classes == val_classes:
         return
-    if dataset_kind(args) == "folder":
-        train_where = find_split_folder(args.data_dir, args.train_split)
-        val_where = find_split_folder(args.data_dir, args.val_split)
+    if dataset_kind(data) == "folder":
+        train_where = find_split_folder(data.data_dir, data.train_split)
+        val_where = find_split_folder(data.data_dir, data.val_split)
     else:
-        train_where, val_where = f"split {args.train_split!r}", f"split {args.val_split!r}"
+        train_where, val_where = f"split {data.train_split!r}", f"split {data.val_split!r}"
     train_names, val_names = set(train_classes), set(val_classes)
     only_train = [name for name in train_classes if name not in val_names]
     only_val = [name for name in val_classes if name not in train_names]
@@ -259,27 +261,28 @@ def _folder_classes(dataset: Dataset) -> dict[str, int]:
     return dict(dataset.reader.class_to_idx)
 
 
-def build_dataset(args: argparse.Namespace, split: str, is_training: bool) -> tuple[Dataset, list[str]]:
-    """One split of the selected source, without transform, and its class names (index order)."""
-    kind = dataset_kind(args)
+def build_dataset(data: DataSection, split: str, is_training: bool, seed: int = 0) -> tuple[Dataset, list[str]]:
+    """One split of the selected source, without transform, and its class names (index order); ``seed``
+    shuffles a wds/ stream's shards (--seed)."""
+    kind = dataset_kind(data)
     if kind == SYNTHETIC_DATASET:
         key = "train" if is_training else "val"
         dataset = SyntheticPatterns(key, SYNTHETIC_SIZES[key], seed=0)
         return dataset, list(SyntheticPatterns.classes)
     if kind == "wds":
-        return wds_dataset(args, split, is_training)
+        return wds_dataset(data, split, is_training, seed)
     if kind == "hfds":
-        dataset, classes = hfds_dataset(args, SPLIT_FALLBACKS.get(split, (split,)))
-        return CheckedImageFolder(dataset.reader, args.skip_corrupt, source=args.dataset), classes
+        dataset, classes = hfds_dataset(data, SPLIT_FALLBACKS.get(split, (split,)))
+        return CheckedImageFolder(dataset.reader, data.skip_corrupt, source=data.dataset), classes
     if kind == "folder":
-        folder = find_split_folder(args.data_dir, split)
+        folder = find_split_folder(data.data_dir, split)
         dataset = create_dataset("", root=str(folder), split=split, search_split=False, is_training=is_training)
         classes = _folder_classes(dataset)
-        return CheckedImageFolder(dataset.reader, args.skip_corrupt), sorted(classes, key=classes.get)
-    root = args.data_dir or "data"
+        return CheckedImageFolder(dataset.reader, data.skip_corrupt), sorted(classes, key=classes.get)
+    root = data.data_dir or "data"
     try:
         dataset = create_dataset(kind, root=root, split=split, is_training=is_training,
-                                 download=args.dataset_download)
+                                 download=data.dataset_download)
     except RuntimeError as err:
         raise UsageError(f"{kind} not found under {root}: {err} (add --dataset-download)") from None
     except OSError as err:  # failed download (no network: URLError) or unwritable root
@@ -299,16 +302,17 @@ class DataConfig:
     crop_pct: float
 
 
-def resolve_preprocessing(args: argparse.Namespace, model: torch.nn.Module) -> DataConfig:
-    """Flags where given, else the model's pretrained config (timm `resolve_data_config`)."""
+def resolve_preprocessing(data: DataSection, img_size: int | None, model: torch.nn.Module) -> DataConfig:
+    """Flags where given (``img_size``: the model section's), else the model's pretrained config (timm
+    `resolve_data_config`)."""
     overrides: dict[str, Any] = {}
-    if args.img_size is not None:
-        overrides["img_size"] = args.img_size
-    if args.interpolation:
-        overrides["interpolation"] = args.interpolation
+    if img_size is not None:
+        overrides["img_size"] = img_size
+    if data.interpolation:
+        overrides["interpolation"] = data.interpolation
     for key in ("mean", "std", "crop_pct"):
-        if getattr(args, key) is not None:
-            overrides[key] = getattr(args, key)
+        if getattr(data, key) is not None:
+            overrides[key] = getattr(data, key)
     config = resolve_data_config(args=overrides, model=model)
     return DataConfig(input_size=tuple(config["input_size"]), interpolation=config["interpolation"],
                       mean=tuple(config["mean"]), std=tuple(config["std"]), crop_pct=config["crop_pct"])
@@ -390,27 +394,28 @@ def tv_rand_augment(policy: str) -> transforms.RandAugment:
     return transforms.RandAugment(num_ops=values["n"], magnitude=values["m"], num_magnitude_bins=values["b"])
 
 
-def train_crop(args: argparse.Namespace, config: DataConfig) -> str:
+def train_crop(augmentation: AugmentSection, config: DataConfig) -> str:
     """The training crop, `--train-crop` or its default: 'pad' for 32-px inputs, 'rrc' otherwise.
 
     UsageError (one line) for the padded crop on inputs of another size, and for `--scale` / `--ratio`
     (the random-resized crop's ranges) with the padded crop, where they would be ignored.
     """
-    crop = args.train_crop or ("pad" if is_cifar_input(config) else "rrc")
+    crop = augmentation.train_crop or ("pad" if is_cifar_input(config) else "rrc")
     if crop != "pad":
         return crop
     if not is_cifar_input(config):
         height, width = config.input_size[1:]
         raise UsageError(f"--train-crop pad is the padded crop of {CIFAR_SIZE}-px inputs; this run's input is "
                          f"{height} x {width} (use --train-crop rrc)")
-    given = [flag for flag, value in (("--scale", args.scale), ("--ratio", args.ratio)) if value is not None]
+    given = [flag for flag, value in (("--scale", augmentation.scale), ("--ratio", augmentation.ratio))
+             if value is not None]
     if given:
         raise UsageError(f"{' and '.join(given)} set the random-resized crop, but this run trains on the padded "
                          f"crop (--train-crop pad, the default for {CIFAR_SIZE}-px inputs); add --train-crop rrc")
     return crop
 
 
-def train_transform(args: argparse.Namespace, config: DataConfig, device_normalize: bool = False) -> Callable:
+def train_transform(augmentation: AugmentSection, config: DataConfig, device_normalize: bool = False) -> Callable:
     """Training transform of a PIL image -> normalised float (C, H, W) tensor, or uint8 with `device_normalize`.
 
     Stages (timm `transforms_imagenet_train`): the crop and a horizontal flip; the augmentation (colour
@@ -423,21 +428,23 @@ def train_transform(args: argparse.Namespace, config: DataConfig, device_normali
     erases. timm `--aa` ops keep their Pillow < 13 results where Pillow 13 rejects the magnitude
     (posterize keeping no bits).
     """
-    crop = train_crop(args, config)
-    tv_rand = is_tv_rand_policy(args.aa)
-    keeps_jitter = args.force_color_jitter or not tv_rand
+    crop = train_crop(augmentation, config)
+    tv_rand = is_tv_rand_policy(augmentation.aa)
+    keeps_jitter = augmentation.force_color_jitter or not tv_rand
     primary, augment, finish = transforms_imagenet_train(
-        config.input_size[1:], scale=args.scale, ratio=args.ratio,
-        color_jitter=args.color_jitter if keeps_jitter else None, force_color_jitter=args.force_color_jitter,
-        auto_augment=None if tv_rand else args.aa, interpolation=config.interpolation, mean=config.mean,
-        std=config.std, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, separate=True,
+        config.input_size[1:], scale=augmentation.scale, ratio=augmentation.ratio,
+        color_jitter=augmentation.color_jitter if keeps_jitter else None,
+        force_color_jitter=augmentation.force_color_jitter,
+        auto_augment=None if tv_rand else augmentation.aa, interpolation=config.interpolation, mean=config.mean,
+        std=config.std, re_prob=augmentation.reprob, re_mode=augmentation.remode, re_count=augmentation.recount,
+        separate=True,
         use_prefetcher=device_normalize)
     crop_and_flip = list(primary.transforms)
     if crop == "pad":
         # images smaller than the crop are zero-padded up to it first, as the evaluation's centre crop does
         crop_and_flip = [transforms.RandomCrop(CIFAR_SIZE, padding=CIFAR_CROP_PADDING, pad_if_needed=True),
                          transforms.RandomHorizontalFlip()]
-    policy = [tv_rand_augment(args.aa)] if tv_rand else []
+    policy = [tv_rand_augment(augmentation.aa)] if tv_rand else []
     return _with_pre_pillow13_ops(
         transforms.Compose(crop_and_flip + policy + list(augment.transforms) + list(finish.transforms)))
 

@@ -15,20 +15,23 @@ The teacher is not part of the student's checkpoints.
 """
 from __future__ import annotations
 
-import argparse
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import timm
 import torch
 from timm.task import FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask, TrainingTask
 from timm.utils import unwrap_model
 from torch import nn
 
-from vig.checkpoint import (CheckpointError, ModelSettings, extract_state_dict, load_state_dict_into, merge_settings,
-                            read_checkpoint, recorded_settings)
+from vig.checkpoint import (CheckpointError, ModelSettings, extract_state_dict, load_state_dict_into, read_checkpoint,
+                            recorded_settings)
 from vig.console import require_model
 from vig.errors import UsageError
+from vig.models.factory import create_model
+from vig.trainer.cli import merge_flag_settings
+
+if TYPE_CHECKING:
+    from vig.trainer.config import DistillSection
 
 __all__ = ["build_teacher", "build_distillation_task", "projection_state", "load_projection_state"]
 
@@ -36,7 +39,7 @@ _LOGGER = logging.getLogger(__name__)
 PROJECTION_KEY = "kd_projection"
 
 
-def build_teacher(args: argparse.Namespace, num_classes: int, device: torch.device,
+def build_teacher(distill: DistillSection, num_classes: int, device: torch.device,
                   dtype: torch.dtype | None) -> nn.Module:
     """The --kd-model-name teacher with the --kd-pretrained-path weights (strict), eval mode, frozen.
 
@@ -44,27 +47,21 @@ def build_teacher(args: argparse.Namespace, num_classes: int, device: torch.devi
     them; its class count must be the student's (``num_classes``): logit and token distillation compare
     the two over the same classes.
     """
-    path = args.kd_pretrained_path
-    require_model(args.kd_model_name)
+    path = distill.kd_pretrained_path
+    require_model(distill.kd_model_name)
     try:
         checkpoint = read_checkpoint(path)
         state_dict, entry = extract_state_dict(checkpoint, source=path)
-        recorded = recorded_settings(checkpoint, state_dict, model_name=args.kd_model_name)
-        given = ModelSettings(model=args.kd_model_name, num_classes=num_classes,
-                              model_kwargs=dict(args.kd_model_kwargs))
-        merged = merge_settings(given, recorded, path)
+        recorded = recorded_settings(checkpoint, state_dict, model_name=distill.kd_model_name)
     except CheckpointError as err:
         raise UsageError(f"--kd-pretrained-path: {err}") from None
-    kwargs: dict[str, Any] = {"num_classes": num_classes, **merged.model_kwargs}
-    if merged.img_size is not None and "img_size" not in kwargs:
-        kwargs["img_size"] = merged.img_size
-    for name in ("start_thresh", "dec"):
-        if getattr(merged, name) is not None:
-            kwargs[name] = getattr(merged, name)
+    given = ModelSettings(model=distill.kd_model_name, num_classes=num_classes,
+                          model_kwargs=dict(distill.kd_model_kwargs))
+    merged = merge_flag_settings(given, recorded, path, prefix="--kd-pretrained-path: ")
     try:
-        teacher = timm.create_model(args.kd_model_name, **kwargs)
+        teacher = create_model(merged, num_classes)
     except (TypeError, ValueError) as err:
-        raise UsageError(f"teacher {args.kd_model_name}: {err}") from None
+        raise UsageError(f"teacher {distill.kd_model_name}: {err}") from None
     try:
         load_state_dict_into(teacher, state_dict, path, entry)
     except CheckpointError as err:
@@ -72,12 +69,12 @@ def build_teacher(args: argparse.Namespace, num_classes: int, device: torch.devi
     teacher.to(device=device, dtype=dtype)
     teacher.eval()
     teacher.requires_grad_(False)
-    _LOGGER.info("KD teacher %s (%s) loaded from %s", args.kd_model_name, ", ".join(
-        f"{key}={value}" for key, value in kwargs.items()), path)
+    _LOGGER.info("KD teacher %s (%d classes, img_size %s, model_kwargs %s) loaded from %s", distill.kd_model_name,
+                 num_classes, merged.img_size, merged.model_kwargs, path)
     return teacher
 
 
-def build_distillation_task(args: argparse.Namespace, student: nn.Module, teacher: nn.Module,
+def build_distillation_task(distill: DistillSection, student: nn.Module, teacher: nn.Module,
                             criterion: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
                             device: torch.device, dtype: torch.dtype | None, verbose: bool) -> TrainingTask:
     """The timm.task distillation task of --kd-distill-type around ``student`` (not yet DDP-wrapped).
@@ -87,19 +84,19 @@ def build_distillation_task(args: argparse.Namespace, student: nn.Module, teache
     re-normalisation starts from what the batches really hold.
     """
     common: dict[str, Any] = {"student_model": student, "teacher_model": teacher, "criterion": criterion,
-                              "distill_loss_weight": args.distill_loss_weight,
-                              "task_loss_weight": args.task_loss_weight, "device": device, "dtype": dtype,
+                              "distill_loss_weight": distill.distill_loss_weight,
+                              "task_loss_weight": distill.task_loss_weight, "device": device, "dtype": dtype,
                               "verbose": verbose}
     try:
-        if args.kd_distill_type == "logit":
-            task = LogitDistillationTask(temperature=args.kd_temperature, **common)
-        elif args.kd_distill_type == "feature":
+        if distill.kd_distill_type == "logit":
+            task = LogitDistillationTask(temperature=distill.kd_temperature, **common)
+        elif distill.kd_distill_type == "feature":
             task = FeatureDistillationTask(**common)
         else:
-            task = TokenDistillationTask(distill_type=args.kd_token_distill_type, temperature=args.kd_temperature,
+            task = TokenDistillationTask(distill_type=distill.kd_token_distill_type, temperature=distill.kd_temperature,
                                          **common)
     except ValueError as err:  # e.g. a student without a distillation head for token distillation
-        raise UsageError(f"--kd-distill-type {args.kd_distill_type}: {' '.join(str(err).split())}") from None
+        raise UsageError(f"--kd-distill-type {distill.kd_distill_type}: {' '.join(str(err).split())}") from None
     float_dtype = dtype or torch.float32
     task.student_mean = torch.tensor(mean, device=device, dtype=float_dtype).view(1, -1, 1, 1)
     task.student_std = torch.tensor(std, device=device, dtype=float_dtype).view(1, -1, 1, 1)

@@ -8,13 +8,15 @@ UsageError before training starts. wandb honours its own environment (WANDB_MODE
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from vig.errors import UsageError
+
+if TYPE_CHECKING:
+    from vig.trainer.config import LoggingSection
 
 __all__ = ["ExperimentLoggers"]
 
@@ -29,21 +31,24 @@ def _import(module: str, package: str, flag: str) -> Any:
 
 
 class ExperimentLoggers:
-    """The sinks the flags ask for; `log(row)` writes one summary row to each, `close()` ends them."""
+    """The sinks the logging section asks for; `log(row)` writes one summary row to each, `close()` ends them.
 
-    def __init__(self, args: argparse.Namespace, run_name: str, enabled: bool) -> None:
+    ``flags`` (the run's flat flags, `TrainConfig.to_flags`) become the W&B run's config.
+    """
+
+    def __init__(self, section: LoggingSection, flags: Mapping[str, Any], run_name: str, enabled: bool) -> None:
         self.wandb_run: Any = None
         self.writer: Any = None
         if not enabled:
             return
-        if args.log_wandb:
+        if section.log_wandb:
             wandb = _import("wandb", "wandb", "--log-wandb")
-            self.wandb_run = wandb.init(project=args.wandb_project, name=run_name, tags=list(args.wandb_tags),
-                                        config={key: value for key, value in vars(args).items()
+            self.wandb_run = wandb.init(project=section.wandb_project, name=run_name, tags=list(section.wandb_tags),
+                                        config={key: value for key, value in flags.items()
                                                 if isinstance(value, (str, int, float, bool, list, type(None)))})
-        if args.log_tensorboard:
+        if section.log_tensorboard:
             tensorboard = _import("torch.utils.tensorboard", "tensorboard", "--log-tensorboard")
-            folder = Path(args.log_tensorboard)
+            folder = Path(section.log_tensorboard)
             self.writer = tensorboard.SummaryWriter(log_dir=str(folder))
             _LOGGER.info("TensorBoard event files in %s", folder)
 

@@ -18,12 +18,11 @@ writes). Folders written by `save_to_disk` are not readable by `load_dataset`.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import multiprocessing
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from PIL import Image
 from timm.data import create_dataset
@@ -31,6 +30,9 @@ from timm.data.dataset import IterableImageDataset
 from torch.utils.data import IterableDataset
 
 from vig.errors import CorruptImageError, UsageError
+
+if TYPE_CHECKING:
+    from vig.trainer.config import DataSection
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -97,15 +99,16 @@ def _wds_reader_class() -> type:
     return CheckedWdsReader
 
 
-def wds_dataset(args: argparse.Namespace, split: str, is_training: bool) -> tuple[IterableImageDataset, list[str]]:
-    """One split of the shards in args.data_dir (timm IterableImageDataset) and its class names.
+def wds_dataset(data: DataSection, split: str, is_training: bool,
+                seed: int) -> tuple[IterableImageDataset, list[str]]:
+    """One split of the shards in data.data_dir (timm IterableImageDataset) and its class names.
 
     Class names come from the info file's `classes` list (written by `vig.tools.make_shards`), else
     `class0 ...` up to --num-classes.
     """
-    root = args.data_dir
+    root = data.data_dir
     if root is None:
-        raise UsageError(f"--dataset {args.dataset} reads shards from DIR: give the folder holding them")
+        raise UsageError(f"--dataset {data.dataset} reads shards from DIR: give the folder holding them")
     from timm.data.readers.reader_wds import _load_info
 
     info = _load_info(root, INFO_NAMES)
@@ -114,49 +117,49 @@ def wds_dataset(args: argparse.Namespace, split: str, is_training: bool) -> tupl
                          f"split (write shards with python -m vig.tools.make_shards)")
     if "tar" not in split and split not in info.get("splits", {}):
         raise UsageError(f"split {split!r} not in {root}/_info: splits {', '.join(info.get('splits', {}))}")
-    num_samples = args.train_num_samples if is_training else args.val_num_samples
+    num_samples = data.train_num_samples if is_training else data.val_num_samples
     reader = _wds_reader_class()(
-        root, split=split, is_training=is_training, num_samples=num_samples, batch_size=args.batch_size,
-        seed=args.seed, input_key=args.input_key or "jpg;png;webp", input_img_mode=args.input_img_mode,
-        target_key=args.target_key or None, skip_corrupt=args.skip_corrupt)
+        root, split=split, is_training=is_training, num_samples=num_samples, batch_size=data.batch_size,
+        seed=seed, input_key=data.input_key or "jpg;png;webp", input_img_mode=data.input_img_mode,
+        target_key=data.target_key or None, skip_corrupt=data.skip_corrupt)
     dataset = IterableImageDataset(root, reader=reader, split=split, is_training=is_training)
     classes = info.get("classes")
     if not classes:
-        if args.num_classes is None:
+        if data.num_classes is None:
             raise UsageError(f"{root}/_info lists no 'classes': give --num-classes")
-        classes = [f"class{index}" for index in range(args.num_classes)]
+        classes = [f"class{index}" for index in range(data.num_classes)]
     return dataset, list(classes)
 
 
-def hfds_dataset(args: argparse.Namespace, splits: tuple[str, ...]) -> tuple[Any, list[str]]:
+def hfds_dataset(data: DataSection, splits: tuple[str, ...]) -> tuple[Any, list[str]]:
     """The first of `splits` that a local Hugging Face dataset holds (timm ImageDataset over ReaderHfds) and
     its class names. DIR, when given, is the datasets cache (timm's `root`)."""
-    name = args.dataset[len(HFDS_PREFIX):]
+    name = data.dataset[len(HFDS_PREFIX):]
     if not Path(name).is_dir():
-        raise UsageError(f"--dataset {args.dataset}: no folder {name} (hfds/ reads a local dataset folder, "
+        raise UsageError(f"--dataset {data.dataset}: no folder {name} (hfds/ reads a local dataset folder, "
                          "never the hub)")
     extra: dict[str, Any] = {}
-    if args.input_key:
-        extra["input_key"] = args.input_key
-    if args.target_key:
-        extra["target_key"] = args.target_key
+    if data.input_key:
+        extra["input_key"] = data.input_key
+    if data.target_key:
+        extra["target_key"] = data.target_key
     reason = ""
     for split in splits:
         try:
-            dataset = create_dataset(args.dataset, root=args.data_dir, split=split, is_training=False,
-                                     input_img_mode=args.input_img_mode,
-                                     trust_remote_code=args.dataset_trust_remote_code, **extra)
+            dataset = create_dataset(data.dataset, root=data.data_dir, split=split, is_training=False,
+                                     input_img_mode=data.input_img_mode,
+                                     trust_remote_code=data.dataset_trust_remote_code, **extra)
             break
         except (FileNotFoundError, ValueError, KeyError) as err:
             reason = _corrupt_reason(err)
     else:
-        raise UsageError(f"--dataset {args.dataset}: cannot load split {' or '.join(map(repr, splits))} of "
+        raise UsageError(f"--dataset {data.dataset}: cannot load split {' or '.join(map(repr, splits))} of "
                          f"{name}: {reason}")
     classes = dataset.reader.class_to_idx
     if not classes:
-        if args.num_classes is None:
-            raise UsageError(f"{name} has no class-label feature {args.target_key or 'label'!r}: give --num-classes")
-        return dataset, [f"class{index}" for index in range(args.num_classes)]
+        if data.num_classes is None:
+            raise UsageError(f"{name} has no class-label feature {data.target_key or 'label'!r}: give --num-classes")
+        return dataset, [f"class{index}" for index in range(data.num_classes)]
     return dataset, sorted(classes, key=classes.get)
 
 
