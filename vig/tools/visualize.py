@@ -49,7 +49,7 @@ GRAPH_TITLES: dict[str, str] = {"knn": "kNN graph (ViG)", "threshold": "threshol
 AXIAL_KINDS = ("svga", "daga")
 HISTOGRAM_KINDS = ("threshold", "daga")  # graphs whose degrees vary from node to node
 # Layout in pixels: one column per block, one image row per graph kind, a histogram row under
-# each threshold row; a band on the left names the rows and a header holds the title and legend.
+# each threshold or DAGA row; a band on the left names the rows and a header holds the title and legend.
 PANEL_PX = 300  # column width and image-row height
 IMAGE_PX = 240  # side of the square image inside its panel (the rest holds its title)
 HISTOGRAM_PX = 190  # height of a degree-histogram row
@@ -88,7 +88,8 @@ class BlockGraph:
 
     @property
     def degrees(self) -> torch.Tensor:
-        """Neighbour count of every node (self loop included when keys are the nodes), shape (N,)."""
+        """Neighbour count of every node (self loop included when keys are the nodes, except in the axial
+        graphs, which have none), shape (N,)."""
         return self.neighbours.sum(dim=1)
 
 
