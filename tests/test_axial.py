@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gcn_lib import DAGA, SVGA, daga_aggregate, daga_mask, daga_threshold, svga_aggregate, svga_mask
+from gcn_lib import (DAGA, SVGA, daga_aggregate, daga_edges, daga_mask, daga_threshold, edge_index_to_mask,
+                     svga_aggregate, svga_mask)
 
 SHAPES = [(2, 3, 7, 7), (1, 4, 8, 5), (2, 2, 3, 1), (1, 3, 14, 9)]
 
@@ -118,6 +119,20 @@ def test_daga_aggregate_matches_the_mask_form_and_the_published_form(shape: tupl
     torch.testing.assert_close(got, expected.reshape(shape), rtol=0, atol=0)
     torch.testing.assert_close(DAGA(k)(x), got, rtol=0, atol=0)
     torch.testing.assert_close(got, _published_daga(x, k), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_daga_edges_are_the_mask_edge_for_edge(shape: tuple[int, ...], k: int) -> None:
+    """Each edge once, centre-major, exactly the edges of the brute-force `daga_mask`."""
+    torch.manual_seed(5)
+    x = torch.randn(shape, dtype=torch.float64)
+    b, _, height, width = shape
+    edges = daga_edges(x, k)
+    mask = daga_mask(x, k)
+    assert edges.dtype == torch.int64 and edges.shape == (2, int(mask.sum()))
+    assert torch.equal(edge_index_to_mask(edges, b, height * width), mask)
+    assert bool((edges[0][1:] >= edges[0][:-1]).all())
 
 
 def test_daga_keeps_some_edges_and_drops_others() -> None:

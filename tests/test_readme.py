@@ -41,3 +41,26 @@ def test_anchor_follows_github_rules() -> None:
     assert anchor("Training and evaluation (`train.py`)") == "training-and-evaluation-trainpy"
     assert anchor("gcn_lib: graph construction and graph convolutions") == "gcn_lib-graph-construction-and-graph-convolutions"
     assert anchor("Batch-graph head (`bgnn`, `bgnn_mobilenetv3_small_100`)") == "batch-graph-head-bgnn-bgnn_mobilenetv3_small_100"
+
+
+def test_published_efficient_recipe_parses_and_scales_the_learning_rate_as_published(tmp_path: Path) -> None:
+    """The README's MobileViG / GreedyViG recipe: its flags parse, and lr = 2e-3 x global batch / 1024."""
+    import shlex
+
+    from vig.trainer.cli import parse_args
+    from vig.trainer.run import resolve_lr
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index("torchrun --nproc_per_node=8 train.py <path_to_imagenet> --model greedyvig_s")
+    command = text[start:text.index("--output <dir>", start) + len("--output <dir>")].replace("\\\n", " ")
+    teacher = tmp_path / "regnety_160.pth"
+    teacher.touch()  # only its existence is checked while parsing
+    argv = shlex.split(command.replace("<path_to_imagenet>", "imagenet").replace("<regnety_160.pth>", str(teacher))
+                       .replace("<dir>", str(tmp_path)))
+    assert argv[:3] == ["torchrun", "--nproc_per_node=8", "train.py"]
+    args = parse_args(argv[3:])
+    assert (args.model, args.batch_size, args.epochs, args.warmup_epochs, args.weight_decay) == ("greedyvig_s", 128,
+                                                                                                300, 20, 0.05)
+    assert (args.kd_model_name, args.kd_distill_type, args.kd_token_distill_type) == ("regnety_160", "token", "hard")
+    assert args.task_loss_weight == 0.5 and args.model_ema_decay == 0.99996
+    assert resolve_lr(args, 8) == 2e-3 and resolve_lr(args, 2) == 5e-4

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from gcn_lib import DynConv2d, dense_knn, knn_to_mask, reduced_keys, threshold_mask
+from gcn_lib import DynConv2d, dense_knn, knn_to_mask, reduced_keys, svga_mask, threshold_mask
 from tests.shared_files import shared_path
-from vig.tools.visualize import (BlockGraph, capture_graphs, default_blocks, draw_graphs, graph_convs,
+from vig.tools.visualize import (BlockGraph, axial_graphs, capture_graphs, default_blocks, draw_graphs, graph_convs,
                                  graph_figure_size_px, main, parse_blocks, parse_node)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -198,6 +198,7 @@ def test_cli_with_checkpoint(tmp_path: Path, small_image: Path) -> None:
     ({"--model": "svig_ti_224_gelu", "--graph": "both"}, "always builds the threshold graph"),
     ({"--start-thresh": "0.9", "--graph": "knn"}, "cannot go with --graph knn"),
     ({"--graph": "ring"}, "argument --graph: invalid choice"),
+    ({"--model": "mobilevig_ti", "--graph": "both"}, "builds its own SVGA axial graph"),
 ])
 def test_cli_gives_one_line_errors(tmp_path: Path, small_image: Path, capsys: pytest.CaptureFixture[str],
                                    change: dict[str, str], message: str) -> None:
@@ -245,3 +246,52 @@ def test_pyramid_blocks_are_drawn_against_their_pooled_keys(tmp_path: Path, smal
     assert main(["--model", "pvig_ti_224_gelu", "--img-size", "64", *flags, "--image", str(small_image),
                  "--blocks", "0,4,11", "--out", str(out)]) == 0
     assert png_size(out) == graph_figure_size_px(3, ["threshold" if graph else "knn"])
+
+
+def aggregate_over(graph: BlockGraph, x: torch.Tensor, sign: int) -> torch.Tensor:
+    """max(0, max over the drawn neighbours j of sign * (x_j - x_i)), per channel: (1, C, H, W) -> same."""
+    nodes = x[0].flatten(1)  # (C, N)
+    differences = sign * (nodes[:, None, :] - nodes[:, :, None])  # [c, i, j] = sign * (x_j - x_i)
+    return differences.masked_fill(~graph.neighbours, float("-inf")).amax(dim=2).clamp(min=0).reshape(x.shape)
+
+
+@pytest.mark.parametrize("name, kind, size", [("mobilevig_ti", "svga", 160), ("greedyvig_s", "daga", 80)])
+@torch.no_grad()
+def test_axial_graphs_are_what_each_block_aggregates_over(name: str, kind: str, size: int) -> None:
+    """The drawn SVGA / DAGA graph of every block, fed to a max-relative aggregation written out here, gives
+    the block's own aggregation exactly (float64): the picture shows the edges the model uses."""
+    torch.manual_seed(0)
+    model = timm.create_model(name).double().eval()
+    ops = axial_graphs(model)
+    inputs: dict[int, torch.Tensor] = {}
+    handles = [op.register_forward_pre_hook(lambda op, args, i=i: inputs.setdefault(i, args[0]))
+               for i, op in enumerate(ops)]
+    image = torch.randn(1, 3, size, size, dtype=torch.float64)
+    model(image)
+    for handle in handles:
+        handle.remove()
+    graphs = capture_graphs(model, image, list(range(len(ops))))
+    kept = candidates = 0
+    for graph, op in zip(graphs, ops):
+        x = inputs[graph.block]
+        axial = svga_mask(*graph.grid, op.k)
+        assert graph.kind == kind and graph.grid == tuple(x.shape[-2:])
+        assert not graph.neighbours.diagonal().any()
+        torch.testing.assert_close(aggregate_over(graph, x, 1 if kind == "daga" else -1), op(x), rtol=0, atol=0)
+        if kind == "svga":
+            assert torch.equal(graph.neighbours, axial) and graph.candidates is None
+        else:
+            assert torch.equal(graph.candidates, axial) and not (graph.neighbours & ~axial).any()
+            kept, candidates = kept + int(graph.neighbours.sum()), candidates + int(axial.sum())
+    assert [g.label.split(",")[:2] for g in graphs] == [[kind.upper(), f" K = {op.k}"] for op in ops]
+    if kind == "daga":  # informative only if the distance rule keeps some candidates and drops others
+        assert 0 < kept < candidates
+
+
+@pytest.mark.parametrize("name, blocks, drawn, kind", [("mobilevig_ti", [], 2, "svga"),  # default: both blocks
+                                                      ("greedyvig_s", ["--blocks", "6"], 1, "daga")])
+def test_cli_draws_the_axial_graphs(tmp_path: Path, small_image: Path, name: str, blocks: list[str], drawn: int,
+                                    kind: str) -> None:
+    out = tmp_path / "axial.png"
+    assert main(["--model", name, "--image", str(small_image), *blocks, "--out", str(out)]) == 0
+    assert png_size(out) == graph_figure_size_px(drawn, [kind])

@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [
         ("model", "graph", "img", "classes", "params (M)", "MACs (G)"),
         (args.model, describe_graph(model).label, img_size, getattr(model, "num_classes", "-"),
-         f"{count_parameters(model) / 1e6:.2f}", f"{macs / 1e9:.2f}"),
+         f"{count_parameters(model) / 1e6:.2f}", f"{macs / 1e9:.3f}"),
     ]
     print(format_table(rows))
     return 0

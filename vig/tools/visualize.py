@@ -7,8 +7,15 @@ each chosen block builds, and draws the neighbours of one centre patch on the im
 draws the kNN graph and the threshold graph of the same weights side by side (one row each).
 Threshold graphs also get a histogram of the node degrees of each block.
 
+MobileViG (``mobilevig_*``) and GreedyViG (``greedyvig_*``) blocks build axial graphs: MobileViG's SVGA
+links a node to every K-th node of its row and column (fixed); GreedyViG's DAGA keeps those axial
+candidates whose L1 distance to the node is below the image's mean - std (`gcn_lib.daga_threshold`), and
+its picture also marks the candidates it dropped and has the degree histograms.
+
 Graphs are recorded by forward pre-hooks on the blocks' dynamic graph convolutions, which call the
-convolution's own ``build_graph`` on the features it receives; the model's forward is not copied.
+convolution's own ``build_graph`` on the features it receives, or on the SVGA / DAGA aggregations,
+whose graphs `gcn_lib.svga_mask` / `gcn_lib.daga_edges` give for the map they receive; the model's
+forward is not copied.
 """
 from __future__ import annotations
 
@@ -28,7 +35,8 @@ from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
-from gcn_lib import DynConv2d, reduced_keys
+from gcn_lib import (DAGA, SVGA, DynConv2d, daga_edges, daga_threshold, edge_index_to_mask, reduced_keys,
+                     svga_mask)
 from vig.checkpoint import ModelSettings, extract_state_dict, load_state_dict_into, read_checkpoint, recorded_settings
 from vig.console import OneLineErrorParser, fail
 from vig.graph_info import describe_conv
@@ -37,9 +45,12 @@ from vig.trainer.cli import merge_flag_settings
 
 PROG = "vig-visualize"
 GRAPH_CHOICES: tuple[str, ...] = ("knn", "threshold", "both")
-GRAPH_TITLES: dict[str, str] = {"knn": "kNN graph (ViG)", "threshold": "threshold graph (SViG)"}
+GRAPH_TITLES: dict[str, str] = {"knn": "kNN graph (ViG)", "threshold": "threshold graph (SViG)",
+                                 "svga": "SVGA axial graph (MobileViG)", "daga": "DAGA axial graph (GreedyViG)"}
+AXIAL_KINDS = ("svga", "daga")
+HISTOGRAM_KINDS = ("threshold", "daga")  # graphs whose degrees vary from node to node
 # Layout in pixels: one column per block, one image row per graph kind, a histogram row under
-# each threshold row; a band on the left names the rows and a header holds the title and legend.
+# each threshold or DAGA row; a band on the left names the rows and a header holds the title and legend.
 PANEL_PX = 300  # column width and image-row height
 IMAGE_PX = 240  # side of the square image inside its panel (the rest holds its title)
 HISTOGRAM_PX = 190  # height of a degree-histogram row
@@ -50,6 +61,7 @@ DPI = 100
 PALETTE_COLOURS = 256
 CENTRE_COLOUR = "red"
 NEIGHBOUR_COLOUR = "deepskyblue"
+DROPPED_COLOUR = "orange"
 
 
 @dataclass(frozen=True)
@@ -59,7 +71,8 @@ class BlockGraph:
     neighbours: bool (N, M); ``neighbours[i, j]`` is True when key j is a neighbour of node i.
     grid: (h, w) of the feature map, N = h * w. key_grid: (h', w') of the keys, M = h' * w': the map
     itself (M = N), or the map average-pooled by r (pyramid ViG stages 0 and 1, each key an r x r block
-    of patches). label: how the graph was built (k, dilation or t).
+    of patches). label: how the graph was built (k, dilation or t). candidates: for DAGA, bool (N, N), the
+    axial candidates the distance rule chose from (``neighbours`` is a subset); None for other graphs.
     """
 
     block: int
@@ -68,6 +81,7 @@ class BlockGraph:
     grid: tuple[int, int]
     label: str
     key_grid: tuple[int, int] | None = None  # None: the keys are the nodes (key_grid = grid)
+    candidates: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.key_grid is None:
@@ -75,7 +89,8 @@ class BlockGraph:
 
     @property
     def degrees(self) -> torch.Tensor:
-        """Neighbour count of every node (self loop included when keys are the nodes), shape (N,)."""
+        """Neighbour count of every node (self loop included when keys are the nodes, except in the axial
+        graphs, which have none), shape (N,)."""
         return self.neighbours.sum(dim=1)
 
 
@@ -94,6 +109,35 @@ def graph_convs(model: nn.Module) -> list[DynConv2d]:
     return convs
 
 
+def axial_graphs(model: nn.Module) -> list[SVGA | DAGA]:
+    """The SVGA / DAGA aggregation of each graph block of a MobileViG / GreedyViG model, in block order
+    (empty for other models)."""
+    return [module for module in model.modules() if isinstance(module, (SVGA, DAGA))]
+
+
+def graph_modules(model: nn.Module) -> list[nn.Module]:
+    """The module that builds each graph block's graph, in block order: `axial_graphs` where the model
+    has them, else `graph_convs`."""
+    return axial_graphs(model) or graph_convs(model)
+
+
+def axial_block_graph(block: int, op: SVGA | DAGA, x: torch.Tensor) -> BlockGraph:
+    """The graph ``op`` builds on the map x (1, C, H, W) it receives, without self loops.
+
+    SVGA: `gcn_lib.svga_mask` (H W, H W). DAGA: the mask of `gcn_lib.daga_edges` less its diagonal
+    (offset 0, which adds nothing to the aggregation), with the axial candidates (`svga_mask` at DAGA's
+    K: the same offsets but 0) in ``candidates``.
+    """
+    height, width = x.shape[-2:]
+    axial = svga_mask(height, width, op.k)
+    if isinstance(op, SVGA):
+        return BlockGraph(block, "svga", axial, (height, width), f"SVGA, K = {op.k}")
+    threshold = float(daga_threshold(x[:1]).item())
+    kept = edge_index_to_mask(daga_edges(x[:1], op.k), 1, height * width)[0] & axial
+    return BlockGraph(block, "daga", kept, (height, width), f"DAGA, K = {op.k}, t = {threshold:.3g}",
+                      candidates=axial)
+
+
 def default_blocks(num_blocks: int) -> list[int]:
     """First, middle and last block (e.g. 0, 5, 11 of 12)."""
     return sorted({0, (num_blocks - 1) // 2, num_blocks - 1})
@@ -110,10 +154,11 @@ def _as_neighbour_mask(graph: torch.Tensor, num_keys: int) -> torch.Tensor:
 
 @torch.no_grad()
 def capture_graphs(model: nn.Module, image: torch.Tensor, blocks: Sequence[int]) -> list[BlockGraph]:
-    """Run ``model`` once in eval mode on ``image`` (1, 3, H, W) and return the graphs of ``blocks``."""
+    """Run ``model`` once in eval mode on ``image`` (1, 3, H, W) and return the graphs of ``blocks``
+    (numbered as `graph_modules` lists them)."""
     if image.dim() != 4 or image.shape[0] != 1:
         raise ValueError(f"image must have shape (1, 3, H, W), got {tuple(image.shape)}")
-    convs = graph_convs(model)
+    convs = graph_modules(model)
     bad = [b for b in blocks if not 0 <= b < len(convs)]
     if bad:
         raise ValueError(f"block(s) {bad} out of range: the model has blocks 0..{len(convs) - 1}")
@@ -131,7 +176,14 @@ def capture_graphs(model: nn.Module, image: torch.Tensor, blocks: Sequence[int])
                                          tuple(x.shape[-2:]), label, key_grid)
         return hook
 
-    handles = [convs[b].register_forward_pre_hook(recorder(b), with_kwargs=True) for b in blocks]
+    def axial_recorder(block: int) -> Callable[[SVGA | DAGA, tuple[torch.Tensor]], None]:
+        def hook(op: SVGA | DAGA, args: tuple[torch.Tensor]) -> None:
+            captured[block] = axial_block_graph(block, op, args[0].cpu())
+        return hook
+
+    handles = [convs[b].register_forward_pre_hook(axial_recorder(b)) if isinstance(convs[b], (SVGA, DAGA))
+               else convs[b].register_forward_pre_hook(recorder(b), with_kwargs=True) for b in blocks]
+
     was_training = model.training
     try:
         model.eval()
@@ -183,7 +235,7 @@ def parse_blocks(text: str) -> list[int]:
 
 def graph_figure_size_px(num_blocks: int, kinds: Sequence[str]) -> tuple[int, int]:
     """(width, height) in pixels of the picture for ``num_blocks`` blocks and graph kinds."""
-    histogram_rows = sum(kind == "threshold" for kind in kinds)
+    histogram_rows = sum(kind in HISTOGRAM_KINDS for kind in kinds)
     return LEFT_PX + PANEL_PX * num_blocks, HEADER_PX + PANEL_PX * len(kinds) + HISTOGRAM_PX * histogram_rows
 
 
@@ -206,6 +258,12 @@ def _draw_neighbours(ax: Any, shown: np.ndarray, graph: BlockGraph, node: tuple[
         y, x = divmod(j, key_w)
         ax.add_patch(Rectangle((x * key_cell_x, y * key_cell_y), key_cell_x, key_cell_y, facecolor=NEIGHBOUR_COLOUR,
                                alpha=0.45, edgecolor=NEIGHBOUR_COLOUR, linewidth=1.0))
+    if graph.candidates is not None:
+        dropped = graph.candidates[centre] & ~graph.neighbours[centre]
+        for j in torch.nonzero(dropped).flatten().tolist():
+            y, x = divmod(j, key_w)
+            ax.add_patch(Rectangle((x * key_cell_x + 1, y * key_cell_y + 1), key_cell_x - 2, key_cell_y - 2,
+                                   fill=False, edgecolor=DROPPED_COLOUR, linewidth=1.5, linestyle="--"))
     ax.add_patch(Rectangle((node[1] * cell_x, node[0] * cell_y), cell_x, cell_y, fill=False,
                            edgecolor=CENTRE_COLOUR, linewidth=2.5))
     ax.set_xlim(0, size_x)
@@ -217,12 +275,16 @@ def _draw_neighbours(ax: Any, shown: np.ndarray, graph: BlockGraph, node: tuple[
 
 def _draw_degrees(ax: Any, graph: BlockGraph, node: tuple[int, int]) -> None:
     degrees = graph.degrees.numpy()
-    num_keys = graph.neighbours.shape[1]
+    if graph.candidates is None:
+        num_keys, of = graph.neighbours.shape[1], f"of {graph.neighbours.shape[1]} keys"
+    else:  # an axial graph: at most the candidates of a node
+        num_keys = max(int(graph.candidates.sum(dim=1).max()), 1)
+        of = f"of {num_keys} axial candidates"
     ax.hist(degrees, bins=np.linspace(0, num_keys, min(num_keys, 28) + 1), color="0.55")
     node_degree = int(degrees[node[0] * graph.grid[1] + node[1]])
     ax.axvline(node_degree, color=CENTRE_COLOUR, linewidth=2)
     ax.set_xlim(0, num_keys)
-    ax.set_xlabel(f"degree (of {num_keys} keys); mean {degrees.mean():.1f}", fontsize="small")
+    ax.set_xlabel(f"degree ({of}); mean {degrees.mean():.1f}", fontsize="small")
     ax.set_ylabel("nodes", fontsize="small")
     ax.tick_params(labelsize="small")
 
@@ -231,10 +293,11 @@ def draw_graphs(graphs: dict[str, list[BlockGraph]], shown: np.ndarray, node: tu
                 title: str) -> Figure:
     """Picture of the graphs: one row of image panels per graph kind, one column per block.
 
-    graphs: kind ('knn' or 'threshold') -> the captured blocks (same blocks for every kind).
+    graphs: kind ('knn', 'threshold', 'svga' or 'daga') -> the captured blocks (same blocks for every kind).
     shown: the model's view of the image (S, S, 3) in [0, 1]. node: (Y, X) on the feature grid of
     every drawn block; None picks the middle patch of each block's grid (the pyramid's stages differ).
-    Threshold rows are followed by a row of degree histograms.
+    Threshold and DAGA rows are followed by a row of degree histograms; DAGA panels also outline the
+    axial candidates the distance rule dropped.
     """
     kinds = list(graphs)
     blocks = [g.block for g in graphs[kinds[0]]]
@@ -255,23 +318,34 @@ def draw_graphs(graphs: dict[str, list[BlockGraph]], shown: np.ndarray, node: tu
         for col, graph in enumerate(graphs[kind]):
             left = LEFT_PX + col * PANEL_PX
             centre = node if node is not None else (graph.grid[0] // 2, graph.grid[1] // 2)
-            centre_degree = int(graph.degrees[centre[0] * graph.grid[1] + centre[1]])
-            counted = "self included" if graph.key_grid == graph.grid else f"of {graph.neighbours.shape[1]} keys"
+            centre_index = centre[0] * graph.grid[1] + centre[1]
+            centre_degree = int(graph.degrees[centre_index])
+            if graph.candidates is not None:
+                counted = f"of {int(graph.candidates[centre_index].sum())} axial candidates"
+            elif kind == "svga":
+                counted = "every node alike"
+            elif graph.key_grid == graph.grid:
+                counted = "self included"
+            else:
+                counted = f"of {graph.neighbours.shape[1]} keys"
             panel_title = f"block {graph.block}: {graph.label}\ncentre degree {centre_degree} ({counted})"
             image_ax = axes_at(left + (PANEL_PX - IMAGE_PX) / 2, top + PANEL_PX - IMAGE_PX - 12, IMAGE_PX, IMAGE_PX)
             _draw_neighbours(image_ax, shown, graph, centre, panel_title)
-            if kind == "threshold":
+            if kind in HISTOGRAM_KINDS:
                 axes_height, below = HISTOGRAM_AXES_PX
                 histogram_top = top + PANEL_PX + HISTOGRAM_PX - axes_height - below
                 _draw_degrees(axes_at(left + 55, histogram_top, PANEL_PX - 75, axes_height), graph, centre)
-        row_height = PANEL_PX + (HISTOGRAM_PX if kind == "threshold" else 0)
+        row_height = PANEL_PX + (HISTOGRAM_PX if kind in HISTOGRAM_KINDS else 0)
         fig.text(6 / width, 1 - (top + PANEL_PX / 2) / height, GRAPH_TITLES[kind], rotation=90,
                  va="center", ha="left", fontsize="large")
         top += row_height
     centre_label = f"centre patch ({node[0]},{node[1]})" if node is not None else "centre patch (middle of each grid)"
     handles = [Patch(facecolor="none", edgecolor=CENTRE_COLOUR, linewidth=2.5, label=centre_label),
                Patch(facecolor=NEIGHBOUR_COLOUR, alpha=0.6, label="its neighbours")]
-    if "threshold" in kinds:
+    if "daga" in kinds:
+        handles.append(Patch(facecolor="none", edgecolor=DROPPED_COLOUR, linewidth=1.5, linestyle="--",
+                             label="candidates dropped (distance >= t)"))
+    if any(kind in HISTOGRAM_KINDS for kind in kinds):
         handles.append(Line2D([], [], color=CENTRE_COLOUR, linewidth=2, label="centre's degree (histogram)"))
     fig.suptitle(title, y=1 - 12 / height, fontsize="medium")
     fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 1 - 36 / height), ncol=len(handles),
@@ -314,7 +388,10 @@ def build_model(settings: ModelSettings, weights: dict[str, torch.Tensor] | None
 
 
 def _graph_kind(model: nn.Module) -> str:
-    """'knn' or 'threshold': the graph rule of the model's blocks."""
+    """'knn', 'threshold', 'svga' or 'daga': the graph rule of the model's blocks."""
+    axial = axial_graphs(model)
+    if axial:
+        return "svga" if isinstance(axial[0], SVGA) else "daga"
     kinds = {conv.graph for conv in graph_convs(model)}
     if len(kinds) != 1:
         raise ValueError(f"the model mixes graph rules {sorted(kinds)} across blocks")
@@ -328,8 +405,9 @@ def visualize(model_name: str | None, image_path: Path, out_png: Path, graph: st
     """Write the graph picture to ``out_png`` (see the module docstring); returns ``out_png``.
 
     graph: None draws the model's own graph (threshold with ``start_thresh``, or for a model that
-    defaults to it); 'knn' the model built without threshold arguments; 'threshold' the model built
-    with them; 'both' the two side by side (same weights). img_size: the input size the model (and
+    defaults to it; SVGA / DAGA for MobileViG / GreedyViG, which take no other); 'knn' the model built
+    without threshold arguments; 'threshold' the model built with them; 'both' the two side by side
+    (same weights). img_size: the input size the model (and
     its checkpoint) was made for; num_classes: its classifier outputs. Every setting left None (the
     model name too) comes from the checkpoint's recorded training flags when it has them (see
     `resolve_settings`), else from the model's defaults.
@@ -363,14 +441,19 @@ def visualize(model_name: str | None, image_path: Path, out_png: Path, graph: st
     for expected, thresh, decrement in plans:
         plan = ModelSettings(model=model_name, img_size=settings.img_size, num_classes=settings.num_classes,
                              start_thresh=thresh, dec=decrement, model_kwargs=settings.model_kwargs)
-        model = build_model(plan, weights, str(checkpoint))
+        try:
+            model = build_model(plan, weights, str(checkpoint))
+        except TypeError as error:  # a setting the model does not take, e.g. --start-thresh for mobilevig_*
+            raise ValueError(f"cannot build {model_name}: {error}") from None
         kind = _graph_kind(model)
+        if kind in AXIAL_KINDS and expected is not None:
+            raise ValueError(f"{model_name} builds its own {kind.upper()} axial graph; --graph is for ViG / SViG models")
         if expected == "threshold" and kind != "threshold":
             raise ValueError(f"{model_name} builds the kNN graph without --start-thresh; give --start-thresh (and --dec)")
         if expected == "knn" and kind != "knn":
             raise ValueError(f"{model_name} always builds the threshold graph; for the kNN graph use its vig_* counterpart")
         image, shown = preprocess(model, image_path, settings.img_size)
-        chosen = list(blocks) if blocks else default_blocks(len(graph_convs(model)))
+        chosen = list(blocks) if blocks else default_blocks(len(graph_modules(model)))
         graphs[kind] = capture_graphs(model, image, chosen)
     weights = f"checkpoint {Path(checkpoint).name}" if checkpoint else "random weights"
     title = f"{model_name} ({weights}) on {Path(image_path).name}"
