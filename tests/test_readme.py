@@ -1,6 +1,7 @@
 """The README's table of contents lists every section and subsection, in order, with working anchors."""
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
@@ -58,9 +59,11 @@ def test_published_efficient_recipe_parses_and_scales_the_learning_rate_as_publi
     argv = shlex.split(command.replace("<path_to_imagenet>", "imagenet").replace("<regnety_160.pth>", str(teacher))
                        .replace("<dir>", str(tmp_path)))
     assert argv[:3] == ["torchrun", "--nproc_per_node=8", "train.py"]
-    args = parse_args(argv[3:])
+    config = parse_args(argv[3:])
+    args = argparse.Namespace(**config.to_flags())
     assert (args.model, args.batch_size, args.epochs, args.warmup_epochs, args.weight_decay) == ("greedyvig_s", 128,
                                                                                                 300, 20, 0.05)
     assert (args.kd_model_name, args.kd_distill_type, args.kd_token_distill_type) == ("regnety_160", "token", "hard")
     assert args.task_loss_weight == 0.5 and args.model_ema_decay == 0.99996
-    assert resolve_lr(args, 8) == 2e-3 and resolve_lr(args, 2) == 5e-4
+    assert (resolve_lr(config.optimiser, config.data.batch_size, 8) == 2e-3
+            and resolve_lr(config.optimiser, config.data.batch_size, 2) == 5e-4)
