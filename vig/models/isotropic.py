@@ -15,7 +15,6 @@ stride 1, so parameter names and shapes do not change, only the map size. ``vig_
 ``svig_ti_cifar`` are ViG-Ti / SViG-Ti for CIFAR-10: stride 2 at 32 px, a 16 x 16 map (256 nodes, about
 the 196 of 224 px at stride 16), 10 classes.
 """
-from __future__ import annotations
 
 import logging
 import math
@@ -31,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gcn_lib import DynConv2d, act_layer, init_convs_
+from gcn_lib.shapes import shape_str
 from vig.checkpoint import checkpoint_filter_fn
 from vig.models.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR_IMG_SIZE
 from vig.models.factory_args import build_like, takes_device_and_dtype
@@ -84,8 +84,13 @@ def stem_grid(img_size: int | Sequence[int], stride: int = STEM_STRIDE) -> tuple
     height, width = _pair(img_size)
     if height < 1 or width < 1:
         raise ValueError(f"img_size must be positive, got {img_size}")
-    for _ in range(stride.bit_length() - 1):
-        height, width = (height + 1) // 2, (width + 1) // 2
+    return _strided_grid(height, width, stride)
+
+
+def _strided_grid(height: int, width: int, stride: int) -> tuple[int, int]:
+    """`stem_grid` of checked arguments (a power-of-two stride): one halving, rounded up, per factor 2."""
+    while stride > 1:
+        height, width, stride = (height + 1) // 2, (width + 1) // 2, stride // 2
     return height, width
 
 
@@ -206,21 +211,19 @@ class Grapher(nn.Module):
 
     def relative_pos_for(self, height: int, width: int) -> torch.Tensor | None:
         """The relative-position term (1, N, M) for an (height, width) map, resized if the stored one differs."""
-        if self.relative_pos is None:
+        relative_pos = self.relative_pos
+        if relative_pos is None:
             return None
         r = self.graph_conv.r
-        size = (height * width, (height // r) * (width // r))
-        if tuple(self.relative_pos.shape[-2:]) == size:
-            return self.relative_pos
-        return resize_relative_pos(self.relative_pos, *size)
+        num_nodes, num_keys = height * width, (height // r) * (width // r)
+        if relative_pos.shape[-2] == num_nodes and relative_pos.shape[-1] == num_keys:
+            return relative_pos
+        return resize_relative_pos(relative_pos, num_nodes, num_keys)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
         x = self.fc1(x)
-        if self.relative_pos is None:
-            x = self.graph_conv(x)
-        else:
-            x = self.graph_conv(x, self.relative_pos_for(*x.shape[-2:]))
+        x = self.graph_conv(x, self.relative_pos_for(x.shape[-2], x.shape[-1]))
         return self.drop_path(self.fc2(x)) + shortcut
 
 
@@ -245,9 +248,9 @@ def check_image_grid(x: torch.Tensor, pos_embed: torch.Tensor, stem_stride: int,
     """ValueError unless images x (B, C, H, W) give, at ``stem_stride``, the grid of ``pos_embed`` (1, C, H', W').
     A leaf of timm's fx tracing (its test depends on the input's shape)."""
     if x.dim() != 4:
-        raise ValueError(f"images must have shape (B, C, H, W), got {tuple(x.shape)}")
-    grid = stem_grid(tuple(x.shape[-2:]), stem_stride)
-    if grid != tuple(pos_embed.shape[-2:]):
+        raise ValueError(f"images must have shape (B, C, H, W), got {shape_str(x.shape)}")
+    grid = _strided_grid(x.shape[-2], x.shape[-1], stem_stride)
+    if grid[0] != pos_embed.shape[-2] or grid[1] != pos_embed.shape[-1]:
         raise ValueError(
             f"{x.shape[-2]}x{x.shape[-1]} images give a {grid[0]}x{grid[1]} map at stem stride {stem_stride}, "
             f"but the position embedding is {pos_embed.shape[-2]}x{pos_embed.shape[-1]} "
@@ -399,10 +402,12 @@ class VisionGNN(nn.Module):
         """Feature map (B, C, h, w) -> logits (B, num_classes), or (B, 1024) with ``pre_logits``; without
         global pooling (``global_pool=''``) the maps (B, num_classes or 1024, h, w)."""
         x = self.global_pool(x)
-        for layer in list(self.prediction)[:-1]:  # a sliced Sequential would be a module fx cannot find in the model
-            x = layer(x)
-        if not pre_logits:
-            x = self.prediction[-1](x)
+        # every layer but the classifier, then the classifier unless pre_logits: a loop over the Sequential itself,
+        # which fx finds in the model (a sliced copy it would not) and TorchScript unrolls
+        last = len(self.prediction) - 1
+        for i, layer in enumerate(self.prediction):
+            if i < last or not pre_logits:
+                x = layer(x)
         return x if self.global_pool.is_identity() else x.flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
