@@ -227,7 +227,6 @@ class BatchGraphNet(nn.Module):
     """
 
     returns_edges = True  # the trainer adds the edge loss for models with this flag
-    __jit_unused_properties__ = ["grad_checkpointing"]  # TorchScript leaves the property out
 
     @takes_device_and_dtype
     def __init__(self, backbone: str = DEFAULT_BACKBONE, num_classes: int = 1000, edge_features: int = 256,
