@@ -1,8 +1,8 @@
 """The dynamic graph convolution: build a graph from the current features, then convolve over it."""
+from __future__ import annotations
 
 import inspect
 import logging
-from typing import Optional
 
 import torch
 from torch import nn
@@ -57,10 +57,6 @@ class DynConv2d(nn.Module):
     The learnable parameters live in ``gconv`` (``gconv.nn.0`` conv, ``gconv.nn.1`` norm), the
     published layout.
     """
-
-    # typed for TorchScript (evaluated: this module has no postponed annotations), which would otherwise
-    # type a kNN layer's None as NoneType
-    threshold: Optional[float]
 
     def __init__(
         self,
@@ -118,7 +114,8 @@ class DynConv2d(nn.Module):
         x): indices (B, N, k) for kNN, a mask (B, N, M) for threshold; ``relative_pos`` (1, N, M) is added to
         the distance by both."""
         threshold = self.threshold
-        if self.graph == "threshold" and threshold is not None:  # set whenever the graph is (checked at init)
+        # threshold is set whenever the graph is (checked at init); for a kNN layer TorchScript drops the branch
+        if self.graph == "threshold" and threshold is not None:
             return threshold_mask(x, threshold, y=y, relative_pos=relative_pos)
         num_keys = (x if y is None else y).shape[-2] * (x if y is None else y).shape[-1]
         k, dilation = capped_knn(self.k, self.dilation, num_keys)
