@@ -31,6 +31,7 @@ import math
 
 import torch
 
+from .shapes import shape_str
 from .sparse import check_edge_index
 
 # Elements of the (B, C, chunk, N) temporary in `max_relative_dense` (about 64 MiB in float64).
@@ -44,7 +45,7 @@ _RANKED_HITS = 3.0
 
 def _check_features(x: torch.Tensor) -> tuple[int, int, int]:
     if x.dim() != 4 or x.shape[-1] != 1:
-        raise ValueError(f"x must have shape (B, C, N, 1), got {tuple(x.shape)}")
+        raise ValueError(f"x must have shape (B, C, N, 1), got {shape_str(x.shape)}")
     return x.shape[0], x.shape[1], x.shape[2]
 
 
@@ -54,9 +55,10 @@ def _check_mask_keys(x: torch.Tensor, mask: torch.Tensor, y: torch.Tensor | None
     keys = x if y is None else y
     m = _check_features(keys)[2]
     if keys.shape[:2] != (b, c):
-        raise ValueError(f"y must have shape ({b}, {c}, M, 1), got {tuple(keys.shape)}")
+        raise ValueError(f"y must have shape ({b}, {c}, M, 1), got {shape_str(keys.shape)}")
     if mask.shape != (b, n, m) or mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a bool tensor of shape ({b}, {n}, {m}), got {mask.dtype} {tuple(mask.shape)}")
+        raise ValueError(f"mask must be a bool tensor of shape ({b}, {n}, {m}), "
+                         f"got {mask.dtype} {shape_str(mask.shape)}")
     return b, c, n, m
 
 
@@ -64,7 +66,7 @@ def gather_neighbours(x: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor
     """Features of each centre's neighbours: x (B, C, M, 1), indices (B, N, k) into M -> (B, C, N, k)."""
     b, c, m = _check_features(x)
     if neighbours.dim() != 3 or neighbours.shape[0] != b:
-        raise ValueError(f"neighbours must have shape ({b}, N, k), got {tuple(neighbours.shape)}")
+        raise ValueError(f"neighbours must have shape ({b}, N, k), got {shape_str(neighbours.shape)}")
     _, n, k = neighbours.shape
     flat = x.reshape(b, c, m)
     index = neighbours.reshape(b, 1, n * k).expand(b, c, n * k)

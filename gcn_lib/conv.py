@@ -26,6 +26,7 @@ from torch import nn
 from .aggregate import (gather_neighbours, max_relative_dense, max_relative_gather, max_relative_ranked,
                         max_relative_scatter)
 from .layers import BasicConv, interleave_channels
+from .shapes import shape_str
 from .sparse import mask_to_edge_index
 
 CONVS: tuple[str, ...] = ("mr", "edge", "sage", "gin")
@@ -41,13 +42,13 @@ def graph_form(graph: torch.Tensor) -> str:
     """Name the form of a graph tensor: ``'knn'`` (B, N, k) ints, ``'mask'`` (B, N, N) bool, ``'edges'`` (2, E) ints."""
     if graph.dim() == 3 and graph.dtype == torch.bool:
         return "mask"
-    if graph.dim() == 3 and not graph.dtype.is_floating_point:
+    if graph.dim() == 3 and not graph.is_floating_point():
         return "knn"
-    if graph.dim() == 2 and graph.shape[0] == 2 and not graph.dtype.is_floating_point:
+    if graph.dim() == 2 and graph.shape[0] == 2 and not graph.is_floating_point():
         return "edges"
     raise ValueError(
         "graph must be neighbour indices (B, N, k), a bool mask (B, N, N) or an edge list (2, E); "
-        f"got {graph.dtype} {tuple(graph.shape)}"
+        f"got {graph.dtype} {shape_str(graph.shape)}"
     )
 
 
@@ -67,6 +68,7 @@ class MRConv2d(nn.Module):
                  norm: str | None = None, bias: bool = True) -> None:
         super().__init__()
         self.nn = BasicConv([in_channels * 2, out_channels], act, norm, bias)
+        self.scatter_below_density = SCATTER_BELOW_DENSITY  # an attribute, which TorchScript reads (a global it cannot)
 
     def aggregate(self, x: torch.Tensor, graph: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The relative features m (B, C, N, 1) for any graph form; with keys y (B, C, M, 1) the graph is
@@ -81,12 +83,13 @@ class MRConv2d(nn.Module):
             # (the ranked keys' custom operator has no ONNX translation). Rectangular masks (pyramid ViG's pooled
             # keys), compiled code and tensors without data (the meta device) take the ranked keys: their operator
             # compiles whole and has a fake implementation, while an edge list has a data-dependent size. All mask
-            # paths give the same values.
-            if torch.compiler.is_exporting():
-                return max_relative_dense(x, graph, y)
+            # paths give the same values. TorchScript compiles none of this branch (it cannot compile either call).
+            if not torch.jit.is_scripting():
+                if torch.compiler.is_exporting():
+                    return max_relative_dense(x, graph, y)
             if y is not None or torch.compiler.is_compiling() or graph.is_meta:
                 return max_relative_ranked(x, graph, y)
-            if graph.count_nonzero() >= SCATTER_BELOW_DENSITY * graph.numel():
+            if graph.count_nonzero() >= self.scatter_below_density * graph.numel():
                 return max_relative_ranked(x, graph)
             graph = mask_to_edge_index(graph)
         return max_relative_scatter(x, graph)

@@ -11,6 +11,7 @@ from . import kernels
 from .conv import CONVS, MASK_CONVS, graph_conv
 from .graph import check_threshold, dense_knn, reduced_keys, threshold_mask
 from .layers import interleave_channels
+from .shapes import shape_str
 
 _logger = logging.getLogger(__name__)
 _logged_caps: set[tuple[int, int, int, int, int]] = set()  # run-time kNN caps this process has logged
@@ -112,8 +113,10 @@ class DynConv2d(nn.Module):
         """The graph for (B, C, H, W) features and optional keys y (B, C, H', W') (M = H' W' nodes, default
         x): indices (B, N, k) for kNN, a mask (B, N, M) for threshold; ``relative_pos`` (1, N, M) is added to
         the distance by both."""
-        if self.graph == "threshold":
-            return threshold_mask(x, self.threshold, y=y, relative_pos=relative_pos)
+        threshold = self.threshold
+        # threshold is set whenever the graph is (checked at init); for a kNN layer TorchScript drops the branch
+        if self.graph == "threshold" and threshold is not None:
+            return threshold_mask(x, threshold, y=y, relative_pos=relative_pos)
         num_keys = (x if y is None else y).shape[-2] * (x if y is None else y).shape[-1]
         k, dilation = capped_knn(self.k, self.dilation, num_keys)
         return dense_knn(x, k, dilation, y=y, relative_pos=relative_pos,
@@ -121,12 +124,13 @@ class DynConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor, relative_pos: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 4:
-            raise ValueError(f"x must have shape (B, C, H, W), got {tuple(x.shape)}")
+            raise ValueError(f"x must have shape (B, C, H, W), got {shape_str(x.shape)}")
         b, c, h, w = x.shape
-        if self.uses_fused_kernel(x, relative_pos):
-            nodes = x.reshape(b, c, -1, 1)
-            relative = kernels.threshold_max_relative(nodes, self.threshold)
-            return self.gconv.nn(interleave_channels(nodes, relative)).reshape(b, -1, h, w)
+        if not torch.jit.is_scripting():  # TorchScript compiles the torch path only (the same values)
+            if self.uses_fused_kernel(x, relative_pos):
+                nodes = x.reshape(b, c, -1, 1)
+                relative = kernels.threshold_max_relative(nodes, self.threshold)
+                return self.gconv.nn(interleave_channels(nodes, relative)).reshape(b, -1, h, w)
         y = reduced_keys(x, self.r)
         graph = self.build_graph(x, y, relative_pos)
         nodes = x.reshape(b, c, -1, 1)
@@ -144,17 +148,24 @@ def capped_knn(k: int, dilation: int, num_keys: int) -> tuple[int, int]:
     else k' = min(k, num_keys) and dilation' = min(dilation, num_keys // k'), so that k' * dilation' <= num_keys.
 
     A model built for large maps thus runs on smaller ones (fewer nodes than its schedule asks for);
-    each distinct cap is logged once per process as a warning.
+    each distinct cap is logged once per process as a warning (by eager code; scripted code cannot log).
     """
     if k * dilation <= num_keys:
         return k, dilation
     capped_k = min(k, num_keys)
     capped_dilation = max(1, min(dilation, num_keys // capped_k))
-    if (key := (k, dilation, num_keys, capped_k, capped_dilation)) not in _logged_caps:
-        _logged_caps.add(key)
+    if not torch.jit.is_scripting():
+        _log_cap_once((k, dilation, num_keys, capped_k, capped_dilation))
+    return capped_k, capped_dilation
+
+
+def _log_cap_once(cap: tuple[int, int, int, int, int]) -> None:
+    """Warn of a run-time kNN cap (k, dilation, num_keys, k', dilation') unless this process has already."""
+    if cap not in _logged_caps:
+        _logged_caps.add(cap)
+        k, dilation, num_keys, capped_k, capped_dilation = cap
         _logger.warning("%d key nodes cap the kNN graph at run time: (k, dilation) (%d, %d) -> (%d, %d)",
                         num_keys, k, dilation, capped_k, capped_dilation)
-    return capped_k, capped_dilation
 
 
 def _refuse_knn_arguments(**given: object) -> None:

@@ -19,11 +19,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .shapes import shape_str
+
 
 def as_node_features(x: torch.Tensor) -> torch.Tensor:
     """Validate a (B, C, H, W) or (B, C, N, 1) feature map and return it as (B, N, C)."""
     if x.dim() != 4:
-        raise ValueError(f"x must have shape (B, C, H, W) or (B, C, N, 1), got {tuple(x.shape)}")
+        raise ValueError(f"x must have shape (B, C, H, W) or (B, C, N, 1), got {shape_str(x.shape)}")
     b, c = x.shape[:2]
     return x.reshape(b, c, -1).transpose(1, 2)
 
@@ -57,7 +59,6 @@ def pairwise_sq_distance(x: torch.Tensor, y: torch.Tensor | None = None) -> torc
     return x_square + xy_inner + y_square.transpose(2, 1)
 
 
-@torch.no_grad()
 def dense_knn(
     x: torch.Tensor,
     k: int,
@@ -86,30 +87,31 @@ def dense_knn(
     Returns:
         neighbour indices (B, N, k), int64, into the N (or M) key nodes.
     """
-    if k < 1 or dilation < 1:
-        raise ValueError(f"k and dilation must be >= 1, got k={k}, dilation={dilation}")
-    if not 0.0 <= epsilon <= 1.0:
-        raise ValueError(f"epsilon must lie in [0, 1], got {epsilon}")
-    queries = normalized_nodes(x)
-    keys = None if y is None else normalized_nodes(y)
-    if keys is not None and keys.shape[0] != queries.shape[0]:
-        raise ValueError(f"x and y must have the same batch size, got {x.shape[0]} and {y.shape[0]}")
-    num_keys = queries.shape[1] if keys is None else keys.shape[1]
-    candidates = k * dilation
-    if candidates > num_keys:
-        raise ValueError(
-            f"k * dilation = {k} * {dilation} = {candidates} exceeds the number of nodes ({num_keys})"
-        )
-    dist = pairwise_sq_distance(queries, keys)
-    if relative_pos is not None:
-        dist = dist + relative_pos.to(dist.dtype)
-    _, nearest = torch.topk(-dist, k=candidates, dim=-1)
-    if stochastic and epsilon > 0:
-        draw = torch.rand((), generator=generator).item()
-        if draw < epsilon:
-            pick = torch.randperm(candidates, generator=generator)[:k].to(nearest.device)
-            return nearest[:, :, pick]
-    return nearest[:, :, ::dilation]
+    with torch.no_grad():  # a with block rather than the decorator: TorchScript compiles it
+        if k < 1 or dilation < 1:
+            raise ValueError(f"k and dilation must be >= 1, got k={k}, dilation={dilation}")
+        if not 0.0 <= epsilon <= 1.0:
+            raise ValueError(f"epsilon must lie in [0, 1], got {epsilon}")
+        queries = normalized_nodes(x)
+        keys = None if y is None else normalized_nodes(y)
+        if keys is not None and keys.shape[0] != queries.shape[0]:
+            raise ValueError(f"x and y must have the same batch size, got {x.shape[0]} and {keys.shape[0]}")
+        num_keys = queries.shape[1] if keys is None else keys.shape[1]
+        candidates = k * dilation
+        if candidates > num_keys:
+            raise ValueError(
+                f"k * dilation = {k} * {dilation} = {candidates} exceeds the number of nodes ({num_keys})"
+            )
+        dist = pairwise_sq_distance(queries, keys)
+        if relative_pos is not None:
+            dist = dist + relative_pos.to(dist.dtype)
+        _, nearest = torch.topk(-dist, k=candidates, dim=-1)
+        if stochastic and epsilon > 0:
+            draw = torch.rand((), generator=generator).item()
+            if draw < epsilon:
+                pick = torch.randperm(candidates, generator=generator)[:k].to(nearest.device)
+                return nearest[:, :, pick]
+        return nearest[:, :, ::dilation]
 
 
 def reduced_keys(x: torch.Tensor, r: int) -> torch.Tensor | None:
@@ -119,7 +121,7 @@ def reduced_keys(x: torch.Tensor, r: int) -> torch.Tensor | None:
     if r == 1:
         return None
     if x.dim() != 4 or x.shape[-1] == 1:
-        raise ValueError(f"r > 1 needs a (B, C, H, W) map, got {tuple(x.shape)}")
+        raise ValueError(f"r > 1 needs a (B, C, H, W) map, got {shape_str(x.shape)}")
     return F.avg_pool2d(x, r, r)
 
 
@@ -130,21 +132,25 @@ def threshold_quantile(t: float) -> float:
     return float(torch.special.ndtri(torch.tensor(t, dtype=torch.float64)))
 
 
-def check_threshold(t: float) -> None:
-    """Reject thresholds that select nothing by definition (t >= 1) or are not numbers."""
+def _check_number(t: object) -> None:
     if not isinstance(t, (int, float)) or math.isnan(t):
         raise ValueError(f"threshold t must be a number below 1, got {t!r}")
+
+
+def check_threshold(t: float) -> None:
+    """Reject thresholds that select nothing by definition (t >= 1) or are not numbers."""
+    if not torch.jit.is_scripting():  # scripted code has typed t as a float already
+        _check_number(t)
     if t >= 1:
         raise ValueError(f"threshold t must be below 1 (t <= 0 gives the complete graph), got {t}")
 
 
 def _check_keys(x: torch.Tensor, y: torch.Tensor | None) -> None:
     if y is not None and (y.dim() != 4 or y.shape[:2] != x.shape[:2]):
-        raise ValueError(f"y must have shape (B, C, H', W') or (B, C, M, 1) with x's (B, C) = {tuple(x.shape[:2])}, "
-                         f"got {tuple(y.shape)}")
+        raise ValueError("y must have shape (B, C, H', W') or (B, C, M, 1) with x's (B, C) = "
+                         f"{shape_str(x.shape[:2])}, got {shape_str(y.shape)}")
 
 
-@torch.no_grad()
 def similarity_stats(
     x: torch.Tensor, y: torch.Tensor | None = None, relative_pos: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -162,22 +168,23 @@ def similarity_stats(
         inputs), and the per-image mean (B, 1, 1) and unbiased standard deviation (B, 1, 1) over all
         N * M pairs.
     """
-    _check_keys(x, y)
-    nodes = normalized_nodes(x)
-    keys = None if y is None else normalized_nodes(y)
-    b = nodes.shape[0]
-    dist = pairwise_sq_distance(nodes, keys)
-    if relative_pos is not None:
-        if relative_pos.dim() != 3 or relative_pos.shape[1:] != dist.shape[1:] or relative_pos.shape[0] not in (1, b):
-            raise ValueError(f"relative_pos must have shape (1 or {b}, {dist.shape[1]}, {dist.shape[2]}), "
-                             f"got {tuple(relative_pos.shape)}")
-        dist = dist + relative_pos.detach().to(dist.dtype)
-    sim = -dist
-    flat = sim.reshape(b, -1)
-    return sim, flat.mean(dim=1).view(b, 1, 1), flat.std(dim=1).view(b, 1, 1)
+    with torch.no_grad():  # a with block rather than the decorator: TorchScript compiles it
+        _check_keys(x, y)
+        nodes = normalized_nodes(x)
+        keys = None if y is None else normalized_nodes(y)
+        b = nodes.shape[0]
+        dist = pairwise_sq_distance(nodes, keys)
+        if relative_pos is not None:
+            if (relative_pos.dim() != 3 or relative_pos.shape[1:] != dist.shape[1:]
+                    or relative_pos.shape[0] not in (1, b)):
+                raise ValueError(f"relative_pos must have shape (1 or {b}, {dist.shape[1]}, {dist.shape[2]}), "
+                                 f"got {shape_str(relative_pos.shape)}")
+            dist = dist + relative_pos.detach().to(dist.dtype)
+        sim = -dist
+        flat = sim.reshape(b, -1)
+        return sim, flat.mean(dim=1).view(b, 1, 1), flat.std(dim=1).view(b, 1, 1)
 
 
-@torch.no_grad()
 def threshold_mask(
     x: torch.Tensor, t: float, y: torch.Tensor | None = None, relative_pos: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -204,12 +211,13 @@ def threshold_mask(
     Returns:
         mask (B, N, M), bool: ``mask[b, i, j]`` iff key j is a neighbour of centre i.
     """
-    check_threshold(t)
-    if t <= 0:
-        _check_keys(x, y)
-        b, n, _ = as_node_features(x).shape
-        m = n if y is None else as_node_features(y).shape[1]
-        return torch.ones(b, n, m, dtype=torch.bool, device=x.device)
-    sim, mean, std = similarity_stats(x, y, relative_pos)
-    # A zero spread gives 0/0 = NaN, and NaN > q is false: no edge, as specified.
-    return (sim - mean) / std > threshold_quantile(t)
+    with torch.no_grad():  # a with block rather than the decorator: TorchScript compiles it
+        check_threshold(t)
+        if t <= 0:
+            _check_keys(x, y)
+            b, n, _ = as_node_features(x).shape
+            m = n if y is None else as_node_features(y).shape[1]
+            return torch.ones(b, n, m, dtype=torch.bool, device=x.device)
+        sim, mean, std = similarity_stats(x, y, relative_pos)
+        # A zero spread gives 0/0 = NaN, and NaN > q is false: no edge, as specified.
+        return (sim - mean) / std > threshold_quantile(t)

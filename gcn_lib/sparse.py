@@ -11,12 +11,13 @@ from __future__ import annotations
 import torch
 
 from .graph import pairwise_sq_distance
+from .shapes import shape_str
 
 
 def knn_to_edge_index(neighbours: torch.Tensor) -> torch.Tensor:
     """Neighbour indices (B, N, k) -> edge list (2, B * N * k), centre-major order."""
     if neighbours.dim() != 3:
-        raise ValueError(f"neighbours must have shape (B, N, k), got {tuple(neighbours.shape)}")
+        raise ValueError(f"neighbours must have shape (B, N, k), got {shape_str(neighbours.shape)}")
     b, n, k = neighbours.shape
     offsets = (torch.arange(b, device=neighbours.device) * n).view(b, 1, 1)
     centres = torch.arange(n, device=neighbours.device).view(1, n, 1).expand(b, n, k)
@@ -26,7 +27,7 @@ def knn_to_edge_index(neighbours: torch.Tensor) -> torch.Tensor:
 def knn_to_mask(neighbours: torch.Tensor, num_keys: int | None = None) -> torch.Tensor:
     """Neighbour indices (B, N, k) -> boolean mask (B, N, M) with M = num_keys (default N)."""
     if neighbours.dim() != 3:
-        raise ValueError(f"neighbours must have shape (B, N, k), got {tuple(neighbours.shape)}")
+        raise ValueError(f"neighbours must have shape (B, N, k), got {shape_str(neighbours.shape)}")
     b, n, _ = neighbours.shape
     mask = torch.zeros(b, n, num_keys or n, dtype=torch.bool, device=neighbours.device)
     return mask.scatter_(2, neighbours, True)
@@ -35,9 +36,10 @@ def knn_to_mask(neighbours: torch.Tensor, num_keys: int | None = None) -> torch.
 def mask_to_edge_index(mask: torch.Tensor) -> torch.Tensor:
     """Boolean mask (B, N, N) -> edge list (2, E), centre-major order. Synchronises with the host."""
     if mask.dim() != 3 or mask.shape[1] != mask.shape[2] or mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a bool tensor of shape (B, N, N), got {mask.dtype} {tuple(mask.shape)}")
+        raise ValueError(f"mask must be a bool tensor of shape (B, N, N), got {mask.dtype} {shape_str(mask.shape)}")
     n = mask.shape[1]
-    b_idx, i_idx, j_idx = mask.nonzero(as_tuple=True)
+    hits = mask.nonzero()  # (E, 3): (b, i, j) rows; nonzero(as_tuple=True) is not scriptable
+    b_idx, i_idx, j_idx = hits[:, 0], hits[:, 1], hits[:, 2]
     return torch.stack((b_idx * n + i_idx, b_idx * n + j_idx))
 
 
@@ -59,7 +61,7 @@ def edge_index_to_mask(edge_index: torch.Tensor, batch_size: int, num_nodes: int
 def check_edge_index(edge_index: torch.Tensor, num_nodes: int) -> None:
     """Validate a (2, E) integer edge list against ``num_nodes`` nodes."""
     if edge_index.dim() != 2 or edge_index.shape[0] != 2:
-        raise ValueError(f"edge_index must have shape (2, E), got {tuple(edge_index.shape)}")
+        raise ValueError(f"edge_index must have shape (2, E), got {shape_str(edge_index.shape)}")
     if edge_index.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"edge_index must be int64 or int32, got {edge_index.dtype}")
     if edge_index.numel() and (int(edge_index.min()) < 0 or int(edge_index.max()) >= num_nodes):
@@ -133,13 +135,13 @@ def sparse_knn(x: torch.Tensor, k: int, batch: torch.Tensor | None = None, loop:
         edge list (2, E) of (centre, neighbour) ids into x, nearest neighbours first per centre.
     """
     if x.dim() != 2:
-        raise ValueError(f"x must have shape (M, C), got {tuple(x.shape)}")
+        raise ValueError(f"x must have shape (M, C), got {shape_str(x.shape)}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if batch is None:
         batch = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     if batch.shape != (x.shape[0],):
-        raise ValueError(f"batch must have shape ({x.shape[0]},), got {tuple(batch.shape)}")
+        raise ValueError(f"batch must have shape ({x.shape[0]},), got {shape_str(batch.shape)}")
     feats = x.detach().float() if x.dtype in (torch.float16, torch.bfloat16) else x.detach()
     if cosine:
         feats = torch.nn.functional.normalize(feats, dim=-1)

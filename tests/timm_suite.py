@@ -2,8 +2,9 @@
 
 Shared by ``tests/test_timm_suite.py`` (one model per model class, in CI) and ``benchmarks/timm_suite.py`` (every
 registered model): fetch the sdist with pip, extract its ``tests/``, run pytest on ``test_models.py`` in a
-subprocess with ``vig`` loaded as a plugin (so that timm's module-level ``list_models`` sees our models), selected
-by model name, and read the per-case outcomes from a JUnit XML report.
+subprocess with ``vig`` loaded as a plugin (so that timm's module-level ``list_models`` sees our models) and
+``tests/timm_plugin/vig_timm_skips.py`` (the cases a third-party layer cannot take, skipped with their reason),
+selected by model name, and read the per-case outcomes from a JUnit XML report.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import timm
 
 ROOT = Path(__file__).resolve().parents[1]
+PLUGIN_DIR = Path(__file__).resolve().parent / "timm_plugin"  # a folder of its own: nothing else to shadow
 
 
 class SuiteUnavailable(RuntimeError):
@@ -60,9 +62,10 @@ def run_suite(tests: Path, models: list[str], report: Path, workers: int = 0,
               timeout: int = 3600) -> tuple[dict[str, str], str]:
     """Run timm's ``test_models.py`` on ``models``; returns ({case id: 'passed' | 'failed' | 'skipped'}, pytest's
     last output line). Cases of other models that the ``-k`` expression catches are left out of the result."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "vig", "-p", "no:cacheprovider", "-o", "addopts=",
+    path = [str(ROOT), str(PLUGIN_DIR), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "vig", "-p", "vig_timm_skips", "-p", "no:cacheprovider",
+               "-o", "addopts=",
                f"--junitxml={report}", "-k", selection(models), str(tests / "test_models.py")]
     if workers:
         command[4:4] = ["-n", str(workers)]

@@ -26,7 +26,6 @@ Predictions are transductive: a sample's logits depend on the other images of it
 A batch of one has no neighbours: a = 0 and the logits come from [x, 0]. In training BatchNorm needs at
 least two samples, so a training batch of one raises ValueError.
 """
-from __future__ import annotations
 
 import copy
 from types import MappingProxyType
@@ -35,9 +34,11 @@ from typing import Any, Mapping, Sequence
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_function
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from gcn_lib.shapes import shape_str
 from vig.checkpoint import checkpoint_filter_fn
 from vig.errors import WeightsUnavailableError
 from vig.models.factory_args import build_like, takes_device_and_dtype
@@ -76,11 +77,28 @@ def _conv_bn(in_channels: int, out_channels: int) -> list[nn.Module]:
     return [nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False), nn.BatchNorm2d(out_channels)]
 
 
-def _require_batch(x: torch.Tensor, training: bool) -> None:
-    if x.ndim != 2:
-        raise ValueError(f"batch-graph head takes features (B, D), got shape {tuple(x.shape)}")
+@register_notrace_function  # a leaf of fx tracing: its tests depend on the input's shape
+def require_head_batch(x: torch.Tensor, training: bool) -> None:
+    """ValueError unless x is features (B, D), with B >= 2 in training (fx wraps only public names)."""
+    if x.dim() != 2:
+        raise ValueError(f"batch-graph head takes features (B, D), got shape {shape_str(x.shape)}")
+    require_training_batch(x, training)
+
+
+@register_notrace_function  # a leaf of fx tracing: its test depends on the input's shape
+def require_training_batch(x: torch.Tensor, training: bool) -> None:
+    """ValueError for a training batch x (B, ...) of one sample, which BatchNorm cannot normalise."""
     if training and x.shape[0] < 2:
         raise ValueError("batch-graph head: BatchNorm needs at least 2 samples per training batch, got 1")
+
+
+@register_notrace_function  # a leaf of fx tracing, which sees return_edges as a traced input
+def head_output(logits: torch.Tensor, edge_sim: torch.Tensor,
+                return_edges: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """(logits, edge_sim) with ``return_edges``, else logits."""
+    if return_edges:
+        return logits, edge_sim
+    return logits
 
 
 class EdgeNet(nn.Module):
@@ -103,7 +121,7 @@ class EdgeNet(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _require_batch(x, self.training)
+        require_head_batch(x, self.training)
         batch = x.shape[0]
         pairs = (x[:, None, :] - x[None, :, :]).abs()  # (B, B, D), entry [i, j] = |x_i - x_j|
         scores = self.layers(pairs.permute(2, 0, 1).unsqueeze(0))  # (1, 1, B, B)
@@ -116,7 +134,7 @@ def aggregate_neighbours(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor
     """a = A x with A the weights (B, B) with a zero diagonal and L1-normalised rows: features (B, D) -> (B, D).
     A row without off-diagonal weight (a batch of one) stays zero, so its a is 0."""
     off_diagonal = weights * (1.0 - torch.eye(weights.shape[0], dtype=weights.dtype, device=weights.device))
-    return F.normalize(off_diagonal, p=1, dim=-1) @ x
+    return F.normalize(off_diagonal, p=1.0, dim=-1) @ x
 
 
 class NodeNet(nn.Module):
@@ -151,7 +169,7 @@ class NodeNet(nn.Module):
                                      if num_classes else nn.Identity())
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        _require_batch(x, self.training)
+        require_head_batch(x, self.training)
         nodes = torch.cat([x, aggregate_neighbours(x, weights)], dim=1)  # (B, 2D)
         nodes = self.hidden(nodes.t()[None, :, :, None])  # (1, 2D, B, 1) -> (1, hidden, B, 1)
         if not pre_logits:
@@ -283,12 +301,12 @@ class BatchGraphNet(nn.Module):
         """Backbone features -> logits (B, num_classes), or the classifier's input (B, head_hidden_size)
         with ``pre_logits``; with ``return_edges`` also edge_sim (B, B). Without pooling (``global_pool=''``)
         the features are returned unchanged (and ``return_edges`` is refused: there is no batch graph)."""
-        if not self.global_pool:
+        if self.global_pool == "":
             if return_edges:
                 raise ValueError("return_edges needs the batch graph, which global_pool='' leaves out")
             return x
         logits, edge_sim = self.head(self.pool(x), pre_logits=pre_logits)
-        return (logits, edge_sim) if return_edges else logits
+        return head_output(logits, edge_sim, return_edges)
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
                               **kwargs: Any) -> Any:
@@ -305,8 +323,7 @@ class BatchGraphNet(nn.Module):
                 return_edges: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Images (B, C, H, W) -> logits (B, num_classes); with ``return_edges`` (logits, edge_sim (B, B)).
         A training batch needs B >= 2 (ValueError)."""
-        if self.training and x.shape[0] < 2:
-            raise ValueError("batch-graph head: BatchNorm needs at least 2 samples per training batch, got 1")
+        require_training_batch(x, self.training)
         return self.forward_head(self.forward_features(x), return_edges=return_edges)
 
 

@@ -6,7 +6,8 @@ conv D -> D with BatchNorm and no activation. Every map position becomes a node 
 graph, with its D features and, when ``use_xy``, its (y, x) position scaled to [0, 1]
 (node features (B * H * W, D + 2)). Edges (built once per forward, shared by all graph layers):
 
-- the directed 4-neighbour grid of the map (`gcn_lib.grid_edges`);
+- the directed 4-neighbour grid of the map (`gcn_lib.grid_edges`, built once per map size, batch size and
+  device and then reused: `map_grid_edges`);
 - when ``knn > 0``, each node's ``knn`` nearest other nodes of the same image by cosine distance
   of the CNN features (`gcn_lib.sparse_knn`, no gradient);
 - in training only, DropEdge with probability ``edge_drop`` (`gcn_lib.drop_edge`).
@@ -39,6 +40,7 @@ test-time augmentation: the mean of the *logits* of an image batch and of its ho
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import warnings
 from collections import OrderedDict
@@ -48,6 +50,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from timm.layers import register_notrace_function, register_notrace_module
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
@@ -59,7 +62,7 @@ from vig.models.factory_args import build_like, takes_device_and_dtype
 from vig.models.features import check_feature_request
 from vig.tta import predict_flip_tta
 
-__all__ = ["CnnGatCifar", "GRAPH_LAYERS", "cnn_gat_cifar", "predict_flip_tta"]
+__all__ = ["CnnGatCifar", "GRAPH_LAYERS", "cnn_gat_cifar", "map_grid_edges", "predict_flip_tta"]
 
 GRAPH_LAYERS = ("gat", "gatv2", "gcn", "sage")
 HEAD_WIDTH = 128
@@ -76,19 +79,54 @@ def _pyg(submodule: str) -> ModuleType:
 
 def _graph_layer(conv: str, in_channels: int, out_channels: int, heads: int = 1, attn_drop: float = 0.0,
                  negative_slope: float = 0.2) -> nn.Module:
-    """One torch_geometric layer without added self loops: (M, in) nodes -> (M, heads * out)."""
+    """One torch_geometric layer without added self loops: (M, in) nodes -> (M, heads * out); a leaf of timm's
+    fx tracing (its forward branches on its inputs)."""
     pyg_nn = _pyg("nn")
     if conv == "gat":
-        return pyg_nn.GATConv(in_channels, out_channels, heads=heads, concat=True,
-                              negative_slope=negative_slope, dropout=attn_drop, add_self_loops=False)
-    if conv == "gatv2":
-        return pyg_nn.GATv2Conv(in_channels, out_channels, heads=heads, concat=True,
-                                negative_slope=negative_slope, dropout=attn_drop, add_self_loops=False)
-    if conv == "gcn":
-        return pyg_nn.GCNConv(in_channels, out_channels * heads, add_self_loops=False)
-    if conv == "sage":
-        return pyg_nn.SAGEConv(in_channels, out_channels * heads)
-    raise ValueError(f"conv must be one of {', '.join(GRAPH_LAYERS)}; got {conv!r}")
+        layer = pyg_nn.GATConv(in_channels, out_channels, heads=heads, concat=True,
+                               negative_slope=negative_slope, dropout=attn_drop, add_self_loops=False)
+    elif conv == "gatv2":
+        layer = pyg_nn.GATv2Conv(in_channels, out_channels, heads=heads, concat=True,
+                                 negative_slope=negative_slope, dropout=attn_drop, add_self_loops=False)
+    elif conv == "gcn":
+        layer = pyg_nn.GCNConv(in_channels, out_channels * heads, add_self_loops=False)
+    elif conv == "sage":
+        layer = pyg_nn.SAGEConv(in_channels, out_channels * heads)
+    else:
+        raise ValueError(f"conv must be one of {', '.join(GRAPH_LAYERS)}; got {conv!r}")
+    register_notrace_module(type(layer))
+    return layer
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_grid_edges(height: int, width: int, batch_size: int, device: torch.device) -> torch.Tensor:
+    # a normal tensor even when first asked for under inference_mode, so that autograd may save it later
+    with torch.inference_mode(False):
+        return grid_edges(height, width, neighbours=4, batch_size=batch_size, device=device)
+
+
+@register_notrace_function  # a leaf of fx tracing: the edge list follows the map's size
+def map_grid_edges(feature_map: torch.Tensor) -> torch.Tensor:
+    """Directed 4-neighbour grid (2, E) over the B * H * W nodes of a map (B, D, H, W), (centre, neighbour)
+    rows on the map's device (`gcn_lib.grid_edges`).
+
+    Built and copied to the device once per (H, W, B, device), then the same tensor is returned (callers must
+    not modify it in place); maps on the meta device get a fresh one.
+    """
+    b, _, h, w = feature_map.shape
+    if feature_map.is_meta:
+        return grid_edges(h, w, neighbours=4, batch_size=b, device=feature_map.device)
+    return _cached_grid_edges(h, w, b, feature_map.device)
+
+
+@register_notrace_function  # a leaf of fx tracing: the scale follows the map's size
+def map_positions(feature_map: torch.Tensor) -> torch.Tensor:
+    """(y, x) of every node of a map (B, D, H, W), scaled to [0, 1]: (B * H * W, 2) in the map's dtype."""
+    b, _, h, w = feature_map.shape
+    ys, xs = torch.meshgrid(torch.arange(h, device=feature_map.device, dtype=feature_map.dtype),
+                            torch.arange(w, device=feature_map.device, dtype=feature_map.dtype), indexing="ij")
+    yx = torch.stack((ys / max(h - 1, 1), xs / max(w - 1, 1)), dim=-1).reshape(h * w, 2)
+    return yx.repeat(b, 1)
 
 
 def _conv_bn(in_channels: int, out_channels: int, stride: int, relu: bool) -> nn.Sequential:
@@ -261,10 +299,7 @@ class CnnGatCifar(nn.Module):
         x = feature_map.permute(0, 2, 3, 1).reshape(b * h * w, d)
         if not self.use_xy:
             return x
-        ys, xs = torch.meshgrid(torch.arange(h, device=x.device, dtype=x.dtype),
-                                torch.arange(w, device=x.device, dtype=x.dtype), indexing="ij")
-        yx = torch.stack((ys / max(h - 1, 1), xs / max(w - 1, 1)), dim=-1).reshape(h * w, 2)
-        return torch.cat((x, yx.repeat(b, 1)), dim=1)
+        return torch.cat((x, map_positions(feature_map)), dim=1)
 
     def edges(self, feature_map: torch.Tensor) -> torch.Tensor:
         """Graph of a CNN map (B, D, H, W): torch_geometric (source, target) edge list (2, E) over B * H * W nodes.
@@ -273,7 +308,7 @@ class CnnGatCifar(nn.Module):
         DropEdge's random share in training. Each edge stays inside its image.
         """
         b, d, h, w = feature_map.shape
-        edge_index = grid_edges(h, w, neighbours=4, batch_size=b, device=feature_map.device)
+        edge_index = map_grid_edges(feature_map)
         if self.knn > 0:
             features = feature_map.permute(0, 2, 3, 1).reshape(b * h * w, d)
             batch = torch.arange(b, device=feature_map.device).repeat_interleave(h * w)

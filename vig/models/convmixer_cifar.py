@@ -50,7 +50,9 @@ class BlockSequence(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
             return checkpoint_seq(self, x, use_reentrant=False)
-        return super().forward(x)
+        for block in self:  # nn.Sequential's forward, which TorchScript cannot reach through super()
+            x = block(x)
+        return x
 
 
 class ConvMixerCifar(ConvMixer):

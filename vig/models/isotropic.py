@@ -16,7 +16,6 @@ stride 1, so parameter names and shapes do not change, only the map size. ``vig_
 ``svig_ti_cifar`` are ViG-Ti / SViG-Ti for CIFAR-10: stride 2 at 32 px, a 16 x 16 map (256 nodes, about
 the 196 of 224 px at stride 16), 10 classes.
 """
-from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -26,12 +25,13 @@ from timm.layers import register_notrace_function
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from gcn_lib.shapes import shape_str
 from vig.checkpoint import checkpoint_filter_fn
 from vig.models.cifar import CIFAR_IMG_SIZE
 from vig.models.factory_args import takes_device_and_dtype
 from vig.models.vig_blocks import (FFN, PUBLISHED_IMG_SIZE, SVIG_DEC, ConvStem, Grapher, VisionGNNBase,
                                    check_pretrained_source, check_stem_stride, cifar_cfg, pair, published_cfg,
-                                   resolve_graph_kwargs, threshold_schedule, warn_cap_once)
+                                   resolve_graph_kwargs, strided_grid, threshold_schedule, warn_cap_once)
 
 STEM_STRIDE = 16
 STEM_STRIDES: tuple[int, ...] = (1, 2, 4, 8, 16)
@@ -61,9 +61,7 @@ def stem_grid(img_size: int | Sequence[int], stride: int = STEM_STRIDE) -> tuple
     height, width = pair(img_size)
     if height < 1 or width < 1:
         raise ValueError(f"img_size must be positive, got {img_size}")
-    for _ in range(stride.bit_length() - 1):
-        height, width = (height + 1) // 2, (width + 1) // 2
-    return height, width
+    return strided_grid(height, width, stride)
 
 
 def knn_schedule(num_knn: int, depth: int, num_nodes: int) -> list[tuple[int, int]]:
@@ -103,9 +101,9 @@ def check_image_grid(x: torch.Tensor, pos_embed: torch.Tensor, stem_stride: int,
     """ValueError unless images x (B, C, H, W) give, at ``stem_stride``, the grid of ``pos_embed`` (1, C, H', W').
     A leaf of timm's fx tracing (its test depends on the input's shape)."""
     if x.dim() != 4:
-        raise ValueError(f"images must have shape (B, C, H, W), got {tuple(x.shape)}")
-    grid = stem_grid(tuple(x.shape[-2:]), stem_stride)
-    if grid != tuple(pos_embed.shape[-2:]):
+        raise ValueError(f"images must have shape (B, C, H, W), got {shape_str(x.shape)}")
+    grid = strided_grid(x.shape[-2], x.shape[-1], stem_stride)
+    if grid[0] != pos_embed.shape[-2] or grid[1] != pos_embed.shape[-1]:
         raise ValueError(
             f"{x.shape[-2]}x{x.shape[-1]} images give a {grid[0]}x{grid[1]} map at stem stride {stem_stride}, "
             f"but the position embedding is {pos_embed.shape[-2]}x{pos_embed.shape[-1]} "

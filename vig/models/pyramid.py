@@ -15,7 +15,6 @@ stride 1 at 32 px, stage maps 32, 16, 8, 4; 10 classes). ``stem_stride`` (1, 2 o
 keeps the first log2(stem_stride) of the stem's two downsampling convs at stride 2 and runs the other at
 stride 1: the same parameters, a larger map.
 """
-from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
@@ -28,12 +27,14 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 
 from gcn_lib import relative_position_table
+from gcn_lib.shapes import shape_str
 from vig.checkpoint import checkpoint_filter_fn
 from vig.models.cifar import CIFAR_IMG_SIZE
 from vig.models.factory_args import takes_device_and_dtype
 from vig.models.vig_blocks import (FFN, PUBLISHED_IMG_SIZE, SVIG_DEC, ConvStem, Grapher, VisionGNNBase,
                                    check_pretrained_source, check_stem_stride, cifar_cfg, pair, published_cfg,
-                                   resize_relative_pos, resolve_graph_kwargs, threshold_schedule, warn_cap_once)
+                                   resize_relative_pos, resolve_graph_kwargs, strided_grid, threshold_schedule,
+                                   warn_cap_once)
 
 _logger = logging.getLogger(__name__)
 
@@ -127,17 +128,33 @@ def check_pyramid_input(x: torch.Tensor, stem_stride: int) -> None:
     """ValueError unless x is images (B, C, H, W) whose stage maps leave key nodes (`key_grids`); a leaf of
     timm's fx tracing (the test depends on the input's shape)."""
     if x.dim() != 4:
-        raise ValueError(f"images must have shape (B, C, H, W), got {tuple(x.shape)}")
-    key_grids(tuple(x.shape[-2:]), stem_stride)
+        raise ValueError(f"images must have shape (B, C, H, W), got {shape_str(x.shape)}")
+    if not torch.jit.is_scripting():
+        key_grids(tuple(x.shape[-2:]), stem_stride)
+    elif smallest_key_side(x.shape[-2], x.shape[-1], stem_stride) < 1:  # the same test in scriptable form
+        raise ValueError(f"{x.shape[-2]}x{x.shape[-1]} images are too small for pyramid ViG at stem stride "
+                         f"{stem_stride}: a stage's map pooled by r leaves no key node")
+
+
+def smallest_key_side(height: int, width: int, stem_stride: int,
+                      reductions: tuple[int, int, int, int] = REDUCTIONS) -> int:
+    """The shortest side of the stages' pooled key maps (`key_grids`) for (height, width) images."""
+    height, width = strided_grid(height, width, stem_stride)
+    smallest = height
+    for stage, r in enumerate(reductions):
+        if stage > 0:
+            height, width = (height + 1) // 2, (width + 1) // 2
+        smallest = min(smallest, height // r, width // r)
+    return smallest
 
 
 @register_notrace_function
 def pos_embed_for(pos_embed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The position embedding (1, C, h, w) for a stem map x (B, C, H, W): itself, or resized bicubically to
     (H, W); a leaf of timm's fx tracing (the choice depends on the input's shape)."""
-    if tuple(x.shape[-2:]) == tuple(pos_embed.shape[-2:]):
+    if x.shape[-2] == pos_embed.shape[-2] and x.shape[-1] == pos_embed.shape[-1]:
         return pos_embed
-    return F.interpolate(pos_embed, size=tuple(x.shape[-2:]), mode="bicubic", align_corners=False)
+    return F.interpolate(pos_embed, size=(x.shape[-2], x.shape[-1]), mode="bicubic", align_corners=False)
 
 
 class PyramidStem(ConvStem):

@@ -12,8 +12,6 @@
 The module and parameter names here are those of the published ViG code (``backbone.{i}.0`` Grapher,
 ``backbone.{i}.1`` FFN, ``prediction.*``), so that both models' published checkpoints load unchanged.
 """
-from __future__ import annotations
-
 import logging
 import math
 from typing import Any, Sequence
@@ -117,6 +115,14 @@ def head_pool(pool_type: str) -> SelectAdaptivePool2d:
     return SelectAdaptivePool2d(pool_type=pool_type, flatten=False)
 
 
+def strided_grid(height: int, width: int, stride: int) -> tuple[int, int]:
+    """The map (H', W') that a stride-``stride`` stack of stride-2 3x3 convs (padding 1) makes of an
+    (height, width) image: one halving, rounded up, per factor 2 of a power-of-two ``stride``."""
+    while stride > 1:
+        height, width, stride = (height + 1) // 2, (width + 1) // 2, stride // 2
+    return height, width
+
+
 def resize_relative_pos(relative_pos: torch.Tensor, num_nodes: int, num_keys: int) -> torch.Tensor:
     """Bicubic resize (align_corners=False) of a relative-position term (1, N, M) -> (1, num_nodes, num_keys),
     as the published pyramid ViG does when its input size changes; computed in float32 at least."""
@@ -152,21 +158,19 @@ class Grapher(nn.Module):
 
     def relative_pos_for(self, height: int, width: int) -> torch.Tensor | None:
         """The relative-position term (1, N, M) for an (height, width) map, resized if the stored one differs."""
-        if self.relative_pos is None:
+        relative_pos = self.relative_pos
+        if relative_pos is None:
             return None
         r = self.graph_conv.r
-        size = (height * width, (height // r) * (width // r))
-        if tuple(self.relative_pos.shape[-2:]) == size:
-            return self.relative_pos
-        return resize_relative_pos(self.relative_pos, *size)
+        num_nodes, num_keys = height * width, (height // r) * (width // r)
+        if relative_pos.shape[-2] == num_nodes and relative_pos.shape[-1] == num_keys:
+            return relative_pos
+        return resize_relative_pos(relative_pos, num_nodes, num_keys)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
         x = self.fc1(x)
-        if self.relative_pos is None:
-            x = self.graph_conv(x)
-        else:
-            x = self.graph_conv(x, self.relative_pos_for(*x.shape[-2:]))
+        x = self.graph_conv(x, self.relative_pos_for(x.shape[-2], x.shape[-1]))
         return self.drop_path(self.fc2(x)) + shortcut
 
 
@@ -293,10 +297,12 @@ class VisionGNNBase(nn.Module):
         """Feature map (B, C, h, w) -> logits (B, num_classes), or (B, 1024) with ``pre_logits``; without
         global pooling (``global_pool=''``) the maps (B, num_classes or 1024, h, w)."""
         x = self.global_pool(x)
-        for layer in list(self.prediction)[:-1]:  # a sliced Sequential would be a module fx cannot find in the model
-            x = layer(x)
-        if not pre_logits:
-            x = self.prediction[-1](x)
+        # every layer but the classifier, then the classifier unless pre_logits: a loop over the Sequential itself,
+        # which fx finds in the model (a sliced copy it would not) and TorchScript unrolls
+        last = len(self.prediction) - 1
+        for i, layer in enumerate(self.prediction):
+            if i < last or not pre_logits:
+                x = layer(x)
         return x if self.global_pool.is_identity() else x.flatten(1)
 
     def forward_intermediates(
