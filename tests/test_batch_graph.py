@@ -338,10 +338,16 @@ def test_one_epoch_through_train_py_then_evaluate_reports_its_batches(
     (["--model", "resnet10t", "--edge-loss-weight", "1"], "--edge-loss-weight needs a model with a batch-graph"),
     (["--model", "bgnn", "--edge-loss-weight", "-1"], "--edge-loss-weight must be >= 0"),
     (["--model", "bgnn", "-b", "1"], "--batch-size must be >= 2"),
+    (["--model", "bgnn", "--model-kwargs", f"backbone={BACKBONE}", "edge_features=8", "--img-size", "32",
+      "-b", "2", "--kd-model-name", "resnet10t", "--kd-pretrained-path", "TEACHER"],
+     "--kd-model-name cannot train bgnn"),
 ])
 def test_edge_loss_usage_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                              argv: list[str], message: str) -> None:
     data = _real_images(tmp_path / "data", train_per_class=1, test_per_class=1, classes=2)
+    teacher = tmp_path / "teacher.pth"
+    torch.save(timm.create_model("resnet10t", num_classes=2).state_dict(), teacher)
+    argv = [str(teacher) if arg == "TEACHER" else arg for arg in argv]
     assert train.main([str(data), "--train-split", "train", "--val-split", "test", "-j", "0", *argv,
                        "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

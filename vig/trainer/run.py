@@ -455,6 +455,9 @@ def set_up_training(config: TrainConfig, ctx: DistributedContext) -> TrainingRun
     model = build_model(model_section, num_classes)
     edge_loss_weight = resolve_edge_loss_weight(augmentation.edge_loss_weight, model_section.model, data.batch_size,
                                                 model)
+    if edge_loss_weight is not None and config.distill.kd_model_name:
+        raise UsageError(f"--kd-model-name cannot train {model_section.model}: timm's distillation task returns the "
+                         f"logits alone, and the model's '{EDGE_LOSS}' loss needs its edge outputs")
     if checkpoint is not None:
         load_weights(model, checkpoint, model_section.initial_checkpoint, use_ema=False)
     if model_section.grad_checkpointing:
