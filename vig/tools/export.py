@@ -19,15 +19,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-import timm
 import torch
 from timm.utils import ParseKwargs
 from torch import nn
 
 from gcn_lib import DynConv2d
-from vig.checkpoint import load_checkpoint
+from vig.checkpoint import ModelSettings, load_checkpoint
 from vig.console import OneLineErrorParser, fail, require_model
 from vig.errors import UsageError
+from vig.models.factory import create_model
 
 PROG = "vig-export"
 
@@ -157,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(PROG, error)
     torch.manual_seed(args.seed)
     try:
-        model = timm.create_model(args.model, **args.model_kwargs)
+        model = create_model(ModelSettings(model=args.model, model_kwargs=args.model_kwargs))
         if args.checkpoint:
             load_checkpoint(model, args.checkpoint, use_ema=args.model_ema)
     except (TypeError, ValueError) as error:
