@@ -26,6 +26,7 @@ _LOGGER = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "vig_ti_224_gelu"
 DEFAULT_LR = 1e-3
+KWARGS_FLAGS = ("model_kwargs", "kd_model_kwargs")  # K=V flags, parsed into a dict of Python literals
 
 
 def _parse_model_kwargs(items: Sequence[str]) -> dict[str, Any]:
@@ -304,12 +305,12 @@ def _config_value(parser: argparse.ArgumentParser, action: argparse.Action, valu
         if action.default is not None:
             raise UsageError(f"{_flag_name(action)} takes a value, not null (its default is {action.default!r})")
         return None
-    if action.dest in ("model_kwargs", "kd_model_kwargs") and isinstance(value, dict):
+    if action.dest in KWARGS_FLAGS and isinstance(value, dict):
         if not all(isinstance(key, str) for key in value):
-            raise UsageError(f"--model-kwargs takes a mapping with string keys, got {value!r}")
+            raise UsageError(f"{_flag_name(action)} takes a mapping with string keys, got {value!r}")
         return dict(value)
     parsed = getattr(parser.parse_args(_flag_tokens(action, value)), action.dest)
-    return _parse_model_kwargs(parsed) if action.dest in ("model_kwargs", "kd_model_kwargs") else parsed
+    return _parse_model_kwargs(parsed) if action.dest in KWARGS_FLAGS else parsed
 
 
 def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
@@ -340,7 +341,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     if known.config:
         parser.set_defaults(**_config_defaults(parser, known.config))
     flags = vars(parser.parse_args(argv))
-    for key in ("model_kwargs", "kd_model_kwargs"):
+    for key in KWARGS_FLAGS:
         if not isinstance(flags[key], dict):
             flags[key] = _parse_model_kwargs(flags[key])
     return TrainConfig.from_flags(flags)
