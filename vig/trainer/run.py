@@ -39,8 +39,8 @@ from vig.errors import RunError, UsageError, WeightsUnavailableError
 from vig.graph_info import describe_graph
 from vig.models.factory import create_model
 from vig.models.training_api import EDGE_LOSS, BatchDependent, ExtraLosses
-from vig.trainer.cli import DEFAULT_LR, DEFAULT_MODEL, merge_flag_settings
-from vig.trainer.config import (AugmentSection, DataSection, ModelSection, OptimSection, RunFolderSection,
+from vig.trainer.cli import merge_flag_settings
+from vig.trainer.config import (DEFAULT_LR, DEFAULT_MODEL, AugmentSection, DataSection, ModelSection, OptimSection, RunFolderSection,
                                 TrainConfig)
 from vig.trainer.curves import write_curves
 from vig.trainer.data import (ShardedEvalSampler, StreamShard, build_dataset, build_loader, device_normalizes,
