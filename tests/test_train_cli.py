@@ -237,11 +237,11 @@ def test_recipe_optimizer_decays_only_weights() -> None:
     """AdamW of the recipe: weight decay on conv weights only, not on norms, biases or the position embedding."""
     import timm
 
-    from vig.trainer.run import _optimizer
+    from vig.trainer.setup import build_optimizer
 
     config = parse_args(shlex.split(TRAIN_RECIPE))
     model = timm.create_model("vig_ti_224_gelu")
-    optimizer = _optimizer(config.optimiser, model, "vig_ti_224_gelu")
+    optimizer = build_optimizer(config.optimiser, model, "vig_ti_224_gelu")
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     undecayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}

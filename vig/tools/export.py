@@ -24,7 +24,8 @@ from timm.utils import ParseKwargs
 from torch import nn
 
 from gcn_lib import DynConv2d
-from vig.checkpoint import ModelSettings, load_checkpoint
+from vig.checkpoint import load_checkpoint
+from vig.model_settings import ModelSettings
 from vig.console import OneLineErrorParser, fail, require_model
 from vig.errors import UsageError
 from vig.models.factory import create_model

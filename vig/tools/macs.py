@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from vig.checkpoint import ModelSettings
+from vig.model_settings import ModelSettings
 from vig.complexity import count_macs, count_parameters
 from vig.console import OneLineErrorParser, fail, format_table, require_model
 from vig.errors import UsageError

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from vig.checkpoint import ModelSettings, SettingConflict, SettingOverride, merge_settings, setting_overrides
+from vig.model_settings import ModelSettings, SettingConflict, SettingOverride, merge_settings, setting_overrides
 from vig.console import OneLineErrorParser
 from vig.errors import UsageError
 from vig.trainer.config import SECTION_TITLES, FlagSpec, TrainConfig, flag_fields
@@ -230,7 +230,7 @@ def override_message(override: SettingOverride) -> str:
 
 
 def merge_flag_settings(given: ModelSettings, recorded: ModelSettings, source: str, prefix: str = "") -> ModelSettings:
-    """`vig.checkpoint.merge_settings` of the flags' settings with a checkpoint's, worded in flags: each flag
+    """`vig.model_settings.merge_settings` of the flags' settings with a checkpoint's, worded in flags: each flag
     that overrides a recorded setting logs a warning, a contradiction is a UsageError (``prefix`` + advice)."""
     try:
         merged = merge_settings(given, recorded, source)

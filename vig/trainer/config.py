@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from vig.checkpoint import ModelSettings
+from vig.model_settings import ModelSettings
 from vig.errors import UsageError
 from vig.trainer.policies import (REPEATED_AUG_REPEATS, SYNTHETIC_DATASET, TRAIN_CROPS, TV_RAND_PREFIX,
                                   check_aa_policy)

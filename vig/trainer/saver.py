@@ -24,13 +24,18 @@ import shutil
 import tempfile
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Sequence
 
 import torch
 import yaml
+from timm.models import get_pretrained_cfg
 
 from vig.errors import RunError, UsageError
+from vig.trainer.distributed import DistributedContext, broadcast_object
 from vig.trainer.faults import fault_point
+
+if TYPE_CHECKING:
+    from vig.trainer.config import ModelSection, RunFolderSection
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -368,3 +373,28 @@ class CheckpointSaver:
         self.history = [item for item in self.history if item[0] != epoch]
         self._link_history(epoch, metric)
         return self.best
+
+
+def output_folder(run_folder: RunFolderSection, model: ModelSection, resume: str, ctx: DistributedContext) -> Path:
+    """Primary rank creates output/experiment (without --experiment: a dated name with the model and its input
+    size, --img-size or the model's configured one) and shares it, or the error.
+
+    A folder that already holds another run's files is refused unless the run resumes (see
+    `vig.trainer.saver.require_fresh_or_resumable`): two runs never mix their checkpoints and summaries.
+    """
+    folder: str | None = None
+    error: str | None = None
+    if ctx.is_primary:
+        try:
+            pretrained_cfg = get_pretrained_cfg(model.model)
+            img_size = model.img_size or (pretrained_cfg.input_size[-1] if pretrained_cfg is not None else 0)
+            name = run_folder.experiment or run_folder_name(model.model, img_size)
+            path = prepare_output_dir(run_folder.output, name)
+            require_fresh_or_resumable(path, resume)
+            folder = str(path)
+        except UsageError as err:
+            error = str(err)
+    folder, error = broadcast_object((folder, error), ctx)
+    if error is not None:
+        raise UsageError(error)
+    return Path(folder)
