@@ -12,7 +12,8 @@ from vig.trainer.config import DataSection, TrainConfig
 from vig.trainer.data import (build_dataset, build_loader, device_normalizes, eval_transform, prefetch_to_device,
                               resolve_preprocessing)
 from vig.trainer.distributed import DistributedContext, all_gather_objects
-from vig.trainer.engine import resolve_precision, validate
+from vig.trainer.engine import validate
+from vig.trainer.precision import resolve_precision
 from vig.trainer.setup import apply_checkpoint_settings, build_model, eval_sampler
 from vig.trainer.threads import set_cpu_threads
 

@@ -37,7 +37,7 @@ from vig.trainer.data import (DataConfig, ShardedEvalSampler, StreamShard, build
                               resolve_preprocessing, train_sampler, train_transform)
 from vig.trainer.distill import build_distillation_task, build_teacher
 from vig.trainer.distributed import DistributedContext
-from vig.trainer.engine import Precision, resolve_precision
+from vig.trainer.precision import Precision, resolve_precision
 from vig.trainer.explog import ExperimentLoggers
 from vig.trainer.saver import CheckpointSaver, output_folder
 from vig.trainer.schedule import ONECYCLE_LINEAR, OneCycleLinearScheduler
