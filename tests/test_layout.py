@@ -1,5 +1,5 @@
-"""The three layers import one way (project issue #13): gcn_lib <- models (vig) <- trainer (vig.trainer) <- tools; inside
-the trainer, modules import one another without a circle.
+"""The three layers import one way (project issue #13): gcn_lib <- models (vig) <- trainer (vig.trainer) <- tools;
+inside the trainer, modules import one another without a circle.
 
 Every module's imports are read with ``ast`` (module level and inside functions), so a backward import
 anywhere fails here.

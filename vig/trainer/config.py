@@ -355,8 +355,8 @@ class ScheduleSection:
     """The learning-rate schedule over the epochs."""
 
     sched: str = flag("cosine",
-        help=f'timm scheduler, or {ONECYCLE_LINEAR} (per step 0 -> --lr at 40 %% -> --lr / 20 at 80 %% -> 0; ignores the '
-             'warm-up, --min-lr and cooldown flags)',
+        help=f'timm scheduler, or {ONECYCLE_LINEAR} (per step 0 -> --lr at 40 %% -> --lr / 20 at 80 %% -> 0; '
+             'ignores the warm-up, --min-lr and cooldown flags)',
         choices=(*TIMM_SCHEDULES, ONECYCLE_LINEAR))
     epochs: int = flag(300, help='training epochs')
     warmup_epochs: int = flag(5, help='linear warm-up epochs')

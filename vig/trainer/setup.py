@@ -272,7 +272,8 @@ class TrainingRun:
     step: TrainStep | None = None
 
 
-def _place_model(model: nn.Module, config: TrainConfig, ctx: DistributedContext) -> tuple[nn.Module, torch.dtype | None]:
+def _place_model(model: nn.Module, config: TrainConfig,
+                 ctx: DistributedContext) -> tuple[nn.Module, torch.dtype | None]:
     """The model with synchronised BatchNorm (--sync-bn), on the device in --model-dtype and memory layout."""
     if config.distributed.sync_bn and ctx.distributed:
         if ctx.device.type != "cuda":

@@ -79,8 +79,9 @@ class EdgeLoss:
     has_edge_loss: bool = True
 
     def train(self, model: nn.Module) -> None:
-        if not isinstance(unwrap_model(model), ExtraLosses):
-            raise TypeError(f"an edge loss needs a model with extra loss terms, got {type(unwrap_model(model)).__name__}")
+        unwrapped = unwrap_model(model)
+        if not isinstance(unwrapped, ExtraLosses):
+            raise TypeError(f"an edge loss needs a model with extra loss terms, got {type(unwrapped).__name__}")
         model.train()
 
     def __call__(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
