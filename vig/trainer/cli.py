@@ -14,27 +14,30 @@ import dataclasses
 import logging
 import types
 import typing
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import yaml
 
-from vig.model_settings import ModelSettings, SettingConflict, SettingOverride, merge_settings, setting_overrides
 from vig.console import OneLineErrorParser
 from vig.errors import UsageError
+from vig.model_settings import ModelSettings, SettingConflict, SettingOverride, merge_settings, setting_overrides
 from vig.trainer.config import SECTION_TITLES, FlagSpec, TrainConfig, flag_fields
 
 _LOGGER = logging.getLogger(__name__)
 
 
-def _kwargs_flags() -> tuple[str, ...]:
-    """The K=V flags (parsed into a dict of Python literals): the config fields marked ``kwargs``."""
+def _flag_groups() -> Iterator[tuple[str | None, type]]:
+    """Where the flags are declared: `TrainConfig` itself (``-c``; no --help group), then each section with its
+    --help group title."""
+    yield None, TrainConfig
     hints = typing.get_type_hints(TrainConfig)
-    sections = [TrainConfig, *(hints[item.name] for item in dataclasses.fields(TrainConfig)
-                               if dataclasses.is_dataclass(hints[item.name]))]
-    return tuple(item.name for section in sections for item, spec in flag_fields(section) if spec.kwargs)
+    for item in dataclasses.fields(TrainConfig):
+        if dataclasses.is_dataclass(hints[item.name]):
+            yield SECTION_TITLES[item.name], hints[item.name]
 
 
-KWARGS_FLAGS = _kwargs_flags()
+# the K=V flags (parsed into a dict of Python literals): the config fields marked ``kwargs``
+KWARGS_FLAGS = tuple(item.name for _, section in _flag_groups() for item, spec in flag_fields(section) if spec.kwargs)
 
 
 def _parse_model_kwargs(items: Sequence[str]) -> dict[str, Any]:
@@ -105,18 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="train.py", formatter_class=_HelpFormatter,
                                 description="Train or evaluate ViG / SViG (or any timm) models, on one device or "
                                             "distributed.")
-    hints = typing.get_type_hints(TrainConfig)
-    for item, spec in flag_fields(TrainConfig):
-        _add_flag(parser, item, spec, hints[item.name])
-    for item in dataclasses.fields(TrainConfig):
-        section = hints[item.name]
-        if not dataclasses.is_dataclass(section):
-            continue
-        group = parser.add_argument_group(SECTION_TITLES[item.name])
-        section_hints = typing.get_type_hints(section)
-        for field_item, spec in flag_fields(section):
-            _add_flag(group, field_item, spec, section_hints[field_item.name])
+    for title, section in _flag_groups():
+        _add_flags(parser if title is None else parser.add_argument_group(title), section)
     return parser
+
+
+def _add_flags(group: Any, section: type) -> None:
+    """The flags of one config section (or of `TrainConfig` itself) into ``group``."""
+    hints = typing.get_type_hints(section)
+    for item, spec in flag_fields(section):
+        _add_flag(group, item, spec, hints[item.name])
 
 
 def _read_config(path: str) -> dict[Any, Any]:
@@ -195,9 +196,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     """Parse flags (after applying `-c config.yaml` defaults) into the checked, typed run config."""
     parser = build_parser()
     config_parser = OneLineErrorParser(add_help=False)  # -c alone, read before the other flags' defaults
-    hints = typing.get_type_hints(TrainConfig)
-    for item, spec in flag_fields(TrainConfig):
-        _add_flag(config_parser, item, spec, hints[item.name])
+    _add_flags(config_parser, TrainConfig)
     known, _ = config_parser.parse_known_args(argv)
     if known.config:
         parser.set_defaults(**_config_defaults(parser, known.config))
