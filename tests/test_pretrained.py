@@ -287,14 +287,16 @@ def _run_hub_worker(tmp_path: Path, home: Path, names: list[str], images: torch.
     return json.loads(done.stdout.strip().splitlines()[-1]), torch.load(out)
 
 
-def _deit_checkpoint(path: Path) -> Path:
-    """A MobileViG-S file in the layout of the authors' DeiT training script: weights under ``model``, the EMA
-    copy under ``model_ema`` (different, so that picking it would show), optimizer state and flags."""
+def _training_checkpoint(path: Path) -> Path:
+    """A MobileViG-S file in the layout of the authors' training script (``main.py``): ``state_dict`` (what their
+    ``--resume ... --eval`` evaluates), ``state_dict_ema`` (different here, so that taking it would show: timm's
+    own file reader prefers it), optimizer and scheduler state, epoch, scaler and the flags."""
     torch.manual_seed(3)
     weights = timm.create_model("mobilevig_s").state_dict()
     ema = {key: value + 1 if value.is_floating_point() else value for key, value in weights.items()}
-    torch.save({"model": weights, "model_ema": ema, "optimizer": {"state": {}, "param_groups": []}, "epoch": 299,
-                "args": argparse.Namespace(model="mobilevig_s")}, path)
+    torch.save({"state_dict": weights, "optimizer": {"state": {}, "param_groups": []}, "lr_scheduler": {},
+                "epoch": 299, "state_dict_ema": ema, "scaler": {}, "args": argparse.Namespace(model="mobilevig_s")},
+               path)
     return path
 
 
@@ -309,7 +311,7 @@ def test_hub_weights_load_from_an_offline_hub_cache(name: str, uncached: str, tm
         reference = torch.load(shared_path("fixtures", "greedyvig_s_reference_outputs.pt"))
         images = reference["input"][:2]
     else:
-        source, reference, images = _deit_checkpoint(tmp_path / "deit.pth.tar"), None, _images()
+        source, reference, images = _training_checkpoint(tmp_path / "mobilevig.pth.tar"), None, _images()
     home = tmp_path / "hf_home"
     _hub_cache(home, config.hf_hub_id, config.hf_hub_filename, source)
     errors, logits = _run_hub_worker(tmp_path, home, [name, uncached], images)

@@ -350,9 +350,10 @@ SIZES: dict[str, dict[str, Any]] = {
                         global_channels=(464,), emb_dims=768),
 }
 
-# The authors' ImageNet-1k weights on the Hugging Face hub (DeiT training checkpoints, weights under "model"); the
-# file names are those the authors' README and detection configs load from that repository's download. The Ti
-# file's name is published nowhere, so mobilevig_ti has no tag.
+# The authors' ImageNet-1k weights on the Hugging Face hub: their training script's checkpoints, whose
+# `state_dict` (not `state_dict_ema`) is what their `--resume FILE --eval` evaluates. The file names are those the
+# authors' README and detection backbones load from that repository's download; the Ti file's name is published
+# nowhere, so mobilevig_ti has no tag.
 _MOBILEVIG_WEIGHTS = {"mobilevig_s": ("MobileViG_S_78_2.pth.tar", 78.2), "mobilevig_m": ("MobileViG_M_80_7.pth.tar", 80.6),
                       "mobilevig_b": ("MobileViG_B_82_6.pth.tar", 82.6)}
 
