@@ -338,15 +338,29 @@ def cached_vig_ti(torch_home: Path) -> Path:
 
 
 @pytest.mark.usefixtures("fast_in_process_runs")
+@pytest.mark.parametrize("tag, ema", [("vig_ti_224_gelu", False), ("svig_ti_224_gelu.in1k_t093_d003", True)])
 def test_train_evaluate_pretrained_runs_offline_from_the_torch_hub_cache(
-        tmp_path: Path, cached_vig_ti: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tag: str, ema: bool, tmp_path: Path, torch_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--evaluate --pretrained, no --pretrain_path: the tag's file from the torch hub cache, its 1000-class head,
+    its preprocessing (224 px) and, for an EMA tag, its EMA weights (the loss tells the entries apart)."""
+    config = get_pretrained_cfg(tag)
+    (torch_home / "hub" / "checkpoints").mkdir(parents=True)
+    cached = torch_home / "hub" / "checkpoints" / config.url.rsplit("/", 1)[-1]
+    if ema:
+        shutil.copy(shared_path("fixtures", "svig_ti_checkpoint.pth.tar"), cached)
+    else:
+        _bare_vig(cached)
     data = make_image_folder(tmp_path / "data", {"val": {"a": 2, "b": 1}}, size=40)
     capsys.readouterr()
-    assert train.main([str(data), "--model", "vig_ti_224_gelu", "--pretrained", "--evaluate", "-j", "0", "-b",
-                       "3"]) == 0
+    assert train.main([str(data), "--model", tag, "--pretrained", "--evaluate", "-j", "0", "-b", "3"]) == 0
     result = last_json_line(capsys.readouterr().out)
     assert (result["num_classes"], result["img_size"], result["count"]) == (1000, 224, 3)
-    assert result["checkpoint"] == get_pretrained_cfg("vig_ti_224_gelu.in1k").url
+    assert (result["checkpoint"], result["ema"]) == (config.url, ema)
+    # the same file by hand (the SViG fixture records vig_ti_224_gelu with its own thresholds: the tag's win)
+    by_file = [str(data), "--pretrain_path", str(cached), "--evaluate", "-j", "0", "-b", "3",
+               *(["--model-ema", "--start-thresh", "0.93", "--dec", "0.03"] if ema else ["--model", tag])]
+    assert train.main(by_file) == 0
+    assert last_json_line(capsys.readouterr().out)["loss"] == result["loss"]
 
 
 def test_train_pretrained_fine_tunes_with_a_reset_head(cached_vig_ti: Path) -> None:

@@ -287,8 +287,9 @@ def evaluate(config: TrainConfig, ctx: DistributedContext) -> dict[str, Any] | N
                  f"in one fixed order shuffled from --seed {sampler.shuffle_seed}" if sampler.shuffle_seed is not None
                  else "")
     graph = describe_graph(model)
+    published = getattr(unwrap_model(model), "pretrained_cfg", None) or {}
     return {"model": config.model.model, "checkpoint": config.model.initial_checkpoint or weights_source(model),
-            "ema": config.model.model_ema,
+            "ema": config.model.model_ema if checkpoint is not None else bool(published.get("use_ema")),
             "img_size": preprocessing.input_size[-1], "num_classes": num_classes,
             "graph": graph.label, "start_thresh": graph.start_thresh, "dec": graph.dec,
             "tta": loop.tta, "top1": stats.top1, "top5": stats.top5, "loss": stats.loss, "count": stats.count,
