@@ -385,6 +385,17 @@ def test_train_pretrained_without_network_is_one_line_naming_pretrained_path(
     assert len(lines) == 1 and f"127.0.0.1:{port}/x.pth" in lines[0] and "--pretrained-path PATH" in lines[0]
 
 
+@pytest.mark.usefixtures("fast_in_process_runs")
+@pytest.mark.parametrize("model, message", [("vig_ti_cifar", "vig_ti_cifar has no published weights"),
+                                            ("pvig_m_224_gelu.in21k", "have no classifier")])
+def test_train_evaluate_pretrained_without_a_published_head_is_one_line(
+        model: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = make_image_folder(tmp_path / "data", {"val": {"a": 1}}, size=40)
+    assert train.main([str(data), "--model", model, "--pretrained", "--evaluate", "-j", "0"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
+
+
 def test_vig_macs_takes_pretrained(cached_vig_ti: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert macs_main(["vig_ti_224_gelu", "--pretrained"]) == 0
     assert "vig_ti_224_gelu" in capsys.readouterr().out

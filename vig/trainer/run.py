@@ -118,11 +118,20 @@ def pretrained_kwargs(model: ModelSection) -> dict[str, Any]:
 
 def pretrained_classes(model: ModelSection) -> int | None:
     """The class count of the --pretrained weights' head: the --pretrained-path file's classifier, else the
-    pretrained config of the model's tag (``name.tag``, or its default tag); None when unknown or headless."""
+    pretrained config of the model's tag (``name.tag``, or its default tag); None when the file's is unknown.
+    A model without published weights (and no --pretrained-path), or whose weights have no classifier (a
+    headless tag), is a UsageError: there is no head to evaluate."""
     if model.pretrained_path:
-        return pretrained_kwargs(model)["pretrained_cfg_overlay"]["num_classes"] if model.pretrained else None
+        classes = pretrained_kwargs(model)["pretrained_cfg_overlay"]["num_classes"]
+        return classes if classes > 0 else None
     config = get_pretrained_cfg(model.model) if model.model else None
-    return config.num_classes if config is not None and config.num_classes else None
+    if config is None or not (config.url or config.hf_hub_id):
+        raise UsageError(f"--pretrained: {model.model} has no published weights (timm.list_pretrained() lists the "
+                         "models that have); give the weights with --pretrained-path FILE or --pretrain_path FILE")
+    if not config.num_classes:
+        raise UsageError(f"--pretrained: {model.model}'s published weights have no classifier (a backbone to "
+                         "fine-tune), so there is nothing to evaluate")
+    return config.num_classes
 
 
 def weights_source(model: nn.Module) -> str | None:
