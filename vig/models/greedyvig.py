@@ -18,9 +18,9 @@ from torch import nn
 
 from gcn_lib import DAGA
 from vig.checkpoint import checkpoint_filter_fn
-from vig.models.pretrained import GREEDYVIG_HUB, GREEDYVIG_PAPER, build_with_weights, weights_cfg
 from vig.models.features import check_feature_request, forward_taking
 from vig.models.mobilevig import DistilledConvNet, Downsample, Stem, conv_bn, efficient_cfg
+from vig.models.pretrained import GREEDYVIG_HUB, GREEDYVIG_PAPER, build_with_weights, weights_cfg
 
 STAGE_K: tuple[int, ...] = (8, 4, 2, 1)
 
@@ -191,7 +191,7 @@ SIZES: dict[str, dict[str, Any]] = {
     "greedyvig_b": dict(blocks=((4, 4), (4, 4), (12, 4), (3, 3)), channels=(64, 128, 256, 512)),
 }
 
-# The authors' ImageNet-1k weights on the Hugging Face hub (bare state dicts), as listed in that repository.
+# The authors' ImageNet-1k weights on the Hugging Face hub (state dicts), as that repository lists them.
 _GREEDYVIG_WEIGHTS = {"greedyvig_s": ("S_GreedyViG_81_1.pth", 81.1), "greedyvig_m": ("M_GreedyViG_82_9.pth", 82.9),
                       "greedyvig_b": ("B_GreedyViG_83_9.pth", 83.9)}
 

@@ -22,8 +22,8 @@ from torch import nn
 
 from gcn_lib import SVGA, DAGA
 from vig.checkpoint import checkpoint_filter_fn
-from vig.models.pretrained import MOBILEVIG_HUB, MOBILEVIG_PAPER, build_with_weights, weights_cfg
 from vig.models.features import check_feature_request, forward_taking
+from vig.models.pretrained import MOBILEVIG_HUB, MOBILEVIG_PAPER, build_with_weights, weights_cfg
 
 register_notrace_module(SVGA)
 register_notrace_module(DAGA)
