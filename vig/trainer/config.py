@@ -408,7 +408,11 @@ class TrainConfig:
             _require(self.data.batch_size % 2 == 0,
                      f"mixup / cutmix need an even --batch-size, got {self.data.batch_size}")
         if self.loop.evaluate:
-            _require(bool(self.model.initial_checkpoint), "--evaluate needs --pretrain_path CHECKPOINT")
+            _require(bool(self.model.initial_checkpoint) or self.model.pretrained,
+                     "--evaluate needs --pretrain_path CHECKPOINT, or --pretrained for the model's published weights")
+            _require(not (self.model.pretrained and self.model.model_ema),
+                     "--model-ema selects the EMA weights of --pretrain_path; with --pretrained the pretrained tag "
+                     "names its weights (choose the model's tag instead, e.g. svig_ti_224_gelu.in1k_t093_d003)")
         _require(self.loop.resume != "auto" or bool(self.run_folder.experiment),
                  "--resume auto needs --experiment NAME (a fixed run folder in which to look for last.pth.tar)")
 

@@ -93,7 +93,8 @@ def build_model(model: ModelSection, num_classes: int) -> nn.Module:
     except (TypeError, ValueError) as err:  # constructors reject bad arguments with these
         raise UsageError(f"model {model.model}: {err}") from None
     except WeightsUnavailableError as err:
-        raise RunError(f"{err} (train.py --model-kwargs {err.argument}=PATH)") from None
+        flag = "--pretrained-path" if err.argument == "pretrained_cfg_overlay" else f"--model-kwargs {err.argument}="
+        raise RunError(f"{err} (train.py {flag}{'' if flag.endswith('=') else ' '}PATH)") from None
 
 
 def pretrained_kwargs(model: ModelSection) -> dict[str, Any]:
@@ -113,6 +114,34 @@ def pretrained_kwargs(model: ModelSection) -> dict[str, Any]:
     classes = classifier_outputs(model.model, state_dict)
     return {"pretrained": True,
             "pretrained_cfg_overlay": {"file": model.pretrained_path, "num_classes": classes if classes else -1}}
+
+
+def pretrained_classes(model: ModelSection) -> int | None:
+    """The class count of the --pretrained weights' head: the --pretrained-path file's classifier, else the
+    pretrained config of the model's tag (``name.tag``, or its default tag); None when the file's is unknown.
+    A model without published weights (and no --pretrained-path), or whose weights have no classifier (a
+    headless tag), is a UsageError: there is no head to evaluate."""
+    if model.pretrained_path:
+        classes = pretrained_kwargs(model)["pretrained_cfg_overlay"]["num_classes"]
+        return classes if classes > 0 else None
+    config = get_pretrained_cfg(model.model) if model.model else None
+    if config is None or not (config.url or config.hf_hub_id):
+        raise UsageError(f"--pretrained: {model.model} has no published weights (timm.list_pretrained() lists the "
+                         "models that have); give the weights with --pretrained-path FILE or --pretrain_path FILE")
+    if not config.num_classes:
+        raise UsageError(f"--pretrained: {model.model}'s published weights have no classifier (a backbone to "
+                         "fine-tune), so there is nothing to evaluate")
+    return config.num_classes
+
+
+def weights_source(model: nn.Module) -> str | None:
+    """Where the pretrained weights of ``model`` came from (its pretrained config): a file, a URL or a hub file."""
+    config = getattr(unwrap_model(model), "pretrained_cfg", None) or {}
+    if config.get("file"):
+        return str(config["file"])
+    if config.get("hf_hub_id"):
+        return f"hf-hub:{config['hf_hub_id']}/{config.get('hf_hub_filename') or ''}".rstrip("/")
+    return config.get("url") or None
 
 
 def resolve_lr(optimiser: OptimSection, batch_size: int, world_size: int) -> float:
@@ -232,11 +261,15 @@ def eval_sampler(seed: int, val_set: Any, ctx: DistributedContext,
 def evaluate(config: TrainConfig, ctx: DistributedContext) -> dict[str, Any] | None:
     """Evaluate --pretrain_path on the validation split; the result dict on the primary rank, else None."""
     config, checkpoint = apply_checkpoint_settings(config, use_class_count=True)
+    if checkpoint is None and config.data.num_classes is None:  # --pretrained: the published head's class count
+        config = config.replace(data={"num_classes": pretrained_classes(config.model)})
     data, loop = config.data, config.loop
     val_set, classes = build_dataset(data, data.val_split, is_training=False, seed=loop.seed)
-    num_classes = evaluation_classes(data, config.model.initial_checkpoint, classes)
+    num_classes = evaluation_classes(
+        data, config.model.initial_checkpoint or f"the pretrained {config.model.model}", classes)
     model = build_model(config.model, num_classes)
-    load_weights(model, checkpoint, config.model.initial_checkpoint, use_ema=config.model.model_ema)
+    if checkpoint is not None:
+        load_weights(model, checkpoint, config.model.initial_checkpoint, use_ema=config.model.model_ema)
     if ctx.device.type == "cpu":  # after the checks of the user's input, whose errors stay the only line
         set_cpu_threads(data.workers)
     preprocessing = resolve_preprocessing(data, config.model.img_size, model)
@@ -263,7 +296,9 @@ def evaluate(config: TrainConfig, ctx: DistributedContext) -> dict[str, Any] | N
                  f"in one fixed order shuffled from --seed {sampler.shuffle_seed}" if sampler.shuffle_seed is not None
                  else "")
     graph = describe_graph(model)
-    return {"model": config.model.model, "checkpoint": config.model.initial_checkpoint, "ema": config.model.model_ema,
+    published = getattr(unwrap_model(model), "pretrained_cfg", None) or {}
+    return {"model": config.model.model, "checkpoint": config.model.initial_checkpoint or weights_source(model),
+            "ema": config.model.model_ema if checkpoint is not None else bool(published.get("use_ema")),
             "img_size": preprocessing.input_size[-1], "num_classes": num_classes,
             "graph": graph.label, "start_thresh": graph.start_thresh, "dec": graph.dec,
             "tta": loop.tta, "top1": stats.top1, "top5": stats.top5, "loss": stats.loss, "count": stats.count,
