@@ -52,6 +52,16 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def plain(data: Path, checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The result of the evaluation without flags (read back from its --results-file)."""
+    path = tmp_path_factory.mktemp("plain") / "result.json"
+    torch.set_num_threads(1)
+    assert train.main([str(data), "--model", MODEL, "--pretrain_path", str(checkpoint), "--evaluate", "-j", "0",
+                       "-b", "3", "--results-file", str(path)]) == 0
+    return json.loads(path.read_text())
+
+
 def _evaluate(data: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str], *flags: str) -> dict:
     capsys.readouterr()
     status = train.main([str(data), "--model", MODEL, "--pretrain_path", str(checkpoint), "--evaluate", "-j", "0",
@@ -81,11 +91,10 @@ def _float64_oracle(data: Path, checkpoint: Path) -> float:
     return float(F.cross_entropy(logits, torch.tensor(targets), reduction="mean"))
 
 
-def test_model_dtype_float64_evaluates_in_float64(data: Path, checkpoint: Path,
+def test_model_dtype_float64_evaluates_in_float64(data: Path, checkpoint: Path, plain: dict,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """Before the fix --model-dtype float64 gave the float32 loss bit for bit."""
     oracle = _float64_oracle(data, checkpoint)
-    plain = _evaluate(data, checkpoint, capsys)
     double = _evaluate(data, checkpoint, capsys, "--model-dtype", "float64")
     assert double["model_dtype"] == "float64" and plain["model_dtype"] == "float32"
     assert double["loss"] != plain["loss"]
@@ -94,11 +103,10 @@ def test_model_dtype_float64_evaluates_in_float64(data: Path, checkpoint: Path,
     assert double["count"] == plain["count"] == 8
 
 
-def test_torchcompile_compiles_the_evaluated_model(data: Path, checkpoint: Path,
+def test_torchcompile_compiles_the_evaluated_model(data: Path, checkpoint: Path, plain: dict,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """torch._dynamo's counters show frames compiled during the evaluation (the eager backend: no compiler
     needed); before the fix --torchcompile was never read by --evaluate."""
-    plain = _evaluate(data, checkpoint, capsys)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     result = _evaluate(data, checkpoint, capsys, "--torchcompile", "eager")
@@ -116,18 +124,17 @@ def test_torchcompile_compiles_the_evaluated_model(data: Path, checkpoint: Path,
     (["--model-dtype", "bfloat16"], "model_dtype", "bfloat16"),
     (["--channels-last"], "channels_last", True),  # another float32 summation order: other kNN edges flip
 ])
-def test_precision_and_tta_flags_change_the_evaluation(data: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str],
-                                                       flags: list[str], field: str, value: object) -> None:
-    plain = _evaluate(data, checkpoint, capsys)
+def test_precision_and_tta_flags_change_the_evaluation(data: Path, checkpoint: Path, plain: dict,
+                                                       capsys: pytest.CaptureFixture[str], flags: list[str], field: str,
+                                                       value: object) -> None:
     result = _evaluate(data, checkpoint, capsys, *flags)
     assert result[field] == value
     assert result["loss"] != plain["loss"]
 
 
 @pytest.mark.parametrize("flags", [["--tta", "0"], ["--tta", "1"]])
-def test_flags_that_keep_the_plain_evaluation(data: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str],
-                                              flags: list[str]) -> None:
-    plain = _evaluate(data, checkpoint, capsys)
+def test_flags_that_keep_the_plain_evaluation(data: Path, checkpoint: Path, plain: dict,
+                                              capsys: pytest.CaptureFixture[str], flags: list[str]) -> None:
     result = _evaluate(data, checkpoint, capsys, *flags)
     assert result["loss"] == plain["loss"] and result["tta"] == 0
 
@@ -156,12 +163,12 @@ def test_crop_pct_on_a_32_px_input_is_refused(data: Path, checkpoint: Path, caps
     assert status == 2 and err.count("\n") == 1 and "--crop-pct 0.9" in err, err
 
 
-@pytest.mark.parametrize("name", ["result.json", "result.csv", "deeper/result.txt"])
+@pytest.mark.parametrize("name", ["result.json", "result.CSV", "deeper/result.txt"])
 def test_results_file(data: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path,
                       name: str) -> None:
     path = tmp_path / name
     printed = _evaluate(data, checkpoint, capsys, "--results-file", str(path), "--tta")
-    if name.endswith(".csv"):
+    if name.endswith(".CSV"):
         with open(path, newline="") as handle:
             rows = list(csv.DictReader(handle))
         assert len(rows) == 1
