@@ -21,10 +21,11 @@ from torch import nn
 import gcn_lib.conv as gcn_conv
 import vig  # noqa: F401  (registers the models)
 from vig.models.pyramid import SIZES as PYRAMID_SIZES, PyramidVisionGNN
+from tests.shared_files import import_or_skip
 from vig.tools import export as export_tool
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
+import_or_skip("onnxruntime")
+import_or_skip("onnxscript")
 
 FIXED_GRAPH_TOLERANCE = 1e-4
 # ONNX Runtime and PyTorch float32 each round differently from the exact result, and float64 stands in

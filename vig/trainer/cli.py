@@ -28,6 +28,14 @@ _LOGGER = logging.getLogger(__name__)
 DEFAULT_MODEL = "vig_ti_224_gelu"
 DEFAULT_LR = 1e-3
 KWARGS_FLAGS = ("model_kwargs", "kd_model_kwargs")  # K=V flags, parsed into a dict of Python literals
+# keys that configs written by earlier versions hold, of flags since removed: accepted with the value that did
+# nothing, refused with any other
+RETIRED_KEYS = {
+    # datasets >= 4.0 (this project needs >= 5.2) runs no loading scripts: the flag could only fail
+    "dataset_trust_remote_code": (False, "--dataset-trust-remote-code was removed: the datasets release this "
+                                         "project needs (>= 5.2) runs no loading scripts; convert the dataset to "
+                                         "parquet / data files"),
+}
 
 
 def _parse_model_kwargs(items: Sequence[str]) -> dict[str, Any]:
@@ -75,8 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--target-key", default=None,
                       help="wds: a field of the json sidecar (default: the .cls file); hfds: the label "
                            "feature (default: label)")
-    data.add_argument("--dataset-trust-remote-code", action="store_true",
-                      help="hfds: let datasets run a loading script in the dataset folder")
     data.add_argument("--dataset-download", action="store_true", help="download torch/* datasets into DIR")
     data.add_argument("--train-split", default="train", help="training split folder / name")
     data.add_argument("--val-split", default="val", help="validation split ('val' falls back to 'validation')")
@@ -337,6 +343,11 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, An
     defaults = {}
     for key, value in _read_config(path).items():
         dest = str(key).replace("-", "_")
+        if dest in RETIRED_KEYS:
+            harmless, reason = RETIRED_KEYS[dest]
+            if value != harmless:
+                raise UsageError(f"config {path}: key {key!r}: {reason}")
+            continue
         if dest not in actions:
             raise UsageError(f"config {path}: unknown key {key!r}")
         try:

@@ -60,7 +60,6 @@ class DataSection:
     input_key: str | None = None
     input_img_mode: str = "RGB"
     target_key: str | None = None
-    dataset_trust_remote_code: bool = False
     dataset_download: bool = False
     train_split: str = "train"
     val_split: str = "val"
