@@ -220,3 +220,19 @@ def test_hfds_missing_folder_is_one_line(tmp_path: Path) -> None:
     result = run_train(["--dataset", f"hfds/{tmp_path / 'absent'}", *BASE, "--output", str(tmp_path)])
     assert result.returncode == 2
     assert "never the hub" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_dataset_trust_remote_code_is_gone(tmp_path: Path) -> None:
+    """datasets >= 4.0 (the project needs >= 5.2) runs no loading scripts, so the flag could only fail; a config
+    written before its removal still loads when it holds the harmless false."""
+    from vig.errors import UsageError
+    from vig.trainer.cli import parse_args
+
+    with pytest.raises(UsageError, match="unrecognized arguments: --dataset-trust-remote-code"):
+        parse_args(["--dataset-trust-remote-code"])
+    config = tmp_path / "args.yaml"
+    config.write_text("dataset_trust_remote_code: false\nlr: 0.5\n")
+    assert parse_args(["-c", str(config)]).optimiser.lr == 0.5
+    config.write_text("dataset_trust_remote_code: true\n")
+    with pytest.raises(UsageError, match="--dataset-trust-remote-code was removed"):
+        parse_args(["-c", str(config)])
