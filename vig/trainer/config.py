@@ -23,7 +23,8 @@ from vig.errors import UsageError
 from vig.trainer.data import REPEATED_AUG_REPEATS, SYNTHETIC_DATASET, is_tv_rand_policy, tv_rand_augment
 
 __all__ = ["AugmentSection", "DataSection", "DistillSection", "DistributedSection", "LoggingSection", "LoopSection",
-           "ModelSection", "OptimSection", "RunFolderSection", "ScheduleSection", "TrainConfig", "TIMM_SCHEDULES", "FLIP_TTA"]
+           "ModelSection", "OptimSection", "RunFolderSection", "ScheduleSection", "TrainConfig", "TIMM_SCHEDULES",
+           "FLIP_TTA"]
 
 # the names timm.scheduler.create_scheduler_v2 builds (timm 1.0)
 TIMM_SCHEDULES = ("cosine", "tanh", "step", "constant", "multistep", "plateau", "poly", "wsd", "rsqrt")
