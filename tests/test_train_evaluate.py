@@ -276,3 +276,22 @@ def test_published_commands_parse_with_their_meaning(tmp_path: Path, name: str) 
         assert flags["batch_size"] == int(argv[argv.index("-b") + 1])
     if "--model" in argv:
         assert flags["model"] == argv[argv.index("--model") + 1]
+
+
+# MobileViG's and GreedyViG's READMEs run DeiT's main.py, not train.py (the train.py form of their recipe is
+# in docs/models.md and parsed by tests/test_readme.py): their flags are refused in one line, never half-read
+DEIT_MAIN = [
+    "--data-path ../../Datasets/ILSVRC/Data/CLS-LOC/ --model mobilevig_m --output_dir mobilevig_test_results",
+    "--data-path ../../Datasets/ILSVRC/Data/CLS-LOC/ --model mobilevig_s "
+    "--resume Pretrained_Models_MobileViG/MobileViG_S_78_2.pth.tar --eval",
+    "--data-path ../../Datasets/ILSVRC/Data/CLS-LOC/ --model GreedyViG_S "
+    "--resume Pretrained_Models_GreedyViG/S_GreedyViG_81_1.pth --eval",
+]
+
+
+@pytest.mark.parametrize("command", DEIT_MAIN)
+def test_deit_main_py_commands_are_refused_not_half_read(command: str) -> None:
+    from vig.errors import UsageError
+
+    with pytest.raises(UsageError, match="unrecognized arguments: --data-path"):
+        parse_args(shlex.split(command))
