@@ -16,8 +16,8 @@ import vig.trainer.setup
 import vig.tools.visualize
 from tests.train_helpers import last_json_line, make_image_folder, run_train
 from vig.checkpoint import read_checkpoint
-from vig.model_settings import ModelSettings, SettingConflict, merge_settings, recorded_settings
 from vig.errors import UsageError
+from vig.model_settings import ModelSettings, SettingConflict, merge_settings, recorded_settings
 from vig.tools.visualize import graph_convs
 from vig.tools.visualize import main as visualize_main
 from vig.trainer.cli import parse_args

@@ -25,9 +25,9 @@ from torch import nn
 
 from gcn_lib import DynConv2d
 from vig.checkpoint import load_checkpoint
-from vig.model_settings import ModelSettings
 from vig.console import OneLineErrorParser, fail, require_model
 from vig.errors import UsageError
+from vig.model_settings import ModelSettings
 from vig.models.factory import create_model
 
 PROG = "vig-export"
@@ -158,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(PROG, error)
     torch.manual_seed(args.seed)
     try:
-        model = create_model(ModelSettings(model=args.model, model_kwargs=args.model_kwargs))
+        model = create_model(ModelSettings(model=args.model, img_size=args.img_size, model_kwargs=args.model_kwargs))
         if args.checkpoint:
             load_checkpoint(model, args.checkpoint, use_ema=args.model_ema)
     except (TypeError, ValueError) as error:

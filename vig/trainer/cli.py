@@ -1,6 +1,6 @@
 """Command-line flags of train.py, the `-c config.yaml` defaults, and validation of user input.
 
-Flag names and meanings follow timm's published training script (README "timm train.py flags" lists
+Flag names and meanings follow timm's published training script (docs/training.md, "timm train.py flags", lists
 where they differ), plus the ViG/SViG additions (`--pretrain_path`, `--start-thresh`, `--dec`,
 `--repeated-aug`, `--tta`) and `--kd-pretrained-path` / `--log-tensorboard`. `parse_args` returns the
 typed `vig.trainer.config.TrainConfig`, whose sections check the values; every user mistake found
@@ -12,6 +12,7 @@ import argparse
 import ast
 import dataclasses
 import logging
+import sys
 import types
 import typing
 from typing import Any, Iterator, Sequence
@@ -21,9 +22,18 @@ import yaml
 from vig.console import OneLineErrorParser
 from vig.errors import UsageError
 from vig.model_settings import ModelSettings, SettingConflict, SettingOverride, merge_settings, setting_overrides
-from vig.trainer.config import SECTION_TITLES, FlagSpec, TrainConfig, flag_fields
+from vig.trainer.config import FLIP_TTA, SECTION_TITLES, FlagSpec, TrainConfig, flag_fields
 
 _LOGGER = logging.getLogger(__name__)
+
+# keys that configs written by earlier versions hold, of flags since removed: accepted with the value that did
+# nothing, refused with any other
+RETIRED_KEYS = {
+    # datasets >= 4.0 (this project needs >= 5.2) runs no loading scripts: the flag could only fail
+    "dataset_trust_remote_code": (False, "--dataset-trust-remote-code was removed: the datasets release this "
+                                         "project needs (>= 5.2) runs no loading scripts; convert the dataset to "
+                                         "parquet / data files"),
+}
 
 
 def _flag_groups() -> Iterator[tuple[str | None, type]]:
@@ -107,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     """All flags of train.py, generated from the fields of `TrainConfig` and its sections (one group each)."""
     parser = OneLineErrorParser(prog="train.py", formatter_class=_HelpFormatter,
                                 description="Train or evaluate ViG / SViG (or any timm) models, on one device or "
-                                            "distributed.")
+                                            "distributed.",
+                                allow_abbrev=False)  # a prefix is no flag: --checkpoint is not --checkpoint-hist
     for title, section in _flag_groups():
         _add_flags(parser if title is None else parser.add_argument_group(title), section)
     return parser
@@ -165,6 +176,8 @@ def _config_value(parser: argparse.ArgumentParser, action: argparse.Action, valu
         if action.default is not None:
             raise UsageError(f"{_flag_name(action)} takes a value, not null (its default is {action.default!r})")
         return None
+    if action.dest == "tta" and isinstance(value, bool):  # the seed recipe's switch: true = flip TTA
+        return FLIP_TTA if value else 0
     if action.dest in KWARGS_FLAGS and isinstance(value, dict):
         if not all(isinstance(key, str) for key in value):
             raise UsageError(f"{_flag_name(action)} takes a mapping with string keys, got {value!r}")
@@ -183,6 +196,11 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, An
     defaults = {}
     for key, value in _read_config(path).items():
         dest = str(key).replace("-", "_")
+        if dest in RETIRED_KEYS:
+            harmless, reason = RETIRED_KEYS[dest]
+            if value != harmless:
+                raise UsageError(f"config {path}: key {key!r}: {reason}")
+            continue
         if dest not in actions:
             raise UsageError(f"config {path}: unknown key {key!r}")
         try:
@@ -192,10 +210,26 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, An
     return defaults
 
 
+def bare_tta_as_flip(argv: Sequence[str]) -> list[str]:
+    """``argv`` with a bare ``--tta`` (the seed recipe's switch) spelled ``--tta=2`` when the next token is not an
+    integer: argparse would otherwise take the next token, e.g. the data folder of ``--tta /data``, as the factor."""
+    tokens = list(argv)
+    for index, token in enumerate(tokens):
+        if token == "--":
+            break
+        if token == "--tta":
+            following = tokens[index + 1] if index + 1 < len(tokens) else ""
+            if not following.lstrip("-").isdigit():
+                tokens[index] = f"--tta={FLIP_TTA}"
+    return tokens
+
+
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     """Parse flags (after applying `-c config.yaml` defaults) into the checked, typed run config."""
+    argv = bare_tta_as_flip(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    config_parser = OneLineErrorParser(add_help=False)  # -c alone, read before the other flags' defaults
+    # -c alone, read before the other flags' defaults
+    config_parser = OneLineErrorParser(add_help=False, allow_abbrev=False)
     _add_flags(config_parser, TrainConfig)
     known, _ = config_parser.parse_known_args(argv)
     if known.config:

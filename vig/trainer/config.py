@@ -28,12 +28,14 @@ from vig.trainer.schedule import ONECYCLE_LINEAR
 
 __all__ = ["AugmentSection", "DataSection", "DistillSection", "DistributedSection", "FlagSpec", "LoggingSection",
            "LoopSection", "ModelSection", "OptimSection", "RunFolderSection", "ScheduleSection", "TrainConfig",
-           "DEFAULT_LR", "SECTION_TITLES", "DEFAULT_MODEL", "TIMM_SCHEDULES", "flag", "flag_fields"]
+           "DEFAULT_LR", "SECTION_TITLES", "DEFAULT_MODEL", "FLIP_TTA", "TIMM_SCHEDULES", "flag", "flag_fields"]
 
 # the names timm.scheduler.create_scheduler_v2 builds (timm 1.0)
 TIMM_SCHEDULES = ("cosine", "tanh", "step", "constant", "multistep", "plateau", "poly", "wsd", "rsqrt")
 DEFAULT_MODEL = "vig_ti_224_gelu"  # the model without --model and without a checkpoint that names one
 DEFAULT_LR = 1e-3  # the learning rate without --lr and --lr-base
+
+FLIP_TTA = 2  # --tta factor of the flip average (the image and its mirror); 0 and 1 are off
 
 Pair = tuple[float, float]
 Triple = tuple[float, float, float]
@@ -113,7 +115,6 @@ class DataSection:
     input_img_mode: str = flag("RGB", help='wds / hfds: PIL mode the images are converted to')
     target_key: str | None = flag(None,
         help='wds: a field of the json sidecar (default: the .cls file); hfds: the label feature (default: label)')
-    dataset_trust_remote_code: bool = flag(False, help='hfds: let datasets run a loading script in the dataset folder')
     dataset_download: bool = flag(False, help='download torch/* datasets into DIR')
     train_split: str = flag("train", help='training split folder / name')
     val_split: str = flag("val", help="validation split ('val' falls back to 'validation')")
@@ -257,8 +258,9 @@ class ModelSection:
     pretrained_path: str | None = flag(None,
         help="load FILE as the model's pretrained weights (implies --pretrained): through the model's "
              'checkpoint_filter_fn, the classifier reset when its class count differs', metavar='FILE')
-    initial_checkpoint: str = flag("", '--initial-checkpoint', '--pretrain_path', '--pretrain-path',
-        help='weights to start from (required with --evaluate)', metavar='PATH')
+    initial_checkpoint: str = flag("", '--initial-checkpoint', '--pretrain_path', '--pretrain-path', '--checkpoint',
+        help="weights to start from (required with --evaluate; --checkpoint is timm validate.py's spelling)",
+        metavar='PATH')
     drop: float = flag(0.0, help='dropout rate')
     drop_path: float | None = flag(None, help='stochastic depth rate')
     start_thresh: float | None = flag(None,
@@ -269,7 +271,9 @@ class ModelSection:
         help='recompute block activations in the backward pass (less memory, more compute)')
     torchcompile: str | None = flag(None,
         help='torch.compile the model (default backend: inductor)', metavar='BACKEND', nargs='?', const='inductor')
-    model_ema: bool = flag(False, help='keep an EMA of the weights (training); evaluate the EMA weights (--evaluate)')
+    model_ema: bool = flag(False, '--model-ema', '--use-ema',
+        help="keep an EMA of the weights (training); evaluate the EMA weights (--evaluate; --use-ema is timm "
+             "validate.py's spelling)")
     model_ema_decay: float = flag(0.9998, help='EMA decay')
     model_ema_warmup: bool = flag(False,
         help="EMA decay warm-up: min(decay, (1 + updates) / (10 + updates)) (timm's ModelEmaV3)")
@@ -362,12 +366,16 @@ class ScheduleSection:
     warmup_epochs: int = flag(5, help='linear warm-up epochs')
     warmup_lr: float = flag(1e-5, help='learning rate at the start of warm-up')
     min_lr: float = flag(0.0, help='floor of the cosine / poly schedule')
-    cooldown_epochs: int = flag(0, help='epochs at min-lr after the schedule')
+    cooldown_epochs: int = flag(0,
+        help='epochs at min-lr after the schedule; plateau: epochs without decay after a decay')
+    patience_epochs: int = flag(10, help='plateau: epochs without improvement of --eval-metric before the lr decays')
     decay_epochs: float = flag(90, help='step schedule: epochs between decays')
     decay_rate: float = flag(0.1, help='step schedule: decay factor')
 
     def __post_init__(self) -> None:
         _require(self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
+        _require(self.cooldown_epochs >= 0, f"--cooldown-epochs must be >= 0, got {self.cooldown_epochs}")
+        _require(self.patience_epochs >= 0, f"--patience-epochs must be >= 0, got {self.patience_epochs}")
         _require(self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
 
 
@@ -417,8 +425,13 @@ class LoopSection:
     eval_metric: str = flag("top1",
         help='validation figure that ranks checkpoints (loss: lower is better; of the EMA with --model-ema)',
         choices=('top1', 'top5', 'loss'))
-    tta: bool = flag(False, help='flip test-time augmentation in validation')
+    # a bool in configs written before --tta took a factor
+    tta: int = flag(0, help=f"test-time augmentation factor in validation (timm's integer): {FLIP_TTA} = the image "
+                            f"and its horizontal mirror, 0 or 1 = off; bare --tta = {FLIP_TTA}",
+                    metavar="N", nargs="?", const=FLIP_TTA)
     evaluate: bool = flag(False, help='only evaluate --pretrain_path on the val split')
+    results_file: str | None = flag(None,
+        help='--evaluate: also write the result to PATH, CSV for a .csv name, else JSON', metavar="PATH")
     resume: str = flag("",
         help="resume training from a checkpoint; 'auto' = last.pth.tar of the experiment if any, else start fresh (for "
              'torchrun --max-restarts)', metavar='PATH|auto')
@@ -431,7 +444,18 @@ class LoopSection:
         _require(self.log_interval > 0, f"--log-interval must be positive, got {self.log_interval}")
         _require(self.start_epoch is None or self.start_epoch >= 0,
                  f"--start-epoch must be >= 0, got {self.start_epoch}")
+        if isinstance(self.tta, bool):
+            _fix(self, "tta", FLIP_TTA if self.tta else 0)
+        _require(self.tta in (0, 1, FLIP_TTA), f"--tta {self.tta}: the test-time augmentation here is the flip "
+                                               f"average, factor {FLIP_TTA} (0 or 1: off)")
+        _require(self.results_file is None or self.evaluate,
+                 "--results-file writes the result of --evaluate; training writes summary.csv in its run folder")
         _require_readable("--resume", "" if self.resume == "auto" else self.resume)
+
+    @property
+    def flip_tta(self) -> bool:
+        """Whether validation averages the logits of each image and its horizontal mirror (--tta 2)."""
+        return self.tta == FLIP_TTA
 
 
 @dataclass(frozen=True)
@@ -514,7 +538,11 @@ class TrainConfig:
             _require(self.data.batch_size % 2 == 0,
                      f"mixup / cutmix need an even --batch-size, got {self.data.batch_size}")
         if self.loop.evaluate:
-            _require(bool(self.model.initial_checkpoint), "--evaluate needs --pretrain_path CHECKPOINT")
+            _require(bool(self.model.initial_checkpoint) or self.model.pretrained,
+                     "--evaluate needs --pretrain_path CHECKPOINT, or --pretrained for the model's published weights")
+            _require(not (self.model.pretrained and self.model.model_ema),
+                     "--model-ema selects the EMA weights of --pretrain_path; with --pretrained the pretrained tag "
+                     "names its weights (choose the model's tag instead, e.g. svig_ti_224_gelu.in1k_t093_d003)")
         _require(self.loop.resume != "auto" or bool(self.run_folder.experiment),
                  "--resume auto needs --experiment NAME (a fixed run folder in which to look for last.pth.tar)")
 

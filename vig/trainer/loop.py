@@ -28,6 +28,7 @@ from vig.trainer.faults import fault_point
 from vig.trainer.resume import capture_generators, remove_interrupted, restore_generators, resume_training, \
     write_interrupted
 from vig.trainer.saver import CURVES_NAME, LAST_NAME, SUMMARY_NAME, CheckpointSaver, append_summary, write_args_yaml
+from vig.trainer.schedule import scheduler_state
 from vig.trainer.setup import TrainingRun, seed_everything, set_up_training, training_step
 from vig.trainer.signals import Interrupted, catch_stop_signals, signal_name, stop_requested
 from vig.trainer.threads import set_cpu_threads
@@ -129,7 +130,7 @@ def _validate_epoch(run: TrainingRun, ctx: DistributedContext, epoch: int,
     """Validate the model (and the EMA): the model's figures, the epoch's summary row and the metric that ranks
     checkpoints (the EMA's with --model-ema)."""
     config = run.config
-    eval_stats = validate(run.model, run.val_loader, ctx, run.precision, tta=config.loop.tta,
+    eval_stats = validate(run.model, run.val_loader, ctx, run.precision, tta=config.loop.flip_tta,
                           channels_last=config.model.channels_last, log_interval=config.loop.log_interval,
                           model_dtype=run.model_dtype)
     row: dict[str, Any] = {"epoch": epoch, "train_loss": stats.loss, "eval_loss": eval_stats.loss,
@@ -138,7 +139,7 @@ def _validate_epoch(run: TrainingRun, ctx: DistributedContext, epoch: int,
         row["train_edge_loss"] = stats.edge_loss
     metric = getattr(eval_stats, config.loop.eval_metric)
     if run.model_ema is not None:
-        ema_stats = validate(run.model_ema.module, run.val_loader, ctx, run.precision, tta=config.loop.tta,
+        ema_stats = validate(run.model_ema.module, run.val_loader, ctx, run.precision, tta=config.loop.flip_tta,
                              channels_last=config.model.channels_last, log_interval=config.loop.log_interval,
                              title="eval EMA", model_dtype=run.model_dtype)
         row.update(ema_eval_loss=ema_stats.loss, ema_eval_top1=ema_stats.top1, ema_eval_top5=ema_stats.top5)
@@ -160,7 +161,7 @@ def _training_state(run: TrainingRun, epoch: int) -> dict[str, Any]:
     config = run.config
     state = {"epoch": epoch, "arch": config.model.model, "state_dict": unwrap_model(run.model).state_dict(),
              "state_dict_ema": run.model_ema.module.state_dict() if run.model_ema is not None else None,
-             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+             "optimizer": run.optimizer.state_dict(), "scheduler": scheduler_state(run.scheduler),
              "args": config.to_flags(), "version": 2}
     if run.precision.scaler is not None:
         state[run.precision.scaler.state_dict_key] = run.precision.scaler.state_dict()

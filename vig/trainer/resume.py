@@ -26,6 +26,7 @@ from vig.errors import UsageError
 from vig.trainer.distill import load_projection_state
 from vig.trainer.distributed import DistributedContext, broadcast_object
 from vig.trainer.saver import INTERRUPTED_NAME, LAST_NAME, atomic_write, repair_summary
+from vig.trainer.schedule import load_scheduler_state
 
 if TYPE_CHECKING:
     from torch import nn
@@ -143,7 +144,7 @@ def _restore_training_state(path: str, state: dict[str, Any], model: nn.Module, 
         raise UsageError(f"--resume: {path}: optimizer state does not fit this run's --opt and parameter groups "
                          f"({' '.join(str(err).split())[:160]}); add --no-resume-opt to load weights only") from None
     if state.get("scheduler") is not None:
-        scheduler.load_state_dict(state["scheduler"])
+        load_scheduler_state(scheduler, state["scheduler"])
     if scaler is not None and state.get(scaler.state_dict_key) is not None:
         scaler.load_state_dict(state[scaler.state_dict_key])
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from timm.data import Mixup
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models import get_pretrained_cfg
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, unwrap_model
@@ -40,7 +41,7 @@ from vig.trainer.distributed import DistributedContext
 from vig.trainer.precision import Precision, resolve_precision
 from vig.trainer.explog import ExperimentLoggers
 from vig.trainer.saver import CheckpointSaver, output_folder
-from vig.trainer.schedule import ONECYCLE_LINEAR, OneCycleLinearScheduler
+from vig.trainer.schedule import ONECYCLE_LINEAR, OneCycleLinearScheduler, plateau_mode
 from vig.trainer.step import TrainStep, accumulation_groups, choose_recipe
 
 _LOGGER = logging.getLogger(__name__)
@@ -73,7 +74,8 @@ def build_model(model: ModelSection, num_classes: int, source: CheckpointModel |
             return source.build(model.settings(), num_classes, use_ema=use_ema, **extra)
         return build_checked(model.settings(), num_classes, **extra)
     except WeightsUnavailableError as err:
-        raise RunError(f"{err} (train.py --model-kwargs {err.argument}=PATH)") from None
+        flag = "--pretrained-path" if err.argument == "pretrained_cfg_overlay" else f"--model-kwargs {err.argument}="
+        raise RunError(f"{err} (train.py {flag}{'' if flag.endswith('=') else ' '}PATH)") from None
 
 
 def pretrained_kwargs(model: ModelSection) -> dict[str, Any]:
@@ -93,6 +95,24 @@ def pretrained_kwargs(model: ModelSection) -> dict[str, Any]:
     classes = classifier_outputs(model.model, state_dict)
     return {"pretrained": True,
             "pretrained_cfg_overlay": {"file": model.pretrained_path, "num_classes": classes if classes else -1}}
+
+
+def pretrained_classes(model: ModelSection) -> int | None:
+    """The class count of the --pretrained weights' head: the --pretrained-path file's classifier, else the
+    pretrained config of the model's tag (``name.tag``, or its default tag); None when the file's is unknown.
+    A model without published weights (and no --pretrained-path), or whose weights have no classifier (a
+    headless tag), is a UsageError: there is no head to evaluate."""
+    if model.pretrained_path:
+        classes = pretrained_kwargs(model)["pretrained_cfg_overlay"]["num_classes"]
+        return classes if classes > 0 else None
+    config = get_pretrained_cfg(model.model) if model.model else None
+    if config is None or not (config.url or config.hf_hub_id):
+        raise UsageError(f"--pretrained: {model.model} has no published weights (timm.list_pretrained() lists the "
+                         "models that have); give the weights with --pretrained-path FILE or --pretrain_path FILE")
+    if not config.num_classes:
+        raise UsageError(f"--pretrained: {model.model}'s published weights have no classifier (a backbone to "
+                         "fine-tune), so there is nothing to evaluate")
+    return config.num_classes
 
 
 def resolve_lr(optimiser: OptimSection, batch_size: int, world_size: int) -> float:
@@ -227,15 +247,17 @@ def resolve_edge_loss_weight(edge_loss_weight: float | None, model_name: str, ba
     return 1.0 if edge_loss_weight is None else edge_loss_weight
 
 
-def build_scheduler(schedule: ScheduleSection, optimizer: torch.optim.Optimizer,
-                    updates_per_epoch: int) -> tuple[Any, int]:
-    """The learning-rate scheduler (timm's, or `OneCycleLinearScheduler`) and the number of epochs it runs."""
+def build_scheduler(schedule: ScheduleSection, optimizer: torch.optim.Optimizer, updates_per_epoch: int,
+                    eval_metric: str) -> tuple[Any, int]:
+    """The learning-rate scheduler (timm's, or `OneCycleLinearScheduler`) and the number of epochs it runs; a
+    plateau schedule follows ``eval_metric`` (--eval-metric: loss falls, accuracy rises)."""
     if schedule.sched == ONECYCLE_LINEAR:
         return OneCycleLinearScheduler(optimizer, schedule.epochs * updates_per_epoch), schedule.epochs
     return create_scheduler_v2(
         optimizer, sched=schedule.sched, num_epochs=schedule.epochs, decay_epochs=schedule.decay_epochs,
         decay_rate=schedule.decay_rate, cooldown_epochs=schedule.cooldown_epochs, min_lr=schedule.min_lr,
-        warmup_lr=schedule.warmup_lr, warmup_epochs=schedule.warmup_epochs, updates_per_epoch=updates_per_epoch)
+        warmup_lr=schedule.warmup_lr, warmup_epochs=schedule.warmup_epochs, updates_per_epoch=updates_per_epoch,
+        patience_epochs=schedule.patience_epochs, plateau_mode=plateau_mode(eval_metric))
 
 
 @dataclass
@@ -350,7 +372,7 @@ def set_up_training(config: TrainConfig, ctx: DistributedContext) -> TrainingRun
                                                  device_normalize)
     # the schedule counts optimizer updates: one per accumulation group of --grad-accum-steps batches
     updates_per_epoch = len(accumulation_groups(len(train_loader), config.optimiser.grad_accum_steps))
-    scheduler, num_epochs = build_scheduler(schedule, optimizer, updates_per_epoch)
+    scheduler, num_epochs = build_scheduler(schedule, optimizer, updates_per_epoch, config.loop.eval_metric)
     return TrainingRun(config=config, model=model, model_ema=model_ema, optimizer=optimizer, scheduler=scheduler,
                        precision=precision, train_set=train_set, val_set=val_set, sampler=sampler,
                        train_loader=train_loader, val_loader=val_loader, num_classes=num_classes,
