@@ -254,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint-hist", type=int, default=10, help="number of best epoch checkpoints kept")
     run.add_argument("--output", default="", metavar="DIR", help="output root (default ./output/train)")
     run.add_argument("--experiment", default="", help="run folder name under --output (default: dated)")
+    run.add_argument("--break-lock", action="store_true",
+                     help="take the run folder over even when its lock (.run.lock) names a run that may be alive "
+                          "(another host's, which cannot be checked from here); logged")
     run.add_argument("--evaluate", action="store_true", help="only evaluate --pretrain_path on the val split")
     run.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
                      help="set by torch.distributed.launch; LOCAL_RANK in the environment wins")

@@ -348,6 +348,7 @@ class RunFolderSection:
     output: str = ""
     experiment: str = ""
     checkpoint_hist: int = 10
+    break_lock: bool = False  # take the folder's lock over whoever holds it (vig.trainer.run_lock)
 
     def __post_init__(self) -> None:
         _require(self.checkpoint_hist > 0, f"--checkpoint-hist must be positive, got {self.checkpoint_hist}")

@@ -57,6 +57,7 @@ from vig.trainer.explog import ExperimentLoggers
 from vig.trainer.faults import fault_point
 from vig.trainer.resume import (auto_resume_file, capture_generators, remove_interrupted, restore_generators,
                                 write_interrupted)
+from vig.trainer.run_lock import release_run_lock, take_run_lock
 from vig.trainer.saver import (CURVES_NAME, LAST_NAME, SUMMARY_NAME, CheckpointSaver, append_summary,
                                prepare_output_dir, repair_summary, require_fresh_or_resumable, run_folder_name,
                                write_args_yaml)
@@ -331,8 +332,10 @@ def _output_folder(run_folder: RunFolderSection, model: ModelSection, resume: st
     """Primary rank creates output/experiment (without --experiment: a dated name with the model and its input
     size, --img-size or the model's configured one) and shares it, or the error.
 
-    A folder that already holds another run's files is refused unless the run resumes (see
-    `vig.trainer.saver.require_fresh_or_resumable`): two runs never mix their checkpoints and summaries.
+    The primary rank takes the folder's lock (`vig.trainer.run_lock`) before anything is written there: a
+    folder that another live run holds is refused. A folder that already holds another run's files is
+    refused unless the run resumes (see `vig.trainer.saver.require_fresh_or_resumable`): two runs never mix
+    their checkpoints and summaries.
     """
     folder: str | None = None
     error: str | None = None
@@ -342,6 +345,7 @@ def _output_folder(run_folder: RunFolderSection, model: ModelSection, resume: st
             img_size = model.img_size or (pretrained_cfg.input_size[-1] if pretrained_cfg is not None else 0)
             name = run_folder.experiment or run_folder_name(model.model, img_size)
             path = prepare_output_dir(run_folder.output, name)
+            take_run_lock(path, break_lock=run_folder.break_lock)  # before this run writes anything there
             require_fresh_or_resumable(path, resume)
             folder = str(path)
         except UsageError as err:
@@ -780,4 +784,5 @@ def run(config: TrainConfig) -> dict[str, Any] | None:
         train(config, ctx)
         return None
     finally:
+        release_run_lock()
         shutdown_distributed()

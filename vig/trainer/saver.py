@@ -240,8 +240,9 @@ def repair_summary(folder: Path, last_epoch: int, row: dict[str, Any] | None) ->
 
 
 def write_args_yaml(folder: Path, args: dict[str, Any]) -> None:
-    """args.yaml: every resolved flag (not -c itself nor the launcher's --local-rank), loadable with `-c`."""
-    kept = {key: value for key, value in args.items() if key not in ("config", "local_rank")}
+    """args.yaml: every resolved flag (not -c itself, the launcher's --local-rank nor the one-off --break-lock),
+    loadable with `-c`."""
+    kept = {key: value for key, value in args.items() if key not in ("config", "local_rank", "break_lock")}
     text = yaml.safe_dump(kept, default_flow_style=False, sort_keys=True)
     atomic_write(folder / ARGS_NAME, lambda handle: handle.write(text.encode("utf-8")))
 
