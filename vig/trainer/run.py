@@ -338,7 +338,7 @@ def _output_folder(run_folder: RunFolderSection, model: ModelSection, resume: st
     their checkpoints and summaries.
     """
     folder: str | None = None
-    error: str | None = None
+    error: tuple[bool, str] | None = None  # (a usage mistake, the message)
     if ctx.is_primary:
         try:
             pretrained_cfg = get_pretrained_cfg(model.model)
@@ -348,11 +348,11 @@ def _output_folder(run_folder: RunFolderSection, model: ModelSection, resume: st
             take_run_lock(path, break_lock=run_folder.break_lock)  # before this run writes anything there
             require_fresh_or_resumable(path, resume)
             folder = str(path)
-        except UsageError as err:
-            error = str(err)
+        except (UsageError, RunError) as err:  # RunError: a full disk
+            error = (isinstance(err, UsageError), str(err))
     folder, error = broadcast_object((folder, error), ctx)
     if error is not None:
-        raise UsageError(error)
+        raise UsageError(error[1]) if error[0] else RunError(error[1])
     return Path(folder)
 
 

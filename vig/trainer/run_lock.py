@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from vig.errors import UsageError
+from vig.trainer.saver import output_folder_error
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ def take_run_lock(folder: Path, break_lock: bool = False) -> None:
 
     Raises:
         UsageError: another live run holds the folder (one line naming it and the ways out), or the folder
-            refused the lock file.
+            refused the lock file (RunError for a full disk, see `vig.trainer.saver.output_folder_error`).
     """
     global _held
     path = folder / LOCK_NAME
@@ -188,7 +189,7 @@ def take_run_lock(folder: Path, break_lock: bool = False) -> None:
         try:
             content = _create(path, me)
         except OSError as err:
-            raise UsageError(f"cannot write to output folder {folder}: {err.strerror or err}") from None
+            raise output_folder_error(folder, err) from None
         if content is not None:
             break
         found = _read(path)
