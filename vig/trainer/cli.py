@@ -26,6 +26,7 @@ _LOGGER = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "vig_ti_224_gelu"
 DEFAULT_LR = 1e-3
+DEFAULT_MAX_CONSECUTIVE_SKIPS = 5
 KWARGS_FLAGS = ("model_kwargs", "kd_model_kwargs")  # K=V flags, parsed into a dict of Python literals
 
 
@@ -233,7 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=42,
                      help="random seed; each epoch and rank reseeds from (seed, epoch, rank)")
     run.add_argument("--skip-nonfinite", action="store_true",
-                     help="skip a training step whose loss is NaN / infinite and count it (default: stop)")
+                     help="skip a training step whose loss is NaN / infinite, or whose update makes a weight so, "
+                          "and count it: the step leaves no trace (weights, BatchNorm statistics, optimizer, EMA); "
+                          "costs a copy of weights and optimizer state per step (default: stop)")
+    run.add_argument("--max-consecutive-skips", type=int, default=None, metavar="N",
+                     help=f"with --skip-nonfinite: stop the run after N steps skipped in a row "
+                          f"(default {DEFAULT_MAX_CONSECUTIVE_SKIPS})")
     run.add_argument("--log-interval", type=int, default=50, help="batches between log lines")
     run.add_argument("--val-interval", type=int, default=1, metavar="N",
                      help="validate and save checkpoints every N epochs (and after the last)")

@@ -324,6 +324,7 @@ class LoopSection:
     amp_dtype: str | None = None
     seed: int = 42
     skip_nonfinite: bool = False
+    max_consecutive_skips: int | None = None  # None: cli.DEFAULT_MAX_CONSECUTIVE_SKIPS
     log_interval: int = 50
     val_interval: int = 1
     eval_metric: str = "top1"
@@ -336,6 +337,11 @@ class LoopSection:
     def __post_init__(self) -> None:
         _require(self.val_interval > 0, f"--val-interval must be positive, got {self.val_interval}")
         _require(self.log_interval > 0, f"--log-interval must be positive, got {self.log_interval}")
+        if self.max_consecutive_skips is not None:
+            _require(self.skip_nonfinite, "--max-consecutive-skips needs --skip-nonfinite (without it the first "
+                     "non-finite loss stops the run)")
+            _require(self.max_consecutive_skips > 0,
+                     f"--max-consecutive-skips must be positive, got {self.max_consecutive_skips}")
         _require(self.start_epoch is None or self.start_epoch >= 0,
                  f"--start-epoch must be >= 0, got {self.start_epoch}")
         _require_readable("--resume", "" if self.resume == "auto" else self.resume)

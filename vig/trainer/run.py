@@ -39,7 +39,7 @@ from vig.errors import RunError, UsageError, WeightsUnavailableError
 from vig.graph_info import describe_graph
 from vig.models.factory import create_model
 from vig.models.training_api import EDGE_LOSS, BatchDependent, ExtraLosses
-from vig.trainer.cli import DEFAULT_LR, DEFAULT_MODEL, merge_flag_settings
+from vig.trainer.cli import DEFAULT_LR, DEFAULT_MAX_CONSECUTIVE_SKIPS, DEFAULT_MODEL, merge_flag_settings
 from vig.trainer.config import (AugmentSection, DataSection, ModelSection, OptimSection, RunFolderSection,
                                 TrainConfig)
 from vig.trainer.curves import write_curves
@@ -438,6 +438,7 @@ class TrainingRun:
     updates_per_epoch: int = 0
     loggers: ExperimentLoggers | None = None
     position: dict[str, Any] | None = None  # where a signal stopped the start epoch (vig.trainer.resume)
+    skip_streak: int = 0  # steps skipped in a row by --skip-nonfinite, across epochs
 
 
 def set_up_training(config: TrainConfig, ctx: DistributedContext) -> TrainingRun:
@@ -625,7 +626,9 @@ def run_epoch(run: TrainingRun, ctx: DistributedContext, epoch: int,
                             grad_accum_steps=config.optimiser.grad_accum_steps, task=run.task,
                             model_dtype=run.model_dtype,
                             ema_source=unwrap_model(run.model), resume_at=resume_at,
-                            should_stop=lambda step: _agreed_stop(ctx) > 0)
+                            should_stop=lambda step: _agreed_stop(ctx) > 0, skip_streak=run.skip_streak,
+                            max_consecutive_skips=config.loop.max_consecutive_skips or DEFAULT_MAX_CONSECUTIVE_SKIPS)
+    run.skip_streak = stats.skip_streak
     if stats.stopped_at:
         raise _stop_in_epoch(run, ctx, epoch, stats)
     shard_images = all_gather_objects(len(run.sampler), ctx)
@@ -710,7 +713,7 @@ def record_epoch(run: TrainingRun, ctx: DistributedContext, epoch: int,
         return
     stats, eval_stats = result.train, result.eval
     if stats.skipped_steps:
-        _LOGGER.warning("epoch %d: skipped %d of %d steps for a non-finite loss (--skip-nonfinite)",
+        _LOGGER.warning("epoch %d: skipped %d of %d steps for a non-finite loss or update (--skip-nonfinite)",
                         epoch, stats.skipped_steps, len(run.train_loader))
     if result.corrupt.sum() > 0:
         _LOGGER.warning("epoch %d: skipped %d corrupt training and %d corrupt validation image reads "
