@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from vig.checkpoint import (CheckpointError, classifier_outputs, extract_state_dict, load_state_dict_into,
-                            read_checkpoint, recorded_settings)
+                            read_checkpoint, recorded_settings, whole_reason)
 from vig.complexity import count_macs, count_parameters
 from vig.console import require_model
 from vig.errors import RunError, UsageError, WeightsUnavailableError
@@ -402,7 +402,7 @@ def _restore_training_state(path: str, state: dict[str, Any], model: nn.Module, 
             optimizer.load_state_dict(state["optimizer"])
     except (ValueError, KeyError, TypeError) as err:
         raise UsageError(f"--resume: {path}: optimizer state does not fit this run's --opt and parameter groups "
-                         f"({' '.join(str(err).split())[:160]}); add --no-resume-opt to load weights only") from None
+                         f"({whole_reason(err, limit=160)}); add --no-resume-opt to load weights only") from None
     if state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get(scaler.state_dict_key) is not None:
