@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="SViG: similarity threshold of the first block, in (0, 1); omit for kNN ViG")
     model.add_argument("--dec", type=float, default=None, help="SViG: threshold decrement per block (>= 0)")
     model.add_argument("--channels-last", action="store_true", help="channels-last memory layout")
+    model.add_argument("--allow-small-graph", action="store_true",
+                       help="train at an --img-size whose first graph layer has fewer nodes than its k (refused "
+                            "by default, naming the smallest size that works)")
     model.add_argument("--grad-checkpointing", action="store_true",
                        help="recompute block activations in the backward pass (less memory, more compute)")
     model.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",

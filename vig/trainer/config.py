@@ -204,6 +204,7 @@ class ModelSection:
     start_thresh: float | None = None
     dec: float | None = None
     channels_last: bool = False
+    allow_small_graph: bool = False  # train at an --img-size whose first graph has fewer nodes than its k
     grad_checkpointing: bool = False
     torchcompile: str | None = None
     model_ema: bool = False

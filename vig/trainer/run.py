@@ -55,6 +55,7 @@ from vig.trainer.engine import (EvalStats, TrainStats, accumulation_groups, reso
                                 validate)
 from vig.trainer.explog import ExperimentLoggers
 from vig.trainer.faults import fault_point
+from vig.trainer.graph_size import require_graph_size, section_builder
 from vig.trainer.resume import (auto_resume_file, capture_generators, remove_interrupted, restore_generators,
                                 write_interrupted)
 from vig.trainer.run_lock import release_run_lock, take_run_lock
@@ -457,7 +458,7 @@ def set_up_training(config: TrainConfig, ctx: DistributedContext) -> TrainingRun
     require_model(model_section.model)
     # before the model is built: a used folder stops the run first
     folder = _output_folder(config.run_folder, model_section, config.loop.resume, ctx)
-    model = build_model(model_section, num_classes)
+    model = _build_checked_model(model_section, num_classes)
     edge_loss_weight = resolve_edge_loss_weight(augmentation.edge_loss_weight, model_section.model, data.batch_size,
                                                 model)
     if edge_loss_weight is not None and config.distill.kd_model_name:
@@ -519,6 +520,24 @@ def set_up_training(config: TrainConfig, ctx: DistributedContext) -> TrainingRun
                        num_epochs=num_epochs, folder=folder, loss_fn=loss_fn, mixup=mixup,
                        edge_loss_weight=edge_loss_weight, task=task, train_module=train_module,
                        model_dtype=model_dtype, updates_per_epoch=updates_per_epoch)
+
+
+def _build_checked_model(model_section: ModelSection, num_classes: int) -> nn.Module:
+    """`build_model`, refusing an --img-size at which the first graph has fewer nodes than its k (unless
+    --allow-small-graph; see `vig.trainer.graph_size`)."""
+    pretrained_cfg = get_pretrained_cfg(model_section.model)
+    default_size = pretrained_cfg.input_size[-1] if pretrained_cfg is not None else 0
+    check = bool(model_section.img_size) and not model_section.allow_small_graph and default_size > 0
+    build = section_builder(build_model, model_section, num_classes)
+    try:
+        model = build_model(model_section, num_classes)
+    except UsageError:
+        if check:  # the model refused the size (a single node): name the smallest one that works
+            require_graph_size(None, model_section.img_size, build, default_size)
+        raise
+    if check:
+        require_graph_size(model, model_section.img_size, build, default_size)
+    return model
 
 
 def resume_training(run: TrainingRun, ctx: DistributedContext) -> None:
