@@ -44,7 +44,7 @@ from vig.trainer.config import (AugmentSection, DataSection, ModelSection, Optim
                                 TrainConfig)
 from vig.trainer.curves import write_curves
 from vig.trainer.data import (ShardedEvalSampler, StreamShard, build_dataset, build_loader, device_normalizes,
-                              eval_shard, eval_transform,
+                              empty_class_folders, eval_shard, eval_transform,
                               prefetch_to_device, require_same_classes, resolve_preprocessing, take_corrupt_count,
                               train_sampler, train_transform)
 from vig.trainer.distributed import (DistributedContext, all_gather_objects, all_reduce_sum, broadcast_object,
@@ -454,6 +454,9 @@ def set_up_training(config: TrainConfig, ctx: DistributedContext) -> TrainingRun
     train_set, classes = build_dataset(data, data.train_split, is_training=True, seed=config.loop.seed)
     val_set, val_classes = build_dataset(data, data.val_split, is_training=False, seed=config.loop.seed)
     require_same_classes(data, classes, val_classes)
+    dropped = empty_class_folders(data, classes) if ctx.is_primary else None
+    if dropped:
+        _LOGGER.warning("%s", dropped)
     num_classes = _num_classes(data, classes)
     require_model(model_section.model)
     # before the model is built: a used folder stops the run first
@@ -565,7 +568,9 @@ def resume_training(run: TrainingRun, ctx: DistributedContext) -> None:
                             position["epoch"])
         elif isinstance(position, dict):
             run.position = position
-        _LOGGER.info("resumed from %s (epoch %d%s)", resume, state["epoch"],
+        finished = (f"epoch {state['epoch']} finished" if state["epoch"] >= 0
+                    else "stopped in its first epoch, none finished")
+        _LOGGER.info("resumed from %s (%s%s)", resume, finished,
                      f"; continuing epoch {position['epoch']} after step {position['step']}" if run.position else "")
     if config.loop.start_epoch is not None:
         run.start_epoch = config.loop.start_epoch
