@@ -28,12 +28,14 @@ from vig.trainer.schedule import ONECYCLE_LINEAR
 
 __all__ = ["AugmentSection", "DataSection", "DistillSection", "DistributedSection", "FlagSpec", "LoggingSection",
            "LoopSection", "ModelSection", "OptimSection", "RunFolderSection", "ScheduleSection", "TrainConfig",
-           "DEFAULT_LR", "SECTION_TITLES", "DEFAULT_MODEL", "FLIP_TTA", "TIMM_SCHEDULES", "flag", "flag_fields"]
+           "DEFAULT_LR", "DEFAULT_MAX_CONSECUTIVE_SKIPS", "DEFAULT_MODEL", "FLIP_TTA", "SECTION_TITLES",
+           "TIMM_SCHEDULES", "flag", "flag_fields"]
 
 # the names timm.scheduler.create_scheduler_v2 builds (timm 1.0)
 TIMM_SCHEDULES = ("cosine", "tanh", "step", "constant", "multistep", "plateau", "poly", "wsd", "rsqrt")
 DEFAULT_MODEL = "vig_ti_224_gelu"  # the model without --model and without a checkpoint that names one
 DEFAULT_LR = 1e-3  # the learning rate without --lr and --lr-base
+DEFAULT_MAX_CONSECUTIVE_SKIPS = 5  # --skip-nonfinite stops the run after this many skipped steps in a row
 
 FLIP_TTA = 2  # --tta factor of the flip average (the image and its mirror); 0 and 1 are off
 
@@ -267,6 +269,9 @@ class ModelSection:
         help='SViG: similarity threshold of the first block, in (0, 1); omit for kNN ViG')
     dec: float | None = flag(None, help='SViG: threshold decrement per block (>= 0)')
     channels_last: bool = flag(False, help='channels-last memory layout')
+    allow_small_graph: bool = flag(False,
+        help='train at an --img-size whose first graph layer has fewer nodes than its k (refused by default, naming '
+             'the smallest size that works)')
     grad_checkpointing: bool = flag(False,
         help='recompute block activations in the backward pass (less memory, more compute)')
     torchcompile: str | None = flag(None,
@@ -419,7 +424,13 @@ class LoopSection:
     amp_dtype: str | None = flag(None, help='force the AMP dtype', choices=('bfloat16', 'float16'))
     seed: int = flag(42, help='random seed; each epoch and rank reseeds from (seed, epoch, rank)')
     skip_nonfinite: bool = flag(False,
-        help='skip a training step whose loss is NaN / infinite and count it (default: stop)')
+        help='skip a training step whose loss is NaN / infinite, or whose update makes a weight so, and count it: the '
+             'step leaves no trace (weights, BatchNorm statistics, optimizer, EMA); costs a copy of weights and '
+             'optimizer state per step (default: stop)')
+    max_consecutive_skips: int | None = flag(None,
+        help=f'with --skip-nonfinite: stop the run after N steps skipped in a row '
+             f'(default {DEFAULT_MAX_CONSECUTIVE_SKIPS})',
+        metavar='N')
     log_interval: int = flag(50, help='batches between log lines')
     val_interval: int = flag(1, help='validate and save checkpoints every N epochs (and after the last)', metavar='N')
     eval_metric: str = flag("top1",
@@ -442,6 +453,11 @@ class LoopSection:
     def __post_init__(self) -> None:
         _require(self.val_interval > 0, f"--val-interval must be positive, got {self.val_interval}")
         _require(self.log_interval > 0, f"--log-interval must be positive, got {self.log_interval}")
+        if self.max_consecutive_skips is not None:
+            _require(self.skip_nonfinite, "--max-consecutive-skips needs --skip-nonfinite (without it the first "
+                     "non-finite loss stops the run)")
+            _require(self.max_consecutive_skips > 0,
+                     f"--max-consecutive-skips must be positive, got {self.max_consecutive_skips}")
         _require(self.start_epoch is None or self.start_epoch >= 0,
                  f"--start-epoch must be >= 0, got {self.start_epoch}")
         if isinstance(self.tta, bool):
@@ -465,6 +481,9 @@ class RunFolderSection:
     output: str = flag("", help='output root (default ./output/train)', metavar='DIR')
     experiment: str = flag("", help='run folder name under --output (default: dated)')
     checkpoint_hist: int = flag(10, help='number of best epoch checkpoints kept')
+    break_lock: bool = flag(False,
+        help="take the run folder over even when its lock (.run.lock) names a run that may be alive (another host's, "
+             'which cannot be checked from here); logged')
 
     def __post_init__(self) -> None:
         _require(self.checkpoint_hist > 0, f"--checkpoint-hist must be positive, got {self.checkpoint_hist}")

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from vig.errors import RunError
 from vig.trainer.distributed import DistributedContext, all_reduce_sum
-from vig.trainer.faults import fault_point
+from vig.trainer.faults import fault_active, fault_point
 from vig.trainer.precision import Precision, resolve_precision
 from vig.trainer.step import Accumulation, NonFiniteGuard, TrainStep
 from vig.tta import predict_flip_tta
@@ -134,6 +134,7 @@ class TrainStats:
     edge_loss: float | None = None
     stopped_at: int = 0
     local_sums: EpochSums = EpochSums()
+    skip_streak: int = 0
 
 
 def _to_device(images: torch.Tensor, targets: torch.Tensor, device: torch.device,
@@ -173,12 +174,13 @@ class _Epoch:
     sums (on the device until `read_back`)."""
 
     def __init__(self, epoch: int, num_batches: int, step: TrainStep, ctx: DistributedContext, num_updates: int,
-                 resume_at: ResumePoint | None) -> None:
+                 resume_at: ResumePoint | None, skip_streak: int = 0) -> None:
         sums = resume_at.sums if resume_at is not None else EpochSums()
         self.epoch, self.num_batches, self.step, self.ctx, self.num_updates = epoch, num_batches, step, ctx, num_updates
         self.group = Accumulation(num_batches, step.grad_accum_steps, ctx.device,
                                   resume_at.step if resume_at is not None else 0)
-        self.guard = NonFiniteGuard(step.model, step.skip_nonfinite, ctx.device, sums.skipped_steps)
+        self.guard = NonFiniteGuard(step.model, step.skip_nonfinite, ctx.device, sums.skipped_steps, step.optimizer,
+                                    step.precision.scaler, skip_streak)
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device) + sums.loss
         self.edge_loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device) + sums.edge_loss
         self.images = sums.images
@@ -198,13 +200,25 @@ class _Epoch:
         else:
             self._forward_backward(index, images, targets)
             if group.last and not group.bad:
-                self._update()
+                self._update(index)
         ended = group.last
         if ended:
-            if group.bad:
-                self.step.optimizer.zero_grad(set_to_none=True)
-            group.end_group()
+            self._end_group(index)
         return ended
+
+    def _end_group(self, index: int) -> None:
+        """After a group's last batch: count a skipped group into the streak (too long a streak stops the run)."""
+        group, guard = self.group, self.guard
+        if guard.skip:
+            guard.streak = guard.streak + group.size if group.bad else 0
+            if guard.streak >= self.step.max_consecutive_skips:
+                raise RunError(f"--skip-nonfinite: {guard.streak} steps skipped in a row (non-finite loss or "
+                               f"weights), stopped at epoch {self.epoch}, step {index} of {self.num_batches}; the "
+                               f"checkpoints keep the last finished epoch (lower --lr or use --clip-grad; "
+                               f"--max-consecutive-skips {self.step.max_consecutive_skips})")
+        if group.bad:
+            self.step.optimizer.zero_grad(set_to_none=True)
+        group.end_group()
 
     def _forward_backward(self, index: int, images: torch.Tensor, targets: torch.Tensor) -> None:
         """The batch's loss and backward pass (scaled by the group's size); or, when --skip-nonfinite finds the
@@ -216,6 +230,8 @@ class _Epoch:
         defer_sync = self.can_defer_sync and not group.last
         with step.model.no_sync() if defer_sync else contextlib.nullcontext():
             step_loss = step.recipe(step.model, images, targets, step.precision)
+            if fault_active("nan-loss", self.epoch, index, self.ctx.rank):  # test-only (vig.trainer.faults)
+                step_loss.loss = step_loss.loss * float("nan")
             if self.guard.skips(step_loss.loss, index, self.ctx):
                 self._skip_group(index)
                 return
@@ -236,13 +252,22 @@ class _Epoch:
                             "step" if group.size == 1 else f"accumulation group of {group.size} steps",
                             self.guard.skipped_steps + group.size - group.in_group)
 
-    def _update(self) -> None:
-        """The group's optimizer update (clipped), EMA and per-update schedule step; its sums join the epoch's."""
+    def _update(self, index: int) -> None:
+        """The group's optimizer update (clipped), EMA and per-update schedule step; its sums join the epoch's. With
+        --skip-nonfinite an update that leaves a weight not finite is undone and its group skipped."""
         step, group = self.step, self.group
         if step.precision.scaler is None:
             if step.clip_grad is not None:
                 dispatch_clip_grad(step.model.parameters(), step.clip_grad, mode=step.clip_mode)
             step.optimizer.step()
+        if self.guard.skip and not self.guard.weights_finite(self.ctx):
+            group.bad = True
+            self.guard.skipped_steps += group.size
+            if self.ctx.is_primary:
+                _LOGGER.warning("epoch %d, step %d: the update made weights non-finite, %s skipped (%d steps this "
+                                "epoch)", self.epoch, index, "step" if group.size == 1 else
+                                f"accumulation group of {group.size} steps", self.guard.skipped_steps)
+            return
         self.num_updates += 1
         if step.model_ema is not None:
             step.model_ema.update(self.ema_source, step=self.num_updates)
@@ -272,12 +297,12 @@ class _Epoch:
                           images_per_second=reading.images / max(elapsed, 1e-9),
                           skipped_steps=self.guard.skipped_steps,
                           edge_loss=reading.edge_loss_sum / images if self.step.recipe.has_edge_loss else None,
-                          stopped_at=stopped_at, local_sums=local)
+                          stopped_at=stopped_at, local_sums=local, skip_streak=self.guard.streak)
 
 
 def train_one_epoch(epoch: int, loader: DataLoader | PrefetchLoader, step: TrainStep, ctx: DistributedContext,
                     num_updates: int = 0, log_interval: int = 50, resume_at: ResumePoint | None = None,
-                    should_stop: Callable[[int], bool] | None = None) -> TrainStats:
+                    should_stop: Callable[[int], bool] | None = None, skip_streak: int = 0) -> TrainStats:
     """One pass over this rank's shard, a `TrainStep` per batch. Images (B, 3, H, W), targets (B,) class indices;
     a PrefetchLoader (`vig.trainer.data.prefetch_to_device`) delivers them normalised on the device already.
 
@@ -286,8 +311,11 @@ def train_one_epoch(epoch: int, loader: DataLoader | PrefetchLoader, step: Train
     bad step, at the next log step (every `log_interval`-th and the last): after the bad update and at
     most ``log_interval - 1`` more, and always before this function returns, so its caller never saves
     them. With ``step.skip_nonfinite`` the flag is reduced and read at every step instead, and a bad step is
-    skipped on every rank (no update, no EMA / schedule step, and the running statistics of its norm
-    layers are put back as they were before its forward) and counted in `TrainStats.skipped_steps`.
+    skipped on every rank and counted in `TrainStats.skipped_steps`: a step whose loss is not finite, or whose
+    update leaves a parameter that is not finite, leaves no trace (`vig.trainer.step_guard`: parameters, buffers
+    such as the BatchNorm running statistics, optimizer and scaler state are put back as before the step; no EMA
+    or schedule step). `skip_streak` steps skipped in a row before this epoch (`TrainStats.skip_streak` after it)
+    reaching ``step.max_consecutive_skips`` stops the run (`RunError`, one line with epoch and step).
     The progress line shows the epoch's mean loss so far over all ranks.
 
     Gradient accumulation (``step.grad_accum_steps`` N > 1, timm's ``--grad-accum-steps``): the batches form
@@ -308,7 +336,7 @@ def train_one_epoch(epoch: int, loader: DataLoader | PrefetchLoader, step: Train
     then ``resume_at.restore()`` puts back the generators' states of the stop, and training goes on.
     """
     step.recipe.train(step.model)
-    state = _Epoch(epoch, len(loader), step, ctx, num_updates, resume_at)
+    state = _Epoch(epoch, len(loader), step, ctx, num_updates, resume_at, skip_streak)
     progress = EpochProgress(f"train {epoch}", len(loader), ctx.is_primary, log_interval)
     start_step = resume_at.step if resume_at is not None else 0
     reading: _Reading | None = None

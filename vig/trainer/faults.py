@@ -17,13 +17,17 @@ Points: ``train-step`` (after a training step, STEP 1-based), ``epoch-end`` (epo
 nothing saved), ``after-last`` (last.pth.tar renamed into place), ``after-checkpoint`` (checkpoint-<epoch>
 linked), ``after-best`` (model_best linked), ``after-summary`` (summary.csv written), ``after-curves``
 (curves.png written).
+
+Values: `fault_active(NAME, EPOCH, STEP, RANK)` says whether a failpoint that changes a value instead is armed;
+``nan-loss:EPOCH:STEP`` makes that step's training loss NaN on every rank, ``nan-loss:EPOCH:STEP@R`` on rank R
+only (``@0+1``: ranks 0 and 1).
 """
 from __future__ import annotations
 
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
@@ -34,38 +38,61 @@ ENV_POINT = "VIG_FAULT_AT"
 ENV_ACTION = "VIG_FAULT_ACTION"
 POINTS = ("train-step", "epoch-end", "after-last", "after-checkpoint", "after-best", "after-summary",
           "after-curves")
+VALUE_POINTS = ("nan-loss",)
 
 
 @dataclass(frozen=True)
 class _Armed:
-    """The configured failpoints ("POINT:EPOCH[:STEP]" keys) and their action ('kill' or a pause marker path)."""
+    """The configured failpoints ("POINT:EPOCH[:STEP]" keys), their action ('kill' or a pause marker path), and the
+    value failpoints (key -> the ranks it applies to; None: every rank)."""
 
     keys: frozenset[str] = frozenset()
     pause_marker: str | None = None
+    values: dict[str, frozenset[int] | None] = field(default_factory=dict)
 
 
 _ARMED = _Armed()
 
 
 def configure(spec: str, action: str = "kill") -> None:
-    """Arm the failpoints of ``spec`` (``POINT:EPOCH[:STEP]``, comma-separated; '' disarms all) with ``action``
-    ('kill' or 'pause:PATH'). UsageError for an unknown point or action."""
+    """Arm the failpoints of ``spec`` (``POINT:EPOCH[:STEP]``, a value point with ``@RANK[+RANK...]``,
+    comma-separated; '' disarms all) with ``action`` ('kill' or 'pause:PATH'). UsageError for an unknown point or
+    action."""
     global _ARMED
-    keys = frozenset(item for item in spec.split(",") if item)
-    for key in keys:
+    keys, values = set(), {}
+    for item in filter(None, spec.split(",")):
+        key, _, ranks = item.partition("@")
         point, *numbers = key.split(":")
-        if point not in POINTS or not 1 <= len(numbers) <= 2 or not all(number.isdigit() for number in numbers):
-            raise UsageError(f"{ENV_POINT}: {key!r} is not POINT:EPOCH[:STEP] with POINT one of {', '.join(POINTS)}")
+        if (point not in POINTS + VALUE_POINTS or not 1 <= len(numbers) <= 2
+                or not all(number.isdigit() for number in numbers)
+                or (ranks and (point not in VALUE_POINTS or not all(rank.isdigit() for rank in ranks.split("+"))))):
+            raise UsageError(f"{ENV_POINT}: {item!r} is not POINT:EPOCH[:STEP] with POINT one of "
+                             f"{', '.join(POINTS + VALUE_POINTS)} (@RANK[+RANK] after a value point)")
+        if point in VALUE_POINTS:
+            values[key] = frozenset(int(rank) for rank in ranks.split("+")) if ranks else None
+        else:
+            keys.add(key)
     kind, _, marker = action.partition(":")
     if not (action == "kill" or (kind == "pause" and marker)):
         raise UsageError(f"{ENV_ACTION}: expected kill or pause:PATH, got {action!r}")
-    _ARMED = _Armed(keys, marker if kind == "pause" else None)
+    _ARMED = _Armed(frozenset(keys), marker if kind == "pause" else None, values)
 
 
 def configure_from_env(environ: Mapping[str, str] | None = None) -> None:
     """`configure` from ``VIG_FAULT_AT`` / ``VIG_FAULT_ACTION`` (default: this process's environment)."""
     environ = os.environ if environ is None else environ
     configure(environ.get(ENV_POINT, ""), environ.get(ENV_ACTION, "kill"))
+
+
+def fault_active(name: str, epoch: int, step: int = 0, rank: int = 0) -> bool:
+    """Whether the value failpoint ``name`` is armed for this epoch, step (and rank)."""
+    if not _ARMED.values:
+        return False
+    key = f"{name}:{epoch}" + (f":{step}" if step else "")
+    if key not in _ARMED.values:
+        return False
+    ranks = _ARMED.values[key]
+    return ranks is None or rank in ranks
 
 
 def fault_point(name: str, epoch: int, step: int = 0) -> None:

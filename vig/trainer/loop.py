@@ -104,7 +104,9 @@ def run_epoch(run: TrainingRun, ctx: DistributedContext, epoch: int,
         num_updates = run.position["num_updates"]
         run.position = None
     stats = train_one_epoch(epoch, run.train_loader, run.step, ctx, num_updates, log_interval=config.loop.log_interval,
-                            resume_at=resume_at, should_stop=lambda step: _agreed_stop(ctx) > 0)
+                            resume_at=resume_at, should_stop=lambda step: _agreed_stop(ctx) > 0,
+                            skip_streak=run.skip_streak)
+    run.skip_streak = stats.skip_streak
     if stats.stopped_at:
         raise _stop_in_epoch(run, ctx, epoch, stats)
     shard_images = all_gather_objects(len(run.sampler), ctx)
@@ -197,7 +199,7 @@ def record_epoch(run: TrainingRun, ctx: DistributedContext, epoch: int,
         return
     stats, eval_stats = result.train, result.eval
     if stats.skipped_steps:
-        _LOGGER.warning("epoch %d: skipped %d of %d steps for a non-finite loss (--skip-nonfinite)",
+        _LOGGER.warning("epoch %d: skipped %d of %d steps for a non-finite loss or update (--skip-nonfinite)",
                         epoch, stats.skipped_steps, len(run.train_loader))
     if result.corrupt.sum() > 0:
         _LOGGER.warning("epoch %d: skipped %d corrupt training and %d corrupt validation image reads "

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from timm.utils import ModelEmaV3
 
-from vig.checkpoint import CheckpointError, load_state_dict_into, read_checkpoint
+from vig.checkpoint import CheckpointError, load_state_dict_into, read_checkpoint, whole_reason
 from vig.errors import UsageError
 from vig.trainer.distill import load_projection_state
 from vig.trainer.distributed import DistributedContext, broadcast_object
@@ -142,7 +142,7 @@ def _restore_training_state(path: str, state: dict[str, Any], model: nn.Module, 
             optimizer.load_state_dict(state["optimizer"])
     except (ValueError, KeyError, TypeError) as err:
         raise UsageError(f"--resume: {path}: optimizer state does not fit this run's --opt and parameter groups "
-                         f"({' '.join(str(err).split())[:160]}); add --no-resume-opt to load weights only") from None
+                         f"({whole_reason(err, limit=160)}); add --no-resume-opt to load weights only") from None
     if state.get("scheduler") is not None:
         load_scheduler_state(scheduler, state["scheduler"])
     if scaler is not None and state.get(scaler.state_dict_key) is not None:
@@ -175,7 +175,9 @@ def resume_training(run: TrainingRun, ctx: DistributedContext) -> None:
                             position["epoch"])
         elif isinstance(position, dict):
             run.position = position
-        _LOGGER.info("resumed from %s (epoch %d%s)", resume, state["epoch"],
+        finished = (f"epoch {state['epoch']} finished" if state["epoch"] >= 0
+                    else "stopped in its first epoch, none finished")
+        _LOGGER.info("resumed from %s (%s%s)", resume, finished,
                      f"; continuing epoch {position['epoch']} after step {position['step']}" if run.position else "")
     if config.loop.start_epoch is not None:
         run.start_epoch = config.loop.start_epoch

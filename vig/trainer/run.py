@@ -21,6 +21,7 @@ from vig.trainer.distributed import init_distributed, shutdown_distributed
 from vig.trainer.evaluation import evaluate
 from vig.trainer.faults import configure_from_env
 from vig.trainer.loop import train
+from vig.trainer.run_lock import release_run_lock
 from vig.trainer.setup import seed_everything
 
 __all__ = ["run"]
@@ -37,4 +38,5 @@ def run(config: TrainConfig) -> dict[str, Any] | None:
         train(config, ctx)
         return None
     finally:
+        release_run_lock()
         shutdown_distributed()

@@ -31,16 +31,19 @@ from vig.errors import RunError, UsageError, WeightsUnavailableError
 from vig.model_settings import classifier_outputs
 from vig.models.training_api import EDGE_LOSS, BatchDependent, ExtraLosses
 from vig.trainer.checkpoint_model import CheckpointModel, build_checked, read_model_checkpoint
-from vig.trainer.config import (DEFAULT_LR, DEFAULT_MODEL, AugmentSection, DataSection, ModelSection, OptimSection,
-                                ScheduleSection, TrainConfig)
+from vig.trainer.config import (DEFAULT_LR, DEFAULT_MAX_CONSECUTIVE_SKIPS, DEFAULT_MODEL, AugmentSection, DataSection, ModelSection, OptimSection,
+                                RunFolderSection, ScheduleSection, TrainConfig)
 from vig.trainer.data import (DataConfig, ShardedEvalSampler, StreamShard, build_dataset, build_loader,
-                              device_normalizes, eval_shard, eval_transform, prefetch_to_device, require_same_classes,
-                              resolve_preprocessing, train_sampler, train_transform)
+                              device_normalizes, empty_class_folders, eval_shard, eval_transform, prefetch_to_device,
+                              require_same_classes, resolve_preprocessing, train_sampler, train_transform)
 from vig.trainer.distill import build_distillation_task, build_teacher
-from vig.trainer.distributed import DistributedContext
+from vig.trainer.distributed import DistributedContext, broadcast_object
 from vig.trainer.precision import Precision, resolve_precision
 from vig.trainer.explog import ExperimentLoggers
-from vig.trainer.saver import CheckpointSaver, output_folder
+from vig.trainer.graph_size import require_graph_size, section_builder
+from vig.trainer.run_lock import take_run_lock
+from vig.trainer.saver import (CheckpointSaver, prepare_output_dir, require_fresh_or_resumable,
+                               run_folder_name)
 from vig.trainer.schedule import ONECYCLE_LINEAR, OneCycleLinearScheduler, plateau_mode
 from vig.trainer.step import TrainStep, accumulation_groups, choose_recipe
 
@@ -247,6 +250,34 @@ def resolve_edge_loss_weight(edge_loss_weight: float | None, model_name: str, ba
     return 1.0 if edge_loss_weight is None else edge_loss_weight
 
 
+def output_folder(run_folder: RunFolderSection, model: ModelSection, resume: str, ctx: DistributedContext) -> Path:
+    """Primary rank creates output/experiment (without --experiment: a dated name with the model and its input
+    size, --img-size or the model's configured one) and shares it, or the error.
+
+    The primary rank takes the folder's lock (`vig.trainer.run_lock`) before anything is written there: a
+    folder that another live run holds is refused. A folder that already holds another run's files is
+    refused unless the run resumes (see `vig.trainer.saver.require_fresh_or_resumable`): two runs never mix
+    their checkpoints and summaries.
+    """
+    folder: str | None = None
+    error: tuple[bool, str] | None = None  # (a usage mistake, the message)
+    if ctx.is_primary:
+        try:
+            pretrained_cfg = get_pretrained_cfg(model.model)
+            img_size = model.img_size or (pretrained_cfg.input_size[-1] if pretrained_cfg is not None else 0)
+            name = run_folder.experiment or run_folder_name(model.model, img_size)
+            path = prepare_output_dir(run_folder.output, name)
+            take_run_lock(path, break_lock=run_folder.break_lock)  # before this run writes anything there
+            require_fresh_or_resumable(path, resume)
+            folder = str(path)
+        except (UsageError, RunError) as err:  # RunError: a full disk
+            error = (isinstance(err, UsageError), str(err))
+    folder, error = broadcast_object((folder, error), ctx)
+    if error is not None:
+        raise UsageError(error[1]) if error[0] else RunError(error[1])
+    return Path(folder)
+
+
 def build_scheduler(schedule: ScheduleSection, optimizer: torch.optim.Optimizer, updates_per_epoch: int,
                     eval_metric: str) -> tuple[Any, int]:
     """The learning-rate scheduler (timm's, or `OneCycleLinearScheduler`) and the number of epochs it runs; a
@@ -292,6 +323,7 @@ class TrainingRun:
     loggers: ExperimentLoggers | None = None
     position: dict[str, Any] | None = None  # where a signal stopped the start epoch (vig.trainer.resume)
     step: TrainStep | None = None
+    skip_streak: int = 0  # steps skipped in a row by --skip-nonfinite, across epochs
 
 
 def _place_model(model: nn.Module, config: TrainConfig,
@@ -336,11 +368,14 @@ def set_up_training(config: TrainConfig, ctx: DistributedContext) -> TrainingRun
     train_set, classes = build_dataset(data, data.train_split, is_training=True, seed=config.loop.seed)
     val_set, val_classes = build_dataset(data, data.val_split, is_training=False, seed=config.loop.seed)
     require_same_classes(data, classes, val_classes)
+    dropped = empty_class_folders(data, classes) if ctx.is_primary else None
+    if dropped:
+        _LOGGER.warning("%s", dropped)
     num_classes = training_classes(data, classes)
     require_model(model_section.model)
     # before the model is built: a used folder stops the run first
     folder = output_folder(config.run_folder, model_section, config.loop.resume, ctx)
-    model = build_model(model_section, num_classes, source)
+    model = _build_checked_model(model_section, num_classes, source)
     edge_loss_weight = resolve_edge_loss_weight(augmentation.edge_loss_weight, model_section.model, data.batch_size,
                                                 model)
     if edge_loss_weight is not None and config.distill.kd_model_name:
@@ -381,6 +416,24 @@ def set_up_training(config: TrainConfig, ctx: DistributedContext) -> TrainingRun
                        updates_per_epoch=updates_per_epoch)
 
 
+def _build_checked_model(model_section: ModelSection, num_classes: int, source: CheckpointModel | None) -> nn.Module:
+    """`build_model`, refusing an --img-size at which the first graph has fewer nodes than its k (unless
+    --allow-small-graph; see `vig.trainer.graph_size`)."""
+    pretrained_cfg = get_pretrained_cfg(model_section.model)
+    default_size = pretrained_cfg.input_size[-1] if pretrained_cfg is not None else 0
+    check = bool(model_section.img_size) and not model_section.allow_small_graph and default_size > 0
+    build = section_builder(build_model, model_section, num_classes)
+    try:
+        model = build_model(model_section, num_classes, source)
+    except UsageError:
+        if check:  # the model refused the size (a single node): name the smallest one that works
+            require_graph_size(None, model_section.img_size, build, default_size)
+        raise
+    if check:
+        require_graph_size(model, model_section.img_size, build, default_size)
+    return model
+
+
 def training_step(run: TrainingRun, train_module: nn.Module) -> TrainStep:
     """The `TrainStep` of a run whose trainable module (DDP- / compile-wrapped, or the distillation task's) is
     ``train_module``: the loss recipe is chosen here, once."""
@@ -391,4 +444,5 @@ def training_step(run: TrainingRun, train_module: nn.Module) -> TrainStep:
                      ema_source=unwrap_model(run.model), clip_grad=config.optimiser.clip_grad,
                      clip_mode=config.optimiser.clip_mode, channels_last=config.model.channels_last,
                      model_dtype=run.model_dtype, grad_accum_steps=config.optimiser.grad_accum_steps,
-                     skip_nonfinite=config.loop.skip_nonfinite)
+                     skip_nonfinite=config.loop.skip_nonfinite,
+                     max_consecutive_skips=config.loop.max_consecutive_skips or DEFAULT_MAX_CONSECUTIVE_SKIPS)

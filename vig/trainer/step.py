@@ -20,7 +20,9 @@ from torch import nn
 
 from vig.models.training_api import EDGE_LOSS, ExtraLosses
 from vig.trainer.distributed import DistributedContext, all_reduce_sum
+from vig.trainer.config import DEFAULT_MAX_CONSECUTIVE_SKIPS
 from vig.trainer.precision import Precision
+from vig.trainer.step_guard import StepGuard
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -177,22 +179,31 @@ class Accumulation:
 
 class NonFiniteGuard:
     """What a non-finite loss needs. Without ``skip`` (the default): the first step whose loss was not finite,
-    kept on the device (0: none) until the next read-back. With ``skip`` (--skip-nonfinite): a copy of the norm
-    layers' running statistics taken at each group's start, put back when a loss of the group is not finite on
-    any rank (one all-reduce and host read per step), and the count of skipped steps."""
+    kept on the device (0: none) until the next read-back. With ``skip`` (--skip-nonfinite): the training state
+    saved at each group's start (`vig.trainer.step_guard.StepGuard`: weights, buffers, optimizer and scaler
+    state), put back when a loss of the group (one all-reduce and host read per step) or the updated weights are
+    not finite on any rank; the count of skipped steps, and of steps skipped in a row (``streak``, across
+    epochs)."""
 
-    def __init__(self, model: nn.Module, skip: bool, device: torch.device, skipped_steps: int = 0) -> None:
+    def __init__(self, model: nn.Module, skip: bool, device: torch.device, skipped_steps: int = 0,
+                 optimizer: torch.optim.Optimizer | None = None, scaler: Any = None, streak: int = 0) -> None:
         self.skip = skip
-        self.norm_buffers = [buffer for module in unwrap_model(model).modules()
-                             if isinstance(module, nn.modules.batchnorm._NormBase)
-                             for buffer in module.buffers(recurse=False)] if skip else []
-        self.kept: list[torch.Tensor] = []
+        self.state = StepGuard(unwrap_model(model), optimizer, scaler) if skip else None
         self.first_non_finite = torch.zeros((), dtype=torch.float64, device=device)
         self.skipped_steps = skipped_steps
+        self.streak = streak
 
     def keep_statistics(self) -> None:
-        """At a group's start: the forwards of a group that will be skipped must not leave their statistics."""
-        self.kept = [buffer.clone() for buffer in self.norm_buffers]
+        """At a group's start: a group that will be skipped must leave no trace, its forwards' included."""
+        self.state.save()
+
+    def weights_finite(self, ctx: DistributedContext) -> bool:
+        """After an update with --skip-nonfinite: whether every rank's weights and buffers are finite; if not, they
+        are put back as before the group."""
+        if self.state.weights_finite(ctx):
+            return True
+        self.state.restore()
+        return False
 
     def skips(self, loss: torch.Tensor, step: int, ctx: DistributedContext) -> bool:
         """Whether this step's group is to be skipped (``skip`` and a non-finite loss on any rank); otherwise,
@@ -203,9 +214,7 @@ class NonFiniteGuard:
             return False
         if all_reduce_sum(non_finite.double(), ctx).item() == 0:
             return False
-        with torch.no_grad():
-            for buffer, kept in zip(self.norm_buffers, self.kept):
-                buffer.copy_(kept)
+        self.state.restore()
         return True
 
 
@@ -233,3 +242,4 @@ class TrainStep:
     model_dtype: torch.dtype | None = None
     grad_accum_steps: int = 1
     skip_nonfinite: bool = False
+    max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS
