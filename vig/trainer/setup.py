@@ -31,8 +31,8 @@ from vig.errors import RunError, UsageError, WeightsUnavailableError
 from vig.model_settings import classifier_outputs
 from vig.models.training_api import EDGE_LOSS, BatchDependent, ExtraLosses
 from vig.trainer.checkpoint_model import CheckpointModel, build_checked, read_model_checkpoint
-from vig.trainer.config import (DEFAULT_LR, DEFAULT_MAX_CONSECUTIVE_SKIPS, DEFAULT_MODEL, AugmentSection, DataSection, ModelSection, OptimSection,
-                                RunFolderSection, ScheduleSection, TrainConfig)
+from vig.trainer.config import (DEFAULT_LR, DEFAULT_MAX_CONSECUTIVE_SKIPS, DEFAULT_MODEL, AugmentSection, DataSection,
+                                ModelSection, OptimSection, RunFolderSection, ScheduleSection, TrainConfig)
 from vig.trainer.data import (DataConfig, ShardedEvalSampler, StreamShard, build_dataset, build_loader,
                               device_normalizes, empty_class_folders, eval_shard, eval_transform, prefetch_to_device,
                               require_same_classes, resolve_preprocessing, train_sampler, train_transform)
@@ -42,8 +42,7 @@ from vig.trainer.precision import Precision, resolve_precision
 from vig.trainer.explog import ExperimentLoggers
 from vig.trainer.graph_size import require_graph_size, section_builder
 from vig.trainer.run_lock import take_run_lock
-from vig.trainer.saver import (CheckpointSaver, prepare_output_dir, require_fresh_or_resumable,
-                               run_folder_name)
+from vig.trainer.saver import CheckpointSaver, prepare_output_dir, require_fresh_or_resumable, run_folder_name
 from vig.trainer.schedule import ONECYCLE_LINEAR, OneCycleLinearScheduler, plateau_mode
 from vig.trainer.step import TrainStep, accumulation_groups, choose_recipe
 
