@@ -50,7 +50,7 @@ def _flag_groups() -> Iterator[tuple[str | None, type]]:
 KWARGS_FLAGS = tuple(item.name for _, section in _flag_groups() for item, spec in flag_fields(section) if spec.kwargs)
 
 
-def _parse_model_kwargs(items: Sequence[str]) -> dict[str, Any]:
+def parse_model_kwargs(items: Sequence[str]) -> dict[str, Any]:
     """Turn ["k=v", ...] into a dict; values are Python literals when they parse as one, else strings."""
     kwargs: dict[str, Any] = {}
     for item in items:
@@ -183,7 +183,7 @@ def _config_value(parser: argparse.ArgumentParser, action: argparse.Action, valu
             raise UsageError(f"{_flag_name(action)} takes a mapping with string keys, got {value!r}")
         return dict(value)
     parsed = getattr(parser.parse_args(_flag_tokens(action, value)), action.dest)
-    return _parse_model_kwargs(parsed) if action.dest in KWARGS_FLAGS else parsed
+    return parse_model_kwargs(parsed) if action.dest in KWARGS_FLAGS else parsed
 
 
 def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
@@ -237,7 +237,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     flags = vars(parser.parse_args(argv))
     for key in KWARGS_FLAGS:
         if not isinstance(flags[key], dict):
-            flags[key] = _parse_model_kwargs(flags[key])
+            flags[key] = parse_model_kwargs(flags[key])
     return TrainConfig.from_flags(flags)
 
 
