@@ -139,11 +139,13 @@ def _first_hit(bits: torch.Tensor) -> torch.Tensor:
     return bits.to(torch.uint8).argmax(dim=-1)
 
 
-def _masked_key_max(keys: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _masked_key_max(keys: torch.Tensor, mask: torch.Tensor,
+                    order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Body of ``gcn_lib::masked_key_max``: see `masked_key_max`."""
     b, c, m = keys.shape
     n = mask.shape[1]
-    order = keys.argsort(dim=-1, descending=True, stable=True)
+    if order is None:
+        order = keys.argsort(dim=-1, descending=True, stable=True)
     has_neighbour = mask.any(dim=-1)
     density = int(mask.count_nonzero()) / max(1, mask.numel())
     t = m if density == 0 else min(m, max(1, math.ceil(_RANKED_HITS / density)))
@@ -170,7 +172,8 @@ def _masked_key_max(keys: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tenso
     return values, torch.where(has, arg, -1)
 
 
-def _masked_key_max_shapes(keys: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _masked_key_max_shapes(keys: torch.Tensor, mask: torch.Tensor,
+                           order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fake implementation of ``gcn_lib::masked_key_max`` for tracing."""
     b, c, _ = keys.shape
     n = mask.shape[1]
@@ -187,7 +190,7 @@ def _masked_key_max_backward(ctx, grad_values: torch.Tensor, grad_arg: torch.Ten
     b, c, _ = arg.shape
     routed = torch.where(arg >= 0, grad_values, torch.zeros_like(grad_values))
     grad_keys = grad_values.new_zeros(b, c, ctx.num_keys).scatter_add_(2, arg.clamp_min(0), routed)
-    return grad_keys, None
+    return grad_keys, None, None
 
 
 # An opaque operator with a fake implementation and a registered backward: torch.compile traces a call to
@@ -198,6 +201,8 @@ masked_key_max.__doc__ = """Maximum key of every mask row, per channel, and whic
     Args:
         keys: (B, C, M) features of the keys.
         mask: (B, N, M) bool, ``mask[b, i, j]`` iff key j is a neighbour of centre i.
+        order: optional (B, C, M) int64, ``keys.argsort(dim=-1, descending=True, stable=True)`` computed once
+            by a caller that passes the mask in blocks of centres (default: sorted here).
 
     Returns:
         values (B, C, N): ``max_{j: mask[b, i, j]} keys[b, c, j]``, 0 for a row without neighbours;
