@@ -9,7 +9,8 @@ is monotone). A centre without any neighbour gets m_i = 0, as the published scat
 The forms below agree bit for bit on the same graph and differ only in how the graph is given and
 what they cost:
 
-* `max_relative_gather`: neighbour indices (B, N, k): memory B*C*N*k, the kNN path;
+* `max_relative_gather`: neighbour indices (B, N, k): memory B*C*N (each neighbour's C-vector gathered once
+  and folded into a running maximum; the backward routes to the first maximal neighbour), the kNN path;
 * `max_relative_dense`: boolean mask (B, N, N), or (B, N, M) over separate keys y: masked max,
   memory B*C*N*M in chunks;
 * `max_relative_scatter`: edge list (2, E) with native ``torch.scatter_reduce``: memory C*E;
@@ -85,8 +86,47 @@ def max_relative_gather(x: torch.Tensor, neighbours: torch.Tensor, y: torch.Tens
         m (B, C, N, 1).
     """
     _check_features(x)
-    x_j = gather_neighbours(x if y is None else y, neighbours)
-    return x_j.amax(dim=-1, keepdim=True) - x
+    if torch.jit.is_scripting():  # TorchScript compiles no autograd.Function: the (B, C, N, k) form, same values
+        return gather_neighbours(x if y is None else y, neighbours).amax(dim=-1, keepdim=True) - x
+    keys = x if y is None else y
+    b, c, m = _check_features(keys)
+    if neighbours.dim() != 3 or neighbours.shape[0] != b:
+        raise ValueError(f"neighbours must have shape ({b}, N, k), got {shape_str(neighbours.shape)}")
+    n = neighbours.shape[1]
+    rows = keys.reshape(b, c, m).transpose(1, 2).reshape(b * m, c)
+    offset = (torch.arange(b, device=neighbours.device) * m).view(b, 1, 1)
+    # (k, B * N) global row ids: row j lists every centre's j-th neighbour
+    picks = (neighbours + offset).reshape(b * n, -1).t().contiguous()
+    top = _NeighbourMax.apply(rows, picks)
+    return top.view(b, n, c).transpose(1, 2).unsqueeze(-1) - x
+
+
+class _NeighbourMax(torch.autograd.Function):
+    """max_j rows[picks[j]] for node-major rows (R, C) and row ids picks (k, P) -> (P, C), one neighbour at a time.
+
+    Each neighbour's row is gathered once (a contiguous C-vector) and folded into a running maximum: no
+    (P, k, C) copy. The backward routes each gradient to the first neighbour (lowest j) holding the maximum,
+    as the published ``torch.max(..., dim=-1)`` does."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
+        out = rows.index_select(0, picks[0])
+        for j in range(1, picks.shape[0]):
+            torch.maximum(out, rows.index_select(0, picks[j]), out=out)
+        ctx.save_for_backward(rows, picks, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        rows, picks, out = ctx.saved_tensors
+        grad_rows = torch.zeros_like(rows)
+        taken = torch.zeros_like(out, dtype=torch.bool)
+        zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+        for j in range(picks.shape[0]):
+            hit = (rows.index_select(0, picks[j]) == out) & ~taken
+            grad_rows.index_add_(0, picks[j], torch.where(hit, grad, zero))
+            taken |= hit
+        return grad_rows, None
 
 
 def max_relative_dense(x: torch.Tensor, mask: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
