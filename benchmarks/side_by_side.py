@@ -200,13 +200,15 @@ def speed_table(args: argparse.Namespace) -> None:
 
 def memory_table(args: argparse.Namespace) -> None:
     print(f"\npeak resident memory a forward adds (MiB; eval, no_grad, batch 2, {args.threads} threads, "
-          "a 224-px model on larger images), and seconds per forward")
+          "pyramid: a 224-px model on larger images), and seconds per forward")
     print("| model | " + " | ".join(f"{size} px" for size in MEMORY_SIZES) + " |")
     print("|---|" + "---|" * len(MEMORY_SIZES))
     for model in MEMORY_MODELS:
         cells = []
         for size in MEMORY_SIZES:
-            out = _run({"impl": "ours", "model": model, "mode": "memory", "batch": 2, "size": size},
+            # isotropic ViG needs its position embedding at the input size; pyramid ViG resizes its own
+            kwargs = {"img_size": size} if model.startswith("vig_") else {}
+            out = _run({"impl": "ours", "model": model, "kwargs": kwargs, "mode": "memory", "batch": 2, "size": size},
                        args.threads, args.timeout)
             cells.append("-" if out is None else f"+{out['added_mib']:.0f} ({out['seconds']:.1f} s)")
         print(f"| {model} | " + " | ".join(cells) + " |")
