@@ -179,9 +179,14 @@ def speed_table(args: argparse.Namespace) -> None:
             if out is not None:
                 results[key].append(out["images_per_s"])
         print(f"round {round_index + 1} of {args.rounds} done", file=sys.stderr)
+        _print_speed(args, results, round_index + 1)
+
+
+def _print_speed(args: argparse.Namespace, results: dict[tuple[str, str, str], list[float]], rounds: int) -> None:
+    """The speed table over the rounds done so far (printed after every round, so a long run shows its state)."""
     deit = {mode: results.get(("deit_tiny_patch16_224", "timm", mode), []) for mode in ("infer", "train")}
-    print(f"\nimages/s, batch {args.batch}, 224 px, {args.threads} threads, {args.rounds} interleaved rounds: "
-          "median (min-max); ratios per round")
+    print(f"\nimages/s, batch {args.batch}, 224 px, {args.threads} threads, {rounds} interleaved round(s): "
+          "median (min-max); ratios per round", flush=True)
     print("| model | ours infer | published infer | ours / published infer | ours train | published train "
           "| ours / published train | ours / DeiT-Ti infer | ours / DeiT-Ti train |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -195,7 +200,7 @@ def speed_table(args: argparse.Namespace) -> None:
               f"| {_ratio(get('ours', 'infer'), deit['infer'])} | {_ratio(get('ours', 'train'), deit['train'])} |")
     for name in TIMM if not args.rows else ():
         print(f"| timm {name} | {_cell(results[(name, 'timm', 'infer')])} | | | "
-              f"{_cell(results[(name, 'timm', 'train')])} | | | | |")
+              f"{_cell(results[(name, 'timm', 'train')])} | | | | |", flush=True)
 
 
 def memory_table(args: argparse.Namespace) -> None:
@@ -236,12 +241,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker is not None:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
+    mistake = None
     if args.memory_only and args.speed_only:
-        parser.error("--memory-only and --speed-only exclude each other")
-    if args.published_dir is not None and not args.published_dir.is_dir():
-        parser.error(f"--published-dir {args.published_dir}: not a directory")
-    if args.rounds < 1 or args.steps < 1 or args.batch < 1:
-        parser.error("--rounds, --steps and --batch must be >= 1")
+        mistake = "--memory-only and --speed-only exclude each other"
+    elif args.published_dir is not None and not args.published_dir.is_dir():
+        mistake = f"--published-dir {args.published_dir}: not a directory"
+    elif args.rounds < 1 or args.steps < 1 or args.batch < 1 or args.threads < 1:
+        mistake = "--rounds, --steps, --batch and --threads must be >= 1"
+    if mistake is not None:
+        print(f"side_by_side.py: error: {mistake}", file=sys.stderr)
+        return 2
     print(f"load: {os.getloadavg()}", file=sys.stderr)
     if not args.memory_only:
         speed_table(args)
