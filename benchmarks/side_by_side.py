@@ -157,6 +157,10 @@ def _ratio(ours: list[float], theirs: list[float]) -> str:
     return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
+def _timm_names(args: argparse.Namespace) -> list[str]:
+    return [name for name in TIMM if not args.rows or name in args.rows]
+
+
 def speed_table(args: argparse.Namespace) -> None:
     specs: dict[tuple[str, str, str], dict] = {}
     base = {"batch": args.batch, "size": 224, "warmup": args.warmup, "steps": args.steps}
@@ -169,7 +173,7 @@ def speed_table(args: argparse.Namespace) -> None:
                 specs[(row, "published", mode)] = dict(base, impl="published", model=model, mode=mode,
                                                        published=list(published),
                                                        published_dir=str(args.published_dir))
-    for name in TIMM if not args.rows else ():
+    for name in _timm_names(args):
         for mode in ("infer", "train"):
             specs[(name, "timm", mode)] = dict(base, impl="timm", model=name, mode=mode)
     results: dict[tuple[str, str, str], list[float]] = {key: [] for key in specs}
@@ -198,7 +202,7 @@ def _print_speed(args: argparse.Namespace, results: dict[tuple[str, str, str], l
               f"| {_ratio(get('ours', 'infer'), get('published', 'infer'))} | {_cell(get('ours', 'train'))} "
               f"| {_cell(get('published', 'train'))} | {_ratio(get('ours', 'train'), get('published', 'train'))} "
               f"| {_ratio(get('ours', 'infer'), deit['infer'])} | {_ratio(get('ours', 'train'), deit['train'])} |")
-    for name in TIMM if not args.rows else ():
+    for name in _timm_names(args):
         print(f"| timm {name} | {_cell(results[(name, 'timm', 'infer')])} | | | "
               f"{_cell(results[(name, 'timm', 'train')])} | | | | |", flush=True)
 
@@ -233,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds one figure's process may take")
-    parser.add_argument("--rows", nargs="+", default=None, help=f"only these rows (first word): {', '.join(ROWS)}")
+    parser.add_argument("--rows", nargs="+", default=None, help=f"only these rows (first word) and timm models: {', '.join(ROWS)}, {', '.join(TIMM)}")
     parser.add_argument("--memory-only", action="store_true")
     parser.add_argument("--speed-only", action="store_true")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
