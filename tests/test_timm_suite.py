@@ -1,7 +1,8 @@
 """timm's own model test suite passes on one model of each model class (the peer's tests, not our idea of them).
 
 The suite is ``tests/test_models.py`` of the installed timm's sdist, fetched with pip and cached under pytest's
-temporary folder; network tests are not selected (our models have no pretrained tags). Every case must pass but
+temporary folder; its network tests (downloads of the pretrained tags) are not selected: ``tests/test_pretrained.py``
+covers our tags' downloads without a network. Every case must pass but
 those of ``tests/timm_plugin/vig_timm_skips.py``'s ``SKIPPED``, skipped with their reason (a third-party layer that
 TorchScript cannot compile). Without a network or the sdist the test fails in CI (``CI=true``) and skips elsewhere.
 ``benchmarks/timm_suite.py`` runs the same suite on every registered model.

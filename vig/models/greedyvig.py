@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 from timm.layers import DropPath
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
 
@@ -20,6 +20,7 @@ from gcn_lib import DAGA
 from vig.checkpoint import checkpoint_filter_fn
 from vig.models.features import check_feature_request, forward_taking
 from vig.models.mobilevig import DistilledConvNet, Downsample, Stem, conv_bn, efficient_cfg
+from vig.models.pretrained import GREEDYVIG_HUB, GREEDYVIG_PAPER, build_with_weights, weights_cfg
 
 STAGE_K: tuple[int, ...] = (8, 4, 2, 1)
 
@@ -190,11 +191,18 @@ SIZES: dict[str, dict[str, Any]] = {
     "greedyvig_b": dict(blocks=((4, 4), (4, 4), (12, 4), (3, 3)), channels=(64, 128, 256, 512)),
 }
 
-default_cfgs = generate_default_cfgs({name: efficient_cfg() for name in SIZES})
+# The authors' ImageNet-1k weights on the Hugging Face hub (state dicts), as that repository lists them.
+_GREEDYVIG_WEIGHTS = {"greedyvig_s": ("S_GreedyViG_81_1.pth", 81.1), "greedyvig_m": ("M_GreedyViG_82_9.pth", 82.9),
+                      "greedyvig_b": ("B_GreedyViG_83_9.pth", 83.9)}
+
+default_cfgs = generate_default_cfgs({
+    f"{name}.in1k": weights_cfg(efficient_cfg(), hf_hub_id=GREEDYVIG_HUB, hf_hub_filename=file, top1=top1,
+                                **GREEDYVIG_PAPER) for name, (file, top1) in _GREEDYVIG_WEIGHTS.items()
+})
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> GreedyViG:
-    return build_model_with_cfg(GreedyViG, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+    return build_with_weights(GreedyViG, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
                                 feature_cfg=dict(out_indices=kwargs.pop("out_indices", (0, 1, 2, 3)),
                                                  feature_cls="getter"),
                                 **{**SIZES[variant], "drop_path_rate": 0.1, **kwargs})
