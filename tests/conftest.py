@@ -24,9 +24,9 @@ def fast_in_process_runs(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """For modules that call train.main in-process: skip the MAC count (a model trace that other tests
     cover) and use one thread (with `pytest -n 2` on two cores, more threads per worker only make them
     wait for each other)."""
-    import vig.trainer.run
+    import vig.trainer.setup
 
-    monkeypatch.setattr(vig.trainer.run, "log_model_size", lambda model, input_size: None)
+    monkeypatch.setattr(vig.trainer.setup, "log_model_size", lambda model, input_size: None)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the trainer then keeps torch's count (vig.trainer.threads)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -2,7 +2,7 @@
 
 Usage: torchrun ... tests/stream_keys_worker.py OUT_DIR TRAIN_PY_ARGS...
 
-Runs `train.main(TRAIN_PY_ARGS)` unchanged but for watching the loaders that vig.trainer.run hands to
+Runs `train.main(TRAIN_PY_ARGS)` unchanged but for watching the loaders that vig.trainer.loop hands to
 `train_one_epoch` and `validate`. With `--target-key index` (the shard writer's json field holding each
 sample's position in its split) the targets are the samples' identities. Writes OUT_DIR/rank<RANK>.json:
 {"train": [[targets of epoch 0], ...], "eval": [[targets of validation pass 0], ...]}.
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import train
-from vig.trainer import run as trainer_run
+from vig.trainer import loop as trainer_loop
 
 
 class _Recording:
@@ -36,17 +36,17 @@ class _Recording:
 
 def main(out_dir: Path, train_argv: list[str]) -> int:
     seen: dict[str, list[list[int]]] = {"train": [], "eval": []}
-    original_train, original_validate = trainer_run.train_one_epoch, trainer_run.validate
+    original_train, original_validate = trainer_loop.train_one_epoch, trainer_loop.validate
 
-    def train_one_epoch(epoch: int, model: Any, loader: Iterable, *args: Any, **kwargs: Any) -> Any:
+    def train_one_epoch(epoch: int, loader: Iterable, *args: Any, **kwargs: Any) -> Any:
         seen["train"].append([])
-        return original_train(epoch, model, _Recording(loader, seen["train"][-1]), *args, **kwargs)
+        return original_train(epoch, _Recording(loader, seen["train"][-1]), *args, **kwargs)
 
     def validate(model: Any, loader: Iterable, *args: Any, **kwargs: Any) -> Any:
         seen["eval"].append([])
         return original_validate(model, _Recording(loader, seen["eval"][-1]), *args, **kwargs)
 
-    trainer_run.train_one_epoch, trainer_run.validate = train_one_epoch, validate
+    trainer_loop.train_one_epoch, trainer_loop.validate = train_one_epoch, validate
     status = train.main(train_argv)
     (out_dir / f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(seen))
     return status

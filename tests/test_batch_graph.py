@@ -24,7 +24,8 @@ from vig.errors import RunError, UsageError, WeightsUnavailableError
 from vig.trainer.curves import draw_curves, read_summary
 from vig.trainer.distributed import DistributedContext
 from vig.trainer.engine import Precision, train_one_epoch
-from vig.trainer.run import resolve_edge_loss_weight
+from vig.trainer.step import EdgeLoss, TrainStep
+from vig.trainer.setup import resolve_edge_loss_weight
 from vig.models.batch_graph import (BatchGraphNet, EdgeNet, NodeNet, aggregate_neighbours, edge_targets,
                                     label_to_edge)
 from vig.models.training_api import BatchDependent, ExtraLosses
@@ -278,8 +279,9 @@ def test_the_trainer_adds_the_weighted_edge_loss_and_backpropagates_it(weight: f
     for edge_weight in (0.0, weight):
         model = _model(seed=0)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        stats = train_one_epoch(0, model, [batch], optimizer, torch.nn.CrossEntropyLoss(), ctx,
-                                Precision("cpu", None, None), 0, edge_loss_weight=edge_weight)
+        step = TrainStep(model, optimizer, EdgeLoss(torch.nn.CrossEntropyLoss(), edge_weight),
+                         Precision("cpu", None, None))
+        stats = train_one_epoch(0, [batch], step, ctx, 0)
         results[edge_weight] = (stats, model.backbone.conv_stem.weight.detach().clone())
     (plain, plain_stem), (weighted, weighted_stem) = results[0.0], results[weight]
     assert plain.edge_loss == pytest.approx(weighted.edge_loss) and plain.edge_loss > 0

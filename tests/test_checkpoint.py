@@ -13,7 +13,8 @@ from torch.testing import assert_close
 
 import vig
 from tests.shared_files import shared_path
-from vig.checkpoint import CheckpointError, extract_state_dict, read_checkpoint, recorded_settings
+from vig.checkpoint import CheckpointError, extract_state_dict, read_checkpoint
+from vig.model_settings import recorded_settings
 from vig.models import VisionGNN
 
 

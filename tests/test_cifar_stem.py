@@ -14,7 +14,7 @@ import train
 import vig  # noqa: F401  (registers the models with timm)
 from tests.shared_files import shared_path
 from tests.test_cifar_train import _tiny_cifar_folder
-from vig.checkpoint import ModelSettings
+from vig.model_settings import ModelSettings
 from vig.models.cifar import CIFAR10_MEAN, CIFAR10_STD
 from gcn_lib import reduced_keys
 from vig.models.isotropic import (PUBLISHED_IMG_SIZE, STEM_STRIDES, Stem, VisionGNN, knn_schedule, stem_grid,

@@ -19,6 +19,7 @@ import vig.trainer.engine
 from vig.trainer.distributed import DistributedContext
 from vig.trainer.engine import Precision, train_one_epoch, validate
 from vig.errors import RunError
+from vig.trainer.step import PlainLoss, TrainStep
 
 CPU = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 FLOAT32 = Precision("cpu", None, None)
@@ -51,6 +52,13 @@ class _NaNAt(nn.Module):
         return loss * float("nan") if self.calls == self.step else loss
 
 
+def _step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+          **options: object) -> TrainStep:
+    """The plain-loss training step of ``model`` (SGD at lr 0.1 unless ``optimizer``), float32."""
+    optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=0.1)
+    return TrainStep(model, optimizer, PlainLoss(loss_fn), FLOAT32, **options)  # type: ignore[arg-type]
+
+
 @pytest.fixture
 def host_reads(monkeypatch: pytest.MonkeyPatch) -> Counter:
     """Counts host reads of tensors (every method in HOST_READS) and collectives (vig.trainer.engine.all_reduce_sum)."""
@@ -73,8 +81,8 @@ def test_training_reads_the_device_at_log_steps_only(host_reads: Counter, steps:
     model = _model()
     reference = _model()
     loader = _batches(steps)
-    stats = train_one_epoch(0, model, loader, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
-                            CPU, FLOAT32, num_updates=0, log_interval=log_interval)
+    stats = train_one_epoch(0, loader, _step(model, nn.CrossEntropyLoss()), CPU, num_updates=0,
+                            log_interval=log_interval)
     log_steps = steps // log_interval + 1  # every log_interval-th step and the last
     assert host_reads["read"] <= log_steps and host_reads["all_reduce"] <= log_steps, host_reads
     host_reads.clear()
@@ -114,7 +122,7 @@ def test_non_finite_loss_stops_at_the_next_log_step(bad_step: int, log_interval:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(RunError, match=rf"^non-finite training loss at epoch 2, step {bad_step} of 10, "
                                        rf"found at step {found_at}; ") as caught:
-        train_one_epoch(2, model, _batches(10), optimizer, _NaNAt(bad_step), CPU, FLOAT32, num_updates=0,
+        train_one_epoch(2, _batches(10), _step(model, _NaNAt(bad_step), optimizer), CPU, num_updates=0,
                         log_interval=log_interval)
     assert "\n" not in str(caught.value)
     assert not all(torch.isfinite(p).all() for p in model.parameters())  # the bad update did run, in memory
@@ -123,8 +131,8 @@ def test_non_finite_loss_stops_at_the_next_log_step(bad_step: int, log_interval:
 def test_skip_nonfinite_skips_exactly_the_bad_step() -> None:
     model, reference = _model(), _model()
     loader = _batches(10)
-    stats = train_one_epoch(0, model, loader, torch.optim.SGD(model.parameters(), lr=0.1), _NaNAt(6), CPU,
-                            FLOAT32, num_updates=0, log_interval=4, skip_nonfinite=True)
+    stats = train_one_epoch(0, loader, _step(model, _NaNAt(6), skip_nonfinite=True), CPU, num_updates=0,
+                            log_interval=4)
     assert (stats.skipped_steps, stats.num_updates, stats.images) == (1, 9, 18)
     optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
     for images, targets in loader[:5] + loader[6:]:
@@ -148,8 +156,7 @@ def _two_ranks(rank: int, port: int, folder: str) -> None:
         model = _model()
         loss_fn = _NaNAt(3 if rank == 1 else 0)
         try:
-            train_one_epoch(0, model, _batches(10, seed=rank), torch.optim.SGD(model.parameters(), lr=0.1),
-                            loss_fn, ctx, FLOAT32, num_updates=0, log_interval=4)
+            train_one_epoch(0, _batches(10, seed=rank), _step(model, loss_fn), ctx, num_updates=0, log_interval=4)
             outcome = "returned"
         except RunError as err:
             outcome = str(err)
@@ -181,9 +188,8 @@ def test_gradient_accumulation_updates_once_per_group_and_skips_a_bad_group(step
     model, reference = _model().double(), _model().double()
     loader = [(images.double(), targets) for images, targets in _batches(steps)]
     loss_fn = _NaNAt(bad_step) if bad_step is not None else nn.CrossEntropyLoss()
-    stats = train_one_epoch(0, model, loader, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, CPU, FLOAT32,
-                            num_updates=0, log_interval=2, skip_nonfinite=bad_step is not None,
-                            grad_accum_steps=accum)
+    step = _step(model, loss_fn, skip_nonfinite=bad_step is not None, grad_accum_steps=accum)
+    stats = train_one_epoch(0, loader, step, CPU, num_updates=0, log_interval=2)
     groups = [loader[start:start + accum] for start in range(0, steps, accum)]
     kept = [group for index, group in enumerate(groups)
             if bad_step is None or not index * accum < bad_step <= (index + 1) * accum]

@@ -6,7 +6,7 @@ import timm
 import torch
 
 import vig  # noqa: F401 - registers the models
-from vig.checkpoint import ModelSettings
+from vig.model_settings import ModelSettings
 from vig.models.factory import create_model
 
 

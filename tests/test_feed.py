@@ -22,6 +22,7 @@ from vig.trainer.data import (DataConfig, ShardedEvalSampler, build_dataset, bui
                               eval_transform, prefetch_to_device, train_sampler, train_transform)
 from vig.trainer.distributed import DistributedContext
 from vig.trainer.engine import resolve_precision, train_one_epoch
+from vig.trainer.step import PlainLoss, TrainStep
 
 CPU = torch.device("cpu")
 RECIPE = ["--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.25", "--remode", "pixel", "--color-jitter", "0.4"]
@@ -124,8 +125,9 @@ def test_mixup_and_a_training_step_work_on_device_normalised_batches() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     before = [p.detach().clone() for p in model.parameters()]
-    stats = train_one_epoch(0, model, loader, optimizer, SoftTargetCrossEntropy(), _ctx(),
-                            resolve_precision(False, None, CPU), num_updates=0, mixup=mixup, log_interval=1)
+    step = TrainStep(model, optimizer, PlainLoss(SoftTargetCrossEntropy()), resolve_precision(False, None, CPU),
+                     mixup=mixup)
+    stats = train_one_epoch(0, loader, step, _ctx(), num_updates=0, log_interval=1)
     assert stats.images == 16 and stats.num_updates == 2 and math.isfinite(stats.loss)
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 

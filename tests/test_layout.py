@@ -1,4 +1,5 @@
-"""The three layers import one way (project issue #13): gcn_lib <- models (vig) <- trainer (vig.trainer) <- tools.
+"""The three layers import one way (project issue #13): gcn_lib <- models (vig) <- trainer (vig.trainer) <- tools;
+inside the trainer, modules import one another without a circle.
 
 Every module's imports are read with ``ast`` (module level and inside functions), so a backward import
 anywhere fails here.
@@ -130,3 +131,53 @@ def test_no_module_detects_a_model_family_by_its_module_name(path: Path) -> None
     the registry module they live in."""
     lines = module_name_lookups(path)
     assert not lines, f"{module_name(path)} looks models up by module: lines {lines}"
+
+
+TRAINER = sorted((ROOT / "vig" / "trainer").glob("*.py"))
+
+
+def trainer_imports() -> dict[str, set[str]]:
+    """The modules of vig.trainer each of its modules imports (any import: module level, in a function, or
+    under TYPE_CHECKING; ``from vig.trainer.x import name`` counts as importing vig.trainer.x)."""
+    modules = {module_name(path) for path in TRAINER}
+    return {module_name(path): {name for name in imported_modules(path) if name in modules} - {module_name(path)}
+            for path in TRAINER}
+
+
+def import_circle(graph: dict[str, set[str]]) -> list[str]:
+    """One circle of imports in ``graph`` (module -> the modules it imports), as the list of its modules with
+    the first repeated at the end; [] when there is none."""
+    state: dict[str, str] = {}
+    path: list[str] = []
+
+    def visit(module: str) -> list[str]:
+        state[module] = "open"
+        path.append(module)
+        for imported in sorted(graph[module]):
+            if state.get(imported) == "open":
+                return path[path.index(imported):] + [imported]
+            if imported not in state:
+                found = visit(imported)
+                if found:
+                    return found
+        state[module] = "done"
+        path.pop()
+        return []
+
+    for module in sorted(graph):
+        if module not in state:
+            found = visit(module)
+            if found:
+                return found
+    return []
+
+
+def test_import_circle_finder_finds_a_circle_and_accepts_a_tree() -> None:
+    assert import_circle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert import_circle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_no_import_circle_inside_the_trainer() -> None:
+    """Modules of vig.trainer import one another one way (the config does not import what it configures)."""
+    circle = import_circle(trainer_imports())
+    assert not circle, f"import circle inside vig.trainer: {' -> '.join(circle)}"

@@ -38,7 +38,7 @@ from vig.models.pretrained import VigPretrainedCfg
 from vig.tools.macs import main as macs_main
 from vig.tools.visualize import main as visualize_main
 from vig.trainer.config import ModelSection
-from vig.trainer.run import build_model
+from vig.trainer.setup import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

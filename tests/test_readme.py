@@ -55,7 +55,7 @@ def test_published_efficient_recipe_parses_and_scales_the_learning_rate_as_publi
     import shlex
 
     from vig.trainer.cli import parse_args
-    from vig.trainer.run import resolve_lr
+    from vig.trainer.setup import resolve_lr
 
     text = (ROOT / "docs" / "models.md").read_text(encoding="utf-8")
     start = text.index("torchrun --nproc_per_node=8 train.py <path_to_imagenet> --model greedyvig_s")

@@ -12,11 +12,12 @@ import torch
 from PIL import Image
 
 import train
-import vig.trainer.run
+import vig.trainer.setup
 import vig.tools.visualize
 from tests.train_helpers import last_json_line, make_image_folder, run_train
-from vig.checkpoint import ModelSettings, SettingConflict, merge_settings, read_checkpoint, recorded_settings
+from vig.checkpoint import read_checkpoint
 from vig.errors import UsageError
+from vig.model_settings import ModelSettings, SettingConflict, merge_settings, recorded_settings
 from vig.tools.visualize import graph_convs
 from vig.tools.visualize import main as visualize_main
 from vig.trainer.cli import parse_args
@@ -225,7 +226,8 @@ def test_checkpoint_settings_make_a_new_config_worded_in_flags_by_the_trainer(tr
     conflict names settings, the trainer's message names the flag to drop."""
     checkpoint_path = str(trained / "last.pth.tar")
     given = parse_args(["--pretrain_path", checkpoint_path, "--img-size", "32", "--num-classes", "3"])
-    merged, checkpoint = vig.trainer.run.apply_checkpoint_settings(given, use_class_count=True)
+    merged, source = vig.trainer.setup.apply_checkpoint_settings(given, use_class_count=True)
+    checkpoint = source.checkpoint
     assert (given.model.model, given.model.start_thresh, given.model.model_kwargs) == (None, None, {})
     assert (merged.model.model, merged.model.img_size, merged.model.start_thresh, merged.model.dec,
             merged.model.model_kwargs, merged.data.num_classes) == ("vig_ti_224_gelu", 32, 0.8, 0.02, {"act": "relu"}, 3)
@@ -237,7 +239,7 @@ def test_checkpoint_settings_make_a_new_config_worded_in_flags_by_the_trainer(tr
     assert str(info.value) == (f"model vig_s_224_gelu contradicts {checkpoint_path}, which holds a model of "
                                "vig_ti_224_gelu")
     with pytest.raises(UsageError, match="; drop --model to use the checkpoint's$"):
-        vig.trainer.run.apply_checkpoint_settings(given.replace(model={"model": "vig_s_224_gelu"}), True)
+        vig.trainer.setup.apply_checkpoint_settings(given.replace(model={"model": "vig_s_224_gelu"}), True)
 
 
 def test_a_recorded_decrement_without_a_threshold_builds_the_knn_model(tmp_path: Path, trained: Path) -> None:
@@ -247,5 +249,5 @@ def test_a_recorded_decrement_without_a_threshold_builds_the_knn_model(tmp_path:
     state["args"] = {**state["args"], "start_thresh": None}
     path = tmp_path / "knn.pth.tar"
     torch.save(state, path)
-    config, _ = vig.trainer.run.apply_checkpoint_settings(parse_args(["--pretrain_path", str(path)]), True)
+    config, _ = vig.trainer.setup.apply_checkpoint_settings(parse_args(["--pretrain_path", str(path)]), True)
     assert (config.model.start_thresh, config.model.dec, config.model.img_size) == (None, None, 64)

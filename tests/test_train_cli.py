@@ -1,11 +1,13 @@
 """train.py flags: the published recipes parse with their meaning; bad input gives one line and exit 2."""
 from __future__ import annotations
 
+import ast
 import csv
 import dataclasses
 import math
 import shlex
 import shutil
+import typing
 from pathlib import Path
 
 import pytest
@@ -13,10 +15,10 @@ import yaml
 
 import train
 from tests.shared_files import shared_path
-from tests.train_helpers import make_image_folder, run_train
+from tests.train_helpers import REPO_ROOT, make_image_folder, run_train
 from vig.errors import UsageError
 from vig.trainer.cli import build_parser, parse_args
-from vig.trainer.config import TrainConfig
+from vig.trainer.config import TrainConfig, flag_fields
 from vig.trainer.saver import write_args_yaml
 
 TRAIN_RECIPE = (
@@ -239,11 +241,11 @@ def test_recipe_optimizer_decays_only_weights() -> None:
     """AdamW of the recipe: weight decay on conv weights only, not on norms, biases or the position embedding."""
     import timm
 
-    from vig.trainer.run import _optimizer
+    from vig.trainer.setup import build_optimizer
 
     config = parse_args(shlex.split(TRAIN_RECIPE))
     model = timm.create_model("vig_ti_224_gelu")
-    optimizer = _optimizer(config.optimiser, model, "vig_ti_224_gelu")
+    optimizer = build_optimizer(config.optimiser, model, "vig_ti_224_gelu")
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     undecayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
@@ -287,7 +289,49 @@ def test_convmixer_recipe_flags_train_one_epoch_on_real_images(tmp_path: Path) -
     assert [row["epoch"] for row in rows] == ["0"] and math.isfinite(float(rows[0]["train_loss"]))
 
 
-def test_config_sections_hold_every_flag_once_and_serialise_back() -> None:
+def _config_fields() -> dict[str, dataclasses.Field]:
+    """Every field of TrainConfig and its sections that is a flag, by name."""
+    sections = [TrainConfig, *(section for section in typing.get_type_hints(TrainConfig).values()
+                               if dataclasses.is_dataclass(section))]
+    found: dict[str, dataclasses.Field] = {}
+    for section in sections:
+        for item, _ in flag_fields(section):
+            assert item.name not in found, f"{item.name} is a field of two sections"
+            found[item.name] = item
+    return found
+
+
+def _literal_add_argument_calls() -> list[str]:
+    """``add_argument`` calls in vig/trainer that spell a flag name or a default themselves (file:line)."""
+    found = []
+    for path in sorted((REPO_ROOT / "vig" / "trainer").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+                literal_name = any(isinstance(arg, ast.Constant) for arg in node.args)
+                literal_default = any(keyword.arg == "default" and isinstance(keyword.value, ast.Constant)
+                                      for keyword in node.keywords)
+                if literal_name or literal_default:
+                    found.append(f"{path.name}:{node.lineno}")
+    return found
+
+
+def test_each_flag_and_default_is_declared_once_in_the_config() -> None:
+    """The config's fields are the one declaration of the flags: the parser has one argument per flag field,
+    whose default is the field's own, and no add_argument call in the trainer names a flag or a default itself
+    (a second copy that could drift from the field)."""
+    fields = _config_fields()
+    actions = [action for action in build_parser()._actions if action.dest != "help"]
+    assert sorted(action.dest for action in actions) == sorted(fields)
+    for action in actions:
+        item = fields[action.dest]
+        default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
+        assert action.default == default and type(action.default) is type(default), action.dest
+    options = [option for action in actions for option in action.option_strings]
+    assert len(options) == len(set(options))
+    assert not _literal_add_argument_calls(), "flags declared outside vig/trainer/config.py"
+
+
+def test_config_serialises_back_to_the_flags_of_the_parser() -> None:
     """to_flags gives every flag destination of the parser (args.yaml / a checkpoint's args keep their keys);
     from_flags reads it back to an equal config; the config and its sections are frozen."""
     dests = {action.dest for action in build_parser()._actions if action.dest != "help"}

@@ -23,7 +23,7 @@ from vig.trainer.cli import parse_args
 from vig.trainer.data import (DataConfig, ShardedEvalSampler, SyntheticPatterns, find_split_folder, train_sampler,
                               train_transform)
 from vig.trainer.distributed import DistributedContext
-from vig.trainer.run import eval_sampler
+from vig.trainer.setup import eval_sampler
 from vig.errors import UsageError
 from vig.trainer.saver import CheckpointSaver, append_summary, prepare_output_dir
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import train
-import vig.trainer.run
+import vig.trainer.setup
 from tests.train_helpers import REPO_ROOT, child_env, make_image_folder
 from vig.errors import RunError
 from vig.trainer.saver import CheckpointSaver, append_summary, write_args_yaml
@@ -290,8 +290,8 @@ class _NaNOnCall(nn.Module):
 @pytest.mark.parametrize("skip", [False, True], ids=["stop", "skip"])
 def test_non_finite_loss(tmp_path: Path, folder_data: Path, monkeypatch: pytest.MonkeyPatch,
                          capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture, skip: bool) -> None:
-    real = vig.trainer.run._loss_and_mixup
-    monkeypatch.setattr(vig.trainer.run, "_loss_and_mixup",
+    real = vig.trainer.setup.loss_and_mixup
+    monkeypatch.setattr(vig.trainer.setup, "loss_and_mixup",
                         lambda args, classes: (_NaNOnCall(real(args, classes)[0], call=3), None))
     argv = [str(folder_data), *TINY, "--epochs", "2", "-j", "0", "--output", str(tmp_path), "--experiment", "run"]
     status = train.main(argv + (["--skip-nonfinite"] if skip else []))

@@ -18,7 +18,7 @@ from tests.shared_files import shared_path
 from tests.test_train_distributed import _launcher
 from tests.train_helpers import REPO_ROOT, child_env, make_image_folder
 from vig.trainer.cli import parse_args
-from vig.trainer.run import _loss_and_mixup, _optimizer, build_model, resolve_lr
+from vig.trainer.setup import build_model, build_optimizer, loss_and_mixup, resolve_lr
 
 pytestmark = pytest.mark.slow
 
@@ -182,11 +182,11 @@ def test_lr_base_rule_loss_and_layer_decay_follow_timm(cifar: Path) -> None:
     assert lr([*base, "--lr-base-scale", "linear", "--lr-base-size", "8"], 1) == pytest.approx(0.1)
     assert lr([*base, "--lr", "0.02"], 2) == 0.02
     assert lr(base[:-2], 1) == 1e-3
-    loss, _ = _loss_and_mixup(parse_args([*base, "--bce-loss", "--bce-target-thresh", "0.2"]).augmentation, 10)
+    loss, _ = loss_and_mixup(parse_args([*base, "--bce-loss", "--bce-target-thresh", "0.2"]).augmentation, 10)
     assert isinstance(loss, BinaryCrossEntropy) and loss.target_threshold == 0.2
     config = parse_args([*base, "--lr", "1", "--layer-decay", "0.5"])
     model = build_model(config.model, 10)
-    scales = sorted({group["lr_scale"] for group in _optimizer(config.optimiser, model, "test_vit").param_groups})
+    scales = sorted({group["lr_scale"] for group in build_optimizer(config.optimiser, model, "test_vit").param_groups})
     layers = len(model.blocks) + 2  # stem, blocks, head (timm's group_matcher layers)
     assert scales == pytest.approx([0.5 ** depth for depth in reversed(range(layers))])
 

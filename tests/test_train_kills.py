@@ -29,6 +29,7 @@ from tests.train_helpers import REPO_ROOT, child_env, make_image_folder
 from vig.trainer.distributed import DistributedContext
 from vig.trainer.engine import Precision, train_one_epoch
 from vig.trainer.faults import ENV_ACTION, ENV_POINT
+from vig.trainer.step import PlainLoss, TrainStep
 from vig.trainer.saver import CheckpointSaver, append_summary, atomic_write, repair_summary
 
 pytestmark = pytest.mark.usefixtures("fast_in_process_runs")
@@ -234,8 +235,9 @@ def test_skip_nonfinite_keeps_batchnorm_statistics_finite() -> None:
     batches[1][0][2, :, 1, 1] = float("nan")
     ctx = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     before = {name: buffer.clone() for name, buffer in model[1].named_buffers()}
-    stats = train_one_epoch(0, model, batches, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
-                            ctx, Precision("cpu", None, None), 0, skip_nonfinite=True)
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), PlainLoss(nn.CrossEntropyLoss()),
+                     Precision("cpu", None, None), skip_nonfinite=True)
+    stats = train_one_epoch(0, batches, step, ctx, 0)
     assert stats.skipped_steps == 1
     assert all(torch.isfinite(buffer).all() for buffer in model[1].buffers())
     assert int(model[1].num_batches_tracked) == int(before["num_batches_tracked"]) + 2

@@ -2,7 +2,7 @@
 
 Usage: torchrun ... tests/train_worker.py OUT_DIR TRAIN_PY_ARGS...
 
-Runs `train.main(TRAIN_PY_ARGS)` unchanged, watching two calls of vig.trainer.run: the model as this rank
+Runs `train.main(TRAIN_PY_ARGS)` unchanged, watching two calls of vig.trainer.setup / run: the model as this rank
 created it (before DDP makes every rank start from rank 0's), and what `train` returns, and the edge
 targets the batch-graph model builds for its edge loss in the training loop (`vig.models.batch_graph.edge_targets`),
 and how often DDP's no_sync was entered. Writes
@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 import train
 from vig.models import batch_graph
 from vig.trainer import run as trainer_run
+from vig.trainer import setup as trainer_setup
 from vig.trainer.config import ModelSection, TrainConfig
 from vig.trainer.distributed import DistributedContext
 
@@ -37,7 +38,7 @@ def main(out_dir: Path, train_argv: list[str]) -> int:
         seen["no_sync"] += 1
         return no_sync(self)
 
-    build_model = trainer_run.build_model
+    build_model = trainer_setup.build_model
     train_loop = trainer_run.train
     edge_targets = batch_graph.edge_targets
 
@@ -46,8 +47,8 @@ def main(out_dir: Path, train_argv: list[str]) -> int:
         seen["edge_targets"].append((targets.detach().clone(), edge.detach().clone()))
         return edge
 
-    def watched_build_model(settings: ModelSection, num_classes: int) -> nn.Module:
-        model = build_model(settings, num_classes)
+    def watched_build_model(settings: ModelSection, num_classes: int, *args: Any, **kwargs: Any) -> nn.Module:
+        model = build_model(settings, num_classes, *args, **kwargs)
         seen["initial"] = copy.deepcopy(model.state_dict())
         return model
 
@@ -58,7 +59,7 @@ def main(out_dir: Path, train_argv: list[str]) -> int:
         return model, model_ema
 
     DistributedDataParallel.no_sync = watched_no_sync
-    trainer_run.build_model = watched_build_model
+    trainer_setup.build_model = watched_build_model
     trainer_run.train = watched_train
     batch_graph.edge_targets = watched_edge_targets
     status = train.main(train_argv)

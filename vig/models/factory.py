@@ -1,4 +1,4 @@
-"""The one way the trainer and the tools build a model: `create_model` from `vig.checkpoint.ModelSettings`."""
+"""The one way the trainer and the tools build a model: `create_model` from `vig.model_settings.ModelSettings`."""
 from __future__ import annotations
 
 import logging
@@ -7,7 +7,7 @@ from typing import Any
 import timm
 from torch import nn
 
-from vig.checkpoint import ModelSettings
+from vig.model_settings import ModelSettings
 
 __all__ = ["create_model"]
 

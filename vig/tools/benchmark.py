@@ -25,10 +25,10 @@ import torch
 
 import gcn_lib
 from gcn_lib import DynConv2d, interleave_channels
-from vig.checkpoint import ModelSettings
 from vig.console import OneLineErrorParser, fail, format_table, require_model
 from vig.errors import UsageError
 from vig.graph_info import describe_graph
+from vig.model_settings import ModelSettings
 from vig.models.factory import create_model
 from vig.models.isotropic import SVIG_DEC
 

@@ -23,11 +23,12 @@ import torch
 from torch import nn
 
 from gcn_lib import DynConv2d
-from vig.checkpoint import ModelSettings, load_checkpoint
+from vig.checkpoint import load_checkpoint
 from vig.console import OneLineErrorParser, fail, require_model
 from vig.errors import UsageError
+from vig.model_settings import ModelSettings
 from vig.models.factory import create_model
-from vig.trainer.cli import _parse_model_kwargs
+from vig.trainer.cli import parse_model_kwargs
 
 PROG = "vig-export"
 
@@ -150,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
-        args.model_kwargs = _parse_model_kwargs(args.model_kwargs)
+        args.model_kwargs = parse_model_kwargs(args.model_kwargs)
         require_model(args.model)
         if args.batch_size < 1 or (args.img_size is not None and args.img_size < 1):
             raise UsageError("--batch-size and --img-size must be positive")

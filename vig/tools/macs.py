@@ -11,11 +11,11 @@ import argparse
 import sys
 from typing import Sequence
 
-from vig.checkpoint import ModelSettings
 from vig.complexity import count_macs, count_parameters
 from vig.console import OneLineErrorParser, fail, format_table, require_model
 from vig.errors import RunError, UsageError
 from vig.graph_info import describe_graph
+from vig.model_settings import ModelSettings
 from vig.models.factory import create_model
 
 PROG = "vig-macs"

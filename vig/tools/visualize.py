@@ -37,11 +37,10 @@ from torch import nn
 
 from gcn_lib import (DAGA, SVGA, DynConv2d, daga_edges, daga_threshold, edge_index_to_mask, reduced_keys,
                      svga_mask)
-from vig.checkpoint import ModelSettings, extract_state_dict, load_state_dict_into, read_checkpoint, recorded_settings
 from vig.console import OneLineErrorParser, fail
 from vig.graph_info import describe_conv
-from vig.models.factory import create_model
-from vig.trainer.cli import merge_flag_settings
+from vig.model_settings import ModelSettings
+from vig.trainer.checkpoint_model import CheckpointModel, build_checked, read_model_checkpoint
 
 PROG = "vig-visualize"
 GRAPH_CHOICES: tuple[str, ...] = ("knn", "threshold", "both")
@@ -353,39 +352,35 @@ def draw_graphs(graphs: dict[str, list[BlockGraph]], shown: np.ndarray, node: tu
     return fig
 
 
-def resolve_settings(given: ModelSettings,
-                     checkpoint: Path | None) -> tuple[ModelSettings, dict[str, torch.Tensor] | None]:
-    """The settings to build the model with, and the checkpoint's weights (None without a checkpoint).
+def resolve_settings(given: ModelSettings, checkpoint: Path | None) -> tuple[ModelSettings, CheckpointModel | None]:
+    """The settings to build the model with, and the read checkpoint (None without one).
 
     Settings the flags leave open come from the checkpoint's recorded training flags (model, image
-    size, class count, thresholds, model kwargs; `vig.trainer.cli.merge_flag_settings`), so a checkpoint
-    of any class count or input size loads without repeating its training flags.
+    size, class count, thresholds, model kwargs; `vig.trainer.checkpoint_model.read_model_checkpoint`), so a
+    checkpoint of any class count or input size loads without repeating its training flags.
     """
     if checkpoint is None:
         if given.model is None:
             raise ValueError("--model is needed without --checkpoint")
         return given, None
-    state = read_checkpoint(checkpoint)
-    weights, _ = extract_state_dict(state, source=str(checkpoint))
-    merged = merge_flag_settings(given, recorded_settings(state, weights, model_name=given.model), str(checkpoint))
-    if merged.model is None:
+    source = read_model_checkpoint(str(checkpoint), given)
+    if source.settings.model is None:
         raise ValueError(f"{checkpoint} does not name its model; give --model")
-    return merged, weights
+    return source.settings, source
 
 
-def build_model(settings: ModelSettings, weights: dict[str, torch.Tensor] | None = None,
-                source: str = "checkpoint", pretrained: bool = False) -> nn.Module:
-    """A registered vig model built with ``settings`` (fields left None take the model's defaults), with
-    ``weights`` (from ``source``) loaded strictly when given, else with ``pretrained`` its published weights
-    (timm's pretrained loading; a ``name.tag`` picks them), in eval mode."""
+def build_model(settings: ModelSettings, source: CheckpointModel | None = None, pretrained: bool = False) -> nn.Module:
+    """A registered vig model built with ``settings`` (fields left None take the model's defaults), holding the
+    weights of ``source`` (strictly) when given, else with ``pretrained`` its published weights (timm's pretrained
+    loading; a ``name.tag`` picks them), in eval mode."""
     name = settings.model
     if name is None or not timm.is_model(name):
         known = ", ".join(timm.list_models("*vig_*"))
         raise ValueError(f"unknown model {name!r}" + (f" (registered: {known})" if known else ""))
-    model = create_model(settings, pretrained=True) if pretrained and weights is None else create_model(settings)
-    if weights is not None:
-        load_state_dict_into(model, weights, source, "weights")
-    return model.eval()
+    if source is not None:
+        return source.build(settings, label="cannot build").eval()
+    extra = {"pretrained": True} if pretrained else {}
+    return build_checked(settings, label="cannot build", **extra).eval()
 
 
 def _graph_kind(model: nn.Module) -> str:
@@ -430,7 +425,7 @@ def visualize(model_name: str | None, image_path: Path, out_png: Path, graph: st
         raise ValueError(f"img_size must be positive, got {img_size}")
     if num_classes is not None and num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
-    settings, weights = resolve_settings(ModelSettings(model=model_name, img_size=img_size, num_classes=num_classes,
+    settings, source = resolve_settings(ModelSettings(model=model_name, img_size=img_size, num_classes=num_classes,
                                                        start_thresh=start_thresh, dec=dec), checkpoint)
     if pretrained and checkpoint is not None:
         raise ValueError("--pretrained and --checkpoint both give weights; give one")
@@ -444,10 +439,8 @@ def visualize(model_name: str | None, image_path: Path, out_png: Path, graph: st
     for expected, thresh, decrement in plans:
         plan = ModelSettings(model=model_name, img_size=settings.img_size, num_classes=settings.num_classes,
                              start_thresh=thresh, dec=decrement, model_kwargs=settings.model_kwargs)
-        try:
-            model = build_model(plan, weights, str(checkpoint), pretrained=pretrained)
-        except TypeError as error:  # a setting the model does not take, e.g. --start-thresh for mobilevig_*
-            raise ValueError(f"cannot build {model_name}: {error}") from None
+        # a setting the model does not take (--start-thresh for mobilevig_*) is one line
+        model = build_model(plan, source, pretrained=pretrained)
         kind = _graph_kind(model)
         if kind in AXIAL_KINDS and expected is not None:
             raise ValueError(f"{model_name} builds its own {kind.upper()} axial graph; --graph is for ViG / SViG models")

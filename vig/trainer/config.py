@@ -1,5 +1,9 @@
 """The typed, frozen configuration of a train.py run: one section per concern, each checked where it is defined.
 
+The config is the one place a setting is declared: each field carries, through `flag`, its command-line
+name(s), help, choices and default, and `vig.trainer.cli.build_parser` generates the argparse parser from
+these fields (value type and count come from the field's annotation). Adding a flag is adding one field.
+
 `vig.trainer.cli.parse_args` builds a `TrainConfig` from the flags; every module of the trainer takes the
 section it needs (`vig.trainer.data` the data and augmentation sections, ...). Field names are the flags'
 destinations (``--img-size`` -> ``img_size``), so `TrainConfig.to_flags` gives back the flat dict of flag
@@ -14,25 +18,69 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
-from timm.data import auto_augment
-
-from vig.checkpoint import ModelSettings
+from vig.model_settings import ModelSettings
 from vig.errors import UsageError
-from vig.trainer.data import REPEATED_AUG_REPEATS, SYNTHETIC_DATASET, is_tv_rand_policy, tv_rand_augment
+from vig.trainer.policies import (REPEATED_AUG_REPEATS, SYNTHETIC_DATASET, TRAIN_CROPS, TV_RAND_PREFIX,
+                                  check_aa_policy)
+from vig.trainer.schedule import ONECYCLE_LINEAR
 
-__all__ = ["AugmentSection", "DataSection", "DistillSection", "DistributedSection", "LoggingSection", "LoopSection",
-           "ModelSection", "OptimSection", "RunFolderSection", "ScheduleSection", "TrainConfig", "TIMM_SCHEDULES",
-           "FLIP_TTA"]
+__all__ = ["AugmentSection", "DataSection", "DistillSection", "DistributedSection", "FlagSpec", "LoggingSection",
+           "LoopSection", "ModelSection", "OptimSection", "RunFolderSection", "ScheduleSection", "TrainConfig",
+           "DEFAULT_LR", "DEFAULT_MAX_CONSECUTIVE_SKIPS", "DEFAULT_MODEL", "FLIP_TTA", "SECTION_TITLES",
+           "TIMM_SCHEDULES", "flag", "flag_fields"]
 
 # the names timm.scheduler.create_scheduler_v2 builds (timm 1.0)
 TIMM_SCHEDULES = ("cosine", "tanh", "step", "constant", "multistep", "plateau", "poly", "wsd", "rsqrt")
+DEFAULT_MODEL = "vig_ti_224_gelu"  # the model without --model and without a checkpoint that names one
+DEFAULT_LR = 1e-3  # the learning rate without --lr and --lr-base
+DEFAULT_MAX_CONSECUTIVE_SKIPS = 5  # --skip-nonfinite stops the run after this many skipped steps in a row
 
 FLIP_TTA = 2  # --tta factor of the flip average (the image and its mirror); 0 and 1 are off
 
 Pair = tuple[float, float]
 Triple = tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class FlagSpec:
+    """How a config field appears on the command line (the field itself holds the default and the type).
+
+    ``names``: the option strings, the first long one being the flag's name (empty: ``--`` + the field name
+    with dashes); ``positional``: the field is the positional argument named ``metavar``; ``kwargs``: a K=V
+    list parsed into a dict of Python literals; ``nargs`` / ``const``: argparse's, where the annotation does not
+    say (an open-ended tuple, an optional value).
+    """
+
+    help: str
+    names: tuple[str, ...] = ()
+    choices: tuple[Any, ...] | None = None
+    metavar: str | tuple[str, ...] | None = None
+    nargs: str | None = None
+    const: Any = None
+    positional: bool = False
+    kwargs: bool = False
+
+
+def flag(default: Any = None, *names: str, help: str, choices: tuple[Any, ...] | None = None,
+         metavar: str | tuple[str, ...] | None = None, nargs: str | None = None, const: Any = None,
+         positional: bool = False, kwargs: bool = False) -> Any:
+    """A dataclass field with ``default`` that is also a train.py flag (`FlagSpec`); a dict or tuple default
+    becomes a default factory (a fresh value per config)."""
+    spec = FlagSpec(help=help, names=names, choices=choices, metavar=metavar, nargs=nargs, const=const,
+                    positional=positional, kwargs=kwargs)
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata={"flag": spec})
+    return field(default=default, metadata={"flag": spec})
+
+
+def flag_fields(section: type) -> Iterator[tuple[dataclasses.Field, FlagSpec]]:
+    """The fields of a section (or of `TrainConfig` itself) that are flags, with their `FlagSpec`."""
+    for item in dataclasses.fields(section):
+        spec = item.metadata.get("flag")
+        if spec is not None:
+            yield item, spec
 
 
 def _require(condition: bool, message: str) -> None:
@@ -51,29 +99,42 @@ def _tuple(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class DataSection:
-    """Where the images come from and how they are batched (flags of the "data" group but the image size)."""
+    """Where the images come from and how they are batched."""
 
-    data_dir: str | None = None
-    data_dir_option: str | None = None  # --data-dir, timm's spelling of the positional DIR
-    dataset: str = ""
-    train_num_samples: int | None = None
-    val_num_samples: int | None = None
-    input_key: str | None = None
-    input_img_mode: str = "RGB"
-    target_key: str | None = None
-    dataset_download: bool = False
-    train_split: str = "train"
-    val_split: str = "val"
-    num_classes: int | None = None
-    crop_pct: float | None = None
-    mean: Triple | None = None
-    std: Triple | None = None
-    interpolation: str = ""
-    workers: int = 4
-    batch_size: int = 128
-    repeated_aug: bool = False  # the same as --aug-repeats 3
-    aug_repeats: int = 0
-    skip_corrupt: bool = False
+    data_dir: str | None = flag(None,
+        help='dataset root (default: the embedded synthetic demo set)', positional=True, metavar='DIR')
+    data_dir_option: str | None = flag(None, '--data-dir',
+        help="dataset root, as the positional DIR (timm's spelling)", metavar='DIR')
+    dataset: str = flag("",
+        help="'' = ImageFolder under DIR; torch/cifar10, torch/cifar100; wds/NAME (webdataset shards in DIR with "
+             'DIR/_info.json); hfds/FOLDER (a local Hugging Face dataset folder); synthetic (embedded demo)')
+    train_num_samples: int | None = flag(None,
+        help="wds: training images per epoch (default: the split's count in _info.json)", metavar='N')
+    val_num_samples: int | None = flag(None,
+        help="wds: validation images (default: the split's count in _info.json)", metavar='N')
+    input_key: str | None = flag(None,
+        help='wds / hfds: the image field (default: jpg;png;webp for wds, image for hfds)')
+    input_img_mode: str = flag("RGB", help='wds / hfds: PIL mode the images are converted to')
+    target_key: str | None = flag(None,
+        help='wds: a field of the json sidecar (default: the .cls file); hfds: the label feature (default: label)')
+    dataset_download: bool = flag(False, help='download torch/* datasets into DIR')
+    train_split: str = flag("train", help='training split folder / name')
+    val_split: str = flag("val", help="validation split ('val' falls back to 'validation')")
+    num_classes: int | None = flag(None, help='classifier outputs (default: number of classes in the data)')
+    crop_pct: float | None = flag(None, help='centre-crop fraction for validation')
+    mean: Triple | None = flag(None, help='normalisation mean', metavar='M')
+    std: Triple | None = flag(None, help='normalisation std', metavar='S')
+    interpolation: str = flag("", help='resize interpolation (bilinear, bicubic, ...)')
+    workers: int = flag(4, '-j', '--workers', help='data loading processes per training process')
+    batch_size: int = flag(128, '-b', '--batch-size', help='batch size per process')
+    repeated_aug: bool = flag(False,
+        help=f'repeated augmentation: each image {REPEATED_AUG_REPEATS} times per epoch, copies on different ranks '
+             f'(the same as --aug-repeats {REPEATED_AUG_REPEATS})')
+    aug_repeats: int = flag(0,
+        help='repeated augmentation with N copies of each image per epoch (0 = off)', metavar='N')
+    skip_corrupt: bool = flag(False,
+        help='replace an image file that does not decode by the next readable one and count it (default: stop, naming '
+             'the file)')
 
     def __post_init__(self) -> None:
         _fix(self, "mean", _tuple(self.mean))
@@ -111,45 +172,40 @@ class DataSection:
             _fix(self, "aug_repeats", REPEATED_AUG_REPEATS)
 
 
-def _require_timm_policy(policy: str) -> None:
-    """Build timm's augmentation for `policy` once, so that a malformed one is a usage error, not an assertion
-    deep in the first training batch."""
-    if policy.startswith("rand"):
-        build = auto_augment.rand_augment_transform
-    elif policy.startswith("augmix"):
-        build = auto_augment.augment_and_mix_transform
-    else:
-        build = auto_augment.auto_augment_transform
-    try:
-        build(policy, {"translate_const": 100, "img_mean": (124, 116, 104)})
-    except (AssertionError, ValueError, KeyError, IndexError):
-        raise UsageError(f"--aa {policy!r} is not a timm augmentation policy (e.g. rand-m9-mstd0.5-inc1, "
-                         "augmix-m5-w3, original, v0, 3a) nor tv-rand[-n<ops>][-m<magnitude>][-b<bins>]") from None
-
-
 @dataclass(frozen=True)
 class AugmentSection:
-    """Training augmentation and the regularising losses (the "augmentation and regularisation" group)."""
+    """Training augmentation and the regularising losses."""
 
-    train_crop: str | None = None
-    scale: Pair | None = None
-    ratio: Pair | None = None
-    aa: str | None = None
-    color_jitter: float = 0.4
-    force_color_jitter: bool = False
-    reprob: float = 0.0
-    remode: str = "pixel"
-    recount: int = 1
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    smoothing: float = 0.1
-    bce_loss: bool = False
-    bce_target_thresh: float | None = None
-    bce_sum: bool = False
-    bce_pos_weight: float | None = None
-    edge_loss_weight: float | None = None
+    train_crop: str | None = flag(None,
+        help='training crop: pad = random crop of the 4-px-padded image (32-px inputs only), rrc = random-resized crop '
+             '(default: pad at 32 px, else rrc)', choices=TRAIN_CROPS)
+    scale: Pair | None = flag(None,
+        help="random-resized crop: range of the crop's area fraction (default 0.08 1)", metavar='S')
+    ratio: Pair | None = flag(None,
+        help="random-resized crop: range of the crop's aspect ratio (default 0.75 1.333)", metavar='R')
+    aa: str | None = flag(None,
+        help="timm AutoAugment / RandAugment policy, e.g. rand-m9-mstd0.5-inc1, or torchvision's RandAugment: "
+             f'{TV_RAND_PREFIX}[-n<ops>][-m<magnitude 0..bins-1>][-b<bins>], e.g. {TV_RAND_PREFIX}-n2-m12')
+    color_jitter: float = flag(0.4, help='colour jitter strength')
+    force_color_jitter: bool = flag(False,
+        help='keep --color-jitter with --aa (applied after the policy); by default --aa replaces it')
+    reprob: float = flag(0.0, help='random erasing probability')
+    remode: str = flag("pixel", help='random erasing mode')
+    recount: int = flag(1, help='random erasing count')
+    mixup: float = flag(0.0, help='mixup alpha (active if > 0)')
+    cutmix: float = flag(0.0, help='cutmix alpha (active if > 0)')
+    mixup_prob: float = flag(1.0, help='probability of mixup or cutmix per batch')
+    mixup_switch_prob: float = flag(0.5, help='probability of cutmix when both on')
+    smoothing: float = flag(0.1, help='label smoothing')
+    bce_loss: bool = flag(False,
+        help="binary cross-entropy on the (smoothed / mixed) targets instead of cross-entropy (timm's "
+             'BinaryCrossEntropy)')
+    bce_target_thresh: float | None = flag(None, help='--bce-loss: binarise the soft targets at this threshold')
+    bce_sum: bool = flag(False, help='--bce-loss: sum over classes instead of the mean')
+    bce_pos_weight: float | None = flag(None, help='--bce-loss: weight of positive targets')
+    edge_loss_weight: float | None = flag(None,
+        help='weight of the batch-graph edge loss, BCE(edge_sim, same-class matrix), added to the classification loss '
+             '(models with an edge head, e.g. bgnn; default 1)', metavar='W')
 
     def __post_init__(self) -> None:
         _fix(self, "scale", _tuple(self.scale))
@@ -167,10 +223,7 @@ class AugmentSection:
                      f"--ratio must be two aspect ratios 0 < low <= high, got {low:g} {high:g}")
         _require(self.train_crop != "pad" or (self.scale is None and self.ratio is None),
                  "--scale / --ratio set the random-resized crop; they do not apply to --train-crop pad")
-        if is_tv_rand_policy(self.aa):
-            tv_rand_augment(self.aa)
-        elif self.aa:
-            _require_timm_policy(self.aa)
+        check_aa_policy(self.aa)
         _require(0 <= self.mixup_prob <= 1, f"--mixup-prob must be in [0, 1], got {self.mixup_prob:g}")
         _require(not self.force_color_jitter or bool(self.aa),
                  "--force-color-jitter keeps --color-jitter alongside --aa; without --aa the jitter is always on")
@@ -194,25 +247,44 @@ def _require_readable(flag: str, path: str) -> None:
 class ModelSection:
     """The model, how it is built and held (weights to start from, EMA, dtype, memory layout, compile)."""
 
-    model: str | None = None  # None until resolved: the --pretrain_path checkpoint's, else the default
-    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    img_size: int | None = None
-    input_size: tuple[int, int, int] | None = None  # timm's spelling of --img-size: 3 H H
-    pretrained: bool = False
-    pretrained_path: str | None = None
-    initial_checkpoint: str = ""
-    drop: float = 0.0
-    drop_path: float | None = None
-    start_thresh: float | None = None
-    dec: float | None = None
-    channels_last: bool = False
-    allow_small_graph: bool = False  # train at an --img-size whose first graph has fewer nodes than its k
-    grad_checkpointing: bool = False
-    torchcompile: str | None = None
-    model_ema: bool = False
-    model_ema_decay: float = 0.9998
-    model_ema_warmup: bool = False
-    model_dtype: str | None = None
+    model: str | None = flag(None,
+        help=f"timm model name (default: the --pretrain_path checkpoint's, else {DEFAULT_MODEL})")
+    model_kwargs: Mapping[str, Any] = flag({},
+        help='extra keyword arguments for timm.create_model', metavar='K=V', kwargs=True)
+    img_size: int | None = flag(None, help="input image size (default: the model's)")
+    input_size: tuple[int, int, int] | None = flag(None,
+        help='input dimensions 3 H W with H = W: the same as --img-size H', metavar=('C', 'H', 'W'))
+    pretrained: bool = flag(False,
+        help="start from the model's pretrained weights (timm's pretrained loading: the hub / cache unless "
+             '--pretrained-path); the head is reset when --num-classes differs')
+    pretrained_path: str | None = flag(None,
+        help="load FILE as the model's pretrained weights (implies --pretrained): through the model's "
+             'checkpoint_filter_fn, the classifier reset when its class count differs', metavar='FILE')
+    initial_checkpoint: str = flag("", '--initial-checkpoint', '--pretrain_path', '--pretrain-path', '--checkpoint',
+        help="weights to start from (required with --evaluate; --checkpoint is timm validate.py's spelling)",
+        metavar='PATH')
+    drop: float = flag(0.0, help='dropout rate')
+    drop_path: float | None = flag(None, help='stochastic depth rate')
+    start_thresh: float | None = flag(None,
+        help='SViG: similarity threshold of the first block, in (0, 1); omit for kNN ViG')
+    dec: float | None = flag(None, help='SViG: threshold decrement per block (>= 0)')
+    channels_last: bool = flag(False, help='channels-last memory layout')
+    allow_small_graph: bool = flag(False,
+        help='train at an --img-size whose first graph layer has fewer nodes than its k (refused by default, naming '
+             'the smallest size that works)')
+    grad_checkpointing: bool = flag(False,
+        help='recompute block activations in the backward pass (less memory, more compute)')
+    torchcompile: str | None = flag(None,
+        help='torch.compile the model (default backend: inductor)', metavar='BACKEND', nargs='?', const='inductor')
+    model_ema: bool = flag(False, '--model-ema', '--use-ema',
+        help="keep an EMA of the weights (training); evaluate the EMA weights (--evaluate; --use-ema is timm "
+             "validate.py's spelling)")
+    model_ema_decay: float = flag(0.9998, help='EMA decay')
+    model_ema_warmup: bool = flag(False,
+        help="EMA decay warm-up: min(decay, (1 + updates) / (10 + updates)) (timm's ModelEmaV3)")
+    model_dtype: str | None = flag(None,
+        help='train and evaluate with weights and inputs in this dtype (not with --amp; default: float32)',
+        choices=('float32', 'float64', 'bfloat16'))
 
     def __post_init__(self) -> None:
         _fix(self, "model_kwargs", dict(self.model_kwargs))
@@ -254,19 +326,27 @@ class ModelSection:
 class OptimSection:
     """The optimiser, its learning rate (or the base rate it is scaled from), clipping and accumulation."""
 
-    opt: str = "adamw"
-    opt_eps: float | None = None
-    opt_betas: tuple[float, ...] | None = None
-    momentum: float = 0.9
-    weight_decay: float = 0.05
-    clip_grad: float | None = None
-    clip_mode: str = "norm"
-    lr: float | None = None  # None until resolved (`vig.trainer.run.resolve_lr`)
-    lr_base: float | None = None
-    lr_base_size: int = 256
-    lr_base_scale: str = ""
-    layer_decay: float | None = None
-    grad_accum_steps: int = 1
+    opt: str = flag("adamw", help='timm optimizer name')
+    opt_eps: float | None = flag(None, help='optimizer epsilon')
+    opt_betas: tuple[float, ...] | None = flag(None, help='optimizer betas', nargs='+')
+    momentum: float = flag(0.9, help='SGD momentum')
+    weight_decay: float = flag(0.05, help='weight decay (not applied to norms, biases, position embeddings)')
+    clip_grad: float | None = flag(None, help='gradient clipping threshold')
+    clip_mode: str = flag("norm", help='gradient clipping mode', choices=('norm', 'value', 'agc'))
+    lr: float | None = flag(None, help=f'learning rate; wins over --lr-base (unset and no --lr-base: {DEFAULT_LR:g})')
+    lr_base: float | None = flag(None,
+        help='base learning rate: lr = lr_base * (global batch / --lr-base-size), the ratio square-rooted with '
+             '--lr-base-scale sqrt; used only without --lr')
+    lr_base_size: int = flag(256,
+        help='global batch size (batch x processes x --grad-accum-steps) at which lr = lr_base')
+    lr_base_scale: str = flag("",
+        help="'' = sqrt for Ada* / Lamb optimizers, linear otherwise (timm's rule)", choices=('', 'linear', 'sqrt'))
+    layer_decay: float | None = flag(None,
+        help="layer-wise learning-rate decay: the model's group_matcher layers, the head at lr, each layer below at "
+             'decay x the one above')
+    grad_accum_steps: int = flag(1,
+        help='accumulate the gradients of N batches per optimizer update (the schedule counts updates; the last group '
+             'of an epoch may be smaller)', metavar='N')
 
     def __post_init__(self) -> None:
         _fix(self, "opt_betas", _tuple(self.opt_betas))
@@ -283,15 +363,19 @@ class OptimSection:
 class ScheduleSection:
     """The learning-rate schedule over the epochs."""
 
-    sched: str = "cosine"
-    epochs: int = 300
-    warmup_epochs: int = 5
-    warmup_lr: float = 1e-5
-    min_lr: float = 0.0
-    cooldown_epochs: int = 0
-    patience_epochs: int = 10
-    decay_epochs: float = 90
-    decay_rate: float = 0.1
+    sched: str = flag("cosine",
+        help=f'timm scheduler, or {ONECYCLE_LINEAR} (per step 0 -> --lr at 40 %% -> --lr / 20 at 80 %% -> 0; '
+             'ignores the warm-up, --min-lr and cooldown flags)',
+        choices=(*TIMM_SCHEDULES, ONECYCLE_LINEAR))
+    epochs: int = flag(300, help='training epochs')
+    warmup_epochs: int = flag(5, help='linear warm-up epochs')
+    warmup_lr: float = flag(1e-5, help='learning rate at the start of warm-up')
+    min_lr: float = flag(0.0, help='floor of the cosine / poly schedule')
+    cooldown_epochs: int = flag(0,
+        help='epochs at min-lr after the schedule; plateau: epochs without decay after a decay')
+    patience_epochs: int = flag(10, help='plateau: epochs without improvement of --eval-metric before the lr decays')
+    decay_epochs: float = flag(90, help='step schedule: epochs between decays')
+    decay_rate: float = flag(0.1, help='step schedule: decay factor')
 
     def __post_init__(self) -> None:
         _require(self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
@@ -304,14 +388,24 @@ class ScheduleSection:
 class DistillSection:
     """Knowledge distillation from a teacher (timm.task); off without ``kd_model_name``."""
 
-    kd_model_name: str | None = None
-    kd_pretrained_path: str | None = None
-    kd_model_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    kd_distill_type: str = "logit"
-    kd_token_distill_type: str = "soft"
-    kd_temperature: float = 4.0
-    distill_loss_weight: float | None = None
-    task_loss_weight: float | None = None
+    kd_model_name: str | None = flag(None,
+        help='teacher model (timm name); needs --kd-pretrained-path', metavar='MODEL')
+    kd_pretrained_path: str | None = flag(None,
+        help="the teacher's weights: a train.py checkpoint or a state dict (never downloaded)", metavar='FILE')
+    kd_model_kwargs: Mapping[str, Any] = flag({},
+        help="extra keyword arguments for the teacher's timm.create_model", metavar='K=V', kwargs=True)
+    kd_distill_type: str = flag("logit",
+        help='logit: KL of the softened logits; feature: MSE of the pooled pre-logits (a learned projection when '
+             "widths differ); token: the student's distillation head (DeiT-style)",
+        choices=('logit', 'feature', 'token'))
+    kd_token_distill_type: str = flag("soft",
+        help="token distillation: soft = KL with temperature, hard = CE with the teacher's argmax",
+        choices=('soft', 'hard'))
+    kd_temperature: float = flag(4.0, help='softmax temperature of logit / token KD')
+    distill_loss_weight: float | None = flag(None,
+        help='weight of the distillation loss (1 when only it or neither weight is given)')
+    task_loss_weight: float | None = flag(None,
+        help='weight of the classification loss; given alone, the distillation weight is 1 - it')
 
     def __post_init__(self) -> None:
         _fix(self, "kd_model_kwargs", dict(self.kd_model_kwargs))
@@ -326,20 +420,35 @@ class DistillSection:
 class LoopSection:
     """The training / evaluation loop: precision, seeding, logging cadence, validation, resuming."""
 
-    amp: bool = False
-    amp_dtype: str | None = None
-    seed: int = 42
-    skip_nonfinite: bool = False
-    max_consecutive_skips: int | None = None  # None: cli.DEFAULT_MAX_CONSECUTIVE_SKIPS
-    log_interval: int = 50
-    val_interval: int = 1
-    eval_metric: str = "top1"
-    tta: int = 0  # FLIP_TTA: the flip average; 0, 1: off (a bool in configs written before it took a factor)
-    evaluate: bool = False
-    results_file: str | None = None
-    resume: str = ""
-    no_resume_opt: bool = False
-    start_epoch: int | None = None
+    amp: bool = flag(False, help='mixed precision (bfloat16 where supported, else float16)')
+    amp_dtype: str | None = flag(None, help='force the AMP dtype', choices=('bfloat16', 'float16'))
+    seed: int = flag(42, help='random seed; each epoch and rank reseeds from (seed, epoch, rank)')
+    skip_nonfinite: bool = flag(False,
+        help='skip a training step whose loss is NaN / infinite, or whose update makes a weight so, and count it: the '
+             'step leaves no trace (weights, BatchNorm statistics, optimizer, EMA); costs a copy of weights and '
+             'optimizer state per step (default: stop)')
+    max_consecutive_skips: int | None = flag(None,
+        help=f'with --skip-nonfinite: stop the run after N steps skipped in a row '
+             f'(default {DEFAULT_MAX_CONSECUTIVE_SKIPS})',
+        metavar='N')
+    log_interval: int = flag(50, help='batches between log lines')
+    val_interval: int = flag(1, help='validate and save checkpoints every N epochs (and after the last)', metavar='N')
+    eval_metric: str = flag("top1",
+        help='validation figure that ranks checkpoints (loss: lower is better; of the EMA with --model-ema)',
+        choices=('top1', 'top5', 'loss'))
+    # a bool in configs written before --tta took a factor
+    tta: int = flag(0, help=f"test-time augmentation factor in validation (timm's integer): {FLIP_TTA} = the image "
+                            f"and its horizontal mirror, 0 or 1 = off; bare --tta = {FLIP_TTA}",
+                    metavar="N", nargs="?", const=FLIP_TTA)
+    evaluate: bool = flag(False, help='only evaluate --pretrain_path on the val split')
+    results_file: str | None = flag(None,
+        help='--evaluate: also write the result to PATH, CSV for a .csv name, else JSON', metavar="PATH")
+    resume: str = flag("",
+        help="resume training from a checkpoint; 'auto' = last.pth.tar of the experiment if any, else start fresh (for "
+             'torchrun --max-restarts)', metavar='PATH|auto')
+    no_resume_opt: bool = flag(False,
+        help='on resume, restore weights and epoch but not optimizer / scheduler / scaler')
+    start_epoch: int | None = flag(None, help='override the starting epoch')
 
     def __post_init__(self) -> None:
         _require(self.val_interval > 0, f"--val-interval must be positive, got {self.val_interval}")
@@ -357,22 +466,24 @@ class LoopSection:
                                                f"average, factor {FLIP_TTA} (0 or 1: off)")
         _require(self.results_file is None or self.evaluate,
                  "--results-file writes the result of --evaluate; training writes summary.csv in its run folder")
+        _require_readable("--resume", "" if self.resume == "auto" else self.resume)
 
     @property
     def flip_tta(self) -> bool:
         """Whether validation averages the logits of each image and its horizontal mirror (--tta 2)."""
         return self.tta == FLIP_TTA
-        _require_readable("--resume", "" if self.resume == "auto" else self.resume)
 
 
 @dataclass(frozen=True)
 class RunFolderSection:
     """Where the run writes: output root, run folder name, checkpoints kept."""
 
-    output: str = ""
-    experiment: str = ""
-    checkpoint_hist: int = 10
-    break_lock: bool = False  # take the folder's lock over whoever holds it (vig.trainer.run_lock)
+    output: str = flag("", help='output root (default ./output/train)', metavar='DIR')
+    experiment: str = flag("", help='run folder name under --output (default: dated)')
+    checkpoint_hist: int = flag(10, help='number of best epoch checkpoints kept')
+    break_lock: bool = flag(False,
+        help="take the run folder over even when its lock (.run.lock) names a run that may be alive (another host's, "
+             'which cannot be checked from here); logged')
 
     def __post_init__(self) -> None:
         _require(self.checkpoint_hist > 0, f"--checkpoint-hist must be positive, got {self.checkpoint_hist}")
@@ -382,10 +493,14 @@ class RunFolderSection:
 class LoggingSection:
     """Experiment logs besides summary.csv (`vig.trainer.explog`)."""
 
-    log_wandb: bool = False
-    wandb_project: str | None = None
-    wandb_tags: tuple[str, ...] = ()
-    log_tensorboard: str | None = None
+    log_wandb: bool = flag(False,
+        help="log each epoch's summary row to Weights & Biases (pip install 'vig-toolkit[logging]'; WANDB_MODE=offline "
+             'honoured)')
+    wandb_project: str | None = flag(None, help="W&B project (default: wandb's)")
+    wandb_tags: tuple[str, ...] = flag((), help='W&B run tags', nargs='*')
+    log_tensorboard: str | None = flag(None,
+        help="write each epoch's summary row as TensorBoard scalars into DIR (pip install 'vig-toolkit[logging]')",
+        metavar='DIR')
 
     def __post_init__(self) -> None:
         _fix(self, "wandb_tags", tuple(self.wandb_tags))
@@ -395,9 +510,12 @@ class LoggingSection:
 class DistributedSection:
     """Device and process group (`vig.trainer.distributed`)."""
 
-    device: str | None = None
-    local_rank: int | None = None
-    sync_bn: bool = False
+    device: str | None = flag(None,
+        help='training device type (default: cuda when available, else cpu; cuda:LOCAL_RANK per process)',
+        choices=('cpu', 'cuda'))
+    local_rank: int | None = flag(None, '--local-rank', '--local_rank',
+        help='set by torch.distributed.launch; LOCAL_RANK in the environment wins')
+    sync_bn: bool = flag(False, help='synchronised BatchNorm across processes')
 
 
 # the sections of TrainConfig, by attribute name
@@ -406,8 +524,12 @@ _SECTIONS: dict[str, type] = {
     "schedule": ScheduleSection, "distill": DistillSection, "loop": LoopSection, "run_folder": RunFolderSection,
     "logging": LoggingSection, "distributed": DistributedSection,
 }
-# flags whose values are lists in args.yaml / a checkpoint's args (tuples in the sections)
-_LIST_FLAGS = ("input_size", "mean", "std", "scale", "ratio", "opt_betas", "wandb_tags")
+# the title of each section's group in --help
+SECTION_TITLES: dict[str, str] = {
+    "data": "data", "augmentation": "augmentation and regularisation", "model": "model", "optimiser": "optimizer",
+    "schedule": "schedule", "distill": "knowledge distillation (timm.task)", "loop": "training and evaluation loop",
+    "run_folder": "run folder", "logging": "experiment logs", "distributed": "device and processes",
+}
 
 
 @dataclass(frozen=True)
@@ -424,7 +546,9 @@ class TrainConfig:
     run_folder: RunFolderSection = field(default_factory=RunFolderSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
-    config: str = ""  # the -c YAML file the defaults came from
+    config: str = flag("", "-c", "--config", metavar="FILE",
+                       help="YAML file whose keys (flag names, - or _) set defaults, values checked as the flags' own; "
+                            "flags given win")
 
     def __post_init__(self) -> None:
         _require(self.model.model_dtype in (None, "float32") or not (self.loop.amp or self.loop.amp_dtype),
@@ -462,7 +586,7 @@ class TrainConfig:
                 value = getattr(section, item.name)
                 if isinstance(value, dict):
                     value = dict(value)
-                elif item.name in _LIST_FLAGS and value is not None:
+                elif isinstance(value, tuple):  # a flag of several values: a list in YAML
                     value = list(value)
                 flags[item.name] = value
         return flags

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -34,6 +33,7 @@ from torchvision import transforms
 
 from vig.errors import CorruptImageError, UsageError
 from vig.trainer.distributed import DistributedContext
+from vig.trainer.policies import REPEATED_AUG_REPEATS, SYNTHETIC_DATASET, is_tv_rand_policy, tv_rand_augment
 from vig.trainer.sources import (HFDS_PREFIX, WDS_PREFIX, StreamShard, UNDECODABLE, check_even_shards, hfds_dataset,
                                  is_stream, take_stream_corrupt_count, wds_dataset)
 
@@ -42,15 +42,8 @@ if TYPE_CHECKING:
 
 _LOGGER = logging.getLogger(__name__)
 
-SYNTHETIC_DATASET = "synthetic"
-
-REPEATED_AUG_REPEATS = 3
 CIFAR_SIZE = 32
 CIFAR_CROP_PADDING = 4
-TRAIN_CROPS = ("pad", "rrc")  # random crop of the 4-px-padded 32-px image; random-resized crop
-TV_RAND_PREFIX = "tv-rand"
-# torchvision RandAugment's defaults: num_ops, magnitude, num_magnitude_bins
-TV_RAND_DEFAULTS = {"n": 2, "m": 9, "b": 31}
 SPLIT_FALLBACKS = {"val": ("val", "validation"), "validation": ("validation", "val")}
 
 
@@ -381,40 +374,6 @@ def _with_pre_pillow13_ops(transform: transforms.Compose) -> transforms.Compose:
     for op in augment_ops(transform):
         op.aug_fn = _PRE_PILLOW13_OPS.get(op.aug_fn, op.aug_fn)
     return transform
-
-
-def is_tv_rand_policy(policy: str | None) -> bool:
-    """True when an `--aa` value names torchvision's RandAugment (`tv-rand...`) rather than a timm policy."""
-    return policy is not None and policy.startswith(TV_RAND_PREFIX)
-
-
-def tv_rand_augment(policy: str) -> transforms.RandAugment:
-    """torchvision's RandAugment from `--aa tv-rand[-n<ops>][-m<magnitude>][-b<bins>]` (e.g. tv-rand-n2-m12).
-
-    Unset keys take torchvision's defaults (n 2, m 9, b 31 magnitude bins); the magnitude is a bin index,
-    0 .. bins - 1. Interpolation (nearest) and fill (black) are torchvision's defaults. Posterize keeps
-    8 - round(4 * m / (bins - 1)) >= 4 bits, which Pillow 13 accepts at every magnitude. UsageError (one
-    line) for a malformed string or out-of-range values.
-    """
-    usage = f"--aa {policy!r}: expected {TV_RAND_PREFIX}[-n<ops>][-m<magnitude>][-b<bins>], e.g. {TV_RAND_PREFIX}-n2-m12"
-    rest = policy[len(TV_RAND_PREFIX):]
-    if rest and not rest.startswith("-"):
-        raise UsageError(usage)
-    values = dict(TV_RAND_DEFAULTS)
-    given: set[str] = set()
-    for part in rest.split("-")[1:]:
-        match = re.fullmatch(r"([nmb])(\d+)", part)
-        if match is None or match.group(1) in given:
-            raise UsageError(usage)
-        given.add(match.group(1))
-        values[match.group(1)] = int(match.group(2))
-    if values["n"] < 1:
-        raise UsageError(f"--aa {policy!r}: needs at least one op per image (n >= 1)")
-    if values["b"] < 2:
-        raise UsageError(f"--aa {policy!r}: needs at least 2 magnitude bins (b >= 2)")
-    if values["m"] >= values["b"]:
-        raise UsageError(f"--aa {policy!r}: magnitude {values['m']} is not a bin of 0 .. {values['b'] - 1}")
-    return transforms.RandAugment(num_ops=values["n"], magnitude=values["m"], num_magnitude_bins=values["b"])
 
 
 def train_crop(augmentation: AugmentSection, config: DataConfig) -> str:

@@ -23,12 +23,10 @@ from timm.task import FeatureDistillationTask, LogitDistillationTask, TokenDisti
 from timm.utils import unwrap_model
 from torch import nn
 
-from vig.checkpoint import (CheckpointError, ModelSettings, extract_state_dict, load_state_dict_into, read_checkpoint,
-                            recorded_settings)
 from vig.console import require_model
 from vig.errors import UsageError
-from vig.models.factory import create_model
-from vig.trainer.cli import merge_flag_settings
+from vig.model_settings import ModelSettings
+from vig.trainer.checkpoint_model import model_from_checkpoint
 
 if TYPE_CHECKING:
     from vig.trainer.config import DistillSection
@@ -47,30 +45,16 @@ def build_teacher(distill: DistillSection, num_classes: int, device: torch.devic
     them; its class count must be the student's (``num_classes``): logit and token distillation compare
     the two over the same classes.
     """
-    path = distill.kd_pretrained_path
     require_model(distill.kd_model_name)
-    try:
-        checkpoint = read_checkpoint(path)
-        state_dict, entry = extract_state_dict(checkpoint, source=path)
-        recorded = recorded_settings(checkpoint, state_dict, model_name=distill.kd_model_name)
-    except CheckpointError as err:
-        raise UsageError(f"--kd-pretrained-path: {err}") from None
     given = ModelSettings(model=distill.kd_model_name, num_classes=num_classes,
                           model_kwargs=dict(distill.kd_model_kwargs))
-    merged = merge_flag_settings(given, recorded, path, prefix="--kd-pretrained-path: ")
-    try:
-        teacher = create_model(merged, num_classes)
-    except (TypeError, ValueError) as err:
-        raise UsageError(f"teacher {distill.kd_model_name}: {err}") from None
-    try:
-        load_state_dict_into(teacher, state_dict, path, entry)
-    except CheckpointError as err:
-        raise UsageError(f"--kd-pretrained-path: {err}") from None
+    teacher, settings = model_from_checkpoint(distill.kd_pretrained_path, given, flag="--kd-pretrained-path",
+                                              label="teacher")
     teacher.to(device=device, dtype=dtype)
     teacher.eval()
     teacher.requires_grad_(False)
     _LOGGER.info("KD teacher %s (%d classes, img_size %s, model_kwargs %s) loaded from %s", distill.kd_model_name,
-                 num_classes, merged.img_size, merged.model_kwargs, path)
+                 num_classes, settings.img_size, settings.model_kwargs, distill.kd_pretrained_path)
     return teacher
 
 
@@ -101,8 +85,6 @@ def build_distillation_task(distill: DistillSection, student: nn.Module, teacher
     task.student_mean = torch.tensor(mean, device=device, dtype=float_dtype).view(1, -1, 1, 1)
     task.student_std = torch.tensor(std, device=device, dtype=float_dtype).view(1, -1, 1, 1)
     return task
-
-
 
 
 def projection_state(task: TrainingTask | None) -> dict[str, torch.Tensor] | None:

@@ -1,4 +1,5 @@
-"""Training and validation loops, mixed precision, and per-epoch progress display.
+"""The epoch loops: `train_one_epoch` (a `vig.trainer.step.TrainStep` per batch) and `validate`, and the
+per-epoch progress display.
 
 Loss and accuracy sums are reduced over ranks, so every rank returns the global figures;
 only the primary rank displays progress.
@@ -14,8 +15,8 @@ so with it the finite-loss flag is reduced over ranks and read at every step (on
 
 Models with extra loss terms (`vig.models.training_api.ExtraLosses`: the batch-graph model's ``edge`` term,
 BCE(edge_sim, `vig.models.batch_graph.edge_targets`)) train on the classification loss plus
-``edge_loss_weight`` x that term: each rank's edges link the images of its own batch only (features are
-not gathered across ranks). With mixup / cutmix the edge target is Y Y^T of the mixed
+``edge_loss_weight`` x that term (`vig.trainer.step.EdgeLoss`): each rank's edges link the images of its own
+batch only (features are not gathered across ranks). With mixup / cutmix the edge target is Y Y^T of the mixed
 label vectors with the label smoothing undone.
 """
 from __future__ import annotations
@@ -24,76 +25,28 @@ import contextlib
 import logging
 import sys
 import time
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Callable, TextIO
 
 import torch
 import torch.nn.functional as F
-from timm.data import Mixup
 from timm.data.loader import PrefetchLoader
-from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad, unwrap_model
+from timm.utils import dispatch_clip_grad, unwrap_model
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from vig.errors import RunError
-from vig.models.training_api import EDGE_LOSS, ExtraLosses
 from vig.trainer.distributed import DistributedContext, all_reduce_sum
 from vig.trainer.faults import fault_active, fault_point
-from vig.trainer.step_guard import StepGuard
+from vig.trainer.precision import Precision, resolve_precision
+from vig.trainer.step import Accumulation, NonFiniteGuard, TrainStep
 from vig.tta import predict_flip_tta
 
+__all__ = ["EpochProgress", "EpochSums", "EvalStats", "Precision", "ResumePoint", "TrainStats", "resolve_precision",
+           "train_one_epoch", "validate"]
+
 _LOGGER = logging.getLogger(__name__)
-
-
-@dataclass
-class Precision:
-    """Autocast settings: dtype None means float32; scaler only for float16 on CUDA."""
-
-    device_type: str
-    dtype: torch.dtype | None
-    scaler: NativeScaler | None
-
-    def autocast(self) -> AbstractContextManager:
-        return torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
-
-
-def _cpu_bfloat16_works() -> bool:
-    probe = nn.Conv2d(3, 4, 3)
-    try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = probe(torch.randn(1, 3, 5, 5))
-        return out.dtype == torch.bfloat16
-    except RuntimeError as err:
-        _LOGGER.debug("bfloat16 autocast probe failed: %s", err)
-        return False
-
-
-def resolve_precision(amp: bool, amp_dtype: str | None, device: torch.device) -> Precision:
-    """bfloat16 autocast where supported, float16 + gradient scaler otherwise (CUDA); CPU: bfloat16 or float32.
-
-    Args:
-        amp: --amp (an explicit --amp-dtype also turns AMP on).
-        amp_dtype: None (choose), 'bfloat16' or 'float16'.
-        device: the training device.
-    """
-    if not amp and amp_dtype is None:
-        return Precision(device.type, None, None)
-    if device.type == "cuda":
-        if amp_dtype is None:
-            amp_dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        dtype = getattr(torch, amp_dtype)
-        scaler = NativeScaler(device="cuda") if dtype == torch.float16 else None
-        _LOGGER.info("AMP: %s autocast on CUDA%s", amp_dtype, " with gradient scaler" if scaler else "")
-        return Precision("cuda", dtype, scaler)
-    if amp_dtype == "float16":
-        _LOGGER.warning("AMP: float16 autocast is not used on CPU; using bfloat16 instead")
-    if _cpu_bfloat16_works():
-        _LOGGER.info("AMP: bfloat16 autocast on CPU")
-        return Precision("cpu", torch.bfloat16, None)
-    _LOGGER.warning("AMP: bfloat16 autocast is not available on this CPU; falling back to float32")
-    return Precision("cpu", None, None)
 
 
 class EpochProgress:
@@ -136,11 +89,41 @@ class EpochProgress:
             _LOGGER.info("%s %d/%d %s", self.title, step, self.total, self.fields)
 
 
+@dataclass(frozen=True)
+class EpochSums:
+    """This rank's running figures of an epoch stopped in mid-epoch (what interrupted.pth.tar keeps per rank):
+    loss x images, edge loss x images, images trained and steps skipped so far."""
+
+    loss: float = 0.0
+    edge_loss: float = 0.0
+    images: int = 0
+    skipped_steps: int = 0
+
+    def as_list(self) -> list[float | int]:
+        """The checkpoint's ``sums`` entry."""
+        return [self.loss, self.edge_loss, self.images, self.skipped_steps]
+
+    @classmethod
+    def from_list(cls, sums: list[float | int]) -> EpochSums:
+        loss, edge_loss, images, skipped_steps = sums
+        return cls(float(loss), float(edge_loss), int(images), int(skipped_steps))
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a stopped epoch goes on: after ``step`` (1-based), from ``sums``; ``restore()`` puts back the random
+    generators' states of the stop once the loader has drawn the first ``step`` batches again."""
+
+    step: int
+    sums: EpochSums
+    restore: Callable[[], None]
+
+
 @dataclass
 class TrainStats:
     """Epoch figures over all ranks: mean loss per image, images seen, updates so far, last lr, images/s,
     the steps skipped for a non-finite loss (`skip_nonfinite`) and the mean edge loss (unweighted BCE; None
-    without an edge loss)."""
+    without an edge loss); for an epoch stopped in mid-epoch, the step it stopped after and this rank's sums."""
 
     loss: float
     images: int
@@ -150,7 +133,7 @@ class TrainStats:
     skipped_steps: int = 0
     edge_loss: float | None = None
     stopped_at: int = 0
-    local_sums: tuple[float, float, int, int] = (0.0, 0.0, 0, 0)
+    local_sums: EpochSums = EpochSums()
     skip_streak: int = 0
 
 
@@ -165,14 +148,6 @@ def _to_device(images: torch.Tensor, targets: torch.Tensor, device: torch.device
     return images, targets.to(device, non_blocking=True)
 
 
-def accumulation_groups(num_batches: int, accum_steps: int) -> list[int]:
-    """Sizes of the consecutive accumulation groups of an epoch of ``num_batches`` batches: groups of
-    ``accum_steps`` batches, the last one smaller when ``accum_steps`` does not divide the epoch (one optimizer
-    update per group, as timm's loop)."""
-    full, rest = divmod(num_batches, accum_steps)
-    return [accum_steps] * full + ([rest] if rest else [])
-
-
 @dataclass
 class _Reading:
     """Epoch figures so far, summed over ranks: loss * batch, edge loss * batch, images, and for each rank
@@ -182,18 +157,6 @@ class _Reading:
     edge_loss_sum: float
     images: int
     first_non_finite: list[int]
-
-
-def _read_back(loss_sum: torch.Tensor, edge_loss_sum: torch.Tensor, first_non_finite: torch.Tensor, images: int,
-               ctx: DistributedContext) -> _Reading:
-    """One all-reduce and one host copy of this rank's device tallies (0-dim float64 tensors)."""
-    local = torch.zeros(3 + ctx.world_size, dtype=torch.float64, device=loss_sum.device)
-    local[0] = loss_sum
-    local[1] = edge_loss_sum
-    local[2] = images
-    local[3 + ctx.rank] = first_non_finite
-    values = all_reduce_sum(local, ctx).tolist()
-    return _Reading(values[0], values[1], int(values[2]), [int(value) for value in values[3:]])
 
 
 def _stop_if_non_finite(reading: _Reading, epoch: int, step: int, total: int, ctx: DistributedContext) -> None:
@@ -206,223 +169,204 @@ def _stop_if_non_finite(reading: _Reading, epoch: int, step: int, total: int, ct
                    "(lower --lr, use --clip-grad, or pass --skip-nonfinite)")
 
 
-def train_one_epoch(
-    epoch: int,
-    model: nn.Module,
-    loader: DataLoader | PrefetchLoader,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    ctx: DistributedContext,
-    precision: Precision,
-    num_updates: int,
-    scheduler=None,
-    mixup: Mixup | None = None,
-    model_ema: ModelEmaV3 | None = None,
-    clip_grad: float | None = None,
-    clip_mode: str = "norm",
-    channels_last: bool = False,
-    log_interval: int = 50,
-    skip_nonfinite: bool = False,
-    edge_loss_weight: float | None = None,
-    grad_accum_steps: int = 1,
-    task: nn.Module | None = None,
-    model_dtype: torch.dtype | None = None,
-    ema_source: nn.Module | None = None,
-    resume_at: tuple[int, tuple[float, float, int, int], Callable[[], None]] | None = None,
-    should_stop: Callable[[int], bool] | None = None,
-    skip_streak: int = 0,
-    max_consecutive_skips: int = 5,
-) -> TrainStats:
-    """One pass over this rank's shard. Images (B, 3, H, W), targets (B,) class indices; a PrefetchLoader
-    (`vig.trainer.data.prefetch_to_device`) delivers them normalised on the device already.
+class _Epoch:
+    """One rank's pass over an epoch, step by step: the accumulation group, the non-finite guard and the epoch's
+    sums (on the device until `read_back`)."""
+
+    def __init__(self, epoch: int, num_batches: int, step: TrainStep, ctx: DistributedContext, num_updates: int,
+                 resume_at: ResumePoint | None, skip_streak: int = 0) -> None:
+        sums = resume_at.sums if resume_at is not None else EpochSums()
+        self.epoch, self.num_batches, self.step, self.ctx, self.num_updates = epoch, num_batches, step, ctx, num_updates
+        self.group = Accumulation(num_batches, step.grad_accum_steps, ctx.device,
+                                  resume_at.step if resume_at is not None else 0)
+        self.guard = NonFiniteGuard(step.model, step.skip_nonfinite, ctx.device, sums.skipped_steps, step.optimizer,
+                                    step.precision.scaler, skip_streak)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device) + sums.loss
+        self.edge_loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device) + sums.edge_loss
+        self.images = sums.images
+        self.ema_source = step.ema_source if step.ema_source is not None else unwrap_model(step.model)
+        self.can_defer_sync = ctx.distributed and hasattr(step.model, "no_sync")
+
+    def train_batch(self, index: int, images: torch.Tensor, targets: torch.Tensor) -> bool:
+        """Train batch ``index`` (1-based) into its accumulation group; True when it ended the group."""
+        group = self.group
+        group.begin_step()
+        if group.first:
+            if self.guard.skip:
+                self.guard.keep_statistics()
+            self.step.optimizer.zero_grad(set_to_none=True)
+        if group.bad:
+            self.guard.skipped_steps += 1
+        else:
+            self._forward_backward(index, images, targets)
+            if group.last and not group.bad:
+                self._update(index)
+        ended = group.last
+        if ended:
+            self._end_group(index)
+        return ended
+
+    def _end_group(self, index: int) -> None:
+        """After a group's last batch: count a skipped group into the streak (too long a streak stops the run)."""
+        group, guard = self.group, self.guard
+        if guard.skip:
+            guard.streak = guard.streak + group.size if group.bad else 0
+            if guard.streak >= self.step.max_consecutive_skips:
+                raise RunError(f"--skip-nonfinite: {guard.streak} steps skipped in a row (non-finite loss or "
+                               f"weights), stopped at epoch {self.epoch}, step {index} of {self.num_batches}; the "
+                               f"checkpoints keep the last finished epoch (lower --lr or use --clip-grad; "
+                               f"--max-consecutive-skips {self.step.max_consecutive_skips})")
+        if group.bad:
+            self.step.optimizer.zero_grad(set_to_none=True)
+        group.end_group()
+
+    def _forward_backward(self, index: int, images: torch.Tensor, targets: torch.Tensor) -> None:
+        """The batch's loss and backward pass (scaled by the group's size); or, when --skip-nonfinite finds the
+        loss not finite on a rank, the group marked as skipped."""
+        step, group = self.step, self.group
+        images, targets = _to_device(images, targets, self.ctx.device, step.channels_last, step.model_dtype)
+        if step.mixup is not None:
+            images, targets = step.mixup(images, targets)
+        defer_sync = self.can_defer_sync and not group.last
+        with step.model.no_sync() if defer_sync else contextlib.nullcontext():
+            step_loss = step.recipe(step.model, images, targets, step.precision)
+            if fault_active("nan-loss", self.epoch, index, self.ctx.rank):  # test-only (vig.trainer.faults)
+                step_loss.loss = step_loss.loss * float("nan")
+            if self.guard.skips(step_loss.loss, index, self.ctx):
+                self._skip_group(index)
+                return
+            scaled = step_loss.loss / group.size if group.size > 1 else step_loss.loss
+            if step.precision.scaler is not None:
+                step.precision.scaler(scaled, step.optimizer, clip_grad=step.clip_grad, clip_mode=step.clip_mode,
+                                      parameters=step.model.parameters(), need_update=group.last)
+            else:
+                scaled.backward()
+            group.add(step_loss, images.shape[0])
+
+    def _skip_group(self, index: int) -> None:
+        group = self.group
+        group.bad = True
+        self.guard.skipped_steps += group.in_group
+        if self.ctx.is_primary:
+            _LOGGER.warning("epoch %d, step %d: non-finite loss, %s skipped (%d steps this epoch)", self.epoch, index,
+                            "step" if group.size == 1 else f"accumulation group of {group.size} steps",
+                            self.guard.skipped_steps + group.size - group.in_group)
+
+    def _update(self, index: int) -> None:
+        """The group's optimizer update (clipped), EMA and per-update schedule step; its sums join the epoch's. With
+        --skip-nonfinite an update that leaves a weight not finite is undone and its group skipped."""
+        step, group = self.step, self.group
+        if step.precision.scaler is None:
+            if step.clip_grad is not None:
+                dispatch_clip_grad(step.model.parameters(), step.clip_grad, mode=step.clip_mode)
+            step.optimizer.step()
+        if self.guard.skip and not self.guard.weights_finite(self.ctx):
+            group.bad = True
+            self.guard.skipped_steps += group.size
+            if self.ctx.is_primary:
+                _LOGGER.warning("epoch %d, step %d: the update made weights non-finite, %s skipped (%d steps this "
+                                "epoch)", self.epoch, index, "step" if group.size == 1 else
+                                f"accumulation group of {group.size} steps", self.guard.skipped_steps)
+            return
+        self.num_updates += 1
+        if step.model_ema is not None:
+            step.model_ema.update(self.ema_source, step=self.num_updates)
+        if step.scheduler is not None:
+            step.scheduler.step_update(num_updates=self.num_updates)
+        self.loss_sum += group.loss
+        self.edge_loss_sum += group.edge_loss
+        self.images += group.images
+
+    def read_back(self) -> _Reading:
+        """One all-reduce and one host copy of this rank's device tallies."""
+        ctx = self.ctx
+        local = torch.zeros(3 + ctx.world_size, dtype=torch.float64, device=self.loss_sum.device)
+        local[0] = self.loss_sum
+        local[1] = self.edge_loss_sum
+        local[2] = self.images
+        local[3 + ctx.rank] = self.guard.first_non_finite
+        values = all_reduce_sum(local, ctx).tolist()
+        return _Reading(values[0], values[1], int(values[2]), [int(value) for value in values[3:]])
+
+    def stats(self, reading: _Reading, elapsed: float, stopped_at: int) -> TrainStats:
+        images = max(reading.images, 1)
+        local = (EpochSums(float(self.loss_sum), float(self.edge_loss_sum), self.images, self.guard.skipped_steps)
+                 if stopped_at else EpochSums())  # a host read each: only for a stopped epoch
+        return TrainStats(loss=reading.loss_sum / images, images=reading.images, num_updates=self.num_updates,
+                          lr=self.step.optimizer.param_groups[0]["lr"],
+                          images_per_second=reading.images / max(elapsed, 1e-9),
+                          skipped_steps=self.guard.skipped_steps,
+                          edge_loss=reading.edge_loss_sum / images if self.step.recipe.has_edge_loss else None,
+                          stopped_at=stopped_at, local_sums=local, skip_streak=self.guard.streak)
+
+
+def train_one_epoch(epoch: int, loader: DataLoader | PrefetchLoader, step: TrainStep, ctx: DistributedContext,
+                    num_updates: int = 0, log_interval: int = 50, resume_at: ResumePoint | None = None,
+                    should_stop: Callable[[int], bool] | None = None, skip_streak: int = 0) -> TrainStats:
+    """One pass over this rank's shard, a `TrainStep` per batch. Images (B, 3, H, W), targets (B,) class indices;
+    a PrefetchLoader (`vig.trainer.data.prefetch_to_device`) delivers them normalised on the device already.
 
     `num_updates` counts optimizer steps before this epoch (drives the per-update schedule and EMA warm-up).
     A loss that is NaN or infinite on any rank raises `RunError` on every rank, naming epoch and first
     bad step, at the next log step (every `log_interval`-th and the last): after the bad update and at
     most ``log_interval - 1`` more, and always before this function returns, so its caller never saves
-    them. With `skip_nonfinite` the flag is reduced and read at every step instead, and a bad step is
-    skipped on every rank and counted in `TrainStats.skipped_steps`: a step whose loss is not finite, or
-    whose update leaves a parameter that is not finite, leaves no trace (`vig.trainer.step_guard`:
-    parameters, buffers such as the BatchNorm running statistics, optimizer and scaler state are put back
-    as before the step; no EMA or schedule step). `skip_streak` steps skipped in a row before this epoch
-    (`TrainStats.skip_streak` after it) reaching `max_consecutive_skips` stops the run (`RunError`, one
-    line with epoch and step).
+    them. With ``step.skip_nonfinite`` the flag is reduced and read at every step instead, and a bad step is
+    skipped on every rank and counted in `TrainStats.skipped_steps`: a step whose loss is not finite, or whose
+    update leaves a parameter that is not finite, leaves no trace (`vig.trainer.step_guard`: parameters, buffers
+    such as the BatchNorm running statistics, optimizer and scaler state are put back as before the step; no EMA
+    or schedule step). `skip_streak` steps skipped in a row before this epoch (`TrainStats.skip_streak` after it)
+    reaching ``step.max_consecutive_skips`` stops the run (`RunError`, one line with epoch and step).
     The progress line shows the epoch's mean loss so far over all ranks.
 
-    Gradient accumulation (`grad_accum_steps` N > 1, timm's ``--grad-accum-steps``): the batches form
-    groups of N (`accumulation_groups`; the last group of an epoch may be smaller); each batch's loss is
-    divided by its group's size before its backward pass, so that a group's summed gradient is the gradient
-    of the mean loss over its images, and the optimizer, gradient clipping, EMA and per-update schedule step
-    once per group. Under DDP the backward passes before a group's last run in ``no_sync``: gradients are
-    all-reduced once per update. With `skip_nonfinite` a non-finite loss in a group skips the whole group
+    Gradient accumulation (``step.grad_accum_steps`` N > 1, timm's ``--grad-accum-steps``): the batches form
+    groups of N (`vig.trainer.step.accumulation_groups`; the last group of an epoch may be smaller); each batch's
+    loss is divided by its group's size before its backward pass, so that a group's summed gradient is the
+    gradient of the mean loss over its images, and the optimizer, gradient clipping, EMA and per-update schedule
+    step once per group. Under DDP the backward passes before a group's last run in ``no_sync``: gradients are
+    all-reduced once per update. With ``skip_nonfinite`` a non-finite loss in a group skips the whole group
     (no update; all its batches count as skipped).
 
-    With `edge_loss_weight` (a model with the `ExtraLosses` ``edge`` term) the model is called as
-    ``model(images, **extra_forward_kwargs)`` -> (logits, extras) (through DDP's forward) and the loss is the
-    classification loss plus ``edge_loss_weight`` x the model's ``extra_losses(extras, targets, smoothing)``
-    edge term (BCE(edge_sim (B, B), edge targets of this rank's batch), float32, outside autocast); its
-    unweighted mean is `TrainStats.edge_loss`.
-
-    With `task` (a `timm.task` distillation task whose trainable module is `model`) the loss is the task's
-    ``task(images, targets)["loss"]`` (task loss and distillation loss, weighted); `loss_fn` is then unused.
-    `model_dtype` (--model-dtype) casts the images to the model's floating dtype. `model_ema` follows
-    `ema_source` (default: `model` without its DDP wrapper; with feature distillation, the student alone).
+    The loss is ``step.recipe``'s (`vig.trainer.step`): plain, with the edge term (whose unweighted mean is
+    `TrainStats.edge_loss`), or a distillation task's.
 
     `should_stop(step)` (the same answer on every rank) is asked after each accumulation group but the last
-    (each step without accumulation); True ends
-    the epoch there, with `TrainStats.stopped_at` = that step and `local_sums` = this rank's (loss sum, edge
-    loss sum, images, skipped steps). ``resume_at = (step, local_sums, restore)`` continues such an epoch:
-    the loader's first `step` batches are drawn and dropped (so loader workers and the sampler reach the
-    same state), then `restore()` puts back the generators' states of the stop, and training goes on at
-    step + 1.
+    (each step without accumulation); True ends the epoch there, with `TrainStats.stopped_at` = that step and
+    `local_sums` = this rank's `EpochSums`. `resume_at` continues such an epoch: the loader's first
+    ``resume_at.step`` batches are drawn and dropped (so loader workers and the sampler reach the same state),
+    then ``resume_at.restore()`` puts back the generators' states of the stop, and training goes on.
     """
-    model.train()
-    if task is not None:
-        task.train()
-    unwrapped = ema_source if ema_source is not None else unwrap_model(model)
-    extra_loss_model = unwrap_model(model)
-    if edge_loss_weight is not None and not isinstance(extra_loss_model, ExtraLosses):
-        raise TypeError(f"edge_loss_weight needs a model with extra loss terms, got {type(extra_loss_model).__name__}")
-    guard = StepGuard(unwrap_model(model), optimizer, precision.scaler) if skip_nonfinite else None
+    step.recipe.train(step.model)
+    state = _Epoch(epoch, len(loader), step, ctx, num_updates, resume_at, skip_streak)
     progress = EpochProgress(f"train {epoch}", len(loader), ctx.is_primary, log_interval)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    edge_loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    smoothing = mixup.label_smoothing if mixup is not None else 0.0  # inside the mixed targets
-    first_non_finite = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    groups = accumulation_groups(len(loader), grad_accum_steps)
-    group_index = in_group = 0
-    group_bad = False
-    group_loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    group_edge_loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    group_images = 0
-    can_defer_sync = ctx.distributed and hasattr(model, "no_sync")
-    images_seen = 0
-    skipped_steps = 0
-    start_step = 0
-    if resume_at is not None:
-        start_step, (loss_start, edge_start, images_seen, skipped_steps), restore = resume_at
-        loss_sum += loss_start
-        edge_loss_sum += edge_start
-        group_index = start_step // grad_accum_steps  # a stop falls on a group boundary (see should_stop)
+    start_step = resume_at.step if resume_at is not None else 0
     reading: _Reading | None = None
-    read_at = step = stopped_at = 0
+    read_at = index = stopped_at = 0
     start = time.perf_counter()
 
     def fields() -> str:
-        return (f"loss {reading.loss_sum / max(reading.images, 1):.4f} lr {optimizer.param_groups[0]['lr']:.3e} "
+        return (f"loss {reading.loss_sum / max(reading.images, 1):.4f} "
+                f"lr {step.optimizer.param_groups[0]['lr']:.3e} "
                 f"{reading.images / max(time.perf_counter() - start, 1e-9):.1f} img/s")
 
-    for step, (images, targets) in enumerate(loader, start=1):
-        if step <= start_step:
-            if step == start_step:
-                restore()
+    for index, (images, targets) in enumerate(loader, start=1):
+        if index <= start_step:
+            if index == start_step:
+                resume_at.restore()
             continue
-        group_size = groups[group_index] if group_index < len(groups) else 1  # past len(): one-batch groups
-        in_group += 1
-        last_in_group = in_group == group_size
-        if in_group == 1:
-            if guard is not None:  # a group that will be skipped must leave no trace, its forwards' included
-                guard.save()
-            optimizer.zero_grad(set_to_none=True)
-        if group_bad:
-            skipped_steps += 1
-        else:
-            images, targets = _to_device(images, targets, ctx.device, channels_last, model_dtype)
-            if mixup is not None:
-                images, targets = mixup(images, targets)
-            defer_sync = can_defer_sync and not last_in_group
-            with model.no_sync() if defer_sync else contextlib.nullcontext():
-                with precision.autocast():
-                    if task is not None:
-                        loss = task(images, targets)["loss"]
-                    elif edge_loss_weight is None:
-                        loss = loss_fn(model(images), targets)
-                    else:
-                        logits, extras = model(images, **extra_loss_model.extra_forward_kwargs)
-                        loss = loss_fn(logits, targets)
-                if edge_loss_weight is not None:
-                    edge_loss = extra_loss_model.extra_losses(extras, targets, smoothing)[EDGE_LOSS]
-                    loss = loss + edge_loss_weight * edge_loss
-                if fault_active("nan-loss", epoch, step, ctx.rank):  # test-only (vig.trainer.faults)
-                    loss = loss * float("nan")
-                non_finite = ~torch.isfinite(loss.detach())
-                if skip_nonfinite and all_reduce_sum(non_finite.double(), ctx).item() > 0:
-                    group_bad = True
-                    skipped_steps += in_group
-                    guard.restore()
-                    if ctx.is_primary:
-                        _LOGGER.warning("epoch %d, step %d: non-finite loss, %s skipped (%d steps this epoch)",
-                                        epoch, step, "step" if group_size == 1 else
-                                        f"accumulation group of {group_size} steps", skipped_steps
-                                        + group_size - in_group)
-                else:
-                    if not skip_nonfinite:
-                        first_non_finite = torch.where(non_finite & (first_non_finite == 0), step, first_non_finite)
-                    scaled = loss / group_size if group_size > 1 else loss
-                    if precision.scaler is not None:
-                        precision.scaler(scaled, optimizer, clip_grad=clip_grad, clip_mode=clip_mode,
-                                         parameters=model.parameters(), need_update=last_in_group)
-                    else:
-                        scaled.backward()
-                    batch = images.shape[0]
-                    group_loss += loss.detach().double() * batch
-                    if edge_loss_weight is not None:
-                        group_edge_loss += edge_loss.detach().double() * batch
-                    group_images += batch
-            if last_in_group and not group_bad:
-                if precision.scaler is None:
-                    if clip_grad is not None:
-                        dispatch_clip_grad(model.parameters(), clip_grad, mode=clip_mode)
-                    optimizer.step()
-                if guard is not None and not guard.weights_finite(ctx):
-                    guard.restore()
-                    group_bad = True
-                    skipped_steps += group_size
-                    if ctx.is_primary:
-                        _LOGGER.warning("epoch %d, step %d: the update made weights non-finite, %s skipped (%d steps "
-                                        "this epoch)", epoch, step, "step" if group_size == 1 else
-                                        f"accumulation group of {group_size} steps", skipped_steps)
-            if last_in_group and not group_bad:
-                num_updates += 1
-                if model_ema is not None:
-                    model_ema.update(unwrapped, step=num_updates)
-                if scheduler is not None:
-                    scheduler.step_update(num_updates=num_updates)
-                loss_sum += group_loss
-                edge_loss_sum += group_edge_loss
-                images_seen += group_images
-        if last_in_group:
-            if guard is not None:
-                skip_streak = skip_streak + group_size if group_bad else 0
-                if skip_streak >= max_consecutive_skips:
-                    raise RunError(f"--skip-nonfinite: {skip_streak} steps skipped in a row (non-finite loss or "
-                                   f"weights), stopped at epoch {epoch}, step {step} of {len(loader)}; the "
-                                   f"checkpoints keep the last finished epoch (lower --lr or use --clip-grad; "
-                                   f"--max-consecutive-skips {max_consecutive_skips})")
-            if group_bad:
-                optimizer.zero_grad(set_to_none=True)
-            group_index, in_group, group_bad, group_images = group_index + 1, 0, False, 0
-            group_loss.zero_()
-            group_edge_loss.zero_()
-        if progress.due(step):
-            reading, read_at = _read_back(loss_sum, edge_loss_sum, first_non_finite, images_seen, ctx), step
-            _stop_if_non_finite(reading, epoch, step, len(loader), ctx)
-        progress.update(step, fields)
-        fault_point("train-step", epoch, step)
-        if should_stop is not None and last_in_group and step < len(loader) and should_stop(step):
-            stopped_at = step
+        ended_group = state.train_batch(index, images, targets)
+        if progress.due(index):
+            reading, read_at = state.read_back(), index
+            _stop_if_non_finite(reading, epoch, index, len(loader), ctx)
+        progress.update(index, fields)
+        fault_point("train-step", epoch, index)
+        if should_stop is not None and ended_group and index < len(loader) and should_stop(index):
+            stopped_at = index
             break
     elapsed = time.perf_counter() - start
-    if reading is None or read_at != step:  # an empty loader, or one that ended before its len()
-        reading = _read_back(loss_sum, edge_loss_sum, first_non_finite, images_seen, ctx)
-        _stop_if_non_finite(reading, epoch, step, len(loader), ctx)
-    return TrainStats(loss=reading.loss_sum / max(reading.images, 1), images=reading.images,
-                      num_updates=num_updates, lr=optimizer.param_groups[0]["lr"],
-                      images_per_second=reading.images / max(elapsed, 1e-9), skipped_steps=skipped_steps,
-                      edge_loss=reading.edge_loss_sum / max(reading.images, 1) if edge_loss_weight is not None
-                      else None, stopped_at=stopped_at,
-                      local_sums=(float(loss_sum), float(edge_loss_sum), images_seen, skipped_steps) if stopped_at
-                      else (0.0, 0.0, 0, 0), skip_streak=skip_streak)
+    if reading is None or read_at != index:  # an empty loader, or one that ended before its len()
+        reading = state.read_back()
+        _stop_if_non_finite(reading, epoch, index, len(loader), ctx)
+    return state.stats(reading, elapsed, stopped_at)
 
 
 @dataclass

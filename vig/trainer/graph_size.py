@@ -109,7 +109,8 @@ def require_graph_size(model: nn.Module | None, img_size: int, build: Callable[[
 
 def section_builder(build_model: Callable[..., nn.Module], model_section: object,
                     num_classes: int) -> Callable[[int], nn.Module]:
-    """``build(size)`` for `require_graph_size`: ``build_model`` of the model section with another img_size (and
-    no pretrained weights, which only the real model loads)."""
-    return lambda size: build_model(dataclasses.replace(model_section, img_size=size, pretrained=False,
-                                                        pretrained_path=None), num_classes)
+    """``build(size)`` for `require_graph_size`: ``build_model`` of the model section with another img_size (its
+    --input-size spelling dropped, which would contradict it) and no pretrained weights, which only the real model
+    loads."""
+    return lambda size: build_model(dataclasses.replace(model_section, img_size=size, input_size=None,
+                                                        pretrained=False, pretrained_path=None), num_classes)
