@@ -364,17 +364,15 @@ _PREPROCESSING = ("input_size", "interpolation", "mean", "std", "crop_pct", "cro
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """Build a BatchGraphNet. ``pretrained`` with a whole-model source in ``pretrained_cfg_overlay`` (file,
     url, hub id) loads that checkpoint into the whole model (through `checkpoint_filter_fn`); otherwise it
-    loads the backbone's published weights. ``features_only`` gives the backbone's feature extractor."""
+    loads the backbone's published weights. ``features_only`` is refused (ValueError): the head mixes the images
+    of a batch, so the model is no dense per-image backbone; the backbone itself is one."""
     backbone = kwargs.pop("backbone", DEFAULT_BACKBONE)
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
     whole_model = bool(pretrained and any(overlay.get(key) for key in _WEIGHT_SOURCES))
     if kwargs.pop("features_only", False):
-        file = kwargs.pop("backbone_file", None)
-        source = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(file))) if file else dict(
-            pretrained=pretrained)
-        for key in ("edge_features", "ratio", "num_classes", "pretrained_cfg_overlay"):
-            kwargs.pop(key, None)
-        return timm.create_model(backbone, features_only=True, **source, **kwargs)
+        raise ValueError(f"{variant}: features_only is not supported: the batch-graph head mixes the images of a "
+                         f"batch, so it is no per-image dense backbone; build the backbone itself, "
+                         f"timm.create_model({backbone!r}, features_only=True)")
     if whole_model and "num_classes" not in overlay:
         # a whole-model file is the user's own checkpoint: its classifier is taken to have the requested class
         # count (a mismatch is a strict-loading error), not the 1000 classes the default config describes

@@ -284,9 +284,9 @@ class CnnGatCifar(nn.Module):
         self.num_classes = num_classes
         self.head.fc2 = build_like(self, lambda: self._classifier(num_classes))
 
-    @staticmethod
-    def _classifier(num_classes: int) -> nn.Module:
-        return nn.Linear(HEAD_WIDTH, num_classes) if num_classes > 0 else nn.Identity()
+    def _classifier(self, num_classes: int) -> nn.Module:
+        """The last layer (N, head_hidden_size) -> (N, num_classes): a linear layer, or Identity for 0."""
+        return nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
     def _checkpointed(self, module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
@@ -383,6 +383,25 @@ class CnnGatCifar(nn.Module):
         if intermediates_only:
             return intermediates
         return stages[-1].view(b, h, w, -1).permute(0, 3, 1, 2), intermediates
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last one in ``indices`` (the graph layers that follow it; the input graph layer
+        too when only the stem is kept) and, with ``prune_head``, the MLP head, so that no parameter is left
+        unused; returns the kept indices. `forward_features` then ends at that stage and, without the head,
+        `forward` gives its map (B, C, H/2, W/2)."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        self.blocks = self.blocks[:max(max_index - 1, 0)]
+        if max_index == 0:
+            self.input_layer = nn.Identity()  # never called: the stem map is the last stage
+        self.feature_info = self.feature_info[:max_index + 1]
+        self.num_features = self.feature_info[-1]["num_chs"]
+        if prune_head:
+            self.head_hidden_size = self.num_features
+            self.global_pool = ""
+            self.head = nn.Sequential(OrderedDict(fc2=nn.Identity()))
+            self.num_classes = 0
+        return take_indices
 
 
 def _check_pool(global_pool: str) -> str:

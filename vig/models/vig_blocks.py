@@ -236,9 +236,9 @@ class VisionGNNBase(nn.Module):
             self._classifier(self.num_classes),
         )
 
-    @staticmethod
-    def _classifier(num_classes: int) -> nn.Module:
-        return nn.Conv2d(HEAD_HIDDEN, num_classes, 1) if num_classes > 0 else nn.Identity()
+    def _classifier(self, num_classes: int) -> nn.Module:
+        """The classifier (B, head_hidden_size, h, w) -> (B, num_classes, h, w): a 1x1 conv, or Identity for 0."""
+        return nn.Conv2d(self.head_hidden_size, num_classes, 1) if num_classes > 0 else nn.Identity()
 
     def reset_parameters(self) -> None:
         """As published: every conv weight kaiming-normal, every conv bias zero; pos_embed zero."""
@@ -264,7 +264,7 @@ class VisionGNNBase(nn.Module):
         self.grad_checkpointing = enable
 
     def get_classifier(self) -> nn.Module:
-        """The last layer of the head: Conv2d(1024, num_classes, 1), or Identity for num_classes=0."""
+        """The last layer of the head: Conv2d(head_hidden_size, num_classes, 1), or Identity for num_classes=0."""
         return self.prediction[-1]
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
@@ -333,13 +333,19 @@ class VisionGNNBase(nn.Module):
 
     def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
-        """Drop the blocks after the last level in ``indices`` (and the classifier); returns the kept indices."""
+        """Drop the blocks after the last level in ``indices`` and, with ``prune_head``, the whole conv head (no
+        parameter is left unused, as a detector's DDP needs); returns the kept indices. The model's forward then
+        gives the last kept map (B, C, h, w); `reset_classifier` puts a 1x1 conv classifier on it."""
         ends = self.feature_ends()
         take_indices, max_index = feature_take_indices(len(ends), indices)
         self.backbone = self.backbone[:ends[max_index] + 1]
         self.feature_info = self.feature_info[:max_index + 1]
+        self.num_features = self.feature_info[-1]["num_chs"]
         if prune_head:
-            self.reset_classifier(0)
+            self.head_hidden_size = self.num_features
+            self.global_pool = head_pool("").train(self.training)
+            self.prediction = nn.Sequential(nn.Identity())
+            self.num_classes = 0
         return take_indices
 
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
