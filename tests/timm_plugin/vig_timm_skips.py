@@ -27,7 +27,8 @@ BATCH_MIXING = ("the batch-graph head mixes the images of a batch (each predicti
 
 FEATURE_FILTER = "FEAT_INTER_FILTERS"  # the name of timm's module list in test_models.py
 BATCH_GRAPH_MODELS = ("bgnn", "bgnn_mobilenetv3_small_100")
-BATCH_GRAPH_TESTS = ("test_model_forward_intermediates_features[1-{}]", "test_prune_intermediate_layers_contract[{}]")
+BATCH_GRAPH_TESTS = ("test_model_forward_features[1-{}]", "test_model_forward_intermediates_features[1-{}]",
+                     "test_prune_intermediate_layers_contract[{}]")
 
 # case id -> reason
 SKIPPED: dict[str, str] = {
