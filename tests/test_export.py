@@ -74,7 +74,7 @@ def test_onnx_runtime_matches_pytorch(family: str, build: Callable[[], nn.Module
     torch.manual_seed(0)
     model = build()
     example = torch.randn(2, 3, size, size)
-    # without the ONNX optimizer (3 s a model here); the vig-export runs of the README's table use it
+    # without the ONNX optimizer (3 s a model here); the vig-export runs of docs/export.md's table use it
     parity = export_tool.check_parity(model, example, tmp_path / f"{family}.onnx", graphs=graph == "dynamic",
                                       optimize=False)
     assert parity.program_equal

@@ -1,6 +1,6 @@
 """Command-line flags of train.py, the `-c config.yaml` defaults, and validation of user input.
 
-Flag names and meanings follow timm's published training script (README "timm train.py flags" lists
+Flag names and meanings follow timm's published training script (docs/training.md, "timm train.py flags", lists
 where they differ), plus the ViG/SViG additions (`--pretrain_path`, `--start-thresh`, `--dec`,
 `--repeated-aug`, `--tta`) and `--kd-pretrained-path` / `--log-tensorboard`. `parse_args` returns the
 typed `vig.trainer.config.TrainConfig`, whose sections check the values; every user mistake found

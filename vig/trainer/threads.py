@@ -3,7 +3,7 @@
 torch starts with one intra-op thread per physical core, whatever else runs beside it. Next to `-j`
 loader workers, or on a machine that other jobs share, those threads wait for cores at every
 parallel region (on a shared 2-core machine the main job ran about 5 times slower with torch's default
-than with one thread; README, "Threads on CPU"). So, unless the environment chooses (OMP_NUM_THREADS or
+than with one thread; docs/training.md, "Threads on CPU"). So, unless the environment chooses (OMP_NUM_THREADS or
 MKL_NUM_THREADS set: torch is left alone), each process takes the cores of its affinity mask, shared
 evenly among the processes of its node (LOCAL_WORLD_SIZE, set by torchrun), less one per loader
 worker, and at least one.
