@@ -1,4 +1,6 @@
-"""What the isotropic (`vig.models.isotropic`) and pyramid (`vig.models.pyramid`) ViG models share.
+"""The blocks that two or more model families share (no model file imports another; each builds on this one).
+
+For the isotropic (`vig.models.isotropic`) and pyramid (`vig.models.pyramid`) ViG:
 
 - the blocks: `ConvStem`, `Grapher` (graph conv with residual) and `FFN`, and their 1x1 conv + BN pieces;
 - the graph schedules and arguments: `threshold_schedule` (SViG), `resolve_graph_kwargs` (published
@@ -9,8 +11,13 @@
   ``pos_embed`` resize;
 - the pretrained configs (`published_cfg`, `cifar_cfg`) and the factory check `check_pretrained_source`.
 
-The module and parameter names here are those of the published ViG code (``backbone.{i}.0`` Grapher,
-``backbone.{i}.1`` FFN, ``prediction.*``), so that both models' published checkpoints load unchanged.
+For MobileViG (`vig.models.mobilevig`) and GreedyViG (`vig.models.greedyvig`): `EfficientStem`, the one
+`InvertedResidual` (with `remap_inverted_residuals` for GreedyViG's published names), `DistilledConvNet` (head,
+distillation and pruning API) and `efficient_cfg`; `FFN` (MobileViG) and `Downsample` (pyramid ViG too).
+For every family: `check_pool` (the one check of ``global_pool``) and `conv_bn`.
+
+The module and parameter names are those of the published code, so that published checkpoints load unchanged
+(GreedyViG's inverted residuals through the rename). The semantics are written down in docs/model-notes.md.
 """
 import logging
 import math
