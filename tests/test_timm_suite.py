@@ -1,7 +1,7 @@
 """timm's own model test suite passes on one model of each model class (the peer's tests, not our idea of them).
 
 The suite is ``tests/test_models.py`` of the installed timm's sdist, fetched with pip and cached under pytest's
-temporary folder; network tests are not selected (our models have no pretrained tags). Our model modules are added to
+temporary folder; the tests that download published weights are deselected (no network). Our model modules are added to
 timm's feature-API module filter (``FEAT_INTER_FILTERS``), so the forward_intermediates / features_only / prune
 contract tests run on them as on timm's own models. Every case must pass but those of
 ``tests/timm_plugin/vig_timm_skips.py``'s ``SKIPPED``, skipped with their reason; a skip the list does not name, or a
