@@ -20,7 +20,7 @@ import torch
 
 import vig  # noqa: F401  (registers the models)
 from tests.timm_plugin.vig_timm_skips import BATCH_MIXING, GAT_SCRIPT, SKIPPED
-from tests.timm_suite import SuiteUnavailable, fetch_timm_tests, problems, run_suite
+from tests.timm_suite import EXPECTED_TESTS, SuiteUnavailable, fetch_timm_tests, problems, run_suite
 
 pytestmark = pytest.mark.slow
 
@@ -59,3 +59,20 @@ def test_skipped_cases_still_need_skipping() -> None:
     assert not hasattr(model, "prune_intermediate_layers")
     with pytest.raises(ValueError, match="features_only is not supported"):
         timm.create_model("bgnn_mobilenetv3_small_100", features_only=True)
+
+
+def test_the_judge_fails_unlisted_skips_listed_cases_that_ran_and_missing_tests() -> None:
+    """`problems` on made-up outcomes: what counted failures only before (a case that starts skipping, a listed skip
+    that runs, a test no longer collected for a model) is each named."""
+    model = "vig_ti_cifar"
+    outcomes = {f"{test}[1-{model}]": "passed" for test in EXPECTED_TESTS}
+    assert problems(outcomes, [model], {}) == []
+    skipping = {**outcomes, f"test_model_forward[1-{model}]": "skipped"}
+    assert problems(skipping, [model], {}) == [f"skipped but not in the skip list: test_model_forward[1-{model}]"]
+    assert problems(skipping, [model], {f"test_model_forward[1-{model}]": "a reason"}) == []
+    assert problems(outcomes, [model], {f"test_model_forward[1-{model}]": "a reason"}) == [
+        f"in the skip list but passed: test_model_forward[1-{model}]"]
+    missing = {case: outcome for case, outcome in outcomes.items() if not case.startswith("test_prune")}
+    assert problems(missing, [model], {}) == [f"not collected: test_prune_intermediate_layers_contract on {model}"]
+    failing = {**outcomes, f"test_model_backward[1-{model}]": "failed"}
+    assert problems(failing, [model], {}) == [f"failed: test_model_backward[1-{model}]"]
