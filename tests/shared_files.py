@@ -1,8 +1,11 @@
-"""The development material in ../shared (fixtures, CIFAR-10 images), for tests that need it."""
+"""The development material in ../shared (fixtures, CIFAR-10 images) and the optional test libraries, for tests
+that need them: absent, they skip the test in a user's clone and fail it under CI=true."""
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -18,3 +21,16 @@ def shared_path(*parts: str) -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def import_or_skip(name: str) -> ModuleType:
+    """The module ``name``; skips the test when it is not installed, fails it when CI == 'true' (where the
+    test extras are installed, a missing one is a broken environment, not a reason to test less)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        message = f"{name} is not installed ({err}); pip install -e '.[test]'"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message, allow_module_level=True)
+        raise  # unreachable: pytest.skip raises

@@ -21,10 +21,11 @@ from torch import nn
 import gcn_lib.conv as gcn_conv
 import vig  # noqa: F401  (registers the models)
 from vig.models.pyramid import SIZES as PYRAMID_SIZES, PyramidVisionGNN
+from tests.shared_files import import_or_skip
 from vig.tools import export as export_tool
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
+import_or_skip("onnxruntime")
+import_or_skip("onnxscript")
 
 FIXED_GRAPH_TOLERANCE = 1e-4
 # ONNX Runtime and PyTorch float32 each round differently from the exact result, and float64 stands in
@@ -122,6 +123,31 @@ def test_cli_writes_onnx_and_reports_parity(tmp_path: Path, capsys: pytest.Captu
     assert output.is_file()
     assert report["input"] == [2, 3, 32, 32] and report["graphs"] == 1 and report["graphs_equal"]
     assert report["program_equal"] and report["ort_vs_fp32"] < FIXED_GRAPH_TOLERANCE
+
+
+# one small member of each family for the command line (vig-export parses --model-kwargs as literals)
+CLI_KWARGS = {
+    "convmixer_cifar": ["dim=32", "depth=1"],
+    "cnn_gat_cifar": ["embed_dim=16", "hidden=16", "heads=1", "num_blocks=1"],
+    "bgnn_mobilenetv3_small_100": ["num_classes=10"],
+    "mobilevig_ti": ["local_blocks=(1,1,1)", "global_blocks=(1,)", "num_classes=10"],
+    "vig_ti_cifar": ["depth=1", "channels=64"],
+    "svig_ti_cifar": ["depth=1", "channels=64"],
+    "pvig_ti_cifar": ["num_classes=10"],  # its factory fixes the blocks per stage
+    "greedyvig_s": ["blocks=((1,1),(1,1),(1,1),(1,1))", "num_classes=10"],
+}
+
+
+@pytest.mark.parametrize("family", [name if name == "vig_ti_cifar" else pytest.param(name, marks=pytest.mark.slow)
+                                    for name in sorted(CLI_KWARGS)])  # 5-30 s each, the ONNX optimizer included
+def test_cli_img_size_builds_the_model_at_that_size(family: str, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Before the fix --img-size shaped the example input only, so a model with a size-bound part (the position
+    embedding of vig_ti_cifar) failed at export."""
+    assert export_tool.main([family, str(tmp_path / "m.onnx"), "--img-size", "48", "--model-kwargs",
+                             *CLI_KWARGS[family]]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["input"] == [1, 3, 48, 48] and report["program_equal"]
 
 
 @pytest.mark.parametrize("argv, message", [

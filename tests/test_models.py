@@ -142,7 +142,6 @@ def test_threshold_arguments(name: str, kwargs: dict, start: float, dec: float) 
     (dict(start_thresh=0.9, starting_threshold=0.9), "not both"),
     (dict(start_thresh=1.0), "below 1"),
     (dict(start_thresh=0.9, dec=-0.1), "threshold >= 1"),
-    (dict(pretrained=True), "vig.load_checkpoint"),
 ])
 def test_bad_graph_arguments_raise(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -1,13 +1,13 @@
 """timm's own model test suite passes on one model of each model class (the peer's tests, not our idea of them).
 
 The suite is ``tests/test_models.py`` of the installed timm's sdist, fetched with pip and cached under pytest's
-temporary folder; the tests that download published weights are deselected (no network). Our model modules are added to
-timm's feature-API module filter (``FEAT_INTER_FILTERS``), so the forward_intermediates / features_only / prune
-contract tests run on them as on timm's own models. Every case must pass but those of
-``tests/timm_plugin/vig_timm_skips.py``'s ``SKIPPED``, skipped with their reason; a skip the list does not name, or a
-test of ``tests.timm_suite.EXPECTED_TESTS`` that did not run on a model, fails the test. Without a network or the
-sdist the test fails in CI (``CI=true``) and skips elsewhere. ``benchmarks/timm_suite.py`` runs the same suite on
-every registered model.
+temporary folder; its network tests (downloads of the pretrained tags) are not selected: ``tests/test_pretrained.py``
+covers our tags' downloads without a network. Our model modules are added to timm's feature-API module filter
+(``FEAT_INTER_FILTERS``), so the forward_intermediates / features_only / prune contract tests run on them as on
+timm's own models. Every case must pass but those of ``tests/timm_plugin/vig_timm_skips.py``'s ``SKIPPED``, skipped
+with their reason; a skip the list does not name, or a test of ``tests.timm_suite.EXPECTED_TESTS`` that did not run
+on a model, fails the test. Without a network or the sdist the test fails in CI (``CI=true``) and skips elsewhere.
+``benchmarks/timm_suite.py`` runs the same suite on every registered model.
 """
 from __future__ import annotations
 

@@ -103,6 +103,10 @@ def test_bad_config_values_are_one_line_usage_errors(tmp_path: Path, key: str, v
     ("model_kwargs", "k=3", {"k": 3}),
     ("data_dir", "-odd-name", "-odd-name"),
     ("num_classes", None, None),
+    ("tta", True, 2),  # the seed recipe's switch, as args.yaml files written before --tta took a factor hold it
+    ("tta", False, 0),
+    ("tta", 2, 2),
+    ("patience_epochs", 3, 3),
 ])
 def test_config_values_convert_as_flags_do(tmp_path: Path, key: str, value: object, expected: object) -> None:
     config = tmp_path / "config.yaml"

@@ -101,7 +101,7 @@ def _expected_eval(data: Path, argv: list[str]) -> tuple[float, int]:
     targets = torch.tensor([dataset[i][1] for i in range(len(dataset))])
     with torch.no_grad():
         logits = model(images)
-        if config.loop.tta:
+        if config.loop.flip_tta:
             logits = (logits + model(images.flip(3))) / 2
     return F.cross_entropy(logits, targets).item(), int((logits.argmax(1) == targets).sum())
 

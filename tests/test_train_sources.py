@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.shared_files import shared_path
+from tests.shared_files import import_or_skip, shared_path
 from tests.train_helpers import REPO_ROOT, child_env, last_json_line, run_train
 from vig.tools import make_shards
 
@@ -104,6 +104,16 @@ def test_wds_resume_repeats_the_uninterrupted_run(tmp_path: Path, shards: Path, 
     torch.testing.assert_close(actual["state_dict"], expected["state_dict"], rtol=0, atol=0)
 
 
+def test_wds_input_key_png_trains(tmp_path: Path, shards: Path) -> None:
+    """The shards hold .png images; before the guard timm 1.0.31's reader stopped the run (it keys the decoded
+    image 'jpg', then renames the field named by --input-key)."""
+    output = tmp_path / "out"
+    result = run_train([str(shards), "--dataset", "wds/cifar", *BASE, "-j", "0", "--input-key", "png",
+                        "--train-num-samples", "50", "--output", str(output)])
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "images trained in this epoch" in result.stderr and f"validation {IMAGES} images" in result.stderr
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--repeated-aug"], "--repeated-aug needs random access"),
     (["--dataset", "wds/cifar", "--train-num-samples", "0"], "--train-num-samples must be positive"),
@@ -177,7 +187,7 @@ def test_wds_corrupt_sample_stops_or_is_skipped(tmp_path: Path, corrupt_shards: 
 
 def _parquet_dataset(folder: Path) -> Path:
     """folder/data/{train,validation}-00000-of-00001.parquet: 10 + 3 CIFAR images per class, bytes embedded."""
-    datasets = pytest.importorskip("datasets")
+    datasets = import_or_skip("datasets")
     source = shared_path("data", "cifar10-subset")
     classes = sorted(entry.name for entry in (source / "train").iterdir())
     features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=classes))
@@ -210,3 +220,19 @@ def test_hfds_missing_folder_is_one_line(tmp_path: Path) -> None:
     result = run_train(["--dataset", f"hfds/{tmp_path / 'absent'}", *BASE, "--output", str(tmp_path)])
     assert result.returncode == 2
     assert "never the hub" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_dataset_trust_remote_code_is_gone(tmp_path: Path) -> None:
+    """datasets >= 4.0 (the project needs >= 5.2) runs no loading scripts, so the flag could only fail; a config
+    written before its removal still loads when it holds the harmless false."""
+    from vig.errors import UsageError
+    from vig.trainer.cli import parse_args
+
+    with pytest.raises(UsageError, match="unrecognized arguments: --dataset-trust-remote-code"):
+        parse_args(["--dataset-trust-remote-code"])
+    config = tmp_path / "args.yaml"
+    config.write_text("dataset_trust_remote_code: false\nlr: 0.5\n")
+    assert parse_args(["-c", str(config)]).optimiser.lr == 0.5
+    config.write_text("dataset_trust_remote_code: true\n")
+    with pytest.raises(UsageError, match="--dataset-trust-remote-code was removed"):
+        parse_args(["-c", str(config)])

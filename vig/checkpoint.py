@@ -241,14 +241,23 @@ def load_state_dict_into(model: nn.Module, state_dict: dict[str, torch.Tensor], 
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
     """timm's ``pretrained_filter_fn`` for this project's models: what `load_checkpoint` does before loading.
 
-    Takes a bare state dict or a checkpoint dict (its ``state_dict`` / ``model`` entry is used, as
-    `load_checkpoint` does without ``use_ema``), strips ``module.`` prefixes, and applies the model's
-    ``adapt_state_dict`` when it has one (the ViG models resize ``pos_embed`` to their grid). So
-    ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path), img_size=...)``
-    and ``timm.models.load_checkpoint(model, path, filter_fn=checkpoint_filter_fn)`` load published
-    files at any input size.
+    Takes a bare state dict or a checkpoint dict, strips ``module.`` prefixes, and applies the model's
+    ``adapt_state_dict`` when it has one (the ViG models resize ``pos_embed`` to their grid). Of a checkpoint
+    dict it uses the ``state_dict`` / ``model`` entry, or ``state_dict_ema`` / ``model_ema`` where the model's
+    pretrained config (a published tag, `vig.models.pretrained.VigPretrainedCfg`) says its weights are the
+    EMA ones. A tag of headless weights (pretrained ``num_classes`` 0) on a model without a classifier drops the
+    file's classifier tensors. So ``timm.create_model(name, pretrained=True)``, the same with
+    ``pretrained_cfg_overlay=dict(file=path)`` (any ``img_size``), and
+    ``timm.models.load_checkpoint(model, path, filter_fn=checkpoint_filter_fn)`` load published files.
     """
-    weights, _ = extract_state_dict(state_dict, source="pretrained weights")
+    config = getattr(model, "pretrained_cfg", None) or {}
+    use_ema = bool(config.get("use_ema")) and any(isinstance(state_dict.get(key), dict) for key in _EMA_KEYS)
+    weights, _ = extract_state_dict(state_dict, use_ema=use_ema, source="pretrained weights")
+    if config.get("num_classes") == 0 and getattr(model, "num_classes", None) == 0:
+        classifier = config.get("classifier")
+        names = [classifier] if isinstance(classifier, str) else list(classifier or [])
+        weights = {key: value for key, value in weights.items()
+                   if not any(key in (f"{name}.weight", f"{name}.bias") for name in names)}
     adapt = getattr(model, "adapt_state_dict", None)
     return adapt(weights) if callable(adapt) else weights
 

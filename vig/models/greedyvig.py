@@ -19,14 +19,14 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import torch
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_module
 from torch import nn
 
 from gcn_lib import DAGA
-from vig.checkpoint import checkpoint_filter_fn
 from vig.models.features import check_feature_request, forward_taking
+from vig.models.pretrained import GREEDYVIG_HUB, GREEDYVIG_PAPER, build_with_weights, weights_cfg
 from vig.models.vig_blocks import (DistilledConvNet, Downsample, EfficientStem, InvertedResidual, conv_bn,
                                    drop_path_layer, efficient_cfg)
 
@@ -182,11 +182,17 @@ class GreedyViG(DistilledConvNet):
 def _create(variant: str, size: str, pretrained: bool = False, **kwargs: Any) -> GreedyViG:
     settings = {**asdict(SIZES[size]), "drop_path_rate": PUBLISHED_DROP_PATH, **kwargs}
     feature_cfg = dict(out_indices=settings.pop("out_indices", (0, 1, 2, 3)), feature_cls="getter")
-    return build_model_with_cfg(GreedyViG, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=feature_cfg, **settings)
+    return build_with_weights(GreedyViG, variant, pretrained, feature_cfg=feature_cfg, **settings)
 
 
-default_cfgs = generate_default_cfgs({f"greedyvig_{size}": efficient_cfg() for size in SIZES})
+# The authors' ImageNet-1k weights on the Hugging Face hub (state dicts), as that repository lists them.
+_GREEDYVIG_WEIGHTS = {"greedyvig_s": ("S_GreedyViG_81_1.pth", 81.1), "greedyvig_m": ("M_GreedyViG_82_9.pth", 82.9),
+                      "greedyvig_b": ("B_GreedyViG_83_9.pth", 83.9)}
+
+default_cfgs = generate_default_cfgs({
+    f"{name}.in1k": weights_cfg(efficient_cfg(), hf_hub_id=GREEDYVIG_HUB, hf_hub_filename=file, top1=top1,
+                                **GREEDYVIG_PAPER) for name, (file, top1) in _GREEDYVIG_WEIGHTS.items()
+})
 
 
 @register_model

@@ -28,13 +28,14 @@ from typing import Any, Sequence
 
 import torch
 from timm.layers import register_notrace_function
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from gcn_lib.shapes import shape_str
-from vig.checkpoint import checkpoint_filter_fn
 from vig.models.cifar import CIFAR_IMG_SIZE
 from vig.models.factory_args import takes_device_and_dtype
+from vig.models.pretrained import (SVIG_FOLDER, SVIG_PAPER, VIG_PAPER, VIG_RELEASE, build_with_weights,
+                                   weights_cfg)
 from vig.models.vig_blocks import (FFN, PUBLISHED_IMG_SIZE, SVIG_DEC, ConvStem, Grapher, VisionGNNBase,
                                    check_pretrained_source, check_stem_stride, cifar_cfg, pair, published_cfg,
                                    resolve_graph_kwargs, strided_grid, threshold_schedule, warn_cap_once)
@@ -207,12 +208,40 @@ def _create(variant: str, size: str, threshold_default: bool, pretrained: bool =
     resolve_graph_kwargs(variant, kwargs, threshold_default)
     settings = {**asdict(SIZES[size]), **kwargs}  # channels / depth may be overridden, e.g. for tests
     feature_cfg = dict(out_indices=settings.pop("out_indices", settings["depth"]), feature_cls="getter")
-    return build_model_with_cfg(VisionGNN, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=feature_cfg, **settings)
+    return build_with_weights(VisionGNN, variant, pretrained, feature_cfg=feature_cfg, **settings)
+
+
+# The authors' ViG-Ti/S/B (bare state dicts; the file names carry the accuracy measured before publication, the
+# README the published one) and SViG-Ti's eight threshold checkpoints (timm checkpoint-saver dicts; `use_ema`
+# where the SViG readme says to evaluate with --model-ema). The first SViG tag, the model's defaults
+# (start 0.89, decrement 0.03), is svig_ti_224_gelu's default tag.
+_VIG_WEIGHTS = {"ti": ("vig_ti_74.5.pth", 73.9), "s": ("vig_s_80.6.pth", 80.4), "b": ("vig_b_82.6.pth", 82.3)}
+# (start threshold, decrement, file in "SViG Model Checkpoints/", evaluated with EMA weights, published top-1)
+SVIG_CHECKPOINTS: tuple[tuple[float, float, str, bool, float], ...] = (
+    (0.89, 0.03, "_0_89_0_03_checkpoint-304.pth.tar", False, 74.6),
+    (0.86, 0.03, "_0_86_0_03_checkpoint-306.pth.tar", False, 74.6),
+    (0.89, 0.0, "_0_89_0_00_checkpoint-309.pth.tar", True, 74.1),
+    (0.89, 0.02, "_0_89_0_02_checkpoint-309.pth.tar", True, 74.2),
+    (0.89, 0.04, "_0_89_0_04_checkpoint-308.pth.tar", True, 74.0),
+    (0.91, 0.03, "_0_91_0_03_checkpoint-308.pth.tar", True, 74.5),
+    (0.93, 0.03, "_0_93_0_03_checkpoint-308.pth.tar", True, 74.4),
+    (0.96, 0.03, "_0_96_0_03_checkpoint-308.pth.tar", True, 74.2),
+)
+
+
+def svig_tag(start_thresh: float, dec: float) -> str:
+    """The pretrained tag of the SViG checkpoint trained with (start_thresh, dec): ``in1k_t089_d003``."""
+    return f"in1k_t{round(start_thresh * 100):03d}_d{round(dec * 100):03d}"
 
 
 default_cfgs = generate_default_cfgs({
-    **{f"{prefix}_{size}_224_gelu": published_cfg(ISOTROPIC_POOL_SIZE) for prefix in ("vig", "svig") for size in SIZES},
+    **{f"vig_{size}_224_gelu.in1k": weights_cfg(published_cfg(ISOTROPIC_POOL_SIZE), url=VIG_RELEASE + file, top1=top1,
+                                                **VIG_PAPER)
+       for size, (file, top1) in _VIG_WEIGHTS.items()},
+    **{f"svig_ti_224_gelu.{svig_tag(start, dec)}": weights_cfg(
+        published_cfg(ISOTROPIC_POOL_SIZE), url=SVIG_FOLDER + file, start_thresh=start, dec=dec, use_ema=ema,
+        top1=top1, **SVIG_PAPER) for start, dec, file, ema, top1 in SVIG_CHECKPOINTS},
+    **{f"svig_{size}_224_gelu": published_cfg(ISOTROPIC_POOL_SIZE) for size in ("s", "b")},
     **{f"{prefix}_ti_cifar": cifar_cfg(stem_grid(CIFAR_IMG_SIZE, CIFAR_STEM_STRIDE)) for prefix in ("vig", "svig")},
 })
 

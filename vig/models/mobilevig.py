@@ -19,14 +19,14 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import torch
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_module
 from torch import nn
 
 from gcn_lib import SVGA
-from vig.checkpoint import checkpoint_filter_fn
 from vig.models.features import check_feature_request, forward_taking
+from vig.models.pretrained import MOBILEVIG_HUB, MOBILEVIG_PAPER, build_with_weights, weights_cfg
 from vig.models.vig_blocks import (FFN, DistilledConvNet, Downsample, EfficientStem, InvertedResidual, conv_bn,
                                    drop_path_layer, efficient_cfg)
 
@@ -179,11 +179,21 @@ class MobileViG(DistilledConvNet):
 def _create(variant: str, size: str, pretrained: bool = False, **kwargs: Any) -> MobileViG:
     settings = {**asdict(SIZES[size]), "drop_path_rate": PUBLISHED_DROP_PATH, **kwargs}
     feature_cfg = dict(out_indices=settings.pop("out_indices", (0, 1, 2, 3)), feature_cls="getter")
-    return build_model_with_cfg(MobileViG, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=feature_cfg, **settings)
+    return build_with_weights(MobileViG, variant, pretrained, feature_cfg=feature_cfg, **settings)
 
 
-default_cfgs = generate_default_cfgs({f"mobilevig_{size}": efficient_cfg() for size in SIZES})
+# The authors' ImageNet-1k weights on the Hugging Face hub: their training script's checkpoints, whose
+# `state_dict` (not `state_dict_ema`) is what their `--resume FILE --eval` evaluates. The file names are those the
+# authors' README and detection backbones load from that repository's download; the Ti file's name is published
+# nowhere, so mobilevig_ti has no tag.
+_MOBILEVIG_WEIGHTS = {"mobilevig_s": ("MobileViG_S_78_2.pth.tar", 78.2), "mobilevig_m": ("MobileViG_M_80_7.pth.tar", 80.6),
+                      "mobilevig_b": ("MobileViG_B_82_6.pth.tar", 82.6)}
+
+default_cfgs = generate_default_cfgs({
+    **{f"{name}.in1k": weights_cfg(efficient_cfg(), hf_hub_id=MOBILEVIG_HUB, hf_hub_filename=file, top1=top1,
+                                   **MOBILEVIG_PAPER) for name, (file, top1) in _MOBILEVIG_WEIGHTS.items()},
+    "mobilevig_ti": efficient_cfg(),
+})
 
 
 @register_model

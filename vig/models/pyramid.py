@@ -26,14 +26,14 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from gcn_lib import relative_position_table
 from gcn_lib.shapes import shape_str
-from vig.checkpoint import checkpoint_filter_fn
 from vig.models.cifar import CIFAR_IMG_SIZE
 from vig.models.factory_args import takes_device_and_dtype
+from vig.models.pretrained import PVIG_RELEASE, VIG_PAPER, build_with_weights, weights_cfg
 from vig.models.vig_blocks import (FFN, PUBLISHED_IMG_SIZE, SVIG_DEC, ConvStem, Downsample, Grapher, VisionGNNBase,
                                    check_pretrained_source, check_stem_stride, cifar_cfg, pair, published_cfg,
                                    resize_relative_pos, resolve_graph_kwargs, strided_grid, threshold_schedule,
@@ -306,16 +306,22 @@ def _create(variant: str, size: str, pretrained: bool = False, **kwargs: Any) ->
     resolve_graph_kwargs(variant, kwargs, threshold_default=False)
     settings = {**asdict(SIZES[size]), **kwargs}
     feature_cfg = dict(out_indices=settings.pop("out_indices", len(settings["blocks"])), feature_cls="getter")
-    return build_model_with_cfg(PyramidVisionGNN, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=feature_cfg, **settings)
+    return build_with_weights(PyramidVisionGNN, variant, pretrained, feature_cfg=feature_cfg, **settings)
 
+
+# The authors' pyramid ViG weights (release `pyramid-vig`; B evaluated with crop 0.95) and the ImageNet-21k
+# pyramid ViG-M, whose classifier is not published (its class count is unknown): that tag is a headless backbone
+# (num_classes 0: `checkpoint_filter_fn` drops the file's classifier; give num_classes to train a new one).
+_PVIG_WEIGHTS = {"ti": ("pvig_ti_78.5.pth.tar", 78.5, {}), "s": ("pvig_s_82.1.pth.tar", 82.1, {}),
+                 "m": ("pvig_m_83.1.pth.tar", 83.1, {}), "b": ("pvig_b_83.66.pth.tar", 83.7, dict(crop_pct=0.95))}
+_PVIG_BASE = dict(fixed_input_size=False, pool_size=(7, 7))  # any input size runs (pos_embed, relative_pos resized)
 
 default_cfgs = generate_default_cfgs({
-    # any input size runs (pos_embed and relative_pos are resized); B is evaluated with crop 0.95
-    "pvig_ti_224_gelu": published_cfg(fixed_input_size=False, pool_size=(7, 7)),
-    "pvig_s_224_gelu": published_cfg(fixed_input_size=False, pool_size=(7, 7)),
-    "pvig_m_224_gelu": published_cfg(fixed_input_size=False, pool_size=(7, 7)),
-    "pvig_b_224_gelu": published_cfg(fixed_input_size=False, pool_size=(7, 7), crop_pct=0.95),
+    **{f"pvig_{size}_224_gelu.in1k": weights_cfg(published_cfg(**_PVIG_BASE, **extra), url=PVIG_RELEASE + file,
+                                                 top1=top1, **VIG_PAPER)
+       for size, (file, top1, extra) in _PVIG_WEIGHTS.items()},
+    "pvig_m_224_gelu.in21k": weights_cfg(published_cfg(**_PVIG_BASE), url=PVIG_RELEASE + "pvig_m_im21k_90e.pth",
+                                         num_classes=0, **VIG_PAPER),
     "pvig_ti_cifar": cifar_cfg(fixed_input_size=False, pool_size=stage_grids(CIFAR_IMG_SIZE, 1)[-1]),
 })
 

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, SelectAdaptivePool2d, register_notrace_module
-from timm.models import checkpoint_seq
+from timm.models import checkpoint_seq, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from torch import nn
 
@@ -34,6 +34,7 @@ from gcn_lib import DynConv2d, act_layer, init_convs_
 from vig.models.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR_IMG_SIZE
 from vig.models.factory_args import build_like
 from vig.models.features import check_feature_request, forward_taking
+from vig.models.pretrained import tag_settings
 
 _logger = logging.getLogger(__name__)
 _logged_caps: set[str] = set()  # kNN-cap warnings this process has logged: each distinct one is logged once
@@ -414,11 +415,26 @@ def resolve_graph_kwargs(variant: str, kwargs: dict[str, Any], threshold_default
 
 
 def check_pretrained_source(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> None:
-    """ValueError for ``pretrained=True`` without a local file: the published weights have no download location."""
-    if pretrained and not any(key in (kwargs.get("pretrained_cfg_overlay") or {}) for key in ("file", "state_dict")):
+    """Prepare a factory call's ``kwargs`` for its pretrained tag, in place.
+
+    A tag of published SViG weights carries the threshold schedule they were trained with (`VigPretrainedCfg`):
+    it becomes ``start_thresh`` / ``dec`` unless the call gives either (or a published alias). ``pretrained=True``
+    where neither the tag nor ``pretrained_cfg_overlay`` names weights is a ValueError (one line).
+    """
+    given = [key for key in ("start_thresh", "dec", *_THRESHOLD_ALIASES) if kwargs.get(key) is not None]
+    settings = tag_settings(variant, kwargs.get("pretrained_cfg"))
+    if settings and not given:
+        kwargs.update(settings)
+    if not pretrained:
+        return
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    if any(overlay.get(key) for key in ("file", "state_dict", "url", "hf_hub_id")):
+        return
+    config = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"))
+    if not (config.url or config.hf_hub_id):
         raise ValueError(
-            f"{variant}: no download location is configured; pass pretrained_cfg_overlay=dict(file=PATH) or "
-            "load a published checkpoint with vig.load_checkpoint(model, path)"
+            f"{variant}: no published weights (see timm.list_pretrained('*vig*')); pass "
+            "pretrained_cfg_overlay=dict(file=PATH) or load a checkpoint with vig.load_checkpoint(model, path)"
         )
 
 

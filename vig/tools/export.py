@@ -157,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(PROG, error)
     torch.manual_seed(args.seed)
     try:
-        model = create_model(ModelSettings(model=args.model, model_kwargs=args.model_kwargs))
+        model = create_model(ModelSettings(model=args.model, img_size=args.img_size, model_kwargs=args.model_kwargs))
         if args.checkpoint:
             load_checkpoint(model, args.checkpoint, use_ema=args.model_ema)
     except (TypeError, ValueError) as error:

@@ -1,4 +1,5 @@
-"""Parameters and MACs of a model: ``vig-macs MODEL [--start-thresh T --dec D] [--img-size S] [--num-classes N]``.
+"""Parameters and MACs of a model: ``vig-macs MODEL [--start-thresh T --dec D] [--img-size S] [--num-classes N]
+[--pretrained]``.
 
 MACs (multiply-accumulates of one image; the published papers call them FLOPs) are counted by
 torchprofile on a traced forward pass in eval mode (`vig.complexity`). Any timm model name works;
@@ -13,7 +14,7 @@ from typing import Sequence
 from vig.checkpoint import ModelSettings
 from vig.complexity import count_macs, count_parameters
 from vig.console import OneLineErrorParser, fail, format_table, require_model
-from vig.errors import UsageError
+from vig.errors import RunError, UsageError
 from vig.graph_info import describe_graph
 from vig.models.factory import create_model
 
@@ -28,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dec", type=float, default=None, help="threshold decrement per block")
     parser.add_argument("--img-size", type=int, default=None, help="square image size (default: the model's)")
     parser.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the model's)")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="build the model with its published weights (MODEL.TAG picks a tag; a download or "
+                             "the torch hub / Hugging Face cache)")
     return parser
 
 
@@ -39,8 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(PROG, error)
     try:
         model = create_model(ModelSettings(model=args.model, img_size=args.img_size, num_classes=args.num_classes,
-                                           start_thresh=args.start_thresh, dec=args.dec))
-    except (TypeError, ValueError) as error:
+                                           start_thresh=args.start_thresh, dec=args.dec),
+                             **({"pretrained": True} if args.pretrained else {}))
+    except (TypeError, ValueError, RunError) as error:
         return fail(PROG, f"cannot build {args.model}: {error}")
     img_size = args.img_size or model.pretrained_cfg["input_size"][-1]
     in_chans = model.pretrained_cfg["input_size"][0]

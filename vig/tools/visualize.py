@@ -374,14 +374,15 @@ def resolve_settings(given: ModelSettings,
 
 
 def build_model(settings: ModelSettings, weights: dict[str, torch.Tensor] | None = None,
-                source: str = "checkpoint") -> nn.Module:
+                source: str = "checkpoint", pretrained: bool = False) -> nn.Module:
     """A registered vig model built with ``settings`` (fields left None take the model's defaults), with
-    ``weights`` (from ``source``) loaded strictly when given, in eval mode."""
+    ``weights`` (from ``source``) loaded strictly when given, else with ``pretrained`` its published weights
+    (timm's pretrained loading; a ``name.tag`` picks them), in eval mode."""
     name = settings.model
     if name is None or not timm.is_model(name):
         known = ", ".join(timm.list_models("*vig_*"))
         raise ValueError(f"unknown model {name!r}" + (f" (registered: {known})" if known else ""))
-    model = create_model(settings)
+    model = create_model(settings, pretrained=True) if pretrained and weights is None else create_model(settings)
     if weights is not None:
         load_state_dict_into(model, weights, source, "weights")
     return model.eval()
@@ -401,7 +402,7 @@ def _graph_kind(model: nn.Module) -> str:
 def visualize(model_name: str | None, image_path: Path, out_png: Path, graph: str | None = None,
               start_thresh: float | None = None, dec: float | None = None, checkpoint: Path | None = None,
               node: tuple[int, int] | None = None, blocks: Sequence[int] | None = None,
-              img_size: int | None = None, num_classes: int | None = None) -> Path:
+              img_size: int | None = None, num_classes: int | None = None, pretrained: bool = False) -> Path:
     """Write the graph picture to ``out_png`` (see the module docstring); returns ``out_png``.
 
     graph: None draws the model's own graph (threshold with ``start_thresh``, or for a model that
@@ -431,6 +432,8 @@ def visualize(model_name: str | None, image_path: Path, out_png: Path, graph: st
         raise ValueError(f"num_classes must be positive, got {num_classes}")
     settings, weights = resolve_settings(ModelSettings(model=model_name, img_size=img_size, num_classes=num_classes,
                                                        start_thresh=start_thresh, dec=dec), checkpoint)
+    if pretrained and checkpoint is not None:
+        raise ValueError("--pretrained and --checkpoint both give weights; give one")
     model_name = settings.model
     # (graph rule expected or None for the model's own, threshold arguments) of each model to build
     own = (settings.start_thresh, settings.dec)
@@ -442,7 +445,7 @@ def visualize(model_name: str | None, image_path: Path, out_png: Path, graph: st
         plan = ModelSettings(model=model_name, img_size=settings.img_size, num_classes=settings.num_classes,
                              start_thresh=thresh, dec=decrement, model_kwargs=settings.model_kwargs)
         try:
-            model = build_model(plan, weights, str(checkpoint))
+            model = build_model(plan, weights, str(checkpoint), pretrained=pretrained)
         except TypeError as error:  # a setting the model does not take, e.g. --start-thresh for mobilevig_*
             raise ValueError(f"cannot build {model_name}: {error}") from None
         kind = _graph_kind(model)
@@ -455,7 +458,8 @@ def visualize(model_name: str | None, image_path: Path, out_png: Path, graph: st
         image, shown = preprocess(model, image_path, settings.img_size)
         chosen = list(blocks) if blocks else default_blocks(len(graph_modules(model)))
         graphs[kind] = capture_graphs(model, image, chosen)
-    weights = f"checkpoint {Path(checkpoint).name}" if checkpoint else "random weights"
+    weights = (f"checkpoint {Path(checkpoint).name}" if checkpoint else
+               f"pretrained {model.pretrained_cfg.get('tag') or ''}".strip() if pretrained else "random weights")
     title = f"{model_name} ({weights}) on {Path(image_path).name}"
     save_palette_png(draw_graphs(graphs, shown, node, title), out_png)
     return out_png
@@ -480,6 +484,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="graph(s) to draw; default: the model's own (threshold iff --start-thresh); "
                              "'both' draws kNN and threshold side by side")
     parser.add_argument("--checkpoint", type=Path, default=None, help="weights to load (default: random weights)")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="the model's published weights (timm's pretrained loading; MODEL.TAG picks a tag)")
     parser.add_argument("--img-size", type=int, default=None,
                         help="input size (default: the checkpoint's training --img-size, else the model's)")
     parser.add_argument("--num-classes", type=int, default=None,
@@ -493,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         node = None if args.node is None else parse_node(args.node)
         blocks = None if args.blocks is None else parse_blocks(args.blocks)
         visualize(args.model, args.image, args.out, args.graph, args.start_thresh, args.dec, args.checkpoint,
-                  node, blocks, args.img_size, args.num_classes)
+                  node, blocks, args.img_size, args.num_classes, args.pretrained)
     except (ValueError, OSError, RuntimeError) as error:  # UsageError is a ValueError
         return fail(PROG, error)
     print(f"wrote {args.out}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ast
 import logging
+import sys
 from typing import Any, Sequence
 
 import yaml
@@ -18,7 +19,7 @@ import yaml
 from vig.checkpoint import ModelSettings, SettingConflict, SettingOverride, merge_settings, setting_overrides
 from vig.console import OneLineErrorParser
 from vig.errors import UsageError
-from vig.trainer.config import TIMM_SCHEDULES, TrainConfig
+from vig.trainer.config import FLIP_TTA, TIMM_SCHEDULES, TrainConfig
 from vig.trainer.data import TRAIN_CROPS, TV_RAND_PREFIX
 from vig.trainer.schedule import ONECYCLE_LINEAR
 
@@ -27,6 +28,14 @@ _LOGGER = logging.getLogger(__name__)
 DEFAULT_MODEL = "vig_ti_224_gelu"
 DEFAULT_LR = 1e-3
 KWARGS_FLAGS = ("model_kwargs", "kd_model_kwargs")  # K=V flags, parsed into a dict of Python literals
+# keys that configs written by earlier versions hold, of flags since removed: accepted with the value that did
+# nothing, refused with any other
+RETIRED_KEYS = {
+    # datasets >= 4.0 (this project needs >= 5.2) runs no loading scripts: the flag could only fail
+    "dataset_trust_remote_code": (False, "--dataset-trust-remote-code was removed: the datasets release this "
+                                         "project needs (>= 5.2) runs no loading scripts; convert the dataset to "
+                                         "parquet / data files"),
+}
 
 
 def _parse_model_kwargs(items: Sequence[str]) -> dict[str, Any]:
@@ -49,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="train.py",
         description="Train or evaluate ViG / SViG (or any timm) models, on one device or distributed.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # a prefix is no flag: --checkpoint is not --checkpoint-hist
     )
     parser.add_argument("-c", "--config", default="", metavar="FILE",
                         help="YAML file whose keys (flag names, - or _) set defaults, values checked as the "
@@ -73,8 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--target-key", default=None,
                       help="wds: a field of the json sidecar (default: the .cls file); hfds: the label "
                            "feature (default: label)")
-    data.add_argument("--dataset-trust-remote-code", action="store_true",
-                      help="hfds: let datasets run a loading script in the dataset folder")
     data.add_argument("--dataset-download", action="store_true", help="download torch/* datasets into DIR")
     data.add_argument("--train-split", default="train", help="training split folder / name")
     data.add_argument("--val-split", default="val", help="validation split ('val' falls back to 'validation')")
@@ -109,8 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--pretrained-path", default=None, metavar="FILE",
                        help="load FILE as the model's pretrained weights (implies --pretrained): through the "
                             "model's checkpoint_filter_fn, the classifier reset when its class count differs")
-    model.add_argument("--initial-checkpoint", "--pretrain_path", "--pretrain-path", dest="initial_checkpoint",
-                       default="", metavar="PATH", help="weights to start from (required with --evaluate)")
+    model.add_argument("--initial-checkpoint", "--pretrain_path", "--pretrain-path", "--checkpoint",
+                       dest="initial_checkpoint", default="", metavar="PATH",
+                       help="weights to start from (required with --evaluate; --checkpoint is timm validate.py's "
+                            "spelling)")
     model.add_argument("--resume", default="", metavar="PATH|auto",
                        help="resume training from a checkpoint; 'auto' = last.pth.tar of the experiment if any, "
                             "else start fresh (for torchrun --max-restarts)")
@@ -128,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                        help="torch.compile the model (default backend: inductor)")
     model.add_argument("--sync-bn", action="store_true", help="synchronised BatchNorm across processes")
-    model.add_argument("--model-ema", action="store_true",
-                       help="keep an EMA of the weights (training); evaluate the EMA weights (--evaluate)")
+    model.add_argument("--model-ema", "--use-ema", dest="model_ema", action="store_true",
+                       help="keep an EMA of the weights (training); evaluate the EMA weights (--evaluate; "
+                            "--use-ema is timm validate.py's spelling)")
     model.add_argument("--model-ema-decay", type=float, default=0.9998, help="EMA decay")
     model.add_argument("--model-ema-warmup", action="store_true",
                        help="EMA decay warm-up: min(decay, (1 + updates) / (10 + updates)) (timm's ModelEmaV3)")
@@ -170,7 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--warmup-epochs", type=int, default=5, help="linear warm-up epochs")
     sched.add_argument("--warmup-lr", type=float, default=1e-5, help="learning rate at the start of warm-up")
     sched.add_argument("--min-lr", type=float, default=0.0, help="floor of the cosine / poly schedule")
-    sched.add_argument("--cooldown-epochs", type=int, default=0, help="epochs at min-lr after the schedule")
+    sched.add_argument("--cooldown-epochs", type=int, default=0,
+                       help="epochs at min-lr after the schedule; plateau: epochs without decay after a decay")
+    sched.add_argument("--patience-epochs", type=int, default=10,
+                       help="plateau: epochs without improvement of --eval-metric before the lr decays")
     sched.add_argument("--decay-epochs", type=float, default=90, help="step schedule: epochs between decays")
     sched.add_argument("--decay-rate", type=float, default=0.1, help="step schedule: decay factor")
 
@@ -204,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="--bce-loss: binarise the soft targets at this threshold")
     aug.add_argument("--bce-sum", action="store_true", help="--bce-loss: sum over classes instead of the mean")
     aug.add_argument("--bce-pos-weight", type=float, default=None, help="--bce-loss: weight of positive targets")
-    aug.add_argument("--tta", action="store_true", help="flip test-time augmentation in validation")
+    aug.add_argument("--tta", type=int, nargs="?", const=FLIP_TTA, default=0, metavar="N",
+                     help=f"test-time augmentation factor in validation (timm's integer): {FLIP_TTA} = the image and "
+                          f"its horizontal mirror, 0 or 1 = off; bare --tta = {FLIP_TTA}")
     aug.add_argument("--edge-loss-weight", type=float, default=None, metavar="W",
                      help="weight of the batch-graph edge loss, BCE(edge_sim, same-class matrix), added to the "
                           "classification loss (models with an edge head, e.g. bgnn; default 1)")
@@ -255,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", default="", metavar="DIR", help="output root (default ./output/train)")
     run.add_argument("--experiment", default="", help="run folder name under --output (default: dated)")
     run.add_argument("--evaluate", action="store_true", help="only evaluate --pretrain_path on the val split")
+    run.add_argument("--results-file", default=None, metavar="PATH",
+                     help="--evaluate: also write the result to PATH, CSV for a .csv name, else JSON")
     run.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
                      help="set by torch.distributed.launch; LOCAL_RANK in the environment wins")
     return parser
@@ -305,6 +323,8 @@ def _config_value(parser: argparse.ArgumentParser, action: argparse.Action, valu
         if action.default is not None:
             raise UsageError(f"{_flag_name(action)} takes a value, not null (its default is {action.default!r})")
         return None
+    if action.dest == "tta" and isinstance(value, bool):  # the seed recipe's switch: true = flip TTA
+        return FLIP_TTA if value else 0
     if action.dest in KWARGS_FLAGS and isinstance(value, dict):
         if not all(isinstance(key, str) for key in value):
             raise UsageError(f"{_flag_name(action)} takes a mapping with string keys, got {value!r}")
@@ -323,6 +343,11 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, An
     defaults = {}
     for key, value in _read_config(path).items():
         dest = str(key).replace("-", "_")
+        if dest in RETIRED_KEYS:
+            harmless, reason = RETIRED_KEYS[dest]
+            if value != harmless:
+                raise UsageError(f"config {path}: key {key!r}: {reason}")
+            continue
         if dest not in actions:
             raise UsageError(f"config {path}: unknown key {key!r}")
         try:
@@ -332,10 +357,25 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, An
     return defaults
 
 
+def bare_tta_as_flip(argv: Sequence[str]) -> list[str]:
+    """``argv`` with a bare ``--tta`` (the seed recipe's switch) spelled ``--tta=2`` when the next token is not an
+    integer: argparse would otherwise take the next token, e.g. the data folder of ``--tta /data``, as the factor."""
+    tokens = list(argv)
+    for index, token in enumerate(tokens):
+        if token == "--":
+            break
+        if token == "--tta":
+            following = tokens[index + 1] if index + 1 < len(tokens) else ""
+            if not following.lstrip("-").isdigit():
+                tokens[index] = f"--tta={FLIP_TTA}"
+    return tokens
+
+
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     """Parse flags (after applying `-c config.yaml` defaults) into the checked, typed run config."""
+    argv = bare_tta_as_flip(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    config_parser = OneLineErrorParser(add_help=False)
+    config_parser = OneLineErrorParser(add_help=False, allow_abbrev=False)
     config_parser.add_argument("-c", "--config", default="")
     known, _ = config_parser.parse_known_args(argv)
     if known.config:

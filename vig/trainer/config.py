@@ -23,10 +23,13 @@ from vig.errors import UsageError
 from vig.trainer.data import REPEATED_AUG_REPEATS, SYNTHETIC_DATASET, is_tv_rand_policy, tv_rand_augment
 
 __all__ = ["AugmentSection", "DataSection", "DistillSection", "DistributedSection", "LoggingSection", "LoopSection",
-           "ModelSection", "OptimSection", "RunFolderSection", "ScheduleSection", "TrainConfig", "TIMM_SCHEDULES"]
+           "ModelSection", "OptimSection", "RunFolderSection", "ScheduleSection", "TrainConfig", "TIMM_SCHEDULES",
+           "FLIP_TTA"]
 
 # the names timm.scheduler.create_scheduler_v2 builds (timm 1.0)
 TIMM_SCHEDULES = ("cosine", "tanh", "step", "constant", "multistep", "plateau", "poly", "wsd", "rsqrt")
+
+FLIP_TTA = 2  # --tta factor of the flip average (the image and its mirror); 0 and 1 are off
 
 Pair = tuple[float, float]
 Triple = tuple[float, float, float]
@@ -58,7 +61,6 @@ class DataSection:
     input_key: str | None = None
     input_img_mode: str = "RGB"
     target_key: str | None = None
-    dataset_trust_remote_code: bool = False
     dataset_download: bool = False
     train_split: str = "train"
     val_split: str = "val"
@@ -286,11 +288,14 @@ class ScheduleSection:
     warmup_lr: float = 1e-5
     min_lr: float = 0.0
     cooldown_epochs: int = 0
+    patience_epochs: int = 10
     decay_epochs: float = 90
     decay_rate: float = 0.1
 
     def __post_init__(self) -> None:
         _require(self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
+        _require(self.cooldown_epochs >= 0, f"--cooldown-epochs must be >= 0, got {self.cooldown_epochs}")
+        _require(self.patience_epochs >= 0, f"--patience-epochs must be >= 0, got {self.patience_epochs}")
         _require(self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
 
 
@@ -327,8 +332,9 @@ class LoopSection:
     log_interval: int = 50
     val_interval: int = 1
     eval_metric: str = "top1"
-    tta: bool = False
+    tta: int = 0  # FLIP_TTA: the flip average; 0, 1: off (a bool in configs written before it took a factor)
     evaluate: bool = False
+    results_file: str | None = None
     resume: str = ""
     no_resume_opt: bool = False
     start_epoch: int | None = None
@@ -338,6 +344,17 @@ class LoopSection:
         _require(self.log_interval > 0, f"--log-interval must be positive, got {self.log_interval}")
         _require(self.start_epoch is None or self.start_epoch >= 0,
                  f"--start-epoch must be >= 0, got {self.start_epoch}")
+        if isinstance(self.tta, bool):
+            _fix(self, "tta", FLIP_TTA if self.tta else 0)
+        _require(self.tta in (0, 1, FLIP_TTA), f"--tta {self.tta}: the test-time augmentation here is the flip "
+                                               f"average, factor {FLIP_TTA} (0 or 1: off)")
+        _require(self.results_file is None or self.evaluate,
+                 "--results-file writes the result of --evaluate; training writes summary.csv in its run folder")
+
+    @property
+    def flip_tta(self) -> bool:
+        """Whether validation averages the logits of each image and its horizontal mirror (--tta 2)."""
+        return self.tta == FLIP_TTA
         _require_readable("--resume", "" if self.resume == "auto" else self.resume)
 
 
@@ -408,7 +425,11 @@ class TrainConfig:
             _require(self.data.batch_size % 2 == 0,
                      f"mixup / cutmix need an even --batch-size, got {self.data.batch_size}")
         if self.loop.evaluate:
-            _require(bool(self.model.initial_checkpoint), "--evaluate needs --pretrain_path CHECKPOINT")
+            _require(bool(self.model.initial_checkpoint) or self.model.pretrained,
+                     "--evaluate needs --pretrain_path CHECKPOINT, or --pretrained for the model's published weights")
+            _require(not (self.model.pretrained and self.model.model_ema),
+                     "--model-ema selects the EMA weights of --pretrain_path; with --pretrained the pretrained tag "
+                     "names its weights (choose the model's tag instead, e.g. svig_ti_224_gelu.in1k_t093_d003)")
         _require(self.loop.resume != "auto" or bool(self.run_folder.experiment),
                  "--resume auto needs --experiment NAME (a fixed run folder in which to look for last.pth.tar)")
 

@@ -314,6 +314,9 @@ def resolve_preprocessing(data: DataSection, img_size: int | None, model: torch.
         if getattr(data, key) is not None:
             overrides[key] = getattr(data, key)
     config = resolve_data_config(args=overrides, model=model)
+    if data.crop_pct is not None and tuple(config["input_size"][1:]) == (CIFAR_SIZE, CIFAR_SIZE):
+        raise UsageError(f"--crop-pct {data.crop_pct:g}: {CIFAR_SIZE} x {CIFAR_SIZE} inputs are evaluated as the plain "
+                         "centred image, without the resize that --crop-pct sets; drop it")
     return DataConfig(input_size=tuple(config["input_size"]), interpolation=config["interpolation"],
                       mean=tuple(config["mean"]), std=tuple(config["std"]), crop_pct=config["crop_pct"])
 

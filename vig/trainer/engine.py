@@ -445,7 +445,8 @@ def validate(
         images, targets = _to_device(images, targets, ctx.device, channels_last, model_dtype)
         with precision.autocast():
             logits = predict_flip_tta(model, images) if tta else model(images)
-        logits = logits.float()
+        if logits.dtype != torch.float64:  # float64 (--model-dtype float64) keeps its precision in the loss
+            logits = logits.float()
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         hits = top.eq(targets[:, None])

@@ -44,7 +44,7 @@ from vig.trainer.config import (AugmentSection, DataSection, ModelSection, Optim
                                 TrainConfig)
 from vig.trainer.curves import write_curves
 from vig.trainer.data import (ShardedEvalSampler, StreamShard, build_dataset, build_loader, device_normalizes,
-                              eval_shard, eval_transform,
+                              eval_shard, eval_transform, is_cifar_input,
                               prefetch_to_device, require_same_classes, resolve_preprocessing, take_corrupt_count,
                               train_sampler, train_transform)
 from vig.trainer.distributed import (DistributedContext, all_gather_objects, all_reduce_sum, broadcast_object,
@@ -55,12 +55,14 @@ from vig.trainer.engine import (EvalStats, TrainStats, accumulation_groups, reso
                                 validate)
 from vig.trainer.explog import ExperimentLoggers
 from vig.trainer.faults import fault_point
+from vig.trainer.results import write_results
 from vig.trainer.resume import (auto_resume_file, capture_generators, remove_interrupted, restore_generators,
                                 write_interrupted)
 from vig.trainer.saver import (CURVES_NAME, LAST_NAME, SUMMARY_NAME, CheckpointSaver, append_summary,
                                prepare_output_dir, repair_summary, require_fresh_or_resumable, run_folder_name,
                                write_args_yaml)
-from vig.trainer.schedule import ONECYCLE_LINEAR, OneCycleLinearScheduler
+from vig.trainer.schedule import (ONECYCLE_LINEAR, OneCycleLinearScheduler, load_scheduler_state, plateau_mode,
+                                  scheduler_state)
 from vig.trainer.signals import Interrupted, catch_stop_signals, signal_name, stop_requested
 from vig.trainer.threads import set_cpu_threads
 
@@ -93,7 +95,8 @@ def build_model(model: ModelSection, num_classes: int) -> nn.Module:
     except (TypeError, ValueError) as err:  # constructors reject bad arguments with these
         raise UsageError(f"model {model.model}: {err}") from None
     except WeightsUnavailableError as err:
-        raise RunError(f"{err} (train.py --model-kwargs {err.argument}=PATH)") from None
+        flag = "--pretrained-path" if err.argument == "pretrained_cfg_overlay" else f"--model-kwargs {err.argument}="
+        raise RunError(f"{err} (train.py {flag}{'' if flag.endswith('=') else ' '}PATH)") from None
 
 
 def pretrained_kwargs(model: ModelSection) -> dict[str, Any]:
@@ -113,6 +116,34 @@ def pretrained_kwargs(model: ModelSection) -> dict[str, Any]:
     classes = classifier_outputs(model.model, state_dict)
     return {"pretrained": True,
             "pretrained_cfg_overlay": {"file": model.pretrained_path, "num_classes": classes if classes else -1}}
+
+
+def pretrained_classes(model: ModelSection) -> int | None:
+    """The class count of the --pretrained weights' head: the --pretrained-path file's classifier, else the
+    pretrained config of the model's tag (``name.tag``, or its default tag); None when the file's is unknown.
+    A model without published weights (and no --pretrained-path), or whose weights have no classifier (a
+    headless tag), is a UsageError: there is no head to evaluate."""
+    if model.pretrained_path:
+        classes = pretrained_kwargs(model)["pretrained_cfg_overlay"]["num_classes"]
+        return classes if classes > 0 else None
+    config = get_pretrained_cfg(model.model) if model.model else None
+    if config is None or not (config.url or config.hf_hub_id):
+        raise UsageError(f"--pretrained: {model.model} has no published weights (timm.list_pretrained() lists the "
+                         "models that have); give the weights with --pretrained-path FILE or --pretrain_path FILE")
+    if not config.num_classes:
+        raise UsageError(f"--pretrained: {model.model}'s published weights have no classifier (a backbone to "
+                         "fine-tune), so there is nothing to evaluate")
+    return config.num_classes
+
+
+def weights_source(model: nn.Module) -> str | None:
+    """Where the pretrained weights of ``model`` came from (its pretrained config): a file, a URL or a hub file."""
+    config = getattr(unwrap_model(model), "pretrained_cfg", None) or {}
+    if config.get("file"):
+        return str(config["file"])
+    if config.get("hf_hub_id"):
+        return f"hf-hub:{config['hf_hub_id']}/{config.get('hf_hub_filename') or ''}".rstrip("/")
+    return config.get("url") or None
 
 
 def resolve_lr(optimiser: OptimSection, batch_size: int, world_size: int) -> float:
@@ -229,31 +260,46 @@ def eval_sampler(seed: int, val_set: Any, ctx: DistributedContext,
     return eval_shard(val_set, ctx.world_size, ctx.rank, shuffle_seed=shuffle_seed)
 
 
+def compiled(model: nn.Module, backend: str | None) -> nn.Module:
+    """``model`` wrapped by ``torch.compile`` with ``backend`` (--torchcompile), or ``model`` itself for None.
+    Compilation happens at the first batch; the wrapper shares the model's parameters."""
+    if backend is None:
+        return model
+    _LOGGER.info("torch.compile: backend %s", backend)
+    return torch.compile(model, backend=backend)
+
+
 def evaluate(config: TrainConfig, ctx: DistributedContext) -> dict[str, Any] | None:
     """Evaluate --pretrain_path on the validation split; the result dict on the primary rank, else None."""
     config, checkpoint = apply_checkpoint_settings(config, use_class_count=True)
+    if checkpoint is None and config.data.num_classes is None:  # --pretrained: the published head's class count
+        config = config.replace(data={"num_classes": pretrained_classes(config.model)})
     data, loop = config.data, config.loop
     val_set, classes = build_dataset(data, data.val_split, is_training=False, seed=loop.seed)
-    num_classes = evaluation_classes(data, config.model.initial_checkpoint, classes)
+    num_classes = evaluation_classes(
+        data, config.model.initial_checkpoint or f"the pretrained {config.model.model}", classes)
     model = build_model(config.model, num_classes)
-    load_weights(model, checkpoint, config.model.initial_checkpoint, use_ema=config.model.model_ema)
+    if checkpoint is not None:
+        load_weights(model, checkpoint, config.model.initial_checkpoint, use_ema=config.model.model_ema)
     if ctx.device.type == "cpu":  # after the checks of the user's input, whose errors stay the only line
         set_cpu_threads(data.workers)
     preprocessing = resolve_preprocessing(data, config.model.img_size, model)
     device_normalize = device_normalizes(ctx.device)
     val_set.transform = eval_transform(preprocessing, device_normalize)
-    model.to(ctx.device)
+    model_dtype = getattr(torch, config.model.model_dtype) if config.model.model_dtype else None
+    model.to(device=ctx.device, dtype=model_dtype)
     if config.model.channels_last:
         model.to(memory_format=torch.channels_last)
     precision = resolve_precision(loop.amp, loop.amp_dtype, ctx.device)
     sampler = eval_sampler(loop.seed, val_set, ctx, model)
+    evaluated = compiled(model, config.model.torchcompile)
     loader = build_loader(val_set, sampler, data.batch_size, data.workers, is_training=False, device=ctx.device)
     last_batches = [size % data.batch_size or min(size, data.batch_size)
                     for size in all_gather_objects(len(sampler), ctx)]
     if device_normalize:
         loader = prefetch_to_device(loader, preprocessing, ctx.device)
-    stats = validate(model, loader, ctx, precision, tta=loop.tta, channels_last=config.model.channels_last,
-                     log_interval=loop.log_interval)
+    stats = validate(evaluated, loader, ctx, precision, tta=loop.flip_tta, channels_last=config.model.channels_last,
+                     log_interval=loop.log_interval, model_dtype=model_dtype)
     if not ctx.is_primary:
         return None
     _LOGGER.info("evaluated in batches of %d images; the last batch of each process (%s) is evaluated as the "
@@ -263,12 +309,22 @@ def evaluate(config: TrainConfig, ctx: DistributedContext) -> dict[str, Any] | N
                  f"in one fixed order shuffled from --seed {sampler.shuffle_seed}" if sampler.shuffle_seed is not None
                  else "")
     graph = describe_graph(model)
-    return {"model": config.model.model, "checkpoint": config.model.initial_checkpoint, "ema": config.model.model_ema,
-            "img_size": preprocessing.input_size[-1], "num_classes": num_classes,
-            "graph": graph.label, "start_thresh": graph.start_thresh, "dec": graph.dec,
-            "tta": loop.tta, "top1": stats.top1, "top5": stats.top5, "loss": stats.loss, "count": stats.count,
-            "batch_size": data.batch_size, "last_batch_sizes": last_batches,
-            "eval_order": "dataset" if sampler.shuffle_seed is None else f"shuffled (seed {sampler.shuffle_seed})"}
+    published = getattr(unwrap_model(model), "pretrained_cfg", None) or {}
+    result = {"model": config.model.model, "checkpoint": config.model.initial_checkpoint or weights_source(model),
+              "ema": config.model.model_ema if checkpoint is not None else bool(published.get("use_ema")),
+              "img_size": preprocessing.input_size[-1],
+              "crop_pct": None if is_cifar_input(preprocessing) else preprocessing.crop_pct, "num_classes": num_classes,
+              "model_dtype": str(model_dtype or torch.float32).removeprefix("torch."),
+              "amp": str(precision.dtype).removeprefix("torch.") if precision.dtype is not None else None,
+              "channels_last": config.model.channels_last, "torchcompile": config.model.torchcompile,
+              "graph": graph.label, "start_thresh": graph.start_thresh, "dec": graph.dec,
+              "tta": loop.tta if loop.flip_tta else 0,
+              "top1": stats.top1, "top5": stats.top5, "loss": stats.loss, "count": stats.count,
+              "batch_size": data.batch_size, "last_batch_sizes": last_batches,
+              "eval_order": "dataset" if sampler.shuffle_seed is None else f"shuffled (seed {sampler.shuffle_seed})"}
+    if loop.results_file:
+        write_results(loop.results_file, result)
+    return result
 
 
 def _optimizer(optimiser: OptimSection, model: nn.Module, model_name: str) -> torch.optim.Optimizer:
@@ -400,7 +456,7 @@ def _restore_training_state(path: str, state: dict[str, Any], model: nn.Module, 
         raise UsageError(f"--resume: {path}: optimizer state does not fit this run's --opt and parameter groups "
                          f"({' '.join(str(err).split())[:160]}); add --no-resume-opt to load weights only") from None
     if state.get("scheduler") is not None:
-        scheduler.load_state_dict(state["scheduler"])
+        load_scheduler_state(scheduler, state["scheduler"])
     if scaler is not None and state.get(scaler.state_dict_key) is not None:
         scaler.load_state_dict(state[scaler.state_dict_key])
 
@@ -507,7 +563,8 @@ def set_up_training(config: TrainConfig, ctx: DistributedContext) -> TrainingRun
         scheduler, num_epochs = create_scheduler_v2(
             optimizer, sched=schedule.sched, num_epochs=schedule.epochs, decay_epochs=schedule.decay_epochs,
             decay_rate=schedule.decay_rate, cooldown_epochs=schedule.cooldown_epochs, min_lr=schedule.min_lr,
-            warmup_lr=schedule.warmup_lr, warmup_epochs=schedule.warmup_epochs, updates_per_epoch=updates_per_epoch)
+            warmup_lr=schedule.warmup_lr, warmup_epochs=schedule.warmup_epochs, updates_per_epoch=updates_per_epoch,
+            patience_epochs=schedule.patience_epochs, plateau_mode=plateau_mode(config.loop.eval_metric))
     return TrainingRun(config=config, model=model, model_ema=model_ema, optimizer=optimizer, scheduler=scheduler,
                        precision=precision, train_set=train_set, val_set=val_set, sampler=sampler,
                        train_loader=train_loader, val_loader=val_loader, num_classes=num_classes,
@@ -635,7 +692,7 @@ def run_epoch(run: TrainingRun, ctx: DistributedContext, epoch: int,
                          config.loop.val_interval)
         run.scheduler.step(epoch + 1, None)
         return stats
-    eval_stats = validate(run.model, run.val_loader, ctx, run.precision, tta=config.loop.tta,
+    eval_stats = validate(run.model, run.val_loader, ctx, run.precision, tta=config.loop.flip_tta,
                           channels_last=config.model.channels_last, log_interval=config.loop.log_interval,
                           model_dtype=run.model_dtype)
     row: dict[str, Any] = {"epoch": epoch, "train_loss": stats.loss, "eval_loss": eval_stats.loss,
@@ -644,7 +701,7 @@ def run_epoch(run: TrainingRun, ctx: DistributedContext, epoch: int,
         row["train_edge_loss"] = stats.edge_loss
     metric = getattr(eval_stats, config.loop.eval_metric)
     if run.model_ema is not None:
-        ema_stats = validate(run.model_ema.module, run.val_loader, ctx, run.precision, tta=config.loop.tta,
+        ema_stats = validate(run.model_ema.module, run.val_loader, ctx, run.precision, tta=config.loop.flip_tta,
                              channels_last=config.model.channels_last, log_interval=config.loop.log_interval,
                              title="eval EMA",
                              model_dtype=run.model_dtype)
@@ -670,7 +727,7 @@ def _training_state(run: TrainingRun, epoch: int) -> dict[str, Any]:
     config = run.config
     state = {"epoch": epoch, "arch": config.model.model, "state_dict": unwrap_model(run.model).state_dict(),
              "state_dict_ema": run.model_ema.module.state_dict() if run.model_ema is not None else None,
-             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+             "optimizer": run.optimizer.state_dict(), "scheduler": scheduler_state(run.scheduler),
              "args": config.to_flags(), "version": 2}
     if run.precision.scaler is not None:
         state[run.precision.scaler.state_dict_key] = run.precision.scaler.state_dict()

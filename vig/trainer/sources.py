@@ -79,7 +79,7 @@ def _wds_reader_class() -> type:
 
         def _checked_decode(self, decode: Callable[[dict], Any], sample: dict) -> Any:
             try:
-                return decode(sample)
+                return self._keyed_by_input_key(decode(sample))
             except UNDECODABLE as err:
                 name = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
                 if not self.skip_corrupt:
@@ -89,6 +89,18 @@ def _wds_reader_class() -> type:
                     self.corrupt_count.value += 1
                 _LOGGER.warning("skipping corrupt image %s: %s", name, _corrupt_reason(err))
                 return None
+
+        def _keyed_by_input_key(self, decoded: dict | None) -> dict | None:
+            """The decoded sample with its image under the first name of --input-key.
+
+            timm 1.0.31's `_decode` returns the image under the key 'jpg' whatever --input-key read, and its
+            pipeline then renames the field named by --input-key to 'image': for any key list without 'jpg'
+            (e.g. --input-key png) that field is missing and the rename fails. Keyed here as the rename
+            expects; a timm that keys the image by the input key leaves nothing to do."""
+            first = self.input_key.split(";")[0]
+            if decoded is not None and first not in decoded and "jpg" in decoded:
+                decoded[first] = decoded.pop("jpg")
+            return decoded
 
         @staticmethod
         def _handler(err: BaseException) -> bool:
@@ -147,8 +159,7 @@ def hfds_dataset(data: DataSection, splits: tuple[str, ...]) -> tuple[Any, list[
     for split in splits:
         try:
             dataset = create_dataset(data.dataset, root=data.data_dir, split=split, is_training=False,
-                                     input_img_mode=data.input_img_mode,
-                                     trust_remote_code=data.dataset_trust_remote_code, **extra)
+                                     input_img_mode=data.input_img_mode, **extra)
             break
         except (FileNotFoundError, ValueError, KeyError) as err:
             reason = _corrupt_reason(err)
