@@ -74,5 +74,8 @@ def test_the_judge_fails_unlisted_skips_listed_cases_that_ran_and_missing_tests(
         f"in the skip list but passed: test_model_forward[1-{model}]"]
     missing = {case: outcome for case, outcome in outcomes.items() if not case.startswith("test_prune")}
     assert problems(missing, [model], {}) == [f"not collected: test_prune_intermediate_layers_contract on {model}"]
+    tagged = {(f"{case[:-1]}.in1k]" if case.startswith("test_model_default_cfgs") else case): outcome
+              for case, outcome in outcomes.items()}  # timm's ids for a model with pretrained tags
+    assert problems(tagged, [model], {}) == []
     failing = {**outcomes, f"test_model_backward[1-{model}]": "failed"}
     assert problems(failing, [model], {}) == [f"failed: test_model_backward[1-{model}]"]

@@ -74,8 +74,10 @@ def selection(models: list[str]) -> str:
 
 
 def case_model(case: str, models: list[str]) -> str | None:
-    """The model of a parametrised case id such as ``test_model_forward[1-vig_ti_cifar]``, if it is one of ours."""
-    match = re.search(r"\[(?:[^\]]*-)?([A-Za-z0-9_]+)\]$", case)
+    """The model of a parametrised case id such as ``test_model_forward[1-vig_ti_cifar]``, if it is one of ours; a
+    pretrained tag (``test_model_default_cfgs[1-vig_ti_224_gelu.in1k]``, as timm parametrises the tests of tagged
+    models) counts for its model."""
+    match = re.search(r"\[(?:[^\]]*-)?([A-Za-z0-9_]+)(?:\.[A-Za-z0-9_]+)?\]$", case)
     return match.group(1) if match and match.group(1) in models else None
 
 
