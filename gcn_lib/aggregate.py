@@ -9,7 +9,8 @@ is monotone). A centre without any neighbour gets m_i = 0, as the published scat
 The forms below agree bit for bit on the same graph and differ only in how the graph is given and
 what they cost:
 
-* `max_relative_gather`: neighbour indices (B, N, k): memory B*C*N*k, the kNN path;
+* `max_relative_gather`: neighbour indices (B, N, k): memory B*C*N (each neighbour's C-vector gathered once
+  and folded into a running maximum; the backward routes to the first maximal neighbour), the kNN path;
 * `max_relative_dense`: boolean mask (B, N, N), or (B, N, M) over separate keys y: masked max,
   memory B*C*N*M in chunks;
 * `max_relative_scatter`: edge list (2, E) with native ``torch.scatter_reduce``: memory C*E;
@@ -85,8 +86,47 @@ def max_relative_gather(x: torch.Tensor, neighbours: torch.Tensor, y: torch.Tens
         m (B, C, N, 1).
     """
     _check_features(x)
-    x_j = gather_neighbours(x if y is None else y, neighbours)
-    return x_j.amax(dim=-1, keepdim=True) - x
+    if torch.jit.is_scripting():  # TorchScript compiles no autograd.Function: the (B, C, N, k) form, same values
+        return gather_neighbours(x if y is None else y, neighbours).amax(dim=-1, keepdim=True) - x
+    keys = x if y is None else y
+    b, c, m = _check_features(keys)
+    if neighbours.dim() != 3 or neighbours.shape[0] != b:
+        raise ValueError(f"neighbours must have shape ({b}, N, k), got {shape_str(neighbours.shape)}")
+    n = neighbours.shape[1]
+    rows = keys.reshape(b, c, m).transpose(1, 2).reshape(b * m, c)
+    offset = (torch.arange(b, device=neighbours.device) * m).view(b, 1, 1)
+    # (k, B * N) global row ids: row j lists every centre's j-th neighbour
+    picks = (neighbours + offset).reshape(b * n, -1).t().contiguous()
+    top = _NeighbourMax.apply(rows, picks)
+    return top.view(b, n, c).transpose(1, 2).unsqueeze(-1) - x
+
+
+class _NeighbourMax(torch.autograd.Function):
+    """max_j rows[picks[j]] for node-major rows (R, C) and row ids picks (k, P) -> (P, C), one neighbour at a time.
+
+    Each neighbour's row is gathered once (a contiguous C-vector) and folded into a running maximum: no
+    (P, k, C) copy. The backward routes each gradient to the first neighbour (lowest j) holding the maximum,
+    as the published ``torch.max(..., dim=-1)`` does."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
+        out = rows.index_select(0, picks[0])
+        for j in range(1, picks.shape[0]):
+            torch.maximum(out, rows.index_select(0, picks[j]), out=out)
+        ctx.save_for_backward(rows, picks, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        rows, picks, out = ctx.saved_tensors
+        grad_rows = torch.zeros_like(rows)
+        taken = torch.zeros_like(out, dtype=torch.bool)
+        zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+        for j in range(picks.shape[0]):
+            hit = (rows.index_select(0, picks[j]) == out) & ~taken
+            grad_rows.index_add_(0, picks[j], torch.where(hit, grad, zero))
+            taken |= hit
+        return grad_rows, None
 
 
 def max_relative_dense(x: torch.Tensor, mask: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -139,11 +179,13 @@ def _first_hit(bits: torch.Tensor) -> torch.Tensor:
     return bits.to(torch.uint8).argmax(dim=-1)
 
 
-def _masked_key_max(keys: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _masked_key_max(keys: torch.Tensor, mask: torch.Tensor,
+                    order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Body of ``gcn_lib::masked_key_max``: see `masked_key_max`."""
     b, c, m = keys.shape
     n = mask.shape[1]
-    order = keys.argsort(dim=-1, descending=True, stable=True)
+    if order is None:
+        order = keys.argsort(dim=-1, descending=True, stable=True)
     has_neighbour = mask.any(dim=-1)
     density = int(mask.count_nonzero()) / max(1, mask.numel())
     t = m if density == 0 else min(m, max(1, math.ceil(_RANKED_HITS / density)))
@@ -170,7 +212,8 @@ def _masked_key_max(keys: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tenso
     return values, torch.where(has, arg, -1)
 
 
-def _masked_key_max_shapes(keys: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _masked_key_max_shapes(keys: torch.Tensor, mask: torch.Tensor,
+                           order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fake implementation of ``gcn_lib::masked_key_max`` for tracing."""
     b, c, _ = keys.shape
     n = mask.shape[1]
@@ -187,7 +230,7 @@ def _masked_key_max_backward(ctx, grad_values: torch.Tensor, grad_arg: torch.Ten
     b, c, _ = arg.shape
     routed = torch.where(arg >= 0, grad_values, torch.zeros_like(grad_values))
     grad_keys = grad_values.new_zeros(b, c, ctx.num_keys).scatter_add_(2, arg.clamp_min(0), routed)
-    return grad_keys, None
+    return grad_keys, None, None
 
 
 # An opaque operator with a fake implementation and a registered backward: torch.compile traces a call to
@@ -198,6 +241,8 @@ masked_key_max.__doc__ = """Maximum key of every mask row, per channel, and whic
     Args:
         keys: (B, C, M) features of the keys.
         mask: (B, N, M) bool, ``mask[b, i, j]`` iff key j is a neighbour of centre i.
+        order: optional (B, C, M) int64, ``keys.argsort(dim=-1, descending=True, stable=True)`` computed once
+            by a caller that passes the mask in blocks of centres (default: sorted here).
 
     Returns:
         values (B, C, N): ``max_{j: mask[b, i, j]} keys[b, c, j]``, 0 for a row without neighbours;

@@ -23,8 +23,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .aggregate import (gather_neighbours, max_relative_dense, max_relative_gather, max_relative_ranked,
-                        max_relative_scatter)
+from .aggregate import (gather_neighbours, masked_key_max, max_relative_dense, max_relative_gather,
+                        max_relative_ranked, max_relative_scatter)
+from .graph import ThresholdRows
 from .layers import BasicConv, interleave_channels
 from .shapes import shape_str
 from .sparse import mask_to_edge_index
@@ -97,6 +98,43 @@ class MRConv2d(nn.Module):
     def forward(self, x: torch.Tensor, graph: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return self.nn(interleave_channels(x, self.aggregate(x, graph, y)))
 
+    def aggregate_rows(self, x: torch.Tensor, rows: ThresholdRows, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The relative features m (B, C, N, 1) over a threshold graph given block by block (`ThresholdRows`).
+
+        Each block's mask rows (B, R, M) are consumed at once: by ranked keys (`masked_key_max`, the keys sorted
+        once for all blocks) at or above `SCATTER_BELOW_DENSITY` and under torch.compile, else over the block's
+        edges with ``scatter_reduce``. Same values as `aggregate` on the whole mask; memory linear in N.
+        """
+        b, c, n, _ = x.shape
+        keys = (x if y is None else y).reshape(b, c, -1)
+        nodes = x.reshape(b, c, n)
+        compiling = torch.compiler.is_compiling()
+        order: torch.Tensor | None = None
+        blocks: list[torch.Tensor] = []
+        for start in range(0, n, rows.step):
+            stop = min(n, start + rows.step)
+            mask = rows.rows(start, stop)
+            centres = nodes[:, :, start:stop]
+            if compiling or mask.count_nonzero() >= self.scatter_below_density * mask.numel():
+                if order is None:
+                    order = keys.detach().argsort(dim=-1, descending=True, stable=True)
+                values, _ = masked_key_max(keys, mask, order)
+                has_neighbour = mask.any(dim=-1).unsqueeze(1)
+                blocks.append(torch.where(has_neighbour, values - centres, torch.zeros_like(centres)))
+            else:
+                image, centre, key = mask.nonzero(as_tuple=True)
+                messages = keys.transpose(1, 2)[image, key] - centres.transpose(1, 2)[image, centre]
+                target = (image * (stop - start) + centre).view(-1, 1).expand(-1, c)
+                out = centres.new_zeros(b * (stop - start), c).scatter_reduce(
+                    0, target, messages, reduce="amax", include_self=False)
+                blocks.append(out.view(b, stop - start, c).transpose(1, 2))
+        relative = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
+        return relative.unsqueeze(-1)
+
+    def forward_rows(self, x: torch.Tensor, rows: ThresholdRows, y: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward` over a threshold graph given block by block (`ThresholdRows`)."""
+        return self.nn(interleave_channels(x, self.aggregate_rows(x, rows, y)))
+
 
 class EdgeConv2d(nn.Module):
     """EdgeConv (DGCNN): (B, C, N, 1) -> (B, C_out, N, 1); neighbour indices only."""
@@ -151,6 +189,16 @@ class GINConv2d(nn.Module):
             x_sum = torch.bmm(keys.reshape(b, c, m), graph.transpose(1, 2).to(x.dtype)).unsqueeze(-1)
         else:
             raise _unsupported("gin", form, "neighbour indices (B, N, k) or a bool mask (B, N, M)")
+        return self.nn((1 + self.eps) * x + x_sum)
+
+    def forward_rows(self, x: torch.Tensor, rows: ThresholdRows, y: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward` over a threshold graph given block by block (`ThresholdRows`): memory linear in N."""
+        keys = x if y is None else y
+        b, c, m, _ = keys.shape
+        flat = keys.reshape(b, c, m)
+        sums = [torch.bmm(flat, rows.rows(start, min(rows.n, start + rows.step)).transpose(1, 2).to(x.dtype))
+                for start in range(0, rows.n, rows.step)]
+        x_sum = (sums[0] if len(sums) == 1 else torch.cat(sums, dim=2)).unsqueeze(-1)
         return self.nn((1 + self.eps) * x + x_sum)
 
 

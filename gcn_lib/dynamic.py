@@ -9,7 +9,7 @@ from torch import nn
 
 from . import kernels
 from .conv import CONVS, MASK_CONVS, graph_conv
-from .graph import check_threshold, dense_knn, reduced_keys, threshold_mask
+from .graph import ThresholdRows, check_threshold, dense_knn, reduced_keys, relative_rows, threshold_mask
 from .layers import interleave_channels
 from .shapes import shape_str
 
@@ -112,15 +112,18 @@ class DynConv2d(nn.Module):
                     relative_pos: torch.Tensor | None = None) -> torch.Tensor:
         """The graph for (B, C, H, W) features and optional keys y (B, C, H', W') (M = H' W' nodes, default
         x): indices (B, N, k) for kNN, a mask (B, N, M) for threshold; ``relative_pos`` (1, N, M) is added to
-        the distance by both."""
+        the distance by both (a (1, N', M') table of another size is resized bicubically to (N, M) first)."""
         threshold = self.threshold
         # threshold is set whenever the graph is (checked at init); for a kNN layer TorchScript drops the branch
-        if self.graph == "threshold" and threshold is not None:
-            return threshold_mask(x, threshold, y=y, relative_pos=relative_pos)
         num_keys = (x if y is None else y).shape[-2] * (x if y is None else y).shape[-1]
+        if self.graph == "threshold" and threshold is not None:
+            num_nodes = x.shape[-2] * x.shape[-1]
+            if relative_pos is not None and (relative_pos.shape[-2] != num_nodes or relative_pos.shape[-1] != num_keys):
+                relative_pos = relative_rows(relative_pos, num_nodes, num_keys, 0, num_nodes)
+            return threshold_mask(x, threshold, y=y, relative_pos=relative_pos)
         k, dilation = capped_knn(self.k, self.dilation, num_keys)
         return dense_knn(x, k, dilation, y=y, relative_pos=relative_pos,
-                         stochastic=self.stochastic and self.training, epsilon=self.epsilon)
+                         stochastic=self.stochastic and self.training, epsilon=self.epsilon, resize_table=True)
 
     def forward(self, x: torch.Tensor, relative_pos: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 4:
@@ -131,11 +134,25 @@ class DynConv2d(nn.Module):
                 nodes = x.reshape(b, c, -1, 1)
                 relative = kernels.threshold_max_relative(nodes, self.threshold)
                 return self.gconv.nn(interleave_channels(nodes, relative)).reshape(b, -1, h, w)
+            if self.graph == "threshold" and self.threshold is not None and self._blocked_threshold():
+                # the threshold mask in blocks of centres, never whole (B, N, M)
+                y = reduced_keys(x, self.r)
+                rows = ThresholdRows(x, self.threshold, y=y, relative_pos=relative_pos, resize_table=True)
+                nodes = x.reshape(b, c, -1, 1)
+                keys = None if y is None else y.reshape(b, c, -1, 1)
+                return self.gconv.forward_rows(nodes, rows, keys).reshape(b, -1, h, w)
         y = reduced_keys(x, self.r)
         graph = self.build_graph(x, y, relative_pos)
         nodes = x.reshape(b, c, -1, 1)
         keys = None if y is None else y.reshape(b, c, -1, 1)
         return self.gconv(nodes, graph, keys).reshape(b, -1, h, w)
+
+    @torch.jit.unused
+    def _blocked_threshold(self) -> bool:
+        """Whether the threshold graph is consumed block by block of centres (memory linear in N). The whole
+        (B, N, M) mask is built instead under torch.export (its program converts to ONNX), in TorchScript, and
+        when hooks on ``gconv`` expect to see the graph tensor (`vig.tools.export.WithGraphs`)."""
+        return not (torch.compiler.is_exporting() or self.gconv._forward_pre_hooks or self.gconv._forward_hooks)
 
     def extra_repr(self) -> str:
         if self.graph == "threshold":

@@ -50,7 +50,7 @@ def _random_image(size: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(pixels, mode="RGB")
 
 
-@pytest.mark.parametrize("argv", [["--model", "cnn_gat_cifar"], ["--model", "vig_ti_224_gelu", "--img-size", "32"]],
+@pytest.mark.parametrize("argv", [["--model", "cnn_gat_cifar"], ["--model", "vig_ti_224_gelu", "--img-size", "32", "--allow-small-graph"]],
                          ids=["cifar-model", "vig-at-32"])
 def test_32px_inputs_train_with_padded_crop_and_flip_then_the_usual_flags(argv: list[str]) -> None:
     steps, eval_steps = _transforms([*argv, "--aa", "rand-n2-m9", "--reprob", "0.1"])

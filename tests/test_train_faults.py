@@ -27,7 +27,7 @@ from tests.train_helpers import REPO_ROOT, child_env, make_image_folder
 from vig.errors import RunError
 from vig.trainer.saver import CheckpointSaver, append_summary, write_args_yaml
 
-TINY = ["--model", "vig_ti_224_gelu", "--img-size", "32", "--warmup-epochs", "0", "--lr", "1e-3", "-b", "8"]
+TINY = ["--model", "vig_ti_224_gelu", "--img-size", "32", "--allow-small-graph", "--warmup-epochs", "0", "--lr", "1e-3", "-b", "8"]
 
 pytestmark = pytest.mark.usefixtures("fast_in_process_runs")
 

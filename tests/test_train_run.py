@@ -55,7 +55,7 @@ def _summary(folder: Path) -> list[dict[str, str]]:
 
 def test_resume_continues_epochs_optimizer_scheduler_and_ema(tmp_path: Path) -> None:
     data = make_image_folder(tmp_path / "data", {"train": {"a": 4, "b": 4}, "val": {"a": 2, "b": 2}})
-    common = [str(data), "--model", "vig_ti_224_gelu", "--img-size", "32", "--epochs", "2", "--warmup-epochs", "0",
+    common = [str(data), "--model", "vig_ti_224_gelu", "--img-size", "32", "--allow-small-graph", "--epochs", "2", "--warmup-epochs", "0",
               "--lr", "1e-3", "-b", "4", "-j", "0", "--model-ema", "--model-ema-decay", "0.9",
               "--output", str(tmp_path / "out"), "--checkpoint-hist", "2"]
     assert train.main([*common, "--experiment", "full"]) == 0

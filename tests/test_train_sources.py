@@ -21,7 +21,7 @@ from vig.tools import make_shards
 
 IMAGES = 200  # per split
 SHARD_SIZE = 50  # 4 shards per split: 2 ranks x 2 workers, 50 images each, 2 batches of 25
-BASE = ["--model", "vig_ti_224_gelu", "--img-size", "32", "-b", "25", "-j", "2", "--epochs", "1",
+BASE = ["--model", "vig_ti_224_gelu", "--img-size", "32", "--allow-small-graph", "-b", "25", "-j", "2", "--epochs", "1",
         "--warmup-epochs", "0", "--log-interval", "100", "--experiment", "run"]
 
 
@@ -172,6 +172,7 @@ def corrupt_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("skip", [False, True])
 def test_wds_corrupt_sample_stops_or_is_skipped(tmp_path: Path, corrupt_shards: Path, skip: bool) -> None:
     flags = [str(corrupt_shards), "--dataset", "wds/cifar", "--model", "vig_ti_224_gelu", "--img-size", "32",
+             "--allow-small-graph",
              "-b", "10", "-j", "1", "--epochs", "1", "--warmup-epochs", "0", "--output", str(tmp_path),
              "--experiment", "run", *(["--skip-corrupt"] if skip else [])]
     result = run_train(flags)

@@ -85,9 +85,28 @@ def _refused_global(message: str) -> str | None:
     return found.group(1) if found else None
 
 
+# sentences of torch's messages that give advice rather than a cause (some suggest weights_only=False)
+_ADVICE = re.compile(r"If you are seeing this error|weights_only|Re-running torch\.load|Please file an issue|"
+                     r"Check the documentation|In PyTorch 2\.6|You can use|Do it only if|WeightsUnpickler error",
+                     re.IGNORECASE)
+
+
+def whole_reason(text: object, limit: int = 200) -> str:
+    """An exception's message as whole sentences on one line: torch's advice dropped, then as many whole
+    sentences as fit in ``limit`` characters (the first one always, however long); never cut mid-sentence."""
+    sentences = [sentence for sentence in re.split(r"(?<=[.!?])\s+", _one_line(str(text)))
+                 if sentence and not _ADVICE.search(sentence)]
+    kept: list[str] = []
+    for sentence in sentences:
+        if kept and len(" ".join([*kept, sentence])) > limit:
+            break
+        kept.append(sentence)
+    return " ".join(kept).rstrip(".") or "no reason given"
+
+
 def _first_sentence(reason: str) -> str:
     """The unpickler's reason without torch's advice that follows it (which may suggest weights_only=False)."""
-    return re.split(r"(?<=[.!?])\s", reason.strip(), maxsplit=1)[0].rstrip(".")[:200]
+    return whole_reason(re.split(r"(?<=[.!?])\s", reason.strip(), maxsplit=1)[0])
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -116,12 +135,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             raise CheckpointError(
                 f"{name}: not a PyTorch checkpoint that loads safely (weights-only unpickler: "
                 f"{_first_sentence(rejected.group(1))}); only torch.save files of tensors and plain data are "
-                "loaded, and no file is ever unpickled with weights_only=False"
+                "loaded, and no file is ever unpickled in a way that could run code in it"
             ) from None
-        raise CheckpointError(f"{name}: not a readable PyTorch checkpoint ({_one_line(error)[:200]})") from None
+        raise CheckpointError(f"{name}: not a readable PyTorch checkpoint ({whole_reason(error)})") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, TypeError,
             AttributeError, KeyError, IndexError) as error:
-        detail = f"{type(error).__name__}: {_one_line(error)[:160]}"
+        detail = f"{type(error).__name__}: {whole_reason(error, limit=160)}"
         raise CheckpointError(f"{name}: not a readable PyTorch checkpoint, truncated or corrupt ({detail})") from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{name}: holds a {type(checkpoint).__name__}, not a checkpoint dict or state dict")

@@ -165,6 +165,9 @@ class VisionGNN(VisionGNNBase):
             raise ValueError(f"channels must be a positive multiple of 8 and depth >= 1, got {channels}, {depth}")
         super().__init__(num_classes, in_chans, channels, img_size, stem_stride, start_thresh, dec, global_pool)
         self.grid_size = stem_grid(img_size, stem_stride)
+        if self.grid_size[0] * self.grid_size[1] == 1:
+            raise ValueError(f"img_size {img_size} gives a single graph node at stem stride {stem_stride} (a graph "
+                             f"without edges between nodes); use {stem_stride + 1} px or more")
 
         self.stem = Stem(in_chans, channels, act, stem_stride)
         self.pos_embed = nn.Parameter(torch.zeros(1, channels, *self.grid_size))

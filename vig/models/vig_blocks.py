@@ -195,10 +195,15 @@ class Grapher(nn.Module):
             return relative_pos
         return resize_relative_pos(relative_pos, num_nodes, num_keys)
 
+    def graph_relative_pos(self) -> torch.Tensor | None:
+        """The stored term as the graph takes it: the graph resizes it block by block of centres to the map it
+        meets (`gcn_lib.graph.relative_rows`), so that no (N, M) copy is made at another input size."""
+        return self.relative_pos
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
         x = self.fc1(x)
-        x = self.graph_conv(x, self.relative_pos_for(x.shape[-2], x.shape[-1]))
+        x = self.graph_conv(x, self.graph_relative_pos())
         return self.drop_path(self.fc2(x)) + shortcut
 
 

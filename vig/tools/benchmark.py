@@ -230,6 +230,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag in ("batch_size", "infer_batch_size", "iters"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:N, ...)")
     return args
 
 

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from timm.utils import ParseKwargs
 from torch import nn
 
 from gcn_lib import DynConv2d
@@ -28,6 +27,7 @@ from vig.checkpoint import ModelSettings, load_checkpoint
 from vig.console import OneLineErrorParser, fail, require_model
 from vig.errors import UsageError
 from vig.models.factory import create_model
+from vig.trainer.cli import _parse_model_kwargs
 
 PROG = "vig-export"
 
@@ -139,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=1, help="batch size of the exported input (default 1)")
     parser.add_argument("--checkpoint", default=None, help="weights to load (default: random initial weights)")
     parser.add_argument("--model-ema", action="store_true", help="load the checkpoint's EMA weights")
-    parser.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs,
+    parser.add_argument("--model-kwargs", nargs="*", default=[],
                         help="timm.create_model keyword arguments, e.g. num_classes=10 depth=2")
     parser.add_argument("--with-graphs", action="store_true",
                         help="the file also outputs every DynConv2d block's graph; ONNX Runtime's are compared")
@@ -150,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
+        args.model_kwargs = _parse_model_kwargs(args.model_kwargs)
         require_model(args.model)
         if args.batch_size < 1 or (args.img_size is not None and args.img_size < 1):
             raise UsageError("--batch-size and --img-size must be positive")

@@ -24,8 +24,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("summaries", nargs="+", type=Path, metavar="SUMMARY_CSV",
                         help="summary.csv files or run folders holding one; each run is named after its folder")
     parser.add_argument("--out", type=Path, required=True, help="PNG file to write")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         plot_runs([path / SUMMARY_NAME if path.is_dir() else path for path in args.summaries], args.out)
     except (ValueError, OSError) as error:
         return fail(PROG, error)

@@ -27,6 +27,7 @@ _LOGGER = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "vig_ti_224_gelu"
 DEFAULT_LR = 1e-3
+DEFAULT_MAX_CONSECUTIVE_SKIPS = 5
 KWARGS_FLAGS = ("model_kwargs", "kd_model_kwargs")  # K=V flags, parsed into a dict of Python literals
 # keys that configs written by earlier versions hold, of flags since removed: accepted with the value that did
 # nothing, refused with any other
@@ -133,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="SViG: similarity threshold of the first block, in (0, 1); omit for kNN ViG")
     model.add_argument("--dec", type=float, default=None, help="SViG: threshold decrement per block (>= 0)")
     model.add_argument("--channels-last", action="store_true", help="channels-last memory layout")
+    model.add_argument("--allow-small-graph", action="store_true",
+                       help="train at an --img-size whose first graph layer has fewer nodes than its k (refused "
+                            "by default, naming the smallest size that works)")
     model.add_argument("--grad-checkpointing", action="store_true",
                        help="recompute block activations in the backward pass (less memory, more compute)")
     model.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
@@ -249,7 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=42,
                      help="random seed; each epoch and rank reseeds from (seed, epoch, rank)")
     run.add_argument("--skip-nonfinite", action="store_true",
-                     help="skip a training step whose loss is NaN / infinite and count it (default: stop)")
+                     help="skip a training step whose loss is NaN / infinite, or whose update makes a weight so, "
+                          "and count it: the step leaves no trace (weights, BatchNorm statistics, optimizer, EMA); "
+                          "costs a copy of weights and optimizer state per step (default: stop)")
+    run.add_argument("--max-consecutive-skips", type=int, default=None, metavar="N",
+                     help=f"with --skip-nonfinite: stop the run after N steps skipped in a row "
+                          f"(default {DEFAULT_MAX_CONSECUTIVE_SKIPS})")
     run.add_argument("--log-interval", type=int, default=50, help="batches between log lines")
     run.add_argument("--val-interval", type=int, default=1, metavar="N",
                      help="validate and save checkpoints every N epochs (and after the last)")
@@ -270,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint-hist", type=int, default=10, help="number of best epoch checkpoints kept")
     run.add_argument("--output", default="", metavar="DIR", help="output root (default ./output/train)")
     run.add_argument("--experiment", default="", help="run folder name under --output (default: dated)")
+    run.add_argument("--break-lock", action="store_true",
+                     help="take the run folder over even when its lock (.run.lock) names a run that may be alive "
+                          "(another host's, which cannot be checked from here); logged")
     run.add_argument("--evaluate", action="store_true", help="only evaluate --pretrain_path on the val split")
     run.add_argument("--results-file", default=None, metavar="PATH",
                      help="--evaluate: also write the result to PATH, CSV for a .csv name, else JSON")

@@ -206,6 +206,7 @@ class ModelSection:
     start_thresh: float | None = None
     dec: float | None = None
     channels_last: bool = False
+    allow_small_graph: bool = False  # train at an --img-size whose first graph has fewer nodes than its k
     grad_checkpointing: bool = False
     torchcompile: str | None = None
     model_ema: bool = False
@@ -329,6 +330,7 @@ class LoopSection:
     amp_dtype: str | None = None
     seed: int = 42
     skip_nonfinite: bool = False
+    max_consecutive_skips: int | None = None  # None: cli.DEFAULT_MAX_CONSECUTIVE_SKIPS
     log_interval: int = 50
     val_interval: int = 1
     eval_metric: str = "top1"
@@ -342,6 +344,11 @@ class LoopSection:
     def __post_init__(self) -> None:
         _require(self.val_interval > 0, f"--val-interval must be positive, got {self.val_interval}")
         _require(self.log_interval > 0, f"--log-interval must be positive, got {self.log_interval}")
+        if self.max_consecutive_skips is not None:
+            _require(self.skip_nonfinite, "--max-consecutive-skips needs --skip-nonfinite (without it the first "
+                     "non-finite loss stops the run)")
+            _require(self.max_consecutive_skips > 0,
+                     f"--max-consecutive-skips must be positive, got {self.max_consecutive_skips}")
         _require(self.start_epoch is None or self.start_epoch >= 0,
                  f"--start-epoch must be >= 0, got {self.start_epoch}")
         if isinstance(self.tta, bool):
@@ -365,6 +372,7 @@ class RunFolderSection:
     output: str = ""
     experiment: str = ""
     checkpoint_hist: int = 10
+    break_lock: bool = False  # take the folder's lock over whoever holds it (vig.trainer.run_lock)
 
     def __post_init__(self) -> None:
         _require(self.checkpoint_hist > 0, f"--checkpoint-hist must be positive, got {self.checkpoint_hist}")

@@ -261,6 +261,26 @@ def _folder_classes(dataset: Dataset) -> dict[str, int]:
     return dict(dataset.reader.class_to_idx)
 
 
+def empty_class_folders(data: DataSection, classes: list[str]) -> str | None:
+    """One warning line naming the class folders of an ImageFolder tree that hold no image in either split (the
+    reader drops them, as timm's and torchvision's do, so the class count leaves them out); None when there are
+    none or the source is not a folder tree. A folder empty in one split only is a class-list difference
+    (`require_same_classes`)."""
+    if dataset_kind(data) != "folder":
+        return None
+    known = set(classes)
+    empty: list[str] = []
+    for split in (data.train_split, data.val_split):
+        folder = find_split_folder(data.data_dir, split)
+        empty += [str(entry.path) for entry in sorted(os.scandir(folder), key=lambda entry: entry.name)
+                  if entry.is_dir() and not entry.name.startswith(".") and entry.name not in known]
+    if not empty:
+        return None
+    shown = ", ".join(empty[:4]) + (f" and {len(empty) - 4} more" if len(empty) > 4 else "")
+    return (f"class folder(s) without images dropped: {shown}; the model gets {len(classes)} classes (timm and "
+            "torchvision drop empty class folders too)")
+
+
 def build_dataset(data: DataSection, split: str, is_training: bool, seed: int = 0) -> tuple[Dataset, list[str]]:
     """One split of the selected source, without transform, and its class names (index order); ``seed``
     shuffles a wds/ stream's shards (--seed)."""

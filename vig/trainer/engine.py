@@ -40,7 +40,8 @@ from tqdm import tqdm
 from vig.errors import RunError
 from vig.models.training_api import EDGE_LOSS, ExtraLosses
 from vig.trainer.distributed import DistributedContext, all_reduce_sum
-from vig.trainer.faults import fault_point
+from vig.trainer.faults import fault_active, fault_point
+from vig.trainer.step_guard import StepGuard
 from vig.tta import predict_flip_tta
 
 _LOGGER = logging.getLogger(__name__)
@@ -150,6 +151,7 @@ class TrainStats:
     edge_loss: float | None = None
     stopped_at: int = 0
     local_sums: tuple[float, float, int, int] = (0.0, 0.0, 0, 0)
+    skip_streak: int = 0
 
 
 def _to_device(images: torch.Tensor, targets: torch.Tensor, device: torch.device,
@@ -228,6 +230,8 @@ def train_one_epoch(
     ema_source: nn.Module | None = None,
     resume_at: tuple[int, tuple[float, float, int, int], Callable[[], None]] | None = None,
     should_stop: Callable[[int], bool] | None = None,
+    skip_streak: int = 0,
+    max_consecutive_skips: int = 5,
 ) -> TrainStats:
     """One pass over this rank's shard. Images (B, 3, H, W), targets (B,) class indices; a PrefetchLoader
     (`vig.trainer.data.prefetch_to_device`) delivers them normalised on the device already.
@@ -237,8 +241,12 @@ def train_one_epoch(
     bad step, at the next log step (every `log_interval`-th and the last): after the bad update and at
     most ``log_interval - 1`` more, and always before this function returns, so its caller never saves
     them. With `skip_nonfinite` the flag is reduced and read at every step instead, and a bad step is
-    skipped on every rank (no update, no EMA / schedule step, and the running statistics of its norm
-    layers are put back as they were before its forward) and counted in `TrainStats.skipped_steps`.
+    skipped on every rank and counted in `TrainStats.skipped_steps`: a step whose loss is not finite, or
+    whose update leaves a parameter that is not finite, leaves no trace (`vig.trainer.step_guard`:
+    parameters, buffers such as the BatchNorm running statistics, optimizer and scaler state are put back
+    as before the step; no EMA or schedule step). `skip_streak` steps skipped in a row before this epoch
+    (`TrainStats.skip_streak` after it) reaching `max_consecutive_skips` stops the run (`RunError`, one
+    line with epoch and step).
     The progress line shows the epoch's mean loss so far over all ranks.
 
     Gradient accumulation (`grad_accum_steps` N > 1, timm's ``--grad-accum-steps``): the batches form
@@ -275,8 +283,7 @@ def train_one_epoch(
     extra_loss_model = unwrap_model(model)
     if edge_loss_weight is not None and not isinstance(extra_loss_model, ExtraLosses):
         raise TypeError(f"edge_loss_weight needs a model with extra loss terms, got {type(extra_loss_model).__name__}")
-    norm_buffers = [buffer for module in unwrap_model(model).modules()
-                    if isinstance(module, nn.modules.batchnorm._NormBase) for buffer in module.buffers(recurse=False)]
+    guard = StepGuard(unwrap_model(model), optimizer, precision.scaler) if skip_nonfinite else None
     progress = EpochProgress(f"train {epoch}", len(loader), ctx.is_primary, log_interval)
     loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
     edge_loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
@@ -314,8 +321,8 @@ def train_one_epoch(
         in_group += 1
         last_in_group = in_group == group_size
         if in_group == 1:
-            # the forwards of a group that will be skipped must not leave their statistics in the norm layers
-            kept_buffers = [buffer.clone() for buffer in norm_buffers] if skip_nonfinite else []
+            if guard is not None:  # a group that will be skipped must leave no trace, its forwards' included
+                guard.save()
             optimizer.zero_grad(set_to_none=True)
         if group_bad:
             skipped_steps += 1
@@ -336,13 +343,13 @@ def train_one_epoch(
                 if edge_loss_weight is not None:
                     edge_loss = extra_loss_model.extra_losses(extras, targets, smoothing)[EDGE_LOSS]
                     loss = loss + edge_loss_weight * edge_loss
+                if fault_active("nan-loss", epoch, step, ctx.rank):  # test-only (vig.trainer.faults)
+                    loss = loss * float("nan")
                 non_finite = ~torch.isfinite(loss.detach())
                 if skip_nonfinite and all_reduce_sum(non_finite.double(), ctx).item() > 0:
                     group_bad = True
                     skipped_steps += in_group
-                    with torch.no_grad():
-                        for buffer, kept in zip(norm_buffers, kept_buffers):
-                            buffer.copy_(kept)
+                    guard.restore()
                     if ctx.is_primary:
                         _LOGGER.warning("epoch %d, step %d: non-finite loss, %s skipped (%d steps this epoch)",
                                         epoch, step, "step" if group_size == 1 else
@@ -367,6 +374,15 @@ def train_one_epoch(
                     if clip_grad is not None:
                         dispatch_clip_grad(model.parameters(), clip_grad, mode=clip_mode)
                     optimizer.step()
+                if guard is not None and not guard.weights_finite(ctx):
+                    guard.restore()
+                    group_bad = True
+                    skipped_steps += group_size
+                    if ctx.is_primary:
+                        _LOGGER.warning("epoch %d, step %d: the update made weights non-finite, %s skipped (%d steps "
+                                        "this epoch)", epoch, step, "step" if group_size == 1 else
+                                        f"accumulation group of {group_size} steps", skipped_steps)
+            if last_in_group and not group_bad:
                 num_updates += 1
                 if model_ema is not None:
                     model_ema.update(unwrapped, step=num_updates)
@@ -376,6 +392,13 @@ def train_one_epoch(
                 edge_loss_sum += group_edge_loss
                 images_seen += group_images
         if last_in_group:
+            if guard is not None:
+                skip_streak = skip_streak + group_size if group_bad else 0
+                if skip_streak >= max_consecutive_skips:
+                    raise RunError(f"--skip-nonfinite: {skip_streak} steps skipped in a row (non-finite loss or "
+                                   f"weights), stopped at epoch {epoch}, step {step} of {len(loader)}; the "
+                                   f"checkpoints keep the last finished epoch (lower --lr or use --clip-grad; "
+                                   f"--max-consecutive-skips {max_consecutive_skips})")
             if group_bad:
                 optimizer.zero_grad(set_to_none=True)
             group_index, in_group, group_bad, group_images = group_index + 1, 0, False, 0
@@ -399,7 +422,7 @@ def train_one_epoch(
                       edge_loss=reading.edge_loss_sum / max(reading.images, 1) if edge_loss_weight is not None
                       else None, stopped_at=stopped_at,
                       local_sums=(float(loss_sum), float(edge_loss_sum), images_seen, skipped_steps) if stopped_at
-                      else (0.0, 0.0, 0, 0))
+                      else (0.0, 0.0, 0, 0), skip_streak=skip_streak)
 
 
 @dataclass

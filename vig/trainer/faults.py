@@ -10,6 +10,10 @@ Points: ``train-step`` (after a training step, STEP 1-based), ``epoch-end`` (epo
 validated, nothing saved), ``after-last`` (last.pth.tar renamed into place), ``after-checkpoint``
 (checkpoint-<epoch> linked), ``after-best`` (model_best linked), ``after-summary`` (summary.csv
 written), ``after-curves`` (curves.png written).
+
+Values: `fault_active(NAME, EPOCH, STEP, RANK)` says whether the variable names a point that changes a value
+instead; ``nan-loss:EPOCH:STEP`` makes that step's training loss NaN on every rank, ``nan-loss:EPOCH:STEP@R``
+on rank R only (``@0+1``: ranks 0 and 1).
 """
 from __future__ import annotations
 
@@ -20,6 +24,19 @@ from pathlib import Path
 
 ENV_POINT = "VIG_FAULT_AT"
 ENV_ACTION = "VIG_FAULT_ACTION"
+
+
+def fault_active(name: str, epoch: int, step: int = 0, rank: int = 0) -> bool:
+    """Whether ``VIG_FAULT_AT`` names this value fault at this epoch, step (and rank, after ``@``)."""
+    spec = os.environ.get(ENV_POINT)
+    if not spec:
+        return False
+    point = f"{name}:{epoch}" + (f":{step}" if step else "")
+    for item in spec.split(","):
+        where, _, ranks = item.partition("@")
+        if where == point and (not ranks or str(rank) in ranks.split("+")):
+            return True
+    return False
 
 
 def fault_point(name: str, epoch: int, step: int = 0) -> None:

@@ -32,19 +32,19 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from vig.checkpoint import (CheckpointError, classifier_outputs, extract_state_dict, load_state_dict_into,
-                            read_checkpoint, recorded_settings)
+                            read_checkpoint, recorded_settings, whole_reason)
 from vig.complexity import count_macs, count_parameters
 from vig.console import require_model
 from vig.errors import RunError, UsageError, WeightsUnavailableError
 from vig.graph_info import describe_graph
 from vig.models.factory import create_model
 from vig.models.training_api import EDGE_LOSS, BatchDependent, ExtraLosses
-from vig.trainer.cli import DEFAULT_LR, DEFAULT_MODEL, merge_flag_settings
+from vig.trainer.cli import DEFAULT_LR, DEFAULT_MAX_CONSECUTIVE_SKIPS, DEFAULT_MODEL, merge_flag_settings
 from vig.trainer.config import (AugmentSection, DataSection, ModelSection, OptimSection, RunFolderSection,
                                 TrainConfig)
 from vig.trainer.curves import write_curves
 from vig.trainer.data import (ShardedEvalSampler, StreamShard, build_dataset, build_loader, device_normalizes,
-                              eval_shard, eval_transform, is_cifar_input,
+                              empty_class_folders, eval_shard, eval_transform, is_cifar_input,
                               prefetch_to_device, require_same_classes, resolve_preprocessing, take_corrupt_count,
                               train_sampler, train_transform)
 from vig.trainer.distributed import (DistributedContext, all_gather_objects, all_reduce_sum, broadcast_object,
@@ -55,9 +55,11 @@ from vig.trainer.engine import (EvalStats, TrainStats, accumulation_groups, reso
                                 validate)
 from vig.trainer.explog import ExperimentLoggers
 from vig.trainer.faults import fault_point
+from vig.trainer.graph_size import require_graph_size, section_builder
 from vig.trainer.results import write_results
 from vig.trainer.resume import (auto_resume_file, capture_generators, remove_interrupted, restore_generators,
                                 write_interrupted)
+from vig.trainer.run_lock import release_run_lock, take_run_lock
 from vig.trainer.saver import (CURVES_NAME, LAST_NAME, SUMMARY_NAME, CheckpointSaver, append_summary,
                                prepare_output_dir, repair_summary, require_fresh_or_resumable, run_folder_name,
                                write_args_yaml)
@@ -387,24 +389,27 @@ def _output_folder(run_folder: RunFolderSection, model: ModelSection, resume: st
     """Primary rank creates output/experiment (without --experiment: a dated name with the model and its input
     size, --img-size or the model's configured one) and shares it, or the error.
 
-    A folder that already holds another run's files is refused unless the run resumes (see
-    `vig.trainer.saver.require_fresh_or_resumable`): two runs never mix their checkpoints and summaries.
+    The primary rank takes the folder's lock (`vig.trainer.run_lock`) before anything is written there: a
+    folder that another live run holds is refused. A folder that already holds another run's files is
+    refused unless the run resumes (see `vig.trainer.saver.require_fresh_or_resumable`): two runs never mix
+    their checkpoints and summaries.
     """
     folder: str | None = None
-    error: str | None = None
+    error: tuple[bool, str] | None = None  # (a usage mistake, the message)
     if ctx.is_primary:
         try:
             pretrained_cfg = get_pretrained_cfg(model.model)
             img_size = model.img_size or (pretrained_cfg.input_size[-1] if pretrained_cfg is not None else 0)
             name = run_folder.experiment or run_folder_name(model.model, img_size)
             path = prepare_output_dir(run_folder.output, name)
+            take_run_lock(path, break_lock=run_folder.break_lock)  # before this run writes anything there
             require_fresh_or_resumable(path, resume)
             folder = str(path)
-        except UsageError as err:
-            error = str(err)
+        except (UsageError, RunError) as err:  # RunError: a full disk
+            error = (isinstance(err, UsageError), str(err))
     folder, error = broadcast_object((folder, error), ctx)
     if error is not None:
-        raise UsageError(error)
+        raise UsageError(error[1]) if error[0] else RunError(error[1])
     return Path(folder)
 
 
@@ -454,7 +459,7 @@ def _restore_training_state(path: str, state: dict[str, Any], model: nn.Module, 
             optimizer.load_state_dict(state["optimizer"])
     except (ValueError, KeyError, TypeError) as err:
         raise UsageError(f"--resume: {path}: optimizer state does not fit this run's --opt and parameter groups "
-                         f"({' '.join(str(err).split())[:160]}); add --no-resume-opt to load weights only") from None
+                         f"({whole_reason(err, limit=160)}); add --no-resume-opt to load weights only") from None
     if state.get("scheduler") is not None:
         load_scheduler_state(scheduler, state["scheduler"])
     if scaler is not None and state.get(scaler.state_dict_key) is not None:
@@ -490,6 +495,7 @@ class TrainingRun:
     updates_per_epoch: int = 0
     loggers: ExperimentLoggers | None = None
     position: dict[str, Any] | None = None  # where a signal stopped the start epoch (vig.trainer.resume)
+    skip_streak: int = 0  # steps skipped in a row by --skip-nonfinite, across epochs
 
 
 def set_up_training(config: TrainConfig, ctx: DistributedContext) -> TrainingRun:
@@ -504,11 +510,14 @@ def set_up_training(config: TrainConfig, ctx: DistributedContext) -> TrainingRun
     train_set, classes = build_dataset(data, data.train_split, is_training=True, seed=config.loop.seed)
     val_set, val_classes = build_dataset(data, data.val_split, is_training=False, seed=config.loop.seed)
     require_same_classes(data, classes, val_classes)
+    dropped = empty_class_folders(data, classes) if ctx.is_primary else None
+    if dropped:
+        _LOGGER.warning("%s", dropped)
     num_classes = _num_classes(data, classes)
     require_model(model_section.model)
     # before the model is built: a used folder stops the run first
     folder = _output_folder(config.run_folder, model_section, config.loop.resume, ctx)
-    model = build_model(model_section, num_classes)
+    model = _build_checked_model(model_section, num_classes)
     edge_loss_weight = resolve_edge_loss_weight(augmentation.edge_loss_weight, model_section.model, data.batch_size,
                                                 model)
     if edge_loss_weight is not None and config.distill.kd_model_name:
@@ -573,6 +582,24 @@ def set_up_training(config: TrainConfig, ctx: DistributedContext) -> TrainingRun
                        model_dtype=model_dtype, updates_per_epoch=updates_per_epoch)
 
 
+def _build_checked_model(model_section: ModelSection, num_classes: int) -> nn.Module:
+    """`build_model`, refusing an --img-size at which the first graph has fewer nodes than its k (unless
+    --allow-small-graph; see `vig.trainer.graph_size`)."""
+    pretrained_cfg = get_pretrained_cfg(model_section.model)
+    default_size = pretrained_cfg.input_size[-1] if pretrained_cfg is not None else 0
+    check = bool(model_section.img_size) and not model_section.allow_small_graph and default_size > 0
+    build = section_builder(build_model, model_section, num_classes)
+    try:
+        model = build_model(model_section, num_classes)
+    except UsageError:
+        if check:  # the model refused the size (a single node): name the smallest one that works
+            require_graph_size(None, model_section.img_size, build, default_size)
+        raise
+    if check:
+        require_graph_size(model, model_section.img_size, build, default_size)
+    return model
+
+
 def resume_training(run: TrainingRun, ctx: DistributedContext) -> None:
     """Restore --resume's state into ``run`` and set its start epoch (also from --start-epoch)."""
     config = run.config
@@ -598,7 +625,9 @@ def resume_training(run: TrainingRun, ctx: DistributedContext) -> None:
                             position["epoch"])
         elif isinstance(position, dict):
             run.position = position
-        _LOGGER.info("resumed from %s (epoch %d%s)", resume, state["epoch"],
+        finished = (f"epoch {state['epoch']} finished" if state["epoch"] >= 0
+                    else "stopped in its first epoch, none finished")
+        _LOGGER.info("resumed from %s (%s%s)", resume, finished,
                      f"; continuing epoch {position['epoch']} after step {position['step']}" if run.position else "")
     if config.loop.start_epoch is not None:
         run.start_epoch = config.loop.start_epoch
@@ -678,7 +707,9 @@ def run_epoch(run: TrainingRun, ctx: DistributedContext, epoch: int,
                             grad_accum_steps=config.optimiser.grad_accum_steps, task=run.task,
                             model_dtype=run.model_dtype,
                             ema_source=unwrap_model(run.model), resume_at=resume_at,
-                            should_stop=lambda step: _agreed_stop(ctx) > 0)
+                            should_stop=lambda step: _agreed_stop(ctx) > 0, skip_streak=run.skip_streak,
+                            max_consecutive_skips=config.loop.max_consecutive_skips or DEFAULT_MAX_CONSECUTIVE_SKIPS)
+    run.skip_streak = stats.skip_streak
     if stats.stopped_at:
         raise _stop_in_epoch(run, ctx, epoch, stats)
     shard_images = all_gather_objects(len(run.sampler), ctx)
@@ -763,7 +794,7 @@ def record_epoch(run: TrainingRun, ctx: DistributedContext, epoch: int,
         return
     stats, eval_stats = result.train, result.eval
     if stats.skipped_steps:
-        _LOGGER.warning("epoch %d: skipped %d of %d steps for a non-finite loss (--skip-nonfinite)",
+        _LOGGER.warning("epoch %d: skipped %d of %d steps for a non-finite loss or update (--skip-nonfinite)",
                         epoch, stats.skipped_steps, len(run.train_loader))
     if result.corrupt.sum() > 0:
         _LOGGER.warning("epoch %d: skipped %d corrupt training and %d corrupt validation image reads "
@@ -837,4 +868,5 @@ def run(config: TrainConfig) -> dict[str, Any] | None:
         train(config, ctx)
         return None
     finally:
+        release_run_lock()
         shutdown_distributed()

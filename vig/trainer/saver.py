@@ -16,6 +16,7 @@ leaves interrupted.pth.tar next to them (see `vig.trainer.resume`).
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import logging
 import os
@@ -70,16 +71,33 @@ def _sync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
+def _os_error_of(error: BaseException) -> OSError | None:
+    """The OSError behind ``error``: itself, or one in its chain of causes / contexts. torch.save's zip writer
+    answers a failed write (ENOSPC) with a RuntimeError ("unexpected pos ...") when it is closed, which hides
+    the OSError in its ``__context__``."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Write `path` through `write(handle)` into a temporary sibling file, then rename it into place.
 
     Raises:
-        RunError: the file system refused (full disk, quota, permissions); `path` is unchanged.
+        RunError: the file system refused (full disk, quota, permissions) at any byte; `path` is unchanged
+            (the message says whether there was a previous file) and no temporary file is left.
     """
+    existed = path.exists()
+    kept = f"the previous {path.name} is unchanged" if existed else f"no {path.name} was written"
     try:
         handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
     except OSError as err:
-        raise RunError(f"cannot write {path}: {err.strerror or err}") from None
+        raise RunError(f"cannot write {path}: {err.strerror or err}; {kept}") from None
     try:
         with handle:
             write(handle)
@@ -87,12 +105,12 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
             os.fsync(handle.fileno())
         os.chmod(handle.name, _default_file_mode())
         os.replace(handle.name, path)
-    except OSError as err:
+    except BaseException as err:
         Path(handle.name).unlink(missing_ok=True)
-        raise RunError(f"cannot write {path}: {err.strerror or err}; the previous {path.name} is unchanged") from None
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+        cause = _os_error_of(err) if isinstance(err, Exception) else None
+        if cause is None:
+            raise
+        raise RunError(f"cannot write {path}: {cause.strerror or cause}; {kept}") from None
     _sync_folder(path.parent)
 
 
@@ -133,9 +151,16 @@ def prepare_output_dir(output: str, experiment: str) -> Path:
         probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe", delete=True)
         probe.close()
     except OSError as err:
-        raise UsageError(f"cannot write to output folder {folder}: {err.strerror or err}") from None
+        raise output_folder_error(folder, err) from None
     summary_rows(folder)
     return folder
+
+
+def output_folder_error(folder: Path, err: OSError) -> UsageError | RunError:
+    """The one-line error of an output folder that refused a file: RunError (exit status 1) for a full disk or
+    quota, which is no mistake of the command line; UsageError (2) otherwise (permissions, not a folder)."""
+    message = f"cannot write to output folder {folder}: {err.strerror or err}"
+    return RunError(message) if err.errno in (errno.ENOSPC, errno.EDQUOT) else UsageError(message)
 
 
 def run_files(folder: Path) -> list[str]:
@@ -240,8 +265,9 @@ def repair_summary(folder: Path, last_epoch: int, row: dict[str, Any] | None) ->
 
 
 def write_args_yaml(folder: Path, args: dict[str, Any]) -> None:
-    """args.yaml: every resolved flag (not -c itself nor the launcher's --local-rank), loadable with `-c`."""
-    kept = {key: value for key, value in args.items() if key not in ("config", "local_rank")}
+    """args.yaml: every resolved flag (not -c itself, the launcher's --local-rank nor the one-off --break-lock),
+    loadable with `-c`."""
+    kept = {key: value for key, value in args.items() if key not in ("config", "local_rank", "break_lock")}
     text = yaml.safe_dump(kept, default_flow_style=False, sort_keys=True)
     atomic_write(folder / ARGS_NAME, lambda handle: handle.write(text.encode("utf-8")))
 
