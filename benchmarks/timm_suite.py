@@ -2,8 +2,10 @@
 
     python benchmarks/timm_suite.py [--cache DIR] [--workers N] [--models NAME ...]
 
-Prints each failing case, a count per model and pytest's last line; exits 1 when a case failed. CI runs the
-same suite on one model per model class (``tests/test_timm_suite.py``).
+Our model modules join timm's feature-API module filter, so the forward_intermediates / features_only / prune
+contract tests run too. Prints each problem (a failed case, a skip not in ``tests/timm_plugin/vig_timm_skips.py``,
+an expected test that did not run on a model), a count per model and pytest's last line; exits 1 on any problem.
+CI runs the same suite on one model per model class (``tests/test_timm_suite.py``).
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.timm_suite import SuiteUnavailable, case_model, fetch_timm_tests, run_suite  # noqa: E402
+from tests.timm_plugin.vig_timm_skips import SKIPPED  # noqa: E402
+from tests.timm_suite import SuiteUnavailable, case_model, fetch_timm_tests, problems, run_suite  # noqa: E402
 
 
 def registered_models() -> list[str]:
@@ -48,15 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     outcomes, last_line = run_suite(tests, models, Path(args.cache) / "report.xml", workers=args.workers)
     elapsed = time.perf_counter() - start
     failed = sorted(case for case, outcome in outcomes.items() if outcome == "failed")
-    for case in failed:
-        print(f"FAILED {case}")
+    wrong = problems(outcomes, models, SKIPPED)
+    for problem in wrong:
+        print(f"PROBLEM {problem}")
     per_model = Counter((case_model(case, models), outcome) for case, outcome in outcomes.items())
     for model in models:
         print(f"{model}: {per_model[(model, 'passed')]} passed, {per_model[(model, 'failed')]} failed, "
               f"{per_model[(model, 'skipped')]} skipped")
     print(f"{sum(o == 'passed' for o in outcomes.values())} passed, {len(failed)} failed, "
-          f"{sum(o == 'skipped' for o in outcomes.values())} skipped in {elapsed:.0f} s (pytest: {last_line})")
-    return 1 if failed else 0
+          f"{sum(o == 'skipped' for o in outcomes.values())} skipped, {len(wrong)} problems in "
+          f"{elapsed:.0f} s (pytest: {last_line})")
+    return 1 if wrong else 0
 
 
 if __name__ == "__main__":

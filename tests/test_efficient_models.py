@@ -6,7 +6,8 @@ import pytest
 import timm
 import torch
 
-import vig  # noqa: F401  (registers the models)
+import vig  # (registers the models)
+from vig.checkpoint import checkpoint_filter_fn
 from tests.shared_files import shared_path
 
 PARAMS = {"mobilevig_ti": 5_271_074, "mobilevig_s": 7_276_538, "mobilevig_m": 14_075_786, "mobilevig_b": 26_868_506,
@@ -20,24 +21,44 @@ def test_trainable_parameter_count(name: str) -> None:
     assert all(p.device.type == "meta" for p in model.parameters())
 
 
-def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
-
-
+@pytest.mark.parametrize("loader", ["timm pretrained=True", "vig.load_checkpoint"])
 @pytest.mark.parametrize("name", ["mobilevig_ti", "greedyvig_s"])
-def test_published_fixture_float64(name: str) -> None:
-    state = torch.load(shared_path("fixtures", f"{name}_checkpoint.pth"), map_location="cpu")
+def test_published_fixture_float64(name: str, loader: str) -> None:
+    """The published code's float64 logits and stage maps, exactly (the same operations in the same order), with
+    the published state dict loaded strictly through timm's pretrained path (our checkpoint_filter_fn) or the
+    trainer's loader."""
+    path = shared_path("fixtures", f"{name}_checkpoint.pth")
     reference = torch.load(shared_path("fixtures", f"{name}_reference_outputs.pt"), map_location="cpu")
-    model = timm.create_model(name).double().eval()
-    model.load_state_dict(state, strict=True)
+    if loader == "vig.load_checkpoint":
+        model = timm.create_model(name)
+        vig.load_checkpoint(model, path, strict=True)
+    else:
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    model = model.double().eval()
     x = reference["input"][:2].double()
     with torch.no_grad():
         logits = model(x)
         maps = model.forward_intermediates(x, intermediates_only=True)
-    assert _rel(logits, reference["logits"][:2]) < 1e-6
+    torch.testing.assert_close(logits, reference["logits"][:2], rtol=0, atol=0)
     assert [m.shape[-1] for m in maps] == [56, 28, 14, 7]
     for got, expected in zip(maps, reference["features"]):
-        assert _rel(got, expected[:2]) < 1e-6
+        torch.testing.assert_close(got, expected[:2], rtol=0, atol=0)
+
+
+def test_greedyvig_published_inverted_residuals_are_renamed_into_the_shared_block() -> None:
+    """GreedyViG publishes its inverted residuals as ``dws.{pw1,norm1,dw,norm2,pw2,norm3}`` with a (C,) layer scale;
+    the shared block (MobileViG's layout) holds ``mlp.*`` and (C, 1, 1). The filter renames the one into the other
+    and leaves a state dict already in the shared layout as it is."""
+    published = torch.load(shared_path("fixtures", "greedyvig_s_checkpoint.pth"), map_location="cpu")
+    assert "backbone.0.0.dws.pw1.weight" in published and published["backbone.0.0.layer_scale_2"].shape == (48,)
+    model = timm.create_model("greedyvig_s")
+    remapped = checkpoint_filter_fn(published, model)
+    assert sorted(remapped) == sorted(model.state_dict())
+    assert remapped["backbone.0.0.layer_scale_2"].shape == (48, 1, 1)
+    assert remapped["backbone.0.2.layer_scale_2"].shape == (48,)  # a graph block's own (C,) scale is kept
+    torch.testing.assert_close(remapped["backbone.0.0.mlp.mid.weight"], published["backbone.0.0.dws.dw.weight"])
+    again = checkpoint_filter_fn(remapped, model)
+    assert again.keys() == remapped.keys() and all(again[key] is remapped[key] for key in again)
 
 
 @pytest.mark.parametrize("name", ["mobilevig_ti", "greedyvig_s"])

@@ -181,3 +181,21 @@ def test_no_import_circle_inside_the_trainer() -> None:
     """Modules of vig.trainer import one another one way (the config does not import what it configures)."""
     circle = import_circle(trainer_imports())
     assert not circle, f"import circle inside vig.trainer: {' -> '.join(circle)}"
+
+
+MODEL_FILES = sorted(path for path in (ROOT / "vig" / "models").glob("*.py") if "@register_model" in path.read_text())
+
+
+def test_the_model_files_are_found() -> None:
+    assert {path.stem for path in MODEL_FILES} >= {"isotropic", "pyramid", "mobilevig", "greedyvig", "cifar_gat",
+                                                   "convmixer_cifar", "batch_graph"}
+
+
+@pytest.mark.parametrize("path", MODEL_FILES, ids=lambda path: path.stem)
+def test_no_model_file_imports_another_model_file(path: Path) -> None:
+    """Each model family is one file built from the shared blocks (`vig.models.vig_blocks`, `vig.models.features`);
+    what two families share lives there, never in one of them."""
+    others = {module_name(other) for other in MODEL_FILES if other != path}
+    imported = sorted(name for name in imported_modules(path)
+                      if any(name == other or name.startswith(other + ".") for other in others))
+    assert not imported, f"{path.stem} imports another model file: {imported}"

@@ -23,6 +23,7 @@ from torch.testing import assert_close
 
 import vig.models
 from vig.complexity import count_saved_activations
+from vig.models.training_api import BatchDependent
 
 # construction arguments that keep each test fast on a CPU; models not listed are built with their defaults
 SMALL: dict[str, dict[str, Any]] = {
@@ -176,7 +177,37 @@ def test_group_matcher_groups_every_parameter(name: str, coarse: bool) -> None:
     assert len(groups) >= 3  # stem, at least one block, head
 
 
-@pytest.mark.parametrize("name", RUN)
+def _batch_dependent(name: str) -> bool:
+    with torch.device("meta"):
+        return isinstance(timm.create_model(name, **SMALL.get(name, {})), BatchDependent)
+
+
+DENSE = [name for name in RUN if not _batch_dependent(name)]
+BATCH_MIXING = [name for name in RUN if _batch_dependent(name)]
+
+
+@pytest.mark.parametrize("name", BATCH_MIXING)
+def test_a_batch_mixing_model_refuses_features_only_in_one_line(name: str) -> None:
+    """Its head mixes the images of a batch: no dense per-image backbone to give a detector."""
+    with pytest.raises(ValueError, match="features_only is not supported: the batch-graph head mixes") as err:
+        _build(name, features_only=True)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", DENSE)
+def test_features_only_leaves_no_parameter_unused(name: str) -> None:
+    """A detector trains a features_only backbone under DDP with find_unused_parameters=False: every parameter
+    must get a gradient from the maps (no classifier head left behind), at every deepest level."""
+    full, images = _build(name)
+    for last in range(len(full.feature_info)):
+        backbone, _ = _build(name, features_only=True, out_indices=(last,))
+        maps = backbone.train()(images)
+        sum(m.sum() for m in maps).backward()
+        unused = [key for key, param in backbone.named_parameters() if param.grad is None]
+        assert not unused, f"out_indices=({last},): unused {unused}"
+
+
+@pytest.mark.parametrize("name", DENSE)
 def test_features_only_gives_maps_as_feature_info_says(name: str) -> None:
     backbone, images = _build(name, features_only=True)
     with torch.no_grad():

@@ -3,8 +3,10 @@
 Shared by ``tests/test_timm_suite.py`` (one model per model class, in CI) and ``benchmarks/timm_suite.py`` (every
 registered model): fetch the sdist with pip, extract its ``tests/``, run pytest on ``test_models.py`` in a
 subprocess with ``vig`` loaded as a plugin (so that timm's module-level ``list_models`` sees our models) and
-``tests/timm_plugin/vig_timm_skips.py`` (the cases a third-party layer cannot take, skipped with their reason),
-selected by model name, and read the per-case outcomes from a JUnit XML report.
+``tests/timm_plugin/vig_timm_skips.py`` (our modules in timm's feature-API module filter, and the cases a model
+cannot take, skipped with their reason), selected by model name, and read the per-case outcomes from a JUnit XML
+report. `problems` judges them: a failure, a skip that the skip list does not name, a listed skip that ran, or a
+test of `EXPECTED_TESTS` that did not run on a model is each a problem.
 """
 from __future__ import annotations
 
@@ -20,6 +22,19 @@ import timm
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_DIR = Path(__file__).resolve().parent / "timm_plugin"  # a folder of its own: nothing else to shadow
+
+
+# the tests of timm's test_models.py that must run on every model (each case passes or is a listed skip); the last
+# three run only on the modules of FEAT_INTER_FILTERS, which the plugin extends by ours
+EXPECTED_TESTS: tuple[str, ...] = (
+    "test_model_forward", "test_model_backward", "test_model_default_cfgs", "test_model_forward_torchscript",
+    "test_model_forward_features", "test_model_forward_fx", "test_model_backward_fx",
+    "test_model_forward_fx_torchscript", "test_model_forward_intermediates_features",
+    "test_model_forward_intermediates", "test_prune_intermediate_layers_contract",
+)
+# timm's NON_STD_FILTERS (names such as '*mixer_*') move a model from these two tests to this one
+NON_STD_TEST = "test_model_default_cfgs_non_std"
+NON_STD_REPLACED = ("test_model_default_cfgs", "test_model_forward_features")
 
 
 class SuiteUnavailable(RuntimeError):
@@ -59,9 +74,28 @@ def selection(models: list[str]) -> str:
 
 
 def case_model(case: str, models: list[str]) -> str | None:
-    """The model of a parametrised case id such as ``test_model_forward[1-vig_ti_cifar]``, if it is one of ours."""
-    match = re.search(r"\[(?:[^\]]*-)?([A-Za-z0-9_]+)\]$", case)
+    """The model of a parametrised case id such as ``test_model_forward[1-vig_ti_cifar]``, if it is one of ours; a
+    pretrained tag (``test_model_default_cfgs[1-vig_ti_224_gelu.in1k]``, as timm parametrises the tests of tagged
+    models) counts for its model."""
+    match = re.search(r"\[(?:[^\]]*-)?([A-Za-z0-9_]+)(?:\.[A-Za-z0-9_]+)?\]$", case)
     return match.group(1) if match and match.group(1) in models else None
+
+
+def problems(outcomes: dict[str, str], models: list[str], skipped: dict[str, str]) -> list[str]:
+    """What is wrong with a run's ``outcomes`` on ``models``, given the skip list ``skipped`` (case id -> reason):
+    failed cases, skips the list does not name, listed cases of these models that did not skip, and tests of
+    `EXPECTED_TESTS` without a case for a model. Empty when the run is as it must be."""
+    found = [f"failed: {case}" for case, outcome in sorted(outcomes.items()) if outcome == "failed"]
+    found += [f"skipped but not in the skip list: {case}" for case, outcome in sorted(outcomes.items())
+              if outcome == "skipped" and case not in skipped]
+    found += [f"in the skip list but {outcomes.get(case, 'not collected')}: {case}" for case in sorted(skipped)
+              if case_model(case, models) is not None and outcomes.get(case) != "skipped"]
+    collected = {(case.split("[")[0], case_model(case, models)) for case in outcomes}
+    for model in models:
+        non_std = (NON_STD_TEST, model) in collected
+        found += [f"not collected: {test} on {model}" for test in EXPECTED_TESTS
+                  if (test, model) not in collected and not (non_std and test in NON_STD_REPLACED)]
+    return found
 
 
 def run_suite(tests: Path, models: list[str], report: Path, workers: int = 0,

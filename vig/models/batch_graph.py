@@ -1,6 +1,10 @@
 """Batch-graph head on a timm backbone: a graph over the images of a batch, trained with an edge loss;
 registered with timm as ``bgnn`` (any backbone) and ``bgnn_mobilenetv3_small_100`` (the seed configuration).
 
+Paper: none is cited; the head is this project's seed configuration (semantics, trainer protocol and measured
+figures in docs/BATCH_GRAPH.md). `SIZES` is the only size table. The model mixes the images of a batch, so it is no
+dense per-image backbone: ``features_only`` is refused.
+
 Each image of a batch is a node. With backbone features x (B, D):
 
 - `EdgeNet` scores every pair: |x_i - x_j| (B, B, D), laid out as (1, D, B, B), passes 1x1 convs (no bias)
@@ -28,6 +32,7 @@ least two samples, so a training batch of one raises ValueError.
 """
 
 import copy
+from dataclasses import asdict, dataclass
 from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
@@ -43,11 +48,26 @@ from vig.checkpoint import checkpoint_filter_fn
 from vig.errors import WeightsUnavailableError
 from vig.models.factory_args import build_like, takes_device_and_dtype
 from vig.models.training_api import EDGE_LOSS
+from vig.models.vig_blocks import MEAN_POOLS, check_pool
 
 __all__ = ["BatchGraphHead", "BatchGraphNet", "EdgeNet", "NodeNet", "aggregate_neighbours",
            "edge_targets", "label_to_edge"]
 
 DEFAULT_BACKBONE = "mobilenetv3_small_100"
+
+
+@dataclass(frozen=True)
+class BatchGraphSize:
+    """Backbone, base width of the EdgeNet layers and the width multipliers of the EdgeNet / NodeNet layers."""
+
+    backbone: str
+    edge_features: int
+    ratio: tuple[int, ...]
+
+
+SIZES: dict[str, BatchGraphSize] = {
+    "mobilenetv3_small_100": BatchGraphSize(backbone=DEFAULT_BACKBONE, edge_features=256, ratio=(1,)),
+}
 _WEIGHT_SOURCES = ("file", "url", "hf_hub_id", "state_dict")
 
 
@@ -191,12 +211,6 @@ class BatchGraphHead(nn.Module):
         return self.node_net(x, weights, pre_logits=pre_logits), edge_sim
 
 
-def _check_pool(global_pool: str) -> str:
-    if global_pool not in ("avg", ""):
-        raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
-    return global_pool
-
-
 def _prefixed(pattern: Any) -> Any:
     """A backbone group_matcher pattern (regex string or timm's list of (regex, order) pairs) for the
     backbone's parameters inside this model (``backbone.`` prefix)."""
@@ -237,7 +251,7 @@ class BatchGraphNet(nn.Module):
                  backbone_file: str | None = None, global_pool: str = "avg", **backbone_kwargs: Any) -> None:
         super().__init__()
         self.in_chans = in_chans
-        self.global_pool = _check_pool(global_pool)
+        self.global_pool = check_pool(global_pool, MEAN_POOLS)
         ratio = tuple(ratio)
         if not ratio or any(int(r) != r or r < 1 for r in ratio):
             raise ValueError(f"ratio must be a non-empty sequence of positive integers, got {ratio}")
@@ -284,7 +298,7 @@ class BatchGraphNet(nn.Module):
         """New NodeNet classifier layer with ``num_classes`` outputs (0: none); the hidden layers stay.
         ``global_pool`` (``'avg'`` or ``''``) replaces the pooling, None keeps it."""
         if global_pool is not None:
-            self.global_pool = _check_pool(global_pool)
+            self.global_pool = check_pool(global_pool, MEAN_POOLS)
         self.num_classes = num_classes
         self.head.node_net.reset_classifier(num_classes, like=self)
 
@@ -364,17 +378,15 @@ _PREPROCESSING = ("input_size", "interpolation", "mean", "std", "crop_pct", "cro
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """Build a BatchGraphNet. ``pretrained`` with a whole-model source in ``pretrained_cfg_overlay`` (file,
     url, hub id) loads that checkpoint into the whole model (through `checkpoint_filter_fn`); otherwise it
-    loads the backbone's published weights. ``features_only`` gives the backbone's feature extractor."""
+    loads the backbone's published weights. ``features_only`` is refused (ValueError): the head mixes the images
+    of a batch, so the model is no dense per-image backbone; the backbone itself is one."""
     backbone = kwargs.pop("backbone", DEFAULT_BACKBONE)
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
     whole_model = bool(pretrained and any(overlay.get(key) for key in _WEIGHT_SOURCES))
     if kwargs.pop("features_only", False):
-        file = kwargs.pop("backbone_file", None)
-        source = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(file))) if file else dict(
-            pretrained=pretrained)
-        for key in ("edge_features", "ratio", "num_classes", "pretrained_cfg_overlay"):
-            kwargs.pop(key, None)
-        return timm.create_model(backbone, features_only=True, **source, **kwargs)
+        raise ValueError(f"{variant}: features_only is not supported: the batch-graph head mixes the images of a "
+                         f"batch, so it is no per-image dense backbone; build the backbone itself, "
+                         f"timm.create_model({backbone!r}, features_only=True)")
     if whole_model and "num_classes" not in overlay:
         # a whole-model file is the user's own checkpoint: its classifier is taken to have the requested class
         # count (a mismatch is a strict-loading error), not the 1000 classes the default config describes
@@ -400,7 +412,7 @@ def bgnn(pretrained: bool = False, **kwargs: Any) -> BatchGraphNet:
 @register_model
 def bgnn_mobilenetv3_small_100(pretrained: bool = False, **kwargs: Any) -> BatchGraphNet:
     """The seed configuration: mobilenetv3_small_100, its pooled 576-channel map, ratio (1,)."""
-    if kwargs.get("backbone", DEFAULT_BACKBONE) != DEFAULT_BACKBONE:
+    size = SIZES["mobilenetv3_small_100"]
+    if kwargs.get("backbone", size.backbone) != size.backbone:
         raise ValueError("bgnn_mobilenetv3_small_100 has the mobilenetv3_small_100 backbone; use bgnn for others")
-    kwargs.pop("backbone", None)
-    return _create("bgnn_mobilenetv3_small_100", pretrained=pretrained, **kwargs)
+    return _create("bgnn_mobilenetv3_small_100", pretrained=pretrained, **{**asdict(size), **kwargs})

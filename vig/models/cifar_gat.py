@@ -1,5 +1,12 @@
 """CIFAR-10 CNN + graph-attention model, registered with timm as ``cnn_gat_cifar``.
 
+Papers of its graph layers: "Graph Attention Networks", Petar Velickovic, Guillem Cucurull, Arantxa Casanova,
+Adriana Romero, Pietro Lio and Yoshua Bengio, ICLR 2018, arXiv:1710.10903 (``gat``); "How Attentive are Graph
+Attention Networks?", Shaked Brody, Uri Alon and Eran Yahav, ICLR 2022, arXiv:2105.14491 (``gatv2``); GCN (Kipf and
+Welling, arXiv:1609.02907) and GraphSAGE (Hamilton, Ying and Leskovec, arXiv:1706.02216) as the other layer types.
+The model itself is the published CIFAR-10 script's, described with its recipes in docs/CIFAR.md. `SIZES` is the
+only size table.
+
 A small CNN turns a (B, 3, 32, 32) image into a (B, D, 16, 16) map (D = ``embed_dim``):
 3x3 convs 3 -> 32 -> 64 -> D (the third at stride 2), each with BatchNorm and ReLU, then a 3x3
 conv D -> D with BatchNorm and no activation. Every map position becomes a node of its image's
@@ -44,6 +51,7 @@ import functools
 import importlib
 import warnings
 from collections import OrderedDict
+from dataclasses import asdict, dataclass
 from types import ModuleType
 from typing import Any, Sequence
 
@@ -60,13 +68,31 @@ from vig.checkpoint import checkpoint_filter_fn
 from vig.models.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR_IMG_SIZE
 from vig.models.factory_args import build_like, takes_device_and_dtype
 from vig.models.features import check_feature_request
+from vig.models.vig_blocks import MEAN_POOLS, check_pool
 from vig.tta import predict_flip_tta
 
-__all__ = ["CnnGatCifar", "GRAPH_LAYERS", "cnn_gat_cifar", "map_grid_edges", "predict_flip_tta"]
+__all__ = ["SIZES", "CnnGatCifar", "CnnGatSize", "GRAPH_LAYERS", "cnn_gat_cifar", "map_grid_edges",
+           "predict_flip_tta"]
 
 GRAPH_LAYERS = ("gat", "gatv2", "gcn", "sage")
 HEAD_WIDTH = 128
 DEFAULT_BLOCKS = 3
+
+
+@dataclass(frozen=True)
+class CnnGatSize:
+    """Graph layer type, CNN output channels D, graph width, attention heads of the first layer, graph blocks."""
+
+    conv: str
+    embed_dim: int
+    hidden: int
+    heads: int
+    num_blocks: int
+
+
+SIZES: dict[str, CnnGatSize] = {
+    "gat": CnnGatSize(conv="gat", embed_dim=128, hidden=256, heads=8, num_blocks=DEFAULT_BLOCKS),
+}
 
 
 def _pyg(submodule: str) -> ModuleType:
@@ -209,7 +235,7 @@ class CnnGatCifar(nn.Module):
 
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.global_pool = _check_pool(global_pool)
+        self.global_pool = check_pool(global_pool, MEAN_POOLS)
         self.conv_type = conv
         self.embed_dim = embed_dim
         self.hidden = hidden
@@ -280,13 +306,13 @@ class CnnGatCifar(nn.Module):
         pooling, None keeps it."""
         _check_classes(num_classes)
         if global_pool is not None:
-            self.global_pool = _check_pool(global_pool)
+            self.global_pool = check_pool(global_pool, MEAN_POOLS)
         self.num_classes = num_classes
         self.head.fc2 = build_like(self, lambda: self._classifier(num_classes))
 
-    @staticmethod
-    def _classifier(num_classes: int) -> nn.Module:
-        return nn.Linear(HEAD_WIDTH, num_classes) if num_classes > 0 else nn.Identity()
+    def _classifier(self, num_classes: int) -> nn.Module:
+        """The last layer (N, head_hidden_size) -> (N, num_classes): a linear layer, or Identity for 0."""
+        return nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
     def _checkpointed(self, module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
@@ -384,11 +410,24 @@ class CnnGatCifar(nn.Module):
             return intermediates
         return stages[-1].view(b, h, w, -1).permute(0, 3, 1, 2), intermediates
 
-
-def _check_pool(global_pool: str) -> str:
-    if global_pool not in ("avg", ""):
-        raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
-    return global_pool
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last one in ``indices`` (the graph layers that follow it; the input graph layer
+        too when only the stem is kept) and, with ``prune_head``, the MLP head, so that no parameter is left
+        unused; returns the kept indices. `forward_features` then ends at that stage and, without the head,
+        `forward` gives its map (B, C, H/2, W/2)."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        self.blocks = self.blocks[:max(max_index - 1, 0)]
+        if max_index == 0:
+            self.input_layer = nn.Identity()  # never called: the stem map is the last stage
+        self.feature_info = self.feature_info[:max_index + 1]
+        self.num_features = self.feature_info[-1]["num_chs"]
+        if prune_head:
+            self.head_hidden_size = self.num_features
+            self.global_pool = ""
+            self.head = nn.Sequential(OrderedDict(fc2=nn.Identity()))
+            self.num_classes = 0
+        return take_indices
 
 
 def _check_classes(num_classes: int) -> None:
@@ -416,7 +455,8 @@ def cnn_gat_cifar(pretrained: bool = False, **kwargs) -> CnnGatCifar:
     """CIFAR-10 CNN + GAT (embed 128, hidden 256, 8 heads, 3 blocks); keyword arguments as `CnnGatCifar`."""
     if pretrained and not any(key in (kwargs.get("pretrained_cfg_overlay") or {}) for key in ("file", "state_dict")):
         raise ValueError("cnn_gat_cifar: no published weights; pass pretrained_cfg_overlay=dict(file=PATH)")
-    stages = kwargs.get("num_blocks", DEFAULT_BLOCKS) + 2  # stem, input layer, blocks (see feature_info)
-    feature_cfg = dict(feature_cls="getter", out_indices=kwargs.pop("out_indices", stages))
+    settings = {**asdict(SIZES["gat"]), **kwargs}
+    stages = settings["num_blocks"] + 2  # stem, input layer, blocks (see feature_info)
+    feature_cfg = dict(feature_cls="getter", out_indices=settings.pop("out_indices", stages))
     return build_model_with_cfg(CnnGatCifar, "cnn_gat_cifar", pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=feature_cfg, **kwargs)
+                                feature_cfg=feature_cfg, **settings)

@@ -1,6 +1,9 @@
 """ConvMixer for CIFAR-10, with the optional inter-block skip of ConvMixer-XL; registered with timm as
 ``convmixer_cifar`` and ``convmixer_xl_cifar``.
 
+Paper: "Patches Are All You Need?", Asher Trockman and J. Zico Kolter, TMLR 2023, arXiv:2201.09792. `SIZES` is the
+only size table; the CIFAR recipes and the figures they gave are in docs/CIFAR.md ("ConvMixer and ConvMixer-XL").
+
 The network is timm's `ConvMixer` (stem, blocks, head):
 
 - stem: a ``patch_size`` x ``patch_size`` conv at stride ``patch_size`` (3 -> ``dim``, with bias), the
@@ -22,22 +25,38 @@ pass.
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import torch
 from timm.layers import get_act_layer
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from timm.models.convmixer import ConvMixer, Residual
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from vig.checkpoint import checkpoint_filter_fn
 from vig.models.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR_IMG_SIZE
+from vig.models.features import check_feature_request, forward_taking
 
-__all__ = ["BlockSequence", "ConvMixerCifar", "convmixer_cifar", "convmixer_xl_cifar"]
+__all__ = ["SIZES", "BlockSequence", "ConvMixerCifar", "ConvMixerSize", "convmixer_cifar", "convmixer_xl_cifar"]
 
 
+@dataclass(frozen=True)
+class ConvMixerSize:
+    """Width, depth, depthwise kernel, patch size, activation and inter-block skip (residual groups) of a size."""
+
+    dim: int
+    depth: int
+    kernel_size: int
+    patch_size: int
+    act: str
+    skip_period: int
+
+
+SIZES: dict[str, ConvMixerSize] = {
+    "256_8": ConvMixerSize(dim=256, depth=8, kernel_size=5, patch_size=2, act="gelu", skip_period=0),
+    "xl": ConvMixerSize(dim=256, depth=66, kernel_size=5, patch_size=2, act="silu", skip_period=3),
+}
 
 class BlockSequence(nn.Sequential):
     """Blocks run in order, (B, C, H, W) -> (B, C, H, W); with `grad_checkpointing` set, each block is
@@ -144,19 +163,11 @@ class ConvMixerCifar(ConvMixer):
             output_fmt: ``'NCHW'`` only.
             intermediates_only: return only the list.
         """
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt={output_fmt!r} is not supported; features are 'NCHW'")
-        if norm:
-            raise ValueError("norm=True is not supported: the model has no final norm layer")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        stages = list(self.blocks)[:max_index + 1] if stop_early or intermediates_only else list(self.blocks)
-        checkpoint_blocks = not self.skip_period and self.grad_checkpointing and torch.is_grad_enabled()
-        x = self.stem(x)
-        intermediates = []
-        for i, stage in enumerate(stages):
-            x = checkpoint(stage, x, use_reentrant=False) if checkpoint_blocks else stage(x)
-            if i in take_indices:
-                intermediates.append(x)
+        check_feature_request(output_fmt, norm)
+        # the residual groups checkpoint their own blocks; without groups each block is checkpointed here
+        checkpointed = not self.skip_period and self.grad_checkpointing and torch.is_grad_enabled()
+        x, intermediates = forward_taking(self.blocks, self.stem(x), range(len(self.blocks)), indices,
+                                          stop_early or intermediates_only, checkpointed)
         if intermediates_only:
             return intermediates
         return x, intermediates
@@ -171,27 +182,25 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 default_cfgs = generate_default_cfgs({"convmixer_cifar": _cfg(), "convmixer_xl_cifar": _cfg()})
 
 
-def _create(variant: str, pretrained: bool, **kwargs: Any) -> ConvMixerCifar:
+def _create(variant: str, size: str, pretrained: bool, **kwargs: Any) -> ConvMixerCifar:
     if pretrained and not any(key in (kwargs.get("pretrained_cfg_overlay") or {}) for key in ("file", "state_dict")):
         raise ValueError(f"{variant}: no published weights; pass pretrained_cfg_overlay=dict(file=PATH)")
-    skip_period = kwargs.get("skip_period", 0)
-    stages = skip_period or kwargs.get("depth", 8)  # blocks, or residual groups (see feature_info)
-    feature_cfg = dict(feature_cls="getter", out_indices=kwargs.pop("out_indices", stages))
+    settings = {**asdict(SIZES[size]), **kwargs}
+    stages = settings["skip_period"] or settings["depth"]  # blocks, or residual groups (see feature_info)
+    feature_cfg = dict(feature_cls="getter", out_indices=settings.pop("out_indices", stages))
     return build_model_with_cfg(ConvMixerCifar, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=feature_cfg, **kwargs)
+                                feature_cfg=feature_cfg, **settings)
 
 
 @register_model
 def convmixer_cifar(pretrained: bool = False, **kwargs: Any) -> ConvMixerCifar:
     """ConvMixer-256/8 for CIFAR (GELU, kernel 5, patch 2, no inter-block skip); keyword arguments as
     `ConvMixerCifar`."""
-    options = dict(dim=256, depth=8, kernel_size=5, patch_size=2, act="gelu", skip_period=0)
-    return _create("convmixer_cifar", pretrained, **{**options, **kwargs})
+    return _create("convmixer_cifar", "256_8", pretrained, **kwargs)
 
 
 @register_model
 def convmixer_xl_cifar(pretrained: bool = False, **kwargs: Any) -> ConvMixerCifar:
     """ConvMixer-XL for CIFAR (SiLU, dim 256, depth 66, kernel 5, patch 2, 3 residual groups of 22 blocks);
     keyword arguments as `ConvMixerCifar`."""
-    options = dict(dim=256, depth=66, kernel_size=5, patch_size=2, act="silu", skip_period=3)
-    return _create("convmixer_xl_cifar", pretrained, **{**options, **kwargs})
+    return _create("convmixer_xl_cifar", "xl", pretrained, **kwargs)

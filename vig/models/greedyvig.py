@@ -1,62 +1,55 @@
 """GreedyViG (dynamic axial graph construction, DAGA), registered with timm.
 
-Module layout and parameter names are those of the published GreedyViG (SLDGroup/GreedyViG
-``models/greedyvig.py``), so its checkpoints load strictly: ``stem.stem.*``, ``backbone.{stage}.{i}``
-(Downsample ``.conv.*``, inverted residual ``.dws.*`` / ``.layer_scale_2``, graph block ``.mixer.*`` /
-``.ffn.*`` / ``.layer_scale_{1,2}``), ``prediction.{1,2}``, ``head``, ``dist_head``. Stage maps are the ends
-of the four stages (strides 4, 8, 16, 32). See ``../shared/DESIGN.md`` ("Efficient ViG family").
+Paper: "GreedyViG: Dynamic Axial Graph Construction for Efficient Vision GNNs", Mustafa Munir, William Avery,
+Md Mostafijur Rahman and Radu Marculescu, CVPR 2024, arXiv:2405.06849. Code and weights: SLDGroup/GreedyViG.
+
+One class, `GreedyViG`, builds every size; `SIZES` is the only size table. The module layout and parameter names are
+those of the published ``models/greedyvig.py`` (``stem.stem.*``, ``backbone.{stage}.{i}``: Downsample ``.conv.*``,
+graph block ``.mixer.*`` / ``.ffn.*`` / ``.layer_scale_{1,2}``, ``prediction.{1,2}``, ``head``, ``dist_head``)
+except inside the inverted residuals, which are the one `vig.models.vig_blocks.InvertedResidual` MobileViG uses:
+``.mlp.*`` and a (C, 1, 1) ``.layer_scale_2`` where the published files hold ``.dws.*`` and (C,).
+`vig.checkpoint.checkpoint_filter_fn` (timm's ``pretrained=True`` path) and the trainer's loader rename them
+(`vig.models.vig_blocks.remap_inverted_residuals`), so published checkpoints load strictly. Stage maps are the
+ends of the four stages (strides 4, 8, 16, 32). The DAGA graph rule and the published quirks are written down in
+docs/model-notes.md ("MobileViG and GreedyViG").
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import torch
-from timm.layers import DropPath
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models._features_fx import register_notrace_module
 from torch import nn
 
 from gcn_lib import DAGA
-from vig.checkpoint import checkpoint_filter_fn
 from vig.models.features import check_feature_request, forward_taking
-from vig.models.mobilevig import DistilledConvNet, Downsample, Stem, conv_bn, efficient_cfg
 from vig.models.pretrained import GREEDYVIG_HUB, GREEDYVIG_PAPER, build_with_weights, weights_cfg
+from vig.models.vig_blocks import (DistilledConvNet, Downsample, EfficientStem, InvertedResidual, conv_bn,
+                                   drop_path_layer, efficient_cfg)
+
+register_notrace_module(DAGA)
 
 STAGE_K: tuple[int, ...] = (8, 4, 2, 1)
+PUBLISHED_DROP_PATH = 0.1
 
 
-class DepthWiseSeparable(nn.Module):
-    """1x1 expand 4x, BN, GELU, 3x3 depthwise, BN, GELU, 1x1 project, BN: (B, C, H, W) -> same."""
+@dataclass(frozen=True)
+class GreedyViGSize:
+    """(local, graph) block counts and channels of each of the four stages, and the head's width."""
 
-    def __init__(self, dim: int, **dd: Any) -> None:
-        super().__init__()
-        hidden = dim * 4
-        self.pw1 = nn.Conv2d(dim, hidden, 1, **dd)
-        self.norm1 = nn.BatchNorm2d(hidden, **dd)
-        self.act1 = nn.GELU()
-        self.dw = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, **dd)
-        self.norm2 = nn.BatchNorm2d(hidden, **dd)
-        self.act2 = nn.GELU()
-        self.pw2 = nn.Conv2d(hidden, dim, 1, **dd)
-        self.norm3 = nn.BatchNorm2d(dim, **dd)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act1(self.norm1(self.pw1(x)))
-        x = self.act2(self.norm2(self.dw(x)))
-        return self.norm3(self.pw2(x))
+    blocks: tuple[tuple[int, int], ...]
+    channels: tuple[int, ...]
+    emb_dims: int = 768
 
 
-class InvertedResidual(nn.Module):
-    """x + drop_path(layer_scale_2 * dws(x)), layer scale of shape (C,)."""
-
-    def __init__(self, dim: int, drop_path: float = 0.0, layer_scale: float = 1e-5, **dd: Any) -> None:
-        super().__init__()
-        self.dws = DepthWiseSeparable(dim, **dd)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.layer_scale_2 = nn.Parameter(torch.full((dim,), layer_scale, **dd))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.drop_path(self.layer_scale_2[:, None, None] * self.dws(x))
+SIZES: dict[str, GreedyViGSize] = {
+    "s": GreedyViGSize(blocks=((2, 2), (2, 2), (6, 2), (2, 2)), channels=(48, 96, 192, 384)),
+    "m": GreedyViGSize(blocks=((3, 3), (3, 3), (9, 3), (3, 3)), channels=(56, 112, 224, 448)),
+    "b": GreedyViGSize(blocks=((4, 4), (4, 4), (12, 4), (3, 3)), channels=(64, 128, 256, 512)),
+}
 
 
 class DAGAConv(nn.Module):
@@ -72,7 +65,7 @@ class DAGAConv(nn.Module):
 
 
 class ConditionalPositionEncoding(nn.Module):
-    """x + depthwise 7x7 conv (x)."""
+    """x + depthwise 7x7 conv (x): (B, C, H, W) -> same."""
 
     def __init__(self, dim: int, kernel_size: int = 7, **dd: Any) -> None:
         super().__init__()
@@ -83,7 +76,7 @@ class ConditionalPositionEncoding(nn.Module):
 
 
 class Grapher(nn.Module):
-    """fc2(DAGAConv(fc1(cpe(x)))); the residual is the block's."""
+    """fc2(DAGAConv(fc1(cpe(x)))), fc1 / fc2 1x1 conv + BN; the residual is the block's. (B, C, H, W) -> same."""
 
     def __init__(self, dim: int, k: int, **dd: Any) -> None:
         super().__init__()
@@ -97,14 +90,15 @@ class Grapher(nn.Module):
 
 
 class GraphBlock(nn.Module):
-    """x + dp(ls1 * mixer(x)), then + dp(ls2 * ffn(x)); ffn: 1x1 C -> 4C, BN, GELU, 1x1 4C -> C, BN."""
+    """x + dp(ls1 * mixer(x)), then + dp(ls2 * ffn(x)); ffn: 1x1 C -> 4C, BN, GELU, 1x1 4C -> C, BN. Layer scales
+    of shape (C,) as published; (B, C, H, W) -> same."""
 
     def __init__(self, dim: int, drop_path: float = 0.0, k: int = 2, layer_scale: float = 1e-5, **dd: Any) -> None:
         super().__init__()
         self.mixer = Grapher(dim, k, **dd)
         self.ffn = nn.Sequential(nn.Conv2d(dim, dim * 4, 1, **dd), nn.BatchNorm2d(dim * 4, **dd), nn.GELU(),
                                  nn.Conv2d(dim * 4, dim, 1, **dd), nn.BatchNorm2d(dim, **dd))
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = drop_path_layer(drop_path)
         self.layer_scale_1 = nn.Parameter(torch.full((dim,), layer_scale, **dd))
         self.layer_scale_2 = nn.Parameter(torch.full((dim,), layer_scale, **dd))
 
@@ -137,7 +131,7 @@ class GreedyViG(DistilledConvNet):
         self.grad_checkpointing = False
         depth = sum(sum(b) for b in blocks)
         rates = iter(torch.linspace(0, drop_path_rate, depth, device="cpu").tolist())
-        self.stem = Stem(in_chans, channels[0], **dd)
+        self.stem = EfficientStem(in_chans, channels[0], **dd)
         stages: list[nn.Module] = []
         self.feature_info: list[dict[str, Any]] = []
         for i, ((local, graph), width) in enumerate(zip(blocks, channels)):
@@ -185,11 +179,11 @@ class GreedyViG(DistilledConvNet):
         return take_indices
 
 
-SIZES: dict[str, dict[str, Any]] = {
-    "greedyvig_s": dict(blocks=((2, 2), (2, 2), (6, 2), (2, 2)), channels=(48, 96, 192, 384)),
-    "greedyvig_m": dict(blocks=((3, 3), (3, 3), (9, 3), (3, 3)), channels=(56, 112, 224, 448)),
-    "greedyvig_b": dict(blocks=((4, 4), (4, 4), (12, 4), (3, 3)), channels=(64, 128, 256, 512)),
-}
+def _create(variant: str, size: str, pretrained: bool = False, **kwargs: Any) -> GreedyViG:
+    settings = {**asdict(SIZES[size]), "drop_path_rate": PUBLISHED_DROP_PATH, **kwargs}
+    feature_cfg = dict(out_indices=settings.pop("out_indices", (0, 1, 2, 3)), feature_cls="getter")
+    return build_with_weights(GreedyViG, variant, pretrained, feature_cfg=feature_cfg, **settings)
+
 
 # The authors' ImageNet-1k weights on the Hugging Face hub (state dicts), as that repository lists them.
 _GREEDYVIG_WEIGHTS = {"greedyvig_s": ("S_GreedyViG_81_1.pth", 81.1), "greedyvig_m": ("M_GreedyViG_82_9.pth", 82.9),
@@ -201,26 +195,19 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> GreedyViG:
-    return build_with_weights(GreedyViG, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(out_indices=kwargs.pop("out_indices", (0, 1, 2, 3)),
-                                                 feature_cls="getter"),
-                                **{**SIZES[variant], "drop_path_rate": 0.1, **kwargs})
-
-
 @register_model
 def greedyvig_s(pretrained: bool = False, **kwargs: Any) -> GreedyViG:
     """GreedyViG-S: stages (2, 2) / (2, 2) / (6, 2) / (2, 2) blocks of 48 / 96 / 192 / 384, emb 768 (11.98 M)."""
-    return _create("greedyvig_s", pretrained, **kwargs)
+    return _create("greedyvig_s", "s", pretrained, **kwargs)
 
 
 @register_model
 def greedyvig_m(pretrained: bool = False, **kwargs: Any) -> GreedyViG:
     """GreedyViG-M: stages (3, 3) / (3, 3) / (9, 3) / (3, 3) blocks of 56 / 112 / 224 / 448, emb 768 (21.93 M)."""
-    return _create("greedyvig_m", pretrained, **kwargs)
+    return _create("greedyvig_m", "m", pretrained, **kwargs)
 
 
 @register_model
 def greedyvig_b(pretrained: bool = False, **kwargs: Any) -> GreedyViG:
     """GreedyViG-B: stages (4, 4) / (4, 4) / (12, 4) / (3, 3) blocks of 64 / 128 / 256 / 512, emb 768 (30.91 M)."""
-    return _create("greedyvig_b", pretrained, **kwargs)
+    return _create("greedyvig_b", "b", pretrained, **kwargs)

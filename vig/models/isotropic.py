@@ -1,10 +1,16 @@
 """Isotropic Vision GNN (ViG) and its similarity-threshold variant (SViG), registered with timm.
 
+Papers: "Vision GNN: An Image is Worth Graph of Nodes", Kai Han, Yunhe Wang, Jianyuan Guo, Yehui Tang and Enhua Wu,
+NeurIPS 2022, arXiv:2206.00272 (code and weights: huawei-noah/Efficient-AI-Backbones); "SViG: A
+Similarity-Thresholded Approach for Vision Graph Neural Networks", Ismael Elsharkawi, Hossam Sharara and Ahmed
+Rafea, IEEE Access 2025 (no arXiv version found).
+
 One class, `VisionGNN`, builds every size; `SIZES` is the only size table. The module layout and
 parameter names are those of the published ViG code, so its checkpoints (and SViG's) load unchanged:
 ``stem.convs.*``, ``pos_embed``, ``backbone.{i}.0`` (Grapher) / ``backbone.{i}.1`` (FFN),
-``prediction.{0,1,4}``. See ``../shared/DESIGN.md`` ("Isotropic ViG model"). The blocks (`Grapher`,
-`FFN`), the head and the timm API are shared with the pyramid model (`vig.models.vig_blocks`).
+``prediction.{0,1,4}``. The exact graph rules, block layout and key names are written down in
+docs/model-notes.md ("Isotropic ViG and SViG"). The blocks (`Grapher`, `FFN`), the head and the timm API are
+shared with the pyramid model (`vig.models.vig_blocks`).
 
 Registered names: ``vig_{ti,s,b}_224_gelu`` (dense dilated kNN graph) and ``svig_{ti,s,b}_224_gelu``
 (similarity-threshold graph, start 0.89, decrement 0.03). ``start_thresh`` / ``dec`` (or the
@@ -17,7 +23,7 @@ stride 1, so parameter names and shapes do not change, only the map size. ``vig_
 the 196 of 224 px at stride 16), 10 classes.
 """
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import torch
@@ -203,18 +209,9 @@ class VisionGNN(VisionGNNBase):
 def _create(variant: str, size: str, threshold_default: bool, pretrained: bool = False, **kwargs: Any) -> VisionGNN:
     check_pretrained_source(variant, pretrained, kwargs)
     resolve_graph_kwargs(variant, kwargs, threshold_default)
-    dims = SIZES[size]
-    channels = kwargs.pop("channels", dims.channels)  # a narrower / shallower copy of the size, e.g. for tests
-    depth = kwargs.pop("depth", dims.depth)
-    return build_with_weights(
-        VisionGNN,
-        variant,
-        pretrained,
-        feature_cfg=dict(out_indices=kwargs.pop("out_indices", depth), feature_cls="getter"),
-        channels=channels,
-        depth=depth,
-        **kwargs,
-    )
+    settings = {**asdict(SIZES[size]), **kwargs}  # channels / depth may be overridden, e.g. for tests
+    feature_cfg = dict(out_indices=settings.pop("out_indices", settings["depth"]), feature_cls="getter")
+    return build_with_weights(VisionGNN, variant, pretrained, feature_cfg=feature_cfg, **settings)
 
 
 # The authors' ViG-Ti/S/B (bare state dicts; the file names carry the accuracy measured before publication, the

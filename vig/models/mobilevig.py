@@ -1,107 +1,61 @@
 """MobileViG (sparse vision graph attention, SVGA), registered with timm.
 
-Module layout and parameter names are those of the published MobileViG (SLDGroup/MobileViG
-``models/mobilevig.py``), so its checkpoints load strictly: ``stem.stem.*``, ``local_backbone.{i}``
-(inverted residuals ``.mlp.*`` / ``.layer_scale_2`` and Downsamples ``.conv.*``), ``backbone.{i}``
-(Downsample or ``Sequential(Grapher, FFN)``), ``prediction.{1,2}``, ``head``, ``dist_head``.
-See ``../shared/DESIGN.md`` ("Efficient ViG family").
+Paper: "MobileViG: Graph-Based Sparse Attention for Mobile Vision Applications", Mustafa Munir, William Avery and
+Radu Marculescu, CVPR Workshops 2023, arXiv:2307.00395. Code and weights: SLDGroup/MobileViG.
 
-Stage maps (`forward_intermediates`, ``features_only``) are at strides 4, 8, 16, 32: the ends of the three
-local stages (before each Downsample) and the end of the global stage.
+One class, `MobileViG`, builds every size; `SIZES` is the only size table. The module layout and parameter names are
+those of the published ``models/mobilevig.py``, so its checkpoints load strictly: ``stem.stem.*``,
+``local_backbone.{i}`` (inverted residuals ``.mlp.*`` / ``.layer_scale_2`` and Downsamples ``.conv.*``),
+``backbone.{i}`` (Downsample or ``Sequential(Grapher, FFN)``), ``prediction.{1,2}``, ``head``, ``dist_head``. The
+stem, Downsample, inverted residual, FFN and the distilled head are the shared blocks of `vig.models.vig_blocks`.
+The SVGA graph rule and the published quirks are written down in docs/model-notes.md ("MobileViG and GreedyViG").
+
+Stage maps (`forward_intermediates`, ``features_only``) are at strides 4, 8, 16, 32: the ends of the three local
+stages (before each Downsample) and the end of the global stage.
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import torch
-from timm.layers import DropPath, SelectAdaptivePool2d
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_module
 from torch import nn
 
-from gcn_lib import SVGA, DAGA
-from vig.checkpoint import checkpoint_filter_fn
+from gcn_lib import SVGA
 from vig.models.features import check_feature_request, forward_taking
 from vig.models.pretrained import MOBILEVIG_HUB, MOBILEVIG_PAPER, build_with_weights, weights_cfg
+from vig.models.vig_blocks import (FFN, DistilledConvNet, Downsample, EfficientStem, InvertedResidual, conv_bn,
+                                   drop_path_layer, efficient_cfg)
 
 register_notrace_module(SVGA)
-register_notrace_module(DAGA)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-POOLS = ("avg", "max", "avgmax", "")
 
 
-def efficient_cfg(**kwargs: Any) -> dict[str, Any]:
-    """Default cfg of the published MobileViG / GreedyViG ImageNet models."""
-    return dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.9,
-                interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD, first_conv="stem.stem.0",
-                classifier=("head", "dist_head"), fixed_input_size=False, **kwargs)
+@dataclass(frozen=True)
+class MobileViGSize:
+    """Blocks and channels of the three local (inverted residual) stages and of the global (SVGA) stage(s), and
+    the width of the head's 1x1 conv before the classifiers."""
+
+    local_blocks: tuple[int, ...]
+    local_channels: tuple[int, ...]
+    global_blocks: tuple[int, ...]
+    global_channels: tuple[int, ...]
+    emb_dims: int
 
 
-class Stem(nn.Module):
-    """3x3 stride-2 conv to C/2, BN, GELU, 3x3 stride-2 conv to C, BN, GELU: (B, in, H, W) -> (B, C, H/4, W/4)."""
-
-    def __init__(self, in_chans: int, channels: int, **dd: Any) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_chans, channels // 2, 3, stride=2, padding=1, **dd), nn.BatchNorm2d(channels // 2, **dd),
-            nn.GELU(),
-            nn.Conv2d(channels // 2, channels, 3, stride=2, padding=1, **dd), nn.BatchNorm2d(channels, **dd),
-            nn.GELU())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stem(x)
-
-
-class Downsample(nn.Module):
-    """3x3 stride-2 conv + BN: (B, C_in, H, W) -> (B, C_out, H/2, W/2), rounded up."""
-
-    def __init__(self, in_dim: int, out_dim: int, **dd: Any) -> None:
-        super().__init__()
-        self.conv = nn.Sequential(nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1, **dd),
-                                  nn.BatchNorm2d(out_dim, **dd))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
-
-
-def conv_bn(in_dim: int, out_dim: int, **dd: Any) -> nn.Sequential:
-    """1x1 conv + BN."""
-    return nn.Sequential(nn.Conv2d(in_dim, out_dim, 1, **dd), nn.BatchNorm2d(out_dim, **dd))
-
-
-class InvertedMLP(nn.Module):
-    """1x1 expand (4x), BN, GELU, 3x3 depthwise, BN, GELU, 1x1 project, BN; keys ``fc1 norm1 mid mid_norm fc2 norm2``."""
-
-    def __init__(self, dim: int, hidden: int, **dd: Any) -> None:
-        super().__init__()
-        self.fc1 = nn.Conv2d(dim, hidden, 1, **dd)
-        self.norm1 = nn.BatchNorm2d(hidden, **dd)
-        self.mid = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, **dd)
-        self.mid_norm = nn.BatchNorm2d(hidden, **dd)
-        self.fc2 = nn.Conv2d(hidden, dim, 1, **dd)
-        self.norm2 = nn.BatchNorm2d(dim, **dd)
-        self.act = nn.GELU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.norm1(self.fc1(x)))
-        x = self.act(self.mid_norm(self.mid(x)))
-        return self.norm2(self.fc2(x))
-
-
-class InvertedResidual(nn.Module):
-    """x + drop_path(layer_scale_2 * mlp(x)), layer scale of shape (C, 1, 1): (B, C, H, W) -> same."""
-
-    def __init__(self, dim: int, drop_path: float = 0.0, layer_scale: float = 1e-5, **dd: Any) -> None:
-        super().__init__()
-        self.mlp = InvertedMLP(dim, dim * 4, **dd)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.layer_scale_2 = nn.Parameter(torch.full((dim, 1, 1), layer_scale, **dd))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.drop_path(self.layer_scale_2 * self.mlp(x))
+SIZES: dict[str, MobileViGSize] = {
+    "ti": MobileViGSize(local_blocks=(2, 2, 6), local_channels=(42, 84, 168), global_blocks=(2,),
+                        global_channels=(256,), emb_dims=512),
+    "s": MobileViGSize(local_blocks=(3, 3, 9), local_channels=(42, 84, 176), global_blocks=(3,),
+                       global_channels=(256,), emb_dims=512),
+    "m": MobileViGSize(local_blocks=(3, 3, 9), local_channels=(42, 84, 224), global_blocks=(3,),
+                       global_channels=(400,), emb_dims=768),
+    "b": MobileViGSize(local_blocks=(5, 5, 15), local_channels=(42, 84, 240), global_blocks=(5,),
+                       global_channels=(464,), emb_dims=768),
+}
+PUBLISHED_DROP_PATH = 0.1
 
 
 class SVGAConv(nn.Module):
@@ -117,126 +71,17 @@ class SVGAConv(nn.Module):
 
 
 class Grapher(nn.Module):
-    """x + drop_path(fc2(SVGAConv(fc1(x)))): fc1 1x1 conv + BN, fc2 1x1 conv 2C -> C + BN."""
+    """x + drop_path(fc2(SVGAConv(fc1(x)))): fc1 1x1 conv + BN, fc2 1x1 conv 2C -> C + BN; (B, C, H, W) -> same."""
 
     def __init__(self, dim: int, drop_path: float = 0.0, k: int = 2, **dd: Any) -> None:
         super().__init__()
         self.fc1 = conv_bn(dim, dim, **dd)
         self.graph_conv = SVGAConv(dim, k, **dd)
         self.fc2 = conv_bn(dim * 2, dim, **dd)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = drop_path_layer(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.drop_path(self.fc2(self.graph_conv(self.fc1(x))))
-
-
-class FFN(nn.Module):
-    """x + drop_path(fc2(GELU(fc1(x)))), 1x1 convs C -> 4C -> C, each with BN."""
-
-    def __init__(self, dim: int, hidden: int, drop_path: float = 0.0, **dd: Any) -> None:
-        super().__init__()
-        self.fc1 = conv_bn(dim, hidden, **dd)
-        self.act = nn.GELU()
-        self.fc2 = conv_bn(hidden, dim, **dd)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.drop_path(self.fc2(self.act(self.fc1(x))))
-
-
-class DistilledConvNet(nn.Module):
-    """Head, classifier and distillation API shared by MobileViG and GreedyViG.
-
-    ``prediction`` is Sequential(pool, 1x1 conv to emb, BN, GELU, dropout) (published keys
-    ``prediction.{1,2}``); ``head`` and ``dist_head`` are 1x1 convs emb -> classes. As timm's DeiT: in eval,
-    and in train unless `set_distilled_training` (True), the output is the mean of both heads; distilled
-    training returns the pair (head, dist_head).
-    """
-
-    def _build_head(self, in_dim: int, emb_dims: int, num_classes: int, drop_rate: float, global_pool: str,
-                    **dd: Any) -> None:
-        self._check_pool(global_pool)
-        self.global_pool = global_pool
-        self.num_features = in_dim
-        self.head_hidden_size = emb_dims
-        self.num_classes = num_classes
-        self.distilled_training = False
-        self.prediction = nn.Sequential(SelectAdaptivePool2d(pool_type=global_pool), nn.Conv2d(in_dim, emb_dims, 1, **dd),
-                                        nn.BatchNorm2d(emb_dims, **dd), nn.GELU(), nn.Dropout(drop_rate))
-        self.head = self._classifier(emb_dims, num_classes, **dd)
-        self.dist_head = self._classifier(emb_dims, num_classes, **dd)
-
-    @staticmethod
-    def _check_pool(global_pool: str) -> None:
-        if global_pool not in POOLS:
-            raise ValueError(f"global_pool must be one of {POOLS}, got {global_pool!r}")
-
-    @staticmethod
-    def _classifier(emb_dims: int, num_classes: int, **dd: Any) -> nn.Module:
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
-        return nn.Conv2d(emb_dims, num_classes, 1, **dd) if num_classes > 0 else nn.Identity()
-
-    def _init_convs(self) -> None:
-        """As published: Kaiming-normal conv weights, zero biases."""
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d) and module.weight.device.type != "meta":
-                nn.init.kaiming_normal_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-    @torch.jit.ignore
-    def get_classifier(self) -> tuple[nn.Module, nn.Module]:
-        return self.head, self.dist_head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """New ``head`` / ``dist_head`` for ``num_classes`` (0: pre-logits), on the model's device and dtype;
-        ``global_pool`` '' keeps the map (B, emb, H, W)."""
-        reference = next(self.parameters())
-        dd = dict(device=reference.device, dtype=reference.dtype)
-        if global_pool is not None:
-            self._check_pool(global_pool)
-            self.global_pool = global_pool
-            self.prediction[0] = SelectAdaptivePool2d(pool_type=global_pool)
-        self.num_classes = num_classes
-        self.head = self._classifier(self.head_hidden_size, num_classes, **dd).train(self.training)
-        self.dist_head = self._classifier(self.head_hidden_size, num_classes, **dd).train(self.training)
-        self.prediction.train(self.training)
-
-    @torch.jit.ignore
-    def set_distilled_training(self, enable: bool = True) -> None:
-        self.distilled_training = enable
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
-        """(B, C, H, W) -> logits (B, classes), the pair in distilled training; pre-logits (B, emb)."""
-        x = self.prediction(x)
-        if self.global_pool:
-            x_flat = x.flatten(1)
-        else:
-            x_flat = x
-        if pre_logits:
-            return x_flat
-        head, dist = self.head(x), self.dist_head(x)
-        if self.global_pool:
-            head, dist = head.flatten(1), dist.flatten(1)
-        if self.distilled_training and self.training and not torch.jit.is_scripting():
-            return head, dist
-        return (head + dist) / 2
-
-    def forward(self, x):  # unannotated: a string annotation would name no type in an fx graph's TorchScript
-        return self.forward_head(self.forward_features(x))
-
-    def _prune_head(self) -> None:
-        """Drop prediction and classifiers (no parameters left): forward gives the last kept map."""
-        self.prediction = nn.Sequential(nn.Identity())
-        self.global_pool = ""
-        self.head, self.dist_head = nn.Identity(), nn.Identity()
-        self.num_classes = 0
-        self.head_hidden_size = self.num_features
 
 
 class MobileViG(DistilledConvNet):
@@ -261,7 +106,7 @@ class MobileViG(DistilledConvNet):
         self.grad_checkpointing = False
         depth = sum(local_blocks) + sum(global_blocks)
         rates = iter(torch.linspace(0, drop_path_rate, depth, device="cpu").tolist())
-        self.stem = Stem(in_chans, local_channels[0], **dd)
+        self.stem = EfficientStem(in_chans, local_channels[0], **dd)
         local: list[nn.Module] = []
         self.feature_info: list[dict[str, Any]] = []
         self.local_ends: list[int] = []
@@ -279,7 +124,7 @@ class MobileViG(DistilledConvNet):
                 blocks.append(Downsample(global_channels[i - 1], width, **dd))
             for _ in range(count):
                 rate = next(rates)
-                blocks.append(nn.Sequential(Grapher(width, rate, k, **dd), FFN(width, width * 4, rate, **dd)))
+                blocks.append(nn.Sequential(Grapher(width, rate, k, **dd), FFN(width, "gelu", rate, **dd)))
         self.backbone = nn.ModuleList(blocks)
         self.feature_info.append(dict(num_chs=global_channels[-1], reduction=32, module=f"backbone.{len(blocks) - 1}"))
         self._build_head(global_channels[-1], emb_dims, num_classes, drop_rate, global_pool, **dd)
@@ -331,24 +176,11 @@ class MobileViG(DistilledConvNet):
         return take_indices
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> MobileViG:
-    sizes = SIZES[variant]
-    return build_with_weights(MobileViG, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(out_indices=kwargs.pop("out_indices", (0, 1, 2, 3)),
-                                                 feature_cls="getter"),
-                                **{**sizes, **kwargs})
+def _create(variant: str, size: str, pretrained: bool = False, **kwargs: Any) -> MobileViG:
+    settings = {**asdict(SIZES[size]), "drop_path_rate": PUBLISHED_DROP_PATH, **kwargs}
+    feature_cfg = dict(out_indices=settings.pop("out_indices", (0, 1, 2, 3)), feature_cls="getter")
+    return build_with_weights(MobileViG, variant, pretrained, feature_cfg=feature_cfg, **settings)
 
-
-SIZES: dict[str, dict[str, Any]] = {
-    "mobilevig_ti": dict(local_blocks=(2, 2, 6), local_channels=(42, 84, 168), global_blocks=(2,),
-                         global_channels=(256,), emb_dims=512),
-    "mobilevig_s": dict(local_blocks=(3, 3, 9), local_channels=(42, 84, 176), global_blocks=(3,),
-                        global_channels=(256,), emb_dims=512),
-    "mobilevig_m": dict(local_blocks=(3, 3, 9), local_channels=(42, 84, 224), global_blocks=(3,),
-                        global_channels=(400,), emb_dims=768),
-    "mobilevig_b": dict(local_blocks=(5, 5, 15), local_channels=(42, 84, 240), global_blocks=(5,),
-                        global_channels=(464,), emb_dims=768),
-}
 
 # The authors' ImageNet-1k weights on the Hugging Face hub: their training script's checkpoints, whose
 # `state_dict` (not `state_dict_ema`) is what their `--resume FILE --eval` evaluates. The file names are those the
@@ -367,22 +199,22 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def mobilevig_ti(pretrained: bool = False, **kwargs: Any) -> MobileViG:
     """MobileViG-Ti: local 2 / 2 / 6 blocks of 42 / 84 / 168, 2 SVGA blocks of 256, emb 512 (5.27 M)."""
-    return _create("mobilevig_ti", pretrained, **{"drop_path_rate": 0.1, **kwargs})
+    return _create("mobilevig_ti", "ti", pretrained, **kwargs)
 
 
 @register_model
 def mobilevig_s(pretrained: bool = False, **kwargs: Any) -> MobileViG:
     """MobileViG-S: local 3 / 3 / 9 blocks of 42 / 84 / 176, 3 SVGA blocks of 256, emb 512 (7.28 M)."""
-    return _create("mobilevig_s", pretrained, **{"drop_path_rate": 0.1, **kwargs})
+    return _create("mobilevig_s", "s", pretrained, **kwargs)
 
 
 @register_model
 def mobilevig_m(pretrained: bool = False, **kwargs: Any) -> MobileViG:
     """MobileViG-M: local 3 / 3 / 9 blocks of 42 / 84 / 224, 3 SVGA blocks of 400, emb 768 (14.08 M)."""
-    return _create("mobilevig_m", pretrained, **{"drop_path_rate": 0.1, **kwargs})
+    return _create("mobilevig_m", "m", pretrained, **kwargs)
 
 
 @register_model
 def mobilevig_b(pretrained: bool = False, **kwargs: Any) -> MobileViG:
     """MobileViG-B: local 5 / 5 / 15 blocks of 42 / 84 / 240, 5 SVGA blocks of 464, emb 768 (26.87 M)."""
-    return _create("mobilevig_b", pretrained, **{"drop_path_rate": 0.1, **kwargs})
+    return _create("mobilevig_b", "b", pretrained, **kwargs)

@@ -1,5 +1,8 @@
 """Pyramid Vision GNN (pvig), registered with timm.
 
+Paper: "Vision GNN: An Image is Worth Graph of Nodes", Kai Han, Yunhe Wang, Jianyuan Guo, Yehui Tang and Enhua Wu,
+NeurIPS 2022, arXiv:2206.00272 (the pyramid architecture); code and weights: huawei-noah/Efficient-AI-Backbones.
+
 One class, `PyramidVisionGNN`, builds every size; `SIZES` is the only size table. Its blocks are the
 `Grapher` and `FFN` it shares with the isotropic model (`vig.models.vig_blocks`), the Grapher taking its
 kNN keys from the map average-pooled by r and adding a frozen relative-position term to the distances.
@@ -7,8 +10,8 @@ kNN keys from the map average-pooled by r and adding a frozen relative-position 
 relative-position term (the rectangular rule of `gcn_lib.graph.threshold_mask`), with the same weights and
 keys. The module layout and parameter names are those of the published pyramid ViG, so its checkpoints load
 unchanged: ``stem.convs.*``, ``pos_embed``, ``backbone.{i}.0`` (Grapher, with ``relative_pos``) / ``backbone.{i}.1``
-(FFN), ``backbone.{i}.conv.{0,1}`` (Downsample between stages), ``prediction.{0,1,4}``.
-See ``../shared/DESIGN.md`` ("Pyramid ViG").
+(FFN), ``backbone.{i}.conv.{0,1}`` (Downsample between stages), ``prediction.{0,1,4}``. The published sizes,
+relative-position term and quirks are written down in docs/model-notes.md ("Pyramid ViG").
 
 Registered names: ``pvig_{ti,s,m,b}_224_gelu`` and ``pvig_ti_cifar`` (pyramid ViG-Ti for CIFAR-10: stem
 stride 1 at 32 px, stage maps 32, 16, 8, 4; 10 classes). ``stem_stride`` (1, 2 or 4, default 4 as published)
@@ -17,7 +20,7 @@ stride 1: the same parameters, a larger map.
 """
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import torch
@@ -31,7 +34,7 @@ from gcn_lib.shapes import shape_str
 from vig.models.cifar import CIFAR_IMG_SIZE
 from vig.models.factory_args import takes_device_and_dtype
 from vig.models.pretrained import PVIG_RELEASE, VIG_PAPER, build_with_weights, weights_cfg
-from vig.models.vig_blocks import (FFN, PUBLISHED_IMG_SIZE, SVIG_DEC, ConvStem, Grapher, VisionGNNBase,
+from vig.models.vig_blocks import (FFN, PUBLISHED_IMG_SIZE, SVIG_DEC, ConvStem, Downsample, Grapher, VisionGNNBase,
                                    check_pretrained_source, check_stem_stride, cifar_cfg, pair, published_cfg,
                                    resize_relative_pos, resolve_graph_kwargs, strided_grid, threshold_schedule,
                                    warn_cap_once)
@@ -164,18 +167,6 @@ class PyramidStem(ConvStem):
     def __init__(self, in_chans: int, channels: int, act: str, stride: int = STEM_STRIDE) -> None:
         widths = [in_chans, channels // 2, channels]
         super().__init__(widths, act, check_stem_stride(stride, STEM_STRIDES).bit_length() - 1)
-
-
-class Downsample(nn.Module):
-    """Between stages: 3x3 conv stride 2 + BN, (B, C_in, H, W) -> (B, C_out, H/2, W/2) (rounded up)."""
-
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1),
-                                  nn.BatchNorm2d(out_channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
 
 
 class PyramidVisionGNN(VisionGNNBase):
@@ -313,16 +304,9 @@ class PyramidVisionGNN(VisionGNNBase):
 def _create(variant: str, size: str, pretrained: bool = False, **kwargs: Any) -> PyramidVisionGNN:
     check_pretrained_source(variant, pretrained, kwargs)
     resolve_graph_kwargs(variant, kwargs, threshold_default=False)
-    dims = SIZES[size]
-    return build_with_weights(
-        PyramidVisionGNN,
-        variant,
-        pretrained,
-        feature_cfg=dict(out_indices=kwargs.pop("out_indices", len(dims.blocks)), feature_cls="getter"),
-        channels=dims.channels,
-        blocks=dims.blocks,
-        **kwargs,
-    )
+    settings = {**asdict(SIZES[size]), **kwargs}
+    feature_cfg = dict(out_indices=settings.pop("out_indices", len(settings["blocks"])), feature_cls="getter")
+    return build_with_weights(PyramidVisionGNN, variant, pretrained, feature_cfg=feature_cfg, **settings)
 
 
 # The authors' pyramid ViG weights (release `pyramid-vig`; B evaluated with crop 0.95) and the ImageNet-21k

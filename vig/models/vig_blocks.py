@@ -1,4 +1,6 @@
-"""What the isotropic (`vig.models.isotropic`) and pyramid (`vig.models.pyramid`) ViG models share.
+"""The blocks that two or more model families share (no model file imports another; each builds on this one).
+
+For the isotropic (`vig.models.isotropic`) and pyramid (`vig.models.pyramid`) ViG:
 
 - the blocks: `ConvStem`, `Grapher` (graph conv with residual) and `FFN`, and their 1x1 conv + BN pieces;
 - the graph schedules and arguments: `threshold_schedule` (SViG), `resolve_graph_kwargs` (published
@@ -9,8 +11,13 @@
   ``pos_embed`` resize;
 - the pretrained configs (`published_cfg`, `cifar_cfg`) and the factory check `check_pretrained_source`.
 
-The module and parameter names here are those of the published ViG code (``backbone.{i}.0`` Grapher,
-``backbone.{i}.1`` FFN, ``prediction.*``), so that both models' published checkpoints load unchanged.
+For MobileViG (`vig.models.mobilevig`) and GreedyViG (`vig.models.greedyvig`): `EfficientStem`, the one
+`InvertedResidual` (with `remap_inverted_residuals` for GreedyViG's published names), `DistilledConvNet` (head,
+distillation and pruning API) and `efficient_cfg`; `FFN` (MobileViG) and `Downsample` (pyramid ViG too).
+For every family: `check_pool` (the one check of ``global_pool``) and `conv_bn`.
+
+The module and parameter names are those of the published code, so that published checkpoints load unchanged
+(GreedyViG's inverted residuals through the rename). The semantics are written down in docs/model-notes.md.
 """
 import logging
 import math
@@ -73,9 +80,22 @@ def threshold_schedule(start_thresh: float, dec: float, depth: int) -> list[floa
     return thresholds
 
 
-def conv_bn(in_channels: int, out_channels: int) -> nn.Sequential:
-    """1x1 conv with bias followed by BatchNorm: (B, C_in, H, W) -> (B, C_out, H, W)."""
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1), nn.BatchNorm2d(out_channels))
+def conv_bn(in_channels: int, out_channels: int, **dd: Any) -> nn.Sequential:
+    """1x1 conv with bias followed by BatchNorm: (B, C_in, H, W) -> (B, C_out, H, W); ``dd``: device / dtype."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, **dd), nn.BatchNorm2d(out_channels, **dd))
+
+
+class Downsample(nn.Module):
+    """Between stages (pyramid ViG, MobileViG, GreedyViG): 3x3 conv stride 2 (padding 1) + BN,
+    (B, C_in, H, W) -> (B, C_out, H/2, W/2) (rounded up); keys ``conv.{0,1}``."""
+
+    def __init__(self, in_channels: int, out_channels: int, **dd: Any) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1, **dd),
+                                  nn.BatchNorm2d(out_channels, **dd))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
 
 
 def drop_path_layer(rate: float) -> nn.Module:
@@ -106,14 +126,21 @@ class ConvStem(nn.Module):
 
 
 HEAD_POOLS: tuple[str, ...] = ("avg", "max", "avgmax", "")
+MEAN_POOLS: tuple[str, ...] = ("avg", "")  # models that pool by a mean of their own (graph nodes, batch features)
+
+
+def check_pool(global_pool: str, allowed: Sequence[str] = HEAD_POOLS) -> str:
+    """``global_pool`` if it is one of ``allowed`` (``''``: no pooling), else ValueError naming them. The conv
+    heads take `HEAD_POOLS`; ``catavgmax`` would double the channels the head's first conv takes."""
+    if global_pool not in allowed:
+        raise ValueError(f"global_pool must be one of {', '.join(map(repr, allowed))}, got {global_pool!r}")
+    return global_pool
 
 
 def head_pool(pool_type: str) -> SelectAdaptivePool2d:
     """The pooling before the conv head (B, C, h, w) -> (B, C, 1, 1): a timm pool type of `HEAD_POOLS`, or
-    ``''`` for none (maps pass through). ``catavgmax`` would double the channels the head's first conv takes."""
-    if pool_type not in HEAD_POOLS:
-        raise ValueError(f"global_pool must be one of {', '.join(map(repr, HEAD_POOLS))}, got {pool_type!r}")
-    return SelectAdaptivePool2d(pool_type=pool_type, flatten=False)
+    ``''`` for none (maps pass through)."""
+    return SelectAdaptivePool2d(pool_type=check_pool(pool_type), flatten=False)
 
 
 def strided_grid(height: int, width: int, stride: int) -> tuple[int, int]:
@@ -181,13 +208,14 @@ class Grapher(nn.Module):
 
 
 class FFN(nn.Module):
-    """Feed-forward block: 1x1 conv C -> 4C + BN, activation, 1x1 conv 4C -> C + BN, drop path, residual."""
+    """Feed-forward block: 1x1 conv C -> 4C + BN, activation, 1x1 conv 4C -> C + BN, drop path, residual
+    (ViG, pyramid ViG and MobileViG); ``dd``: device / dtype."""
 
-    def __init__(self, channels: int, act: str, drop_path: float, expansion: int = 4) -> None:
+    def __init__(self, channels: int, act: str, drop_path: float, expansion: int = 4, **dd: Any) -> None:
         super().__init__()
-        self.fc1 = conv_bn(channels, expansion * channels)
+        self.fc1 = conv_bn(channels, expansion * channels, **dd)
         self.act = act_layer(act)
-        self.fc2 = conv_bn(expansion * channels, channels)
+        self.fc2 = conv_bn(expansion * channels, channels, **dd)
         self.drop_path = drop_path_layer(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -242,9 +270,9 @@ class VisionGNNBase(nn.Module):
             self._classifier(self.num_classes),
         )
 
-    @staticmethod
-    def _classifier(num_classes: int) -> nn.Module:
-        return nn.Conv2d(HEAD_HIDDEN, num_classes, 1) if num_classes > 0 else nn.Identity()
+    def _classifier(self, num_classes: int) -> nn.Module:
+        """The classifier (B, head_hidden_size, h, w) -> (B, num_classes, h, w): a 1x1 conv, or Identity for 0."""
+        return nn.Conv2d(self.head_hidden_size, num_classes, 1) if num_classes > 0 else nn.Identity()
 
     def reset_parameters(self) -> None:
         """As published: every conv weight kaiming-normal, every conv bias zero; pos_embed zero."""
@@ -270,7 +298,7 @@ class VisionGNNBase(nn.Module):
         self.grad_checkpointing = enable
 
     def get_classifier(self) -> nn.Module:
-        """The last layer of the head: Conv2d(1024, num_classes, 1), or Identity for num_classes=0."""
+        """The last layer of the head: Conv2d(head_hidden_size, num_classes, 1), or Identity for num_classes=0."""
         return self.prediction[-1]
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
@@ -339,13 +367,19 @@ class VisionGNNBase(nn.Module):
 
     def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
-        """Drop the blocks after the last level in ``indices`` (and the classifier); returns the kept indices."""
+        """Drop the blocks after the last level in ``indices`` and, with ``prune_head``, the whole conv head (no
+        parameter is left unused, as a detector's DDP needs); returns the kept indices. The model's forward then
+        gives the last kept map (B, C, h, w); `reset_classifier` puts a 1x1 conv classifier on it."""
         ends = self.feature_ends()
         take_indices, max_index = feature_take_indices(len(ends), indices)
         self.backbone = self.backbone[:ends[max_index] + 1]
         self.feature_info = self.feature_info[:max_index + 1]
+        self.num_features = self.feature_info[-1]["num_chs"]
         if prune_head:
-            self.reset_classifier(0)
+            self.head_hidden_size = self.num_features
+            self.global_pool = head_pool("").train(self.training)
+            self.prediction = nn.Sequential(nn.Identity())
+            self.num_classes = 0
         return take_indices
 
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -425,3 +459,187 @@ def cifar_cfg(pool_size: tuple[int, int], **overrides: Any) -> dict[str, Any]:
     CIFAR-10 mean / std, 10 classes, final map ``pool_size``; ``overrides`` replace entries."""
     return published_cfg(pool_size, **{**dict(num_classes=10, input_size=(3, CIFAR_IMG_SIZE, CIFAR_IMG_SIZE),
                                               crop_pct=1.0, mean=CIFAR10_MEAN, std=CIFAR10_STD), **overrides})
+
+
+# --- MobileViG and GreedyViG --------------------------------------------------------------------------------
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def efficient_cfg(**overrides: Any) -> dict[str, Any]:
+    """Pretrained config of the published MobileViG / GreedyViG ImageNet models: 224 px, crop 0.9, bicubic,
+    ImageNet mean / std, both classifiers; ``overrides`` replace entries."""
+    return {**dict(url="", num_classes=1000, input_size=(3, PUBLISHED_IMG_SIZE, PUBLISHED_IMG_SIZE),
+                   pool_size=(7, 7), crop_pct=0.9, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                   first_conv="stem.stem.0", classifier=("head", "dist_head"), fixed_input_size=False),
+            **overrides}
+
+
+class EfficientStem(nn.Module):
+    """Stem of MobileViG and GreedyViG: 3x3 stride-2 conv to C/2, BN, GELU, 3x3 stride-2 conv to C, BN, GELU:
+    (B, in_chans, H, W) -> (B, C, H/4, W/4) (rounded up); keys ``stem.{0,1,3,4}``."""
+
+    def __init__(self, in_chans: int, channels: int, **dd: Any) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, channels // 2, 3, stride=2, padding=1, **dd), nn.BatchNorm2d(channels // 2, **dd),
+            nn.GELU(),
+            nn.Conv2d(channels // 2, channels, 3, stride=2, padding=1, **dd), nn.BatchNorm2d(channels, **dd),
+            nn.GELU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem(x)
+
+
+class InvertedMLP(nn.Module):
+    """1x1 expand, BN, GELU, 3x3 depthwise, BN, GELU, 1x1 project, BN: (B, C, H, W) -> (B, C, H, W); keys
+    ``fc1 norm1 mid mid_norm fc2 norm2`` (MobileViG's; GreedyViG's ``pw1 norm1 dw norm2 pw2 norm3`` are renamed
+    by `remap_inverted_residuals`)."""
+
+    def __init__(self, dim: int, hidden: int, **dd: Any) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(dim, hidden, 1, **dd)
+        self.norm1 = nn.BatchNorm2d(hidden, **dd)
+        self.mid = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, **dd)
+        self.mid_norm = nn.BatchNorm2d(hidden, **dd)
+        self.fc2 = nn.Conv2d(hidden, dim, 1, **dd)
+        self.norm2 = nn.BatchNorm2d(dim, **dd)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.norm1(self.fc1(x)))
+        x = self.act(self.mid_norm(self.mid(x)))
+        return self.norm2(self.fc2(x))
+
+
+class InvertedResidual(nn.Module):
+    """The local block of MobileViG and GreedyViG: x + drop_path(layer_scale_2 * mlp(x)), the `InvertedMLP`
+    expanding 4x; (B, C, H, W) -> same. The layer scale has shape (C, 1, 1) (MobileViG's; GreedyViG publishes it
+    as (C,) under another module tree: `remap_inverted_residuals`)."""
+
+    def __init__(self, dim: int, drop_path: float = 0.0, layer_scale: float = 1e-5, expansion: int = 4,
+                 **dd: Any) -> None:
+        super().__init__()
+        self.mlp = InvertedMLP(dim, dim * expansion, **dd)
+        self.drop_path = drop_path_layer(drop_path)
+        self.layer_scale_2 = nn.Parameter(torch.full((dim, 1, 1), layer_scale, **dd))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.layer_scale_2 * self.mlp(x))
+
+
+# GreedyViG's published names inside an inverted residual -> the names of `InvertedMLP`
+_GREEDY_INVERTED_NAMES: dict[str, str] = {"pw1": "fc1", "norm1": "norm1", "dw": "mid", "norm2": "mid_norm",
+                                          "pw2": "fc2", "norm3": "norm2"}
+
+
+def remap_inverted_residuals(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """GreedyViG's published inverted residuals in `InvertedResidual`'s layout: ``P.dws.{pw1,norm1,dw,norm2,pw2,
+    norm3}.*`` -> ``P.mlp.{fc1,norm1,mid,mid_norm,fc2,norm2}.*`` and ``P.layer_scale_2`` (C,) -> (C, 1, 1), for each
+    block prefix P that holds ``dws`` keys. Other keys, and a state dict already in this layout, pass unchanged."""
+    prefixes = {key.split(".dws.")[0] for key in state_dict if ".dws." in key}
+    remapped: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        prefix, dws, rest = key.partition(".dws.")
+        if dws and prefix in prefixes:
+            module, _, leaf = rest.partition(".")
+            key = f"{prefix}.mlp.{_GREEDY_INVERTED_NAMES.get(module, module)}.{leaf}"
+        elif key.endswith(".layer_scale_2") and key[:-len(".layer_scale_2")] in prefixes and value.dim() == 1:
+            value = value[:, None, None]
+        remapped[key] = value
+    return remapped
+
+
+class DistilledConvNet(nn.Module):
+    """Head, classifier, distillation and pruning API of MobileViG and GreedyViG.
+
+    ``prediction`` is Sequential(pool, 1x1 conv to emb, BN, GELU, dropout) (published keys ``prediction.{1,2}``);
+    ``head`` and ``dist_head`` are 1x1 convs emb -> classes. As timm's DeiT: in eval, and in training unless
+    `set_distilled_training` (True), the output is the mean of both heads; distilled training returns the pair
+    (head, dist_head). `adapt_state_dict` (applied by `vig.checkpoint.checkpoint_filter_fn` and the trainer's
+    loader) brings published GreedyViG inverted residuals into the shared layout.
+    """
+
+    def _build_head(self, in_dim: int, emb_dims: int, num_classes: int, drop_rate: float, global_pool: str,
+                    **dd: Any) -> None:
+        self.global_pool = check_pool(global_pool)
+        self.num_features = in_dim
+        self.head_hidden_size = emb_dims
+        self.num_classes = num_classes
+        self.distilled_training = False
+        self.prediction = nn.Sequential(SelectAdaptivePool2d(pool_type=global_pool),
+                                        nn.Conv2d(in_dim, emb_dims, 1, **dd), nn.BatchNorm2d(emb_dims, **dd),
+                                        nn.GELU(), nn.Dropout(drop_rate))
+        self.head = self._classifier(emb_dims, num_classes, **dd)
+        self.dist_head = self._classifier(emb_dims, num_classes, **dd)
+
+    @staticmethod
+    def _classifier(emb_dims: int, num_classes: int, **dd: Any) -> nn.Module:
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        return nn.Conv2d(emb_dims, num_classes, 1, **dd) if num_classes > 0 else nn.Identity()
+
+    def _init_convs(self) -> None:
+        """As published: Kaiming-normal conv weights, zero biases."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d) and module.weight.device.type != "meta":
+                nn.init.kaiming_normal_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    @torch.jit.ignore
+    def get_classifier(self) -> tuple[nn.Module, nn.Module]:
+        return self.head, self.dist_head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """New ``head`` / ``dist_head`` for ``num_classes`` (0: pre-logits), on the model's device and dtype;
+        ``global_pool`` '' keeps the map (B, emb, H, W)."""
+        reference = next(self.parameters())
+        dd = dict(device=reference.device, dtype=reference.dtype)
+        if global_pool is not None:
+            self.global_pool = check_pool(global_pool)
+            self.prediction[0] = SelectAdaptivePool2d(pool_type=global_pool)
+        self.num_classes = num_classes
+        self.head = self._classifier(self.head_hidden_size, num_classes, **dd).train(self.training)
+        self.dist_head = self._classifier(self.head_hidden_size, num_classes, **dd).train(self.training)
+        self.prediction.train(self.training)
+
+    @torch.jit.ignore
+    def set_distilled_training(self, enable: bool = True) -> None:
+        self.distilled_training = enable
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
+        """(B, C, H, W) -> logits (B, classes), the pair in distilled training; pre-logits (B, emb)."""
+        x = self.prediction(x)
+        if self.global_pool:
+            x_flat = x.flatten(1)
+        else:
+            x_flat = x
+        if pre_logits:
+            return x_flat
+        head, dist = self.head(x), self.dist_head(x)
+        if self.global_pool:
+            head, dist = head.flatten(1), dist.flatten(1)
+        if self.distilled_training and self.training and not torch.jit.is_scripting():
+            return head, dist
+        return (head + dist) / 2
+
+    def forward(self, x):  # unannotated: a string annotation would name no type in an fx graph's TorchScript
+        return self.forward_head(self.forward_features(x))
+
+    def _prune_head(self) -> None:
+        """Drop prediction and classifiers (no parameters left): forward gives the last kept map."""
+        self.prediction = nn.Sequential(nn.Identity())
+        self.global_pool = ""
+        self.head, self.dist_head = nn.Identity(), nn.Identity()
+        self.num_classes = 0
+        self.head_hidden_size = self.num_features
+
+    def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A published or own checkpoint's weights in this model's layout (`remap_inverted_residuals`)."""
+        return remap_inverted_residuals(state_dict)
