@@ -102,7 +102,8 @@ class MRConv2d(nn.Module):
         """The relative features m (B, C, N, 1) over a threshold graph given block by block (`ThresholdRows`).
 
         Each block's mask rows (B, R, M) are consumed at once: by ranked keys (`masked_key_max`, the keys sorted
-        once for all blocks) at or above `SCATTER_BELOW_DENSITY` and under torch.compile, else over the block's
+        once for all blocks) at or above `SCATTER_BELOW_DENSITY`, under torch.compile and on the meta device (no data
+        to count), else over the block's
         edges with ``scatter_reduce``. Same values as `aggregate` on the whole mask; memory linear in N.
         """
         b, c, n, _ = x.shape
@@ -115,7 +116,7 @@ class MRConv2d(nn.Module):
             stop = min(n, start + rows.step)
             mask = rows.rows(start, stop)
             centres = nodes[:, :, start:stop]
-            if compiling or mask.count_nonzero() >= self.scatter_below_density * mask.numel():
+            if compiling or mask.is_meta or mask.count_nonzero() >= self.scatter_below_density * mask.numel():
                 if order is None:
                     order = keys.detach().argsort(dim=-1, descending=True, stable=True)
                 values, _ = masked_key_max(keys, mask, order)

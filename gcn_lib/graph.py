@@ -247,8 +247,9 @@ def reduced_keys(x: torch.Tensor, r: int) -> torch.Tensor | None:
 @torch.compiler.assume_constant_result
 def threshold_quantile(t: float) -> float:
     """Standard normal quantile Phi^-1(t) in float64 (``torch.special.ndtri``); a constant to torch.compile
-    (torch 2.8's dynamo breaks the graph at the ``float()`` of a tensor; 2.11 and later do not)."""
-    return float(torch.special.ndtri(torch.tensor(t, dtype=torch.float64)))
+    (torch 2.8's dynamo breaks the graph at the ``float()`` of a tensor; 2.11 and later do not). Computed on the CPU
+    whatever device context is active (under ``torch.device("meta")`` a tensor would have no value)."""
+    return float(torch.special.ndtri(torch.tensor(t, dtype=torch.float64, device="cpu")))
 
 
 def _check_number(t: object) -> None:

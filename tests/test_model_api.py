@@ -90,6 +90,18 @@ def test_the_registry_holds_every_model_family() -> None:
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_every_registered_model_runs_on_the_meta_device(name: str) -> None:
+    """A forward pass on tensors without data, in eval mode, at the model's default input size (what timm's
+    test_model_default_cfgs does): no graph rule may read data to choose its path (the threshold graph's
+    density choice did)."""
+    with torch.device("meta"):
+        model = timm.create_model(name, **SMALL.get(name, {})).eval()
+        size = model.pretrained_cfg["input_size"]
+        out = model(torch.randn(2, *size))
+    assert out.is_meta and out.shape == (2, model.num_classes)
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_every_registered_model_has_the_api(name: str) -> None:
     with torch.device("meta"):
         model = timm.create_model(name, **SMALL.get(name, {}))
