@@ -122,6 +122,7 @@ def test_torchcompile_compiles_the_evaluated_model(data: Path, checkpoint: Path,
 @pytest.mark.parametrize(("flags", "field", "value"), [
     (["--amp"], "amp", "bfloat16"),
     (["--amp-dtype", "bfloat16"], "amp", "bfloat16"),
+    (["--amp-dtype", "float16"], "amp", "float16"),  # on the CPU too (it once warned and took bfloat16)
     (["--tta"], "tta", 2),
     (["--tta", "2"], "tta", 2),
     (["--model-dtype", "bfloat16"], "model_dtype", "bfloat16"),

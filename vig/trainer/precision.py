@@ -14,7 +14,7 @@ _LOGGER = logging.getLogger(__name__)
 
 @dataclass
 class Precision:
-    """Autocast settings: dtype None means float32; scaler only for float16 on CUDA."""
+    """Autocast settings: dtype None means float32; a gradient scaler with float16 only."""
 
     device_type: str
     dtype: torch.dtype | None
@@ -36,7 +36,8 @@ def _cpu_bfloat16_works() -> bool:
 
 
 def resolve_precision(amp: bool, amp_dtype: str | None, device: torch.device) -> Precision:
-    """bfloat16 autocast where supported, float16 + gradient scaler otherwise (CUDA); CPU: bfloat16 or float32.
+    """CUDA: bfloat16 autocast where supported, float16 + gradient scaler otherwise; CPU: bfloat16 (float32 where
+    bfloat16 autocast fails). ``--amp-dtype`` named explicitly is used as named, float16 with a gradient scaler.
 
     Args:
         amp: --amp (an explicit --amp-dtype also turns AMP on).
@@ -52,8 +53,9 @@ def resolve_precision(amp: bool, amp_dtype: str | None, device: torch.device) ->
         scaler = NativeScaler(device="cuda") if dtype == torch.float16 else None
         _LOGGER.info("AMP: %s autocast on CUDA%s", amp_dtype, " with gradient scaler" if scaler else "")
         return Precision("cuda", dtype, scaler)
-    if amp_dtype == "float16":
-        _LOGGER.warning("AMP: float16 autocast is not used on CPU; using bfloat16 instead")
+    if amp_dtype == "float16":  # asked for by name: float16 autocast, with a gradient scaler as on CUDA
+        _LOGGER.info("AMP: float16 autocast on CPU with gradient scaler")
+        return Precision("cpu", torch.float16, NativeScaler(device="cpu"))
     if _cpu_bfloat16_works():
         _LOGGER.info("AMP: bfloat16 autocast on CPU")
         return Precision("cpu", torch.bfloat16, None)
