@@ -20,7 +20,7 @@ import torch
 
 import vig  # noqa: F401  (registers the models)
 from tests.timm_plugin.vig_timm_skips import BATCH_MIXING, GAT_SCRIPT, SKIPPED
-from tests.timm_suite import EXPECTED_TESTS, SuiteUnavailable, fetch_timm_tests, problems, run_suite
+from tests.timm_suite import EXPECTED_TESTS, SuiteUnavailable, case_model, fetch_timm_tests, problems, run_suite
 
 pytestmark = pytest.mark.slow
 
@@ -79,3 +79,5 @@ def test_the_judge_fails_unlisted_skips_listed_cases_that_ran_and_missing_tests(
     assert problems(tagged, [model], {}) == []
     failing = {**outcomes, f"test_model_backward[1-{model}]": "failed"}
     assert problems(failing, [model], {}) == [f"failed: test_model_backward[1-{model}]"]
+    assert case_model(f"test_model_forward_intermediates[{model}-1]", [model]) == model  # model first in the id
+    assert case_model("test_model_forward[1-resnet18]", [model]) is None

@@ -74,11 +74,13 @@ def selection(models: list[str]) -> str:
 
 
 def case_model(case: str, models: list[str]) -> str | None:
-    """The model of a parametrised case id such as ``test_model_forward[1-vig_ti_cifar]``, if it is one of ours; a
-    pretrained tag (``test_model_default_cfgs[1-vig_ti_224_gelu.in1k]``, as timm parametrises the tests of tagged
-    models) counts for its model."""
-    match = re.search(r"\[(?:[^\]]*-)?([A-Za-z0-9_]+)(?:\.[A-Za-z0-9_]+)?\]$", case)
-    return match.group(1) if match and match.group(1) in models else None
+    """The model of a parametrised case id such as ``test_model_forward[1-vig_ti_cifar]``, if it is one of ours,
+    wherever it stands among the parameters (``[greedyvig_s-1]`` too); a pretrained tag
+    (``test_model_default_cfgs[1-vig_ti_224_gelu.in1k]``, as timm parametrises the tests of tagged models) counts
+    for its model."""
+    match = re.search(r"\[([^\]]*)\]$", case)
+    names = [part.split(".", 1)[0] for part in match.group(1).split("-")] if match else []
+    return next((name for name in names if name in models), None)
 
 
 def problems(outcomes: dict[str, str], models: list[str], skipped: dict[str, str]) -> list[str]:
