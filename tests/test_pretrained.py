@@ -325,6 +325,9 @@ def test_hub_weights_load_from_an_offline_hub_cache(name: str, uncached: str, tm
     message = errors[uncached]
     assert message and "\n" not in message and "pretrained_cfg_overlay=dict(file=PATH)" in message
     assert f"huggingface.co/{missing.hf_hub_id}/blob/main/{missing.hf_hub_filename}" in message
+    reason = message.split(" (", 1)[1].rsplit("); without a network", 1)[0]
+    # quoted in whole sentences: huggingface_hub's long second sentence was cut at 200 characters ("make sure your")
+    assert "make sure your" not in reason and not reason.endswith(" "), reason
 
 
 # --- train.py and the tools ------------------------------------------------------------------------------------

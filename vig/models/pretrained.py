@@ -22,7 +22,7 @@ import torch
 from timm.models import PretrainedCfg, build_model_with_cfg, get_pretrained_cfg, resolve_pretrained_cfg
 from torch import nn
 
-from vig.checkpoint import SAFE_GLOBALS, checkpoint_filter_fn, read_checkpoint
+from vig.checkpoint import SAFE_GLOBALS, checkpoint_filter_fn, read_checkpoint, whole_reason
 from vig.errors import WeightsUnavailableError
 
 _logger = logging.getLogger(__name__)
@@ -138,8 +138,8 @@ def build_with_weights(model_cls: Callable[..., nn.Module], variant: str, pretra
                                         kwargs.get("pretrained_cfg_overlay")).to_dict()
         if config.get("file") or local_copy:
             raise  # a local file the caller named: its own error (not a download)
-        reason = " ".join(str(err).split()) or type(err).__name__
+        reason = whole_reason(err) if str(err).strip() else type(err).__name__  # whole sentences, never cut
         raise WeightsUnavailableError(
-            f"{variant}: cannot download the pretrained weights from {_source(config)} ({reason[:200]}); without a "
+            f"{variant}: cannot download the pretrained weights from {_source(config)} ({reason}); without a "
             "network pass a local copy of that file: pretrained_cfg_overlay=dict(file=PATH)",
             argument="pretrained_cfg_overlay") from None
