@@ -154,3 +154,44 @@ def test_modules_script() -> None:
     x = torch.randn(1, 3, 5, 6)
     for module in (SVGA(2), DAGA(2)):
         torch.testing.assert_close(torch.jit.script(module)(x), module(x))
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(2, 5, 17, 3)])
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("op", ["svga", "daga"])
+def test_winner_routed_backward_equals_the_chain_without_ties(shape: tuple[int, ...], k: int, op: str) -> None:
+    """With a gradient, SVGA and DAGA run `_AxialExtreme` (one byte per element saved, the gradient sent to the
+    winning offset); its values and, on tie-free float64 inputs, its gradient are those of the plain chain of
+    ``maximum`` / ``where`` that autograd differentiates."""
+    from gcn_lib import axial
+
+    torch.manual_seed(6)
+    x = torch.randn(shape, dtype=torch.float64)
+    weights = torch.randn(shape, dtype=torch.float64)
+    largest = op == "daga"
+    threshold = axial.daga_threshold(x) if largest else None
+    routed = x.clone().requires_grad_(True)
+    chained = x.clone().requires_grad_(True)
+    out_routed = axial._AxialExtreme.apply(routed, k, largest, threshold)
+    out_chained = axial._axial_extreme_values(chained, k, largest, threshold)
+    torch.testing.assert_close(out_routed, out_chained, rtol=0, atol=0)
+    (out_routed * weights).sum().backward()
+    (out_chained * weights).sum().backward()
+    torch.testing.assert_close(routed.grad, chained.grad, rtol=1e-14, atol=1e-14)  # sums in another order
+    aggregate = daga_aggregate if largest else svga_aggregate
+    torch.testing.assert_close(aggregate(routed, k), aggregate(x, k), rtol=0, atol=0)
+    assert aggregate(routed, k).grad_fn is not None
+
+
+@pytest.mark.parametrize("op", [svga_aggregate, daga_aggregate])
+def test_winner_routed_backward_sends_a_tie_to_one_neighbour(op) -> None:
+    """A map of equal values ties every candidate: the whole gradient goes to the node itself (the first
+    candidate), once; the chain of ``maximum`` would split it among the tied offsets."""
+    x = torch.ones(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    weights = torch.arange(32, dtype=torch.float64).view(1, 2, 4, 4)
+    from gcn_lib import axial
+
+    largest = op is daga_aggregate
+    threshold = torch.full((1, 1, 1, 1), 1.0, dtype=torch.float64) if largest else None
+    (axial._AxialExtreme.apply(x, 1, largest, threshold) * weights).sum().backward()
+    torch.testing.assert_close(x.grad, weights, rtol=0, atol=0)
