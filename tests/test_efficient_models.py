@@ -112,3 +112,21 @@ def test_forward_intermediates_stops_after_the_last_requested_stage(name: str) -
     assert [tuple(m.shape[-2:]) for m in maps] == [(16, 16), (8, 8), (4, 4), (2, 2)]
     assert len(early) == 2 and all(torch.equal(a, b) for a, b in zip(early, maps[:2]))
     assert torch.equal(last, maps[1])  # no layer after stage 1 ran
+
+
+@pytest.mark.parametrize("name", ["mobilevig_ti", "greedyvig_s"])
+def test_efficient_models_run_channels_last_except_in_float64(name: str) -> None:
+    """The stem hands the maps on channels-last (the fast layout for these convolutions on the CPU); float64,
+    the dtype of the bit-exact checks against the published code, keeps the contiguous layout. Both layouts
+    give the same logits to float32 rounding."""
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        maps = model.forward_intermediates(x, intermediates_only=True)
+        assert all(m.is_contiguous(memory_format=torch.channels_last) and not m.is_contiguous() for m in maps)
+        logits = model(x)
+        double = model.double()
+        maps64 = double.forward_intermediates(x.double(), intermediates_only=True)
+        assert all(m.is_contiguous() for m in maps64)
+        torch.testing.assert_close(logits.double(), double(x.double()), rtol=1e-4, atol=1e-4)

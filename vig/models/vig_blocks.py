@@ -478,7 +478,12 @@ def efficient_cfg(**overrides: Any) -> dict[str, Any]:
 
 class EfficientStem(nn.Module):
     """Stem of MobileViG and GreedyViG: 3x3 stride-2 conv to C/2, BN, GELU, 3x3 stride-2 conv to C, BN, GELU:
-    (B, in_chans, H, W) -> (B, C, H/4, W/4) (rounded up); keys ``stem.{0,1,3,4}``."""
+    (B, in_chans, H, W) -> (B, C, H/4, W/4) (rounded up); keys ``stem.{0,1,3,4}``.
+
+    The images enter in the channels-last memory layout, so every convolution, norm and axial graph after
+    it runs channels-last: on the CPU these models' depthwise and 1x1 convolutions run faster so
+    (docs/BENCHMARKS.md, "Side by side on the CPU"). Float64, the dtype that checks the published weights
+    bit for bit, stays in the contiguous layout: the published code's order of summation."""
 
     def __init__(self, in_chans: int, channels: int, **dd: Any) -> None:
         super().__init__()
@@ -489,6 +494,8 @@ class EfficientStem(nn.Module):
             nn.GELU())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float64:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.stem(x)
 
 
