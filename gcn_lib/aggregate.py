@@ -253,6 +253,58 @@ masked_key_max.register_fake(_masked_key_max_shapes)
 masked_key_max.register_autograd(_masked_key_max_backward, setup_context=_save_winners)
 
 
+# Neighbour columns gathered per pass in `masked_key_max_by_degree`: a (rows, group, C) temporary.
+_DEGREE_GROUP = 8
+
+
+def masked_key_max_by_degree(keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Maximum key of every mask row, per channel, by gathering each row's neighbours: no gradient.
+
+    The rows are sorted by degree, longest first, and their neighbour lists laid out in a (rows, max degree)
+    table, padded with each row's first neighbour (which leaves a maximum unchanged). Pass p gathers columns
+    p * G .. p * G + G - 1 for the rows whose degree exceeds p * G, a prefix of the sorted rows, as contiguous
+    C-vectors of the node-major keys, and folds them into a running maximum. The work is C times the number of
+    edges, however unevenly the degrees fall (`masked_key_max` ranks keys and pays most for rows of low
+    degree, the rows a near-complete SViG graph at initialisation is full of). The values are exact maxima,
+    bit-identical to the other forms.
+
+    Args:
+        keys: (B, C, M) features of the keys.
+        mask: (B, R, M) bool, ``mask[b, i, j]`` iff key j is a neighbour of centre i.
+
+    Returns:
+        values (B, C, R): ``max_{j: mask[b, i, j]} keys[b, c, j]``, 0 for a row without neighbours.
+    """
+    b, c, m = keys.shape
+    r = mask.shape[1]
+    with torch.no_grad():
+        nodes = keys.transpose(1, 2).reshape(b * m, c)
+        degree = mask.sum(dim=-1).flatten()
+        sorted_degree, order = degree.sort(descending=True, stable=True)
+        longest = int(sorted_degree[0]) if degree.numel() > 0 else 0
+        values = keys.new_zeros(b * r, c)
+        if longest == 0:
+            return values.view(b, r, c).transpose(1, 2)
+        image, centre, key = mask.nonzero(as_tuple=True)  # row-major: each row's keys together
+        row = image * r + centre
+        first = torch.cumsum(degree, 0) - degree
+        column = torch.arange(row.numel(), device=mask.device) - first[row]
+        place = torch.empty_like(order)
+        place[order] = torch.arange(order.numel(), device=mask.device)
+        ids = image * m + key
+        table = ids[first.clamp(max=max(0, ids.numel() - 1))][order].view(-1, 1).repeat(1, longest)
+        table[place[row], column] = ids
+        with_neighbours = int(torch.count_nonzero(sorted_degree))
+        best = nodes.index_select(0, table[:with_neighbours, 0])
+        for start in range(1, longest, _DEGREE_GROUP):
+            active = int(torch.count_nonzero(sorted_degree > start))
+            group = table[:active, start:start + _DEGREE_GROUP]
+            gathered = nodes.index_select(0, group.reshape(-1)).view(active, group.shape[1], c)
+            torch.maximum(best[:active], gathered.amax(dim=1), out=best[:active])
+        values[order[:with_neighbours]] = best
+        return values.view(b, r, c).transpose(1, 2)
+
+
 def max_relative_ranked(x: torch.Tensor, mask: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
     """Max-relative aggregation over a mask by ranked keys (`masked_key_max`), square or rectangular.
 

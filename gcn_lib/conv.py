@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .aggregate import (gather_neighbours, masked_key_max, max_relative_dense, max_relative_gather,
-                        max_relative_ranked, max_relative_scatter)
+from .aggregate import (gather_neighbours, masked_key_max, masked_key_max_by_degree, max_relative_dense,
+                        max_relative_gather, max_relative_ranked, max_relative_scatter)
 from .graph import ThresholdRows
 from .layers import BasicConv, interleave_channels
 from .shapes import shape_str
@@ -37,6 +37,11 @@ MASK_CONVS: tuple[str, ...] = ("mr", "gin")
 # cost about C * E), above it by ranked keys (`max_relative_ranked`, cost about C * N^2 * 3 / density):
 # the crossover measured on CPU by benchmarks/cpu_threshold.py lies between densities 0.035 and 0.1.
 SCATTER_BELOW_DENSITY = 0.07
+# Without a gradient, a block of threshold-mask rows is aggregated by gathering each row's neighbours
+# (`masked_key_max_by_degree`, cost C * E) below this density, by ranked keys above it (a near-complete block,
+# where three ranked keys almost always hold a row's maximum): the crossover measured on CPU, 8 x 196 x 196
+# random masks, C = 192, lies between densities 0.6 and 1.0.
+GATHER_BELOW_DENSITY = 0.7
 
 
 def graph_form(graph: torch.Tensor) -> str:
@@ -70,6 +75,7 @@ class MRConv2d(nn.Module):
         super().__init__()
         self.nn = BasicConv([in_channels * 2, out_channels], act, norm, bias)
         self.scatter_below_density = SCATTER_BELOW_DENSITY  # an attribute, which TorchScript reads (a global it cannot)
+        self.gather_below_density = GATHER_BELOW_DENSITY
 
     def aggregate(self, x: torch.Tensor, graph: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The relative features m (B, C, N, 1) for any graph form; with keys y (B, C, M, 1) the graph is
@@ -101,22 +107,29 @@ class MRConv2d(nn.Module):
     def aggregate_rows(self, x: torch.Tensor, rows: ThresholdRows, y: torch.Tensor | None = None) -> torch.Tensor:
         """The relative features m (B, C, N, 1) over a threshold graph given block by block (`ThresholdRows`).
 
-        Each block's mask rows (B, R, M) are consumed at once: by ranked keys (`masked_key_max`, the keys sorted
-        once for all blocks) at or above `SCATTER_BELOW_DENSITY`, under torch.compile and on the meta device (no data
-        to count), else over the block's
-        edges with ``scatter_reduce``. Same values as `aggregate` on the whole mask; memory linear in N.
+        Each block's mask rows (B, R, M) are consumed at once. Under torch.compile and on the meta device (no
+        data to count): by ranked keys (`masked_key_max`, the keys sorted once for all blocks). Without a gradient
+        to keep: by gathering each row's neighbours (`masked_key_max_by_degree`) below `GATHER_BELOW_DENSITY`,
+        by ranked keys above. With one: by ranked keys at or above `SCATTER_BELOW_DENSITY`, else over the
+        block's edges with ``scatter_reduce``. Same values as `aggregate` on the whole mask; memory linear in N.
         """
         b, c, n, _ = x.shape
         keys = (x if y is None else y).reshape(b, c, -1)
         nodes = x.reshape(b, c, n)
         compiling = torch.compiler.is_compiling()
+        inference = not (torch.is_grad_enabled() and keys.requires_grad)
         order: torch.Tensor | None = None
         blocks: list[torch.Tensor] = []
         for start in range(0, n, rows.step):
             stop = min(n, start + rows.step)
             mask = rows.rows(start, stop)
             centres = nodes[:, :, start:stop]
-            if compiling or mask.is_meta or mask.count_nonzero() >= self.scatter_below_density * mask.numel():
+            edges = None if compiling or mask.is_meta else int(mask.count_nonzero())
+            if inference and edges is not None and edges < self.gather_below_density * mask.numel():
+                has_neighbour = mask.any(dim=-1).unsqueeze(1)
+                values = masked_key_max_by_degree(keys, mask)
+                blocks.append(torch.where(has_neighbour, values - centres, torch.zeros_like(centres)))
+            elif edges is None or edges >= self.scatter_below_density * mask.numel():
                 if order is None:
                     order = keys.detach().argsort(dim=-1, descending=True, stable=True)
                 values, _ = masked_key_max(keys, mask, order)

@@ -295,3 +295,48 @@ def test_masked_key_max_gradcheck_with_empty_rows():
     values, arg = masked_key_max(keys, mask)
     assert torch.equal(arg[0, :, 0], torch.full((3,), -1)) and torch.equal(values[0, :, 0], torch.zeros(3).double())
     assert torch.autograd.gradcheck(lambda k: masked_key_max(k, mask)[0], (keys,))
+
+
+# --- Neighbours gathered by degree (masked_key_max_by_degree): the CPU inference path over threshold blocks ---
+
+@pytest.mark.parametrize("kind", ["complete", "0.97", "varied", "0.1", "0.0"])
+@pytest.mark.parametrize("n,m", [(12, 12), (9, 20), (16, 4), (40, 40)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_by_degree_matches_brute_force(n, m, kind, dtype):
+    """Exact maxima in every dtype, 0 for a row without neighbours; (40, 40) has rows longer than one pass."""
+    gen = torch.Generator().manual_seed(n * m + 1)
+    keys = torch.randn(2, 3, m, generator=gen, dtype=torch.float64).to(dtype)
+    mask = _mask_of(kind, 2, n, m, gen)
+    got = aggregate.masked_key_max_by_degree(keys, mask)
+    expected = torch.zeros(2, 3, n, dtype=dtype)
+    for image in range(2):
+        for centre in range(n):
+            picked = mask[image, centre].nonzero().flatten()
+            if picked.numel():
+                expected[image, :, centre] = keys[image][:, picked].amax(dim=1)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    ranked, _ = aggregate.masked_key_max(keys, mask)
+    torch.testing.assert_close(got, ranked, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.7, 0.95, 0.0])
+def test_threshold_rows_take_the_same_values_with_and_without_a_gradient(threshold, monkeypatch):
+    """`MRConv2d.aggregate_rows` takes neighbours by degree without a gradient and ranked keys or edges with one,
+    in blocks of rows: the values agree bit for bit, with blocks of 5 rows and in one block."""
+    from gcn_lib.graph import ThresholdRows
+    import gcn_lib.graph
+
+    conv = MRConv2d(6, 8)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 7, 7, generator=gen, dtype=torch.float64)
+    nodes = x.reshape(2, 6, 49, 1)
+    results = []
+    for elements in (1 << 30, 2 * 5 * 49):
+        monkeypatch.setattr(gcn_lib.graph, "QUERY_BLOCK_ELEMENTS", elements, raising=False)
+        rows = ThresholdRows(x, threshold)
+        with torch.no_grad():
+            results.append(conv.aggregate_rows(nodes, rows))
+        results.append(conv.aggregate_rows(nodes.clone().requires_grad_(True), rows).detach())
+    expected = aggregate.max_relative_dense(nodes, ThresholdRows(x, threshold).rows(0, 49))
+    for got in results:
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)

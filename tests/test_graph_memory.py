@@ -68,6 +68,7 @@ CASES = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_no_allocation_holds_the_whole_query_key_matrix(case: str, dtype: torch.dtype,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training: a forward and a backward pass."""
     graph, r, relative = CASES[case]
     graph = dict(graph, r=r) if r > 1 else graph
     n = SIDE * SIDE
@@ -83,6 +84,24 @@ def test_no_allocation_holds_the_whole_query_key_matrix(case: str, dtype: torch.
     assert x.grad is not None and torch.isfinite(x.grad).all()
     # the full matrix takes full * itemsize bytes (a bool mask: full bytes); a tile 1/32 of it
     assert counter.largest < full * dtype.itemsize // 8, (counter.largest, counter.op, full * dtype.itemsize)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_no_allocation_holds_the_whole_query_key_matrix_at_inference(case: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inference (eval, no_grad), where the threshold blocks take their own path (neighbours gathered by degree)."""
+    graph, r, relative = CASES[case]
+    graph = dict(graph, r=r) if r > 1 else graph
+    n = SIDE * SIDE
+    full = B * n * (n // (r * r))
+    monkeypatch.setattr(gcn_lib.graph, "QUERY_BLOCK_ELEMENTS", full // 32, raising=False)
+    torch.manual_seed(0)
+    layer = _grapher(graph, r, relative).eval()
+    counter = LargestAllocation()
+    with counter, torch.no_grad():
+        out = layer(torch.randn(B, C, SIDE, SIDE))
+    assert torch.isfinite(out).all()
+    assert counter.largest < full * 4 // 8, (counter.largest, counter.op, full * 4)
 
 
 @pytest.mark.parametrize("case", ["knn", "threshold-pyramid-resized-relative-pos"])
