@@ -12,9 +12,14 @@ what the process held before it, for several image sizes.
     python benchmarks/side_by_side.py --memory-only                            # the memory table only
 
 ``--published-dir`` holds the authors' files as they are: ``vig_pytorch/`` (huawei-noah/Efficient-AI-Backbones:
-``vig.py``, ``pyramid_vig.py`` and their ``gcn_lib/``), ``mobilevig.py`` (SLDGroup/MobileViG, models/) and
-``greedyvig.py`` (SLDGroup/GreedyViG, models/). They run in their own processes with the published folder first
-on ``sys.path``; nothing of theirs is copied here. A published file that is absent leaves its cells empty.
+``vig.py``, ``pyramid_vig.py`` and their ``gcn_lib/``), ``svig/`` (IsmaelElsharkawi/SViG: ``vig.py`` and its
+``gcn_lib/``), ``mobilevig.py`` (SLDGroup/MobileViG, models/) and ``greedyvig.py`` (SLDGroup/GreedyViG, models/).
+They run in their own processes with the published folder first on ``sys.path``; nothing of theirs is copied
+here. A published file that is absent leaves its cells empty. Shims, in the published processes only: NumPy's
+``np.float`` (gone since NumPy 1.24; pyramid_vig's position embedding), empty ``cupy`` / ``cupyx`` modules (SViG
+imports them and never calls them), and SViG's one call of ``torch_scatter.scatter``, which has no build for
+current PyTorch, answered by torch_geometric's ``scatter`` (same arguments, same max reduction). SViG's file
+also needs SciPy (``scipy.stats.norm.ppf``), which this project does not install: ``pip install scipy``.
 """
 from __future__ import annotations
 
@@ -32,13 +37,14 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SVIG = {"start_thresh": 0.89, "dec": 0.03}
-# row -> (our model, our kwargs, published (file, builder) or None, timm comparison models)
-ROWS: dict[str, tuple[str, dict, tuple[str, str] | None]] = {
-    "vig_ti_224_gelu": ("vig_ti_224_gelu", {}, ("vig_pytorch/vig.py", "vig_ti_224_gelu")),
-    "svig_ti (0.89 / 0.03, at init)": ("vig_ti_224_gelu", SVIG, None),
-    "pvig_ti_224_gelu": ("pvig_ti_224_gelu", {}, ("vig_pytorch/pyramid_vig.py", "pvig_ti_224_gelu")),
-    "mobilevig_ti": ("mobilevig_ti", {}, ("mobilevig.py", "mobilevig_ti")),
-    "greedyvig_s": ("greedyvig_s", {}, ("greedyvig.py", "GreedyViG_S")),
+# row -> (our model, our kwargs, published (file, builder, builder kwargs) or None)
+ROWS: dict[str, tuple[str, dict, tuple[str, str, dict] | None]] = {
+    "vig_ti_224_gelu": ("vig_ti_224_gelu", {}, ("vig_pytorch/vig.py", "vig_ti_224_gelu", {})),
+    "svig_ti (0.89 / 0.03, at init)": ("vig_ti_224_gelu", SVIG, (
+        "svig/vig.py", "vig_ti_224_gelu", {"starting_threshold": SVIG["start_thresh"], "decrement": SVIG["dec"]})),
+    "pvig_ti_224_gelu": ("pvig_ti_224_gelu", {}, ("vig_pytorch/pyramid_vig.py", "pvig_ti_224_gelu", {})),
+    "mobilevig_ti": ("mobilevig_ti", {}, ("mobilevig.py", "mobilevig_ti", {})),
+    "greedyvig_s": ("greedyvig_s", {}, ("greedyvig.py", "GreedyViG_S", {})),
 }
 TIMM = ("deit_tiny_patch16_224", "resnet18", "mobilenetv3_large_100")
 MEMORY_MODELS = ("pvig_ti_224_gelu", "vig_ti_224_gelu")
@@ -61,20 +67,34 @@ def _build_ours(name: str, kwargs: dict, img_size: int | None = None) -> Any:
     return timm.create_model(name, pretrained=False, **extra)
 
 
-def _build_published(directory: Path, file: str, builder: str) -> Any:
-    """Import the authors' file from ``directory / file`` as it is and call its builder; their folder goes first
-    on sys.path, so that their own imports (their ``gcn_lib``) resolve to their code."""
+def _shim_published_imports() -> None:
+    """The shims the module docstring lists, for the published files' imports that current libraries lack."""
+    import types
+
     import numpy
 
-    if not hasattr(numpy, "float"):  # the one shim: pyramid_vig's pos_embed uses np.float, gone since NumPy 1.24
+    if not hasattr(numpy, "float"):  # pyramid_vig's pos_embed uses np.float, gone since NumPy 1.24
         numpy.float = float
+    for unused in ("cupy", "cupyx"):  # SViG's torch_edge imports them and calls neither
+        sys.modules.setdefault(unused, types.ModuleType(unused))
+    if importlib.util.find_spec("torch_scatter") is None:  # SViG's MRConv2d: scatter(src, index, dim, dim_size, reduce)
+        from torch_geometric.utils import scatter
+
+        sys.modules["torch_scatter"] = types.ModuleType("torch_scatter")
+        sys.modules["torch_scatter"].scatter = scatter
+
+
+def _build_published(directory: Path, file: str, builder: str, kwargs: dict) -> Any:
+    """Import the authors' file from ``directory / file`` as it is and call its builder; their folder goes first
+    on sys.path, so that their own imports (their ``gcn_lib``) resolve to their code."""
+    _shim_published_imports()
     path = directory / file
     sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(f"published_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    return getattr(module, builder)()
+    return getattr(module, builder)(**kwargs)
 
 
 def worker(spec: dict) -> dict:
