@@ -108,16 +108,18 @@ class MRConv2d(nn.Module):
         """The relative features m (B, C, N, 1) over a threshold graph given block by block (`ThresholdRows`).
 
         Each block's mask rows (B, R, M) are consumed at once. Under torch.compile and on the meta device (no
-        data to count): by ranked keys (`masked_key_max`, the keys sorted once for all blocks). Without a gradient
-        to keep: by gathering each row's neighbours (`masked_key_max_by_degree`) below `GATHER_BELOW_DENSITY`,
-        by ranked keys above. With one: by ranked keys at or above `SCATTER_BELOW_DENSITY`, else over the
-        block's edges with ``scatter_reduce``. Same values as `aggregate` on the whole mask; memory linear in N.
+        data to count): by ranked keys (`masked_key_max`, the keys sorted once for all blocks). On the CPU without
+        a gradient to keep: by gathering each row's neighbours (`masked_key_max_by_degree`) below
+        `GATHER_BELOW_DENSITY`, by ranked keys above. Otherwise: by ranked keys at or above
+        `SCATTER_BELOW_DENSITY`, else over the block's edges with ``scatter_reduce``. Same values as `aggregate`
+        on the whole mask; memory linear in N.
         """
         b, c, n, _ = x.shape
         keys = (x if y is None else y).reshape(b, c, -1)
         nodes = x.reshape(b, c, n)
         compiling = torch.compiler.is_compiling()
-        inference = not (torch.is_grad_enabled() and keys.requires_grad)
+        # gathering by degree was measured on the CPU only; on a GPU its host synchronisations may cost more
+        gather_by_degree = x.device.type == "cpu" and not (torch.is_grad_enabled() and keys.requires_grad)
         order: torch.Tensor | None = None
         blocks: list[torch.Tensor] = []
         for start in range(0, n, rows.step):
@@ -125,7 +127,7 @@ class MRConv2d(nn.Module):
             mask = rows.rows(start, stop)
             centres = nodes[:, :, start:stop]
             edges = None if compiling or mask.is_meta else int(mask.count_nonzero())
-            if inference and edges is not None and edges < self.gather_below_density * mask.numel():
+            if gather_by_degree and edges is not None and edges < self.gather_below_density * mask.numel():
                 has_neighbour = mask.any(dim=-1).unsqueeze(1)
                 values = masked_key_max_by_degree(keys, mask)
                 blocks.append(torch.where(has_neighbour, values - centres, torch.zeros_like(centres)))
