@@ -18,7 +18,9 @@ The steps, in this order:
 3. a torch.profiler table of one SViG-Ti training step (the top GPU kernels by time);
 4. the threshold aggregation alone (``vig.tools.benchmark --mode graph``, B = 128, C = 192, N = 196):
    dense, scatter, the kernel, and the dense form under ``torch.compile``;
-5. the three models again under ``torch.compile`` (inductor).
+5. high resolution: pyramid ViG-Ti (the 224-px model, its ``relative_pos`` resized) on 896 x 896 images, inference
+   at batch 2 in eager mode: the graph built and consumed in blocks of queries, peak memory against the 224-px row;
+6. the models of step 2 again under ``torch.compile`` (inductor).
 
 Everything lands in ``--out``: ``results.json``, ``results.md`` (both rewritten after every step), the
 profile (``profile_svig_train.json``) and one log per process (``logs/``); a short table is printed last.
@@ -48,6 +50,8 @@ MODELS: dict[str, tuple[str, list[str]]] = {
     "mobilevig_ti": ("mobilevig_ti", []),
     "greedyvig_s": ("greedyvig_s", []),
 }
+# the high-resolution step (5): name, model, image side (tiny: 64), inference batch
+HIGH_RES = ("pvig_ti 896px", "pvig_ti_224_gelu", 896, 2)
 # seconds one process may take: a step starts only while this much of the call's budget (--budget-s) is left
 LIMITS = {"pytest": 360, "eager": 180, "compile": 300, "profile": 150, "graph": 150}
 NOT_RUN = "not run"
@@ -63,6 +67,7 @@ class Step:
     argv: list[str]
     limit_s: float
     rows_path: Path | None = None  # the vig.tools.benchmark JSON of a model variant
+    kinds: tuple[str, ...] = ("train", "infer")  # the rows it measures
     status: str = NOT_RUN
     seconds: float = 0.0
     log: str = ""
@@ -98,6 +103,11 @@ def plan(args: argparse.Namespace) -> list[Step]:
                     "--profile", str(out / "profile_svig_train.json")]
             steps.append(Step("profile svig_ti train step", "profile", argv, LIMITS["profile"]))
             steps.append(Step("graph op", "graph", _graph_argv(args, out / "graph_op.json"), LIMITS["graph"]))
+            name, model, side, batch = HIGH_RES
+            rows_path = out / "high_res_eager.json"
+            argv = [*_benchmark_argv(args, model, [], warmup=2, iters=5), "--no-train", "--img-size",
+                    str(64 if args.tiny else side), "--infer-batch-size", str(batch), "--json", str(rows_path)]
+            steps.append(Step(f"{name} eager", "eager", argv, LIMITS["eager"], rows_path, kinds=("infer",)))
     return steps
 
 
@@ -158,7 +168,7 @@ def collect(args: argparse.Namespace, steps: list[Step]) -> dict:
             meta = meta or written["meta"]
             measured = {row["step"]: row for row in written["rows"]}
         rows += [{"variant": step.name, **measured.get(kind, {"step": kind}), "status": step.status}
-                 for kind in ("train", "infer")]
+                 for kind in step.kinds]
     profile_path = out / "profile_svig_train.json"
     graph_path = out / "graph_op.json"
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)

@@ -23,10 +23,12 @@ def test_tiny_cpu_run_writes_every_variant(tmp_path: Path) -> None:
                              "--device", "cpu", "--tiny"], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     results = json.loads((out / "results.json").read_text())
-    assert [step["status"] for step in results["steps"]] == ["ok"] * 8, results["steps"]
+    assert [step["status"] for step in results["steps"]] == ["ok"] * 9, results["steps"]
     rows = {(row["variant"], row["step"]): row for row in results["rows"]}
+    high_res = rows.pop(("pvig_ti 896px eager", "infer"))
     assert set(rows) == {(variant, step) for variant in VARIANTS for step in ("train", "infer")}
     assert all(row["images_per_s"] > 0 and row["batch"] == 2 and row["img_size"] == 32 for row in rows.values())
+    assert high_res["images_per_s"] > 0 and high_res["batch"] == 2 and high_res["img_size"] == 64
     assert {row["graph"] for row in rows.values()} == {"knn", "threshold", "none", "own"}
     assert rows[("dense_floor eager", "train")]["graph"] == "none"
     assert results["pytest_cuda"]["tests"] > 0 and results["pytest_cuda"]["failed"] == []
@@ -36,9 +38,10 @@ def test_tiny_cpu_run_writes_every_variant(tmp_path: Path) -> None:
     for variant in VARIANTS:
         assert markdown.count(f"| {variant} |") == 3  # train row, infer row, step row
     assert "## Profile of one SViG-Ti training step" in markdown and "| scatter | 2 | 8 | 16 |" in markdown
-    table = result.stdout.strip().splitlines()[-11:]  # the short table comes last
+    table = result.stdout.strip().splitlines()[-12:]  # the short table comes last
     assert table[0].split()[:3] == ["variant", "step", "batch"]
-    assert [line.split()[0] + " " + line.split()[1] for line in table[1:]] == [v for v in VARIANTS for _ in "ti"]
+    assert [line.split()[0] + " " + line.split()[1] for line in table[1:]] == [
+        *(v for v in VARIANTS for _ in "ti"), "pvig_ti 896px"]
 
 
 def test_budget_leaves_steps_for_the_next_call_which_keeps_earlier_outcomes(tmp_path: Path, capsys) -> None:
@@ -46,10 +49,10 @@ def test_budget_leaves_steps_for_the_next_call_which_keeps_earlier_outcomes(tmp_
     assert gpu_suite.main(["--out", str(out), "--device", "cpu", "--budget-s", "1"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert {step["status"] for step in results["steps"]} == {gpu_suite.NOT_RUN}
-    assert len(results["steps"]) == 13  # pytest, 5 eager, profile, graph op, 5 compiled
+    assert len(results["steps"]) == 14  # pytest, 5 eager, profile, graph op, high resolution, 5 compiled
     assert {(row["variant"], row["step"]) for row in results["rows"]} == {
         (f"{name} {mode}", step) for name in ("vig_ti", "svig_ti", "dense_floor", "mobilevig_ti", "greedyvig_s") for mode in ("eager", "compile")
-        for step in ("train", "infer")}
+        for step in ("train", "infer")} | {("pvig_ti 896px eager", "infer")}
     assert "left for the next call" in capsys.readouterr().out
     # an earlier call's outcome is kept, not run again
     results["steps"][0].update(status="ok", seconds=12.5)
