@@ -47,10 +47,11 @@ def _drop_far(x: torch.Tensor, rolled: torch.Tensor, threshold: torch.Tensor,
     where the edge is kept. Adding a (B, 1, H, W) term of 0 / -inf rather than selecting with ``where``: an
     add broadcasts over the channels at vector speed in either memory layout, ``where`` does not.
     ``difference``: ``x - rolled`` already computed into a scratch map (overwritten)."""
-    if difference is None:
-        difference = x - rolled
-    penalty = torch.zeros_like(threshold).expand(rolled.shape[0], 1, rolled.shape[2], rolled.shape[3])
-    penalty = penalty.masked_fill(~(_l1_over_channels(difference) < threshold), float("-inf"))
+    with torch.no_grad():
+        if difference is None:
+            difference = x - rolled
+        penalty = torch.zeros_like(threshold).expand(rolled.shape[0], 1, rolled.shape[2], rolled.shape[3])
+        penalty = penalty.masked_fill(~(_l1_over_channels(difference) < threshold), float("-inf"))
     return rolled.add_(penalty)
 
 
@@ -62,12 +63,27 @@ def _roll_into(out: torch.Tensor, x: torch.Tensor, shift: int, dim: int) -> torc
     return out
 
 
+def _axial_extreme_chain(x: torch.Tensor, k: int, largest: bool, threshold: Optional[torch.Tensor]) -> torch.Tensor:
+    """`_axial_extreme_values` as a chain of roll / maximum that autograd differentiates (TorchScript with a
+    gradient, which compiles no autograd.Function)."""
+    best = x
+    for shift, dim in _axial_offsets(x.shape[2], x.shape[3], k):
+        rolled = torch.roll(x, shift, dim)
+        if threshold is not None:
+            rolled = _drop_far(x, rolled, threshold)
+        best = torch.maximum(best, rolled) if largest else torch.minimum(best, rolled)
+    return best
+
+
 def _axial_extreme_values(x: torch.Tensor, k: int, largest: bool, threshold: Optional[torch.Tensor]) -> torch.Tensor:
     """Per channel, the max (``largest``) or min of x and its axial neighbours (kept ones only with a threshold).
 
-    No gradient flows through it (the caller takes `_AxialExtreme` for that), so it works in three maps it
-    reuses for every offset, the rolled map, the difference and the running extreme, instead of allocating
-    new ones per offset: on the CPU a fresh map of this size costs about as much as the arithmetic on it."""
+    Without a gradient to keep it works in three maps it reuses for every offset, the rolled map, the difference
+    and the running extreme, instead of allocating new ones per offset: on the CPU a fresh map of this size
+    costs about as much as the arithmetic on it. With one (only under TorchScript; eager code takes
+    `_AxialExtreme`) it is `_axial_extreme_chain`."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _axial_extreme_chain(x, k, largest, threshold)
     offsets = _axial_offsets(x.shape[2], x.shape[3], k)
     best = x.clone()
     if len(offsets) == 0:

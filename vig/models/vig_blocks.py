@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, SelectAdaptivePool2d, register_notrace_module
+from timm.layers import DropPath, SelectAdaptivePool2d, register_notrace_function, register_notrace_module
 from timm.models import checkpoint_seq, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from torch import nn
@@ -476,6 +476,14 @@ def efficient_cfg(**overrides: Any) -> dict[str, Any]:
             **overrides}
 
 
+@register_notrace_function  # a leaf of fx tracing: the layout follows the dtype
+def efficient_layout(x: torch.Tensor) -> torch.Tensor:
+    """The images in the channels-last memory layout, except in float64 (see `EfficientStem`): (B, C, H, W)."""
+    if x.dtype == torch.float64:
+        return x
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 class EfficientStem(nn.Module):
     """Stem of MobileViG and GreedyViG: 3x3 stride-2 conv to C/2, BN, GELU, 3x3 stride-2 conv to C, BN, GELU:
     (B, in_chans, H, W) -> (B, C, H/4, W/4) (rounded up); keys ``stem.{0,1,3,4}``.
@@ -494,9 +502,7 @@ class EfficientStem(nn.Module):
             nn.GELU())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float64:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.stem(x)
+        return self.stem(efficient_layout(x))
 
 
 class InvertedMLP(nn.Module):
