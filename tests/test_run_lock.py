@@ -112,6 +112,42 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_with_one_warning(tmp_path:
     assert (tmp_path / "run" / "last.pth.tar").exists() and not (tmp_path / "run" / LOCK).exists()
 
 
+@pytest.mark.parametrize("guard", ["names a dead process", "empty for a while"])
+def test_a_takeover_guard_left_by_a_killed_process_does_not_block_the_restart(tmp_path: Path, data: Path, run_train,
+                                                                              guard: str) -> None:
+    """A process SIGKILLed while taking over a stale lock leaves the lock and its ``.takeover`` guard behind (seen
+    in the fifty-kill test). The restart removes the guard of a dead process at once (an empty guard once it
+    has stayed empty longer than a live creator ever leaves it) and takes the lock over; it was refused for the
+    guard's first 30 s ("other processes keep changing it")."""
+    dead = _dead_pid()
+    _write_lock(tmp_path / "run", pid=dead)
+    guard_path = tmp_path / "run" / (LOCK + ".takeover")
+    if guard == "names a dead process":
+        guard_path.write_text(json.dumps({"host": socket.gethostname(), "pid": dead, "start": None,
+                                          "started": "2026-01-01 00:00:00 UTC", "run_id": None}))
+    else:
+        guard_path.write_bytes(b"")
+        old = time.time() - 5
+        os.utime(guard_path, (old, old))
+    done = run_train([str(data), *TINY, "--epochs", "1", "--output", str(tmp_path), "--experiment", "run"])
+    assert done.returncode == 0, done.stderr
+    assert [line for line in done.stderr.splitlines() if "lock taken over" in line], done.stderr
+    assert not guard_path.exists() and not (tmp_path / "run" / LOCK).exists()
+
+
+def test_an_empty_lock_file_left_by_a_killed_creator_is_taken_over(tmp_path: Path, data: Path, run_train) -> None:
+    """A process killed between creating the lock file and writing it leaves it empty; the restart waits for
+    the content a live creator would write, then takes it over with one warning (it was refused as an
+    unreadable lock file, which only --break-lock passed)."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / LOCK).write_bytes(b"")
+    done = run_train([str(data), *TINY, "--epochs", "1", "--output", str(tmp_path), "--experiment", "run"])
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if "lock taken over" in line]
+    assert len(warnings) == 1 and "it is empty" in warnings[0], done.stderr
+    assert (tmp_path / "run" / "last.pth.tar").exists() and not (tmp_path / "run" / LOCK).exists()
+
+
 def test_another_hosts_lock_is_broken_only_by_break_lock(tmp_path: Path, data: Path, run_train) -> None:
     _write_lock(tmp_path / "run", host="node-17.elsewhere", pid=_dead_pid())
     argv = [str(data), *TINY, "--epochs", "1", "--output", str(tmp_path), "--experiment", "run"]

@@ -12,6 +12,8 @@ exceptions:
 - the lock carries this process's torchrun run id (not torchrun's default ``none``): a restart of the
   same job, whose rank 0 may have been killed; it takes the lock over with an info line;
 - the owner ran on this host and its process is gone: the lock is stale and taken over with one warning;
+- the lock file is still empty after a moment: its creator was killed between creating and writing it (a live
+  creator writes at once); taken over with one warning;
 - ``break_lock`` (train.py --break-lock): the lock is broken whoever holds it, with a warning naming the
   owner. A lock written on another host is never broken otherwise, since its pid cannot be checked here.
 
@@ -42,7 +44,8 @@ LOCK_NAME = ".run.lock"
 RUN_ID_ENV = "TORCHELASTIC_RUN_ID"
 # torchrun's run id when none is given: shared by unrelated jobs, so it proves nothing
 _ANONYMOUS_RUN_IDS = (None, "", "none")
-# a takeover in progress is guarded by this second file; one older than this is left from a killed process
+# a takeover in progress is guarded by this second file, which names its process like the lock: one whose process
+# is gone (this host), that stayed empty (see below) or older than this (another host) is left from a killed process
 _TAKEOVER_SUFFIX = ".takeover"
 _TAKEOVER_STALE_S = 30.0
 # a lock file that is still empty (its creator has not yet written it) is re-read for this long
@@ -148,20 +151,29 @@ def _read(path: Path) -> bytes | None:
         time.sleep(0.05)
 
 
+def _left_by_a_killed_process(guard: Path, me: _Owner) -> bool:
+    """Whether the takeover guard ``guard`` was left by a process killed during its takeover: the process it names
+    ran on this host and is gone, or it stayed empty for `_EMPTY_WAIT_S`, or it is older than `_TAKEOVER_STALE_S`."""
+    try:
+        content = guard.read_bytes()
+        age = time.time() - guard.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    owner = _Owner.from_json(content) if content else None
+    if owner is not None and owner.host == me.host:
+        return not _alive(owner.pid, owner.start)
+    return age > (_EMPTY_WAIT_S if not content else _TAKEOVER_STALE_S)
+
+
 def _take_over(path: Path, stale: bytes, owner: _Owner) -> bytes | None:
     """Replace the lock file, if it still holds ``stale``, by one holding ``owner``; None when another process
-    changed it meanwhile. One takeover at a time: a second file, created exclusively, guards it."""
+    changed it meanwhile. One takeover at a time: a second file, created exclusively and naming ``owner``,
+    guards it; one left by a killed process is removed (the caller tries again)."""
     guard = path.with_name(path.name + _TAKEOVER_SUFFIX)
-    try:
-        descriptor = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        try:
-            if time.time() - guard.stat().st_mtime > _TAKEOVER_STALE_S:
-                guard.unlink(missing_ok=True)  # left by a process killed during its takeover
-        except FileNotFoundError:
-            pass
+    if _create(guard, owner) is None:
+        if _left_by_a_killed_process(guard, owner):
+            guard.unlink(missing_ok=True)
         return None
-    os.close(descriptor)
     try:
         if _read(path) != stale:
             return None
@@ -205,6 +217,8 @@ def take_run_lock(folder: Path, break_lock: bool = False) -> None:
                          other.describe())
         elif other is not None and other.host == me.host and not _alive(other.pid, other.start):
             reason = f"its owner, {other.describe()}, is gone"
+        elif not found:  # still empty after _read's wait: its creator was killed before writing it
+            reason = "it is empty, left by a process killed while creating it"
         elif break_lock:
             reason = f"--break-lock ({other.describe() if other else 'unreadable lock file'})"
         else:
@@ -217,7 +231,7 @@ def take_run_lock(folder: Path, break_lock: bool = False) -> None:
             if reason is not None:
                 _LOGGER.warning("run folder %s: lock taken over, %s", folder, reason)
             break
-        time.sleep(0.1)
+        time.sleep(0.1)  # another process is taking over, or a killed one's guard was just removed
     else:
         raise UsageError(f"run folder {folder}: could not take {path}, other processes keep changing it")
     handlers = {}
