@@ -15,7 +15,7 @@ docs/model-notes.md ("MobileViG and GreedyViG").
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -26,14 +26,13 @@ from torch import nn
 
 from gcn_lib import DAGA
 from vig.models.features import check_feature_request, forward_taking
-from vig.models.pretrained import GREEDYVIG_HUB, GREEDYVIG_PAPER, build_with_weights, weights_cfg
+from vig.models.pretrained import GREEDYVIG_HUB, GREEDYVIG_PAPER, weights_cfg
 from vig.models.vig_blocks import (DistilledConvNet, Downsample, EfficientStem, InvertedResidual, conv_bn,
-                                   drop_path_layer, efficient_cfg)
+                                   create_efficient, drop_path_layer, efficient_cfg)
 
 register_notrace_module(DAGA)
 
 STAGE_K: tuple[int, ...] = (8, 4, 2, 1)
-PUBLISHED_DROP_PATH = 0.1
 
 
 @dataclass(frozen=True)
@@ -180,9 +179,7 @@ class GreedyViG(DistilledConvNet):
 
 
 def _create(variant: str, size: str, pretrained: bool = False, **kwargs: Any) -> GreedyViG:
-    settings = {**asdict(SIZES[size]), "drop_path_rate": PUBLISHED_DROP_PATH, **kwargs}
-    feature_cfg = dict(out_indices=settings.pop("out_indices", (0, 1, 2, 3)), feature_cls="getter")
-    return build_with_weights(GreedyViG, variant, pretrained, feature_cfg=feature_cfg, **settings)
+    return create_efficient(GreedyViG, variant, SIZES[size], pretrained, **kwargs)
 
 
 # The authors' ImageNet-1k weights on the Hugging Face hub (state dicts), as that repository lists them.

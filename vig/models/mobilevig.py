@@ -15,7 +15,7 @@ stages (before each Downsample) and the end of the global stage.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -26,9 +26,9 @@ from torch import nn
 
 from gcn_lib import SVGA
 from vig.models.features import check_feature_request, forward_taking
-from vig.models.pretrained import MOBILEVIG_HUB, MOBILEVIG_PAPER, build_with_weights, weights_cfg
+from vig.models.pretrained import MOBILEVIG_HUB, MOBILEVIG_PAPER, weights_cfg
 from vig.models.vig_blocks import (FFN, DistilledConvNet, Downsample, EfficientStem, InvertedResidual, conv_bn,
-                                   drop_path_layer, efficient_cfg)
+                                   create_efficient, drop_path_layer, efficient_cfg)
 
 register_notrace_module(SVGA)
 
@@ -55,7 +55,6 @@ SIZES: dict[str, MobileViGSize] = {
     "b": MobileViGSize(local_blocks=(5, 5, 15), local_channels=(42, 84, 240), global_blocks=(5,),
                        global_channels=(464,), emb_dims=768),
 }
-PUBLISHED_DROP_PATH = 0.1
 
 
 class SVGAConv(nn.Module):
@@ -177,9 +176,7 @@ class MobileViG(DistilledConvNet):
 
 
 def _create(variant: str, size: str, pretrained: bool = False, **kwargs: Any) -> MobileViG:
-    settings = {**asdict(SIZES[size]), "drop_path_rate": PUBLISHED_DROP_PATH, **kwargs}
-    feature_cfg = dict(out_indices=settings.pop("out_indices", (0, 1, 2, 3)), feature_cls="getter")
-    return build_with_weights(MobileViG, variant, pretrained, feature_cfg=feature_cfg, **settings)
+    return create_efficient(MobileViG, variant, SIZES[size], pretrained, **kwargs)
 
 
 # The authors' ImageNet-1k weights on the Hugging Face hub: their training script's checkpoints, whose

@@ -19,6 +19,7 @@ For every family: `check_pool` (the one check of ``global_pool``) and `conv_bn`.
 The module and parameter names are those of the published code, so that published checkpoints load unchanged
 (GreedyViG's inverted residuals through the rename). The semantics are written down in docs/model-notes.md.
 """
+import dataclasses
 import logging
 import math
 from typing import Any, Sequence
@@ -34,7 +35,7 @@ from gcn_lib import DynConv2d, act_layer, init_convs_
 from vig.models.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR_IMG_SIZE
 from vig.models.factory_args import build_like
 from vig.models.features import check_feature_request, forward_taking
-from vig.models.pretrained import tag_settings
+from vig.models.pretrained import build_with_weights, tag_settings
 
 _logger = logging.getLogger(__name__)
 _logged_caps: set[str] = set()  # kNN-cap warnings this process has logged: each distinct one is logged once
@@ -474,6 +475,19 @@ def efficient_cfg(**overrides: Any) -> dict[str, Any]:
                    pool_size=(7, 7), crop_pct=0.9, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD,
                    first_conv="stem.stem.0", classifier=("head", "dist_head"), fixed_input_size=False),
             **overrides}
+
+
+# drop-path rate of the published MobileViG / GreedyViG recipes, the factories' default
+EFFICIENT_DROP_PATH = 0.1
+
+
+def create_efficient(model_cls: type, variant: str, size: Any, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Build a MobileViG / GreedyViG variant: its size table entry (a dataclass of constructor arguments), the
+    published drop-path rate, ``kwargs`` over both, stage maps 0-3 for ``features_only``, and the weights of
+    ``pretrained`` through `vig.models.pretrained.build_with_weights`."""
+    settings = {**dataclasses.asdict(size), "drop_path_rate": EFFICIENT_DROP_PATH, **kwargs}
+    feature_cfg = dict(out_indices=settings.pop("out_indices", (0, 1, 2, 3)), feature_cls="getter")
+    return build_with_weights(model_cls, variant, pretrained, feature_cfg=feature_cfg, **settings)
 
 
 @register_notrace_function  # a leaf of fx tracing: the layout follows the dtype
