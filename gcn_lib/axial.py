@@ -75,8 +75,11 @@ def _axial_extreme_chain(x: torch.Tensor, k: int, largest: bool, threshold: Opti
     return best
 
 
-def _axial_extreme_values(x: torch.Tensor, k: int, largest: bool, threshold: Optional[torch.Tensor]) -> torch.Tensor:
-    """Per channel, the max (``largest``) or min of x and its axial neighbours (kept ones only with a threshold).
+def _axial_extreme_values(x: torch.Tensor, k: int, largest: bool, threshold: Optional[torch.Tensor],
+                          winner: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per channel, the max (``largest``) or min of x and its axial neighbours (kept ones only with a threshold);
+    with ``winner`` (zeros shaped like x) also which offset won each element, 1-based in `_axial_offsets`'s
+    order (0: the node itself; a strict comparison keeps the earliest of tied candidates).
 
     Without a gradient to keep it works in three maps it reuses for every offset, the rolled map, the difference
     and the running extreme, instead of allocating new ones per offset: on the CPU a fresh map of this size
@@ -84,16 +87,17 @@ def _axial_extreme_values(x: torch.Tensor, k: int, largest: bool, threshold: Opt
     `_AxialExtreme`) it is `_axial_extreme_chain`."""
     if torch.is_grad_enabled() and x.requires_grad:
         return _axial_extreme_chain(x, k, largest, threshold)
-    offsets = _axial_offsets(x.shape[2], x.shape[3], k)
     best = x.clone()
-    if len(offsets) == 0:
-        return best
     rolled = torch.empty_like(x)
     difference = torch.empty_like(x)
-    for shift, dim in offsets:
+    index = 0
+    for shift, dim in _axial_offsets(x.shape[2], x.shape[3], k):
+        index += 1
         _roll_into(rolled, x, shift, dim)
         if threshold is not None:
             _drop_far(x, rolled, threshold, torch.sub(x, rolled, out=difference))
+        if winner is not None:
+            winner.masked_fill_(rolled > best if largest else rolled < best, index)
         if largest:
             torch.maximum(best, rolled, out=best)
         else:
@@ -104,28 +108,16 @@ def _axial_extreme_values(x: torch.Tensor, k: int, largest: bool, threshold: Opt
 class _AxialExtreme(torch.autograd.Function):
     """`_axial_extreme_values` with a winner-routed backward: (B, C, H, W) -> (B, C, H, W).
 
-    The forward records, per element, which offset won (0: the node itself; a strict comparison keeps the
-    earliest of tied candidates) in one byte, instead of the two float maps per offset that autograd saves for
-    a chain of ``maximum`` / ``where``; the backward sends each gradient to that one winner, rolled back to
-    where it came from. Without ties the gradient is that of the chain, which splits a tie's gradient evenly."""
+    The forward records, per element, which offset won in one byte, instead of the two float maps per offset
+    that autograd saves for a chain of ``maximum`` / ``where``; the backward sends each gradient to that one
+    winner, rolled back to where it came from. Without ties the gradient is that of the chain, which splits a
+    tie's gradient evenly."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, k: int, largest: bool, threshold: Optional[torch.Tensor]) -> torch.Tensor:
         offsets = _axial_offsets(x.shape[2], x.shape[3], k)
         winner = torch.zeros_like(x, dtype=torch.uint8 if len(offsets) < 256 else torch.int32)
-        best = x.clone()
-        rolled = torch.empty_like(x)
-        difference = torch.empty_like(x) if threshold is not None else None
-        for index, (shift, dim) in enumerate(offsets, start=1):
-            _roll_into(rolled, x, shift, dim)
-            if threshold is not None:
-                _drop_far(x, rolled, threshold, torch.sub(x, rolled, out=difference))
-            better = rolled > best if largest else rolled < best
-            winner.masked_fill_(better, index)
-            if largest:
-                torch.maximum(best, rolled, out=best)
-            else:
-                torch.minimum(best, rolled, out=best)
+        best = _axial_extreme_values(x, k, largest, threshold, winner)
         ctx.save_for_backward(winner)
         ctx.offsets = offsets
         return best

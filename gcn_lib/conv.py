@@ -127,14 +127,14 @@ class MRConv2d(nn.Module):
             mask = rows.rows(start, stop)
             centres = nodes[:, :, start:stop]
             edges = None if compiling or mask.is_meta else int(mask.count_nonzero())
-            if gather_by_degree and edges is not None and edges < self.gather_below_density * mask.numel():
-                has_neighbour = mask.any(dim=-1).unsqueeze(1)
-                values = masked_key_max_by_degree(keys, mask)
-                blocks.append(torch.where(has_neighbour, values - centres, torch.zeros_like(centres)))
-            elif edges is None or edges >= self.scatter_below_density * mask.numel():
-                if order is None:
-                    order = keys.detach().argsort(dim=-1, descending=True, stable=True)
-                values, _ = masked_key_max(keys, mask, order)
+            by_degree = gather_by_degree and edges is not None and edges < self.gather_below_density * mask.numel()
+            if by_degree or edges is None or edges >= self.scatter_below_density * mask.numel():
+                if by_degree:
+                    values = masked_key_max_by_degree(keys, mask)
+                else:
+                    if order is None:
+                        order = keys.detach().argsort(dim=-1, descending=True, stable=True)
+                    values, _ = masked_key_max(keys, mask, order)
                 has_neighbour = mask.any(dim=-1).unsqueeze(1)
                 blocks.append(torch.where(has_neighbour, values - centres, torch.zeros_like(centres)))
             else:

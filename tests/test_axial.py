@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gcn_lib import (DAGA, SVGA, daga_aggregate, daga_edges, daga_mask, daga_threshold, edge_index_to_mask,
-                     svga_aggregate, svga_mask)
+from gcn_lib import (DAGA, SVGA, axial, daga_aggregate, daga_edges, daga_mask, daga_threshold,
+                     edge_index_to_mask, svga_aggregate, svga_mask)
 
 SHAPES = [(2, 3, 7, 7), (1, 4, 8, 5), (2, 2, 3, 1), (1, 3, 14, 9)]
 
@@ -175,8 +175,6 @@ def test_winner_routed_backward_equals_the_chain_without_ties(shape: tuple[int, 
     """With a gradient, SVGA and DAGA run `_AxialExtreme` (one byte per element saved, the gradient sent to the
     winning offset); its values and, on tie-free float64 inputs, its gradient are those of the plain chain of
     ``maximum`` / ``where`` that autograd differentiates."""
-    from gcn_lib import axial
-
     torch.manual_seed(6)
     x = torch.randn(shape, dtype=torch.float64)
     weights = torch.randn(shape, dtype=torch.float64)
@@ -204,8 +202,6 @@ def test_winner_routed_backward_sends_a_tie_to_one_neighbour(op) -> None:
     candidate), once; the chain of ``maximum`` would split it among the tied offsets."""
     x = torch.ones(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
     weights = torch.arange(32, dtype=torch.float64).view(1, 2, 4, 4)
-    from gcn_lib import axial
-
     largest = op is daga_aggregate
     threshold = torch.full((1, 1, 1, 1), 1.0, dtype=torch.float64) if largest else None
     (axial._AxialExtreme.apply(x, 1, largest, threshold) * weights).sum().backward()
